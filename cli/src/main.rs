@@ -1,0 +1,243 @@
+//! `reflow`: one binary for every Reflow role.
+//!
+//! - `reflow up`: the zero-setup gateway on an embedded SQLite file with generated secrets.
+//! - `reflow control-plane`: the control plane alone, against PostgreSQL.
+//! - `reflow openapi`: prints the admin API's OpenAPI document.
+//!
+//! Exit codes: 0 after a clean shutdown, 2 for a configuration problem (the message names
+//! the key), 1 for any other failure to start or serve.
+
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use reflow_common::config::{Config, ConfigError, LogFormat};
+use reflow_control_plane::{bind, store, ControlPlane, StartError};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "reflow",
+    version,
+    about = "Reflow Gateway: an MCP gateway with policies, credential injection and audit"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway with zero setup: embedded SQLite and generated secrets in a data directory.
+    Up(up::UpArgs),
+    /// Run the control plane against PostgreSQL.
+    ControlPlane(ControlPlaneArgs),
+    /// Print the admin API's OpenAPI document (JSON).
+    Openapi,
+}
+
+/// Options every serving role accepts.
+#[derive(Debug, Args)]
+pub struct CommonArgs {
+    /// YAML config file; `${VAR}` references are expanded from the environment.
+    #[arg(long, short, env = "REFLOW_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (overrides server.host).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Port to listen on (overrides server.port).
+    #[arg(long)]
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Args)]
+struct ControlPlaneArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// PostgreSQL URL (overrides database.url).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Secret for the JWTs the control plane issues, at least 32 bytes (overrides jwt.secret).
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// Key for secrets at rest: 32 characters, 64 hex digits or base64 of 32 bytes (overrides encryption.key).
+    #[arg(long, env = "ENCRYPTION_KEY", hide_env_values = true)]
+    encryption_key: Option<String>,
+}
+
+/// A failure to start, split by exit code.
+#[derive(Debug)]
+pub enum Failure {
+    Config(ConfigError),
+    Other(anyhow::Error),
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Failure::Config(e)
+    }
+}
+
+impl From<StartError> for Failure {
+    fn from(e: StartError) -> Self {
+        match e {
+            StartError::Config(e) => Failure::Config(e),
+            other => Failure::Other(other.into()),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Other(e)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("reflow: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Up(args) => up::run(args).await,
+            Command::ControlPlane(args) => control_plane(args).await,
+            Command::Openapi => {
+                let document = reflow_control_plane::api::openapi();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&document).map_err(anyhow::Error::from)?
+                );
+                Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(e)) => {
+            eprintln!("reflow: {e}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Other(e)) => {
+            eprintln!("reflow: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Loads the config file (or defaults) and applies the common flags.
+pub fn load_config(common: &CommonArgs) -> Result<Config, ConfigError> {
+    let mut config = match &common.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(host) = &common.host {
+        config.server.host = host.clone();
+    }
+    if let Some(port) = common.port {
+        config.server.port = port;
+    }
+    Ok(config)
+}
+
+/// Starts logging to stderr; `RUST_LOG` wins over `logging.level`.
+pub fn init_logging(config: &Config) -> Result<(), ConfigError> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(filter) if !filter.is_empty() => tracing_subscriber::EnvFilter::try_new(filter)
+            .map_err(|e| ConfigError::new("RUST_LOG", e.to_string()))?,
+        _ => tracing_subscriber::EnvFilter::try_new(&config.logging.level)
+            .map_err(|e| ConfigError::new("logging.level", e.to_string()))?,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match config.logging.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+    result.map_err(|e| ConfigError::new("logging", e.to_string()))
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutting down");
+}
+
+async fn control_plane(args: ControlPlaneArgs) -> Result<(), Failure> {
+    let mut config = load_config(&args.common)?;
+    if let Some(url) = args.database_url {
+        config.database.url = Some(url);
+    }
+    if let Some(secret) = args.jwt_secret {
+        config.jwt.secret = Some(secret);
+    }
+    if let Some(key) = args.encryption_key {
+        config.encryption.key = Some(key);
+    }
+    config.validate()?;
+    if config.jwt.secret.is_none() {
+        return Err(ConfigError::new(
+            "jwt.secret",
+            "required: pass --jwt-secret, set JWT_SECRET, or configure jwt.secret",
+        )
+        .into());
+    }
+    if config.encryption.key.is_none() {
+        return Err(ConfigError::new(
+            "encryption.key",
+            "required: pass --encryption-key, set ENCRYPTION_KEY, or configure encryption.key",
+        )
+        .into());
+    }
+    init_logging(&config)?;
+    let url = config.database.connection_url().ok_or_else(|| {
+        ConfigError::new(
+            "database.url",
+            "required: pass --database-url, set DATABASE_URL, or configure database.host",
+        )
+    })?;
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(ConfigError::new(
+            "database.url",
+            "the control plane runs on PostgreSQL; use `reflow up` for SQLite",
+        )
+        .into());
+    }
+    let store = store::connect(&url, config.database.max_connections)
+        .await
+        .map_err(StartError::from)?;
+    let control_plane = ControlPlane::new(&config, store)?;
+    let listener = bind(&config.server.host, config.server.port).await?;
+    tracing::info!(address = %listener.local_addr().map_err(anyhow::Error::from)?, "control plane listening");
+    control_plane
+        .serve(listener, shutdown_signal())
+        .await
+        .map_err(anyhow::Error::from)?;
+    Ok(())
+}

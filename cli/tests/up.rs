@@ -1,0 +1,424 @@
+//! The `reflow` binary as a user runs it: `reflow up` with the README's usage section run by
+//! bash and curl, a restart that keeps everything, bad configs, and `reflow control-plane`
+//! on PostgreSQL.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `reflow` process, stopped with SIGTERM when dropped.
+struct Running {
+    child: Child,
+    base: String,
+    stdout_path: std::path::PathBuf,
+}
+
+impl Running {
+    fn start(args: &[&str], port: u16, logs: &Path, env: &[(&str, &str)]) -> Running {
+        let stdout_path = logs.join(format!("stdout-{port}.log"));
+        let stderr_path = logs.join(format!("stderr-{port}.log"));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_reflow"));
+        command
+            .args(args)
+            .args(["--port", &port.to_string()])
+            .env_remove("DATABASE_URL")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout_path).unwrap())
+            .stderr(std::fs::File::create(&stderr_path).unwrap());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let child = command.spawn().expect("start reflow");
+        let running = Running {
+            child,
+            base: format!("http://localhost:{port}"),
+            stdout_path,
+        };
+        running.wait_healthy(&stderr_path);
+        running
+    }
+
+    fn wait_healthy(&self, stderr_path: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let client = reqwest::blocking::Client::new();
+        while Instant::now() < deadline {
+            if let Ok(response) = client.get(format!("{}/health", self.base)).send() {
+                if response.status().is_success() {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "reflow did not become healthy: {}",
+            std::fs::read_to_string(stderr_path).unwrap_or_default()
+        );
+    }
+
+    /// SIGTERM, then wait: a clean shutdown exits 0.
+    fn stop(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("reflow did not stop on SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The bash blocks of the README's usage section.
+fn readme_usage() -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let start = readme
+        .find("<!-- usage:start -->")
+        .expect("usage start marker");
+    let end = readme.find("<!-- usage:end -->").expect("usage end marker");
+    let section = &readme[start..end];
+    let mut script = String::new();
+    let mut in_block = false;
+    for line in section.lines() {
+        match (in_block, line.trim()) {
+            (false, "```bash") => in_block = true,
+            (true, "```") => in_block = false,
+            (true, _) => {
+                script.push_str(line);
+                script.push('\n');
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        script.contains("/api/policies"),
+        "usage section has the policy example"
+    );
+    script
+}
+
+fn login(base: &str, email: &str, password: &str) -> String {
+    let response = reqwest::blocking::Client::new()
+        .post(format!("{base}/api/auth/login"))
+        .json(&json!({"email": email, "password": password}))
+        .send()
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    response.json::<Value>().unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn get(base: &str, path: &str, token: &str) -> Value {
+    let response = reqwest::blocking::Client::new()
+        .get(format!("{base}{path}"))
+        .bearer_auth(token)
+        .send()
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200, "{path}");
+    response.json().unwrap()
+}
+
+fn file_bytes(path: &Path) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    if let Ok(mut file) = std::fs::File::open(path) {
+        file.read_to_end(&mut bytes).unwrap();
+    }
+    bytes
+}
+
+#[cfg(unix)]
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn readme_usage_works_against_reflow_up_and_survives_a_restart() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let data_arg = data.to_str().unwrap();
+    let port = free_port();
+    let running = Running::start(&["up", "--data-dir", data_arg], port, work.path(), &[]);
+
+    let banner = std::fs::read_to_string(&running.stdout_path).unwrap();
+    assert!(
+        banner.contains("/api/auth/register") && banner.contains("/docs"),
+        "banner: {banner}"
+    );
+
+    let script = readme_usage().replace("localhost:3000", &format!("localhost:{port}"));
+    let script = format!(
+        "set -euo pipefail\n{script}\necho\necho \"TARGET=$TARGET\"\necho \"USER_ID=$USER_ID\"\n"
+    );
+    let output = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .expect("run bash");
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "usage script failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let target = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("TARGET="))
+        .unwrap()
+        .to_string();
+    let user_id = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("USER_ID="))
+        .unwrap()
+        .to_string();
+    assert!(
+        stdout.contains("\"name\":\"Developers can use GitHub\""),
+        "policy response: {stdout}"
+    );
+    assert!(
+        stdout.contains("\"role\":\"admin\""),
+        "the first user is admin: {stdout}"
+    );
+
+    let token = login(&running.base, "admin@example.com", "secure123");
+    let created = get(&running.base, &format!("/api/targets/{target}"), &token);
+    assert_eq!(
+        (created["name"].as_str(), created["transport_type"].as_str()),
+        (Some("github"), Some("stdio"))
+    );
+    assert_eq!(created["isolation_boundary"], "per_user");
+    let env = get(&running.base, &format!("/api/targets/{target}/env"), &token);
+    assert_eq!(env[0]["key"], "GITHUB_PERSONAL_ACCESS_TOKEN");
+    assert_eq!(env[0]["scope_value"], user_id.as_str());
+    assert!(env[0].get("value").is_none());
+    let policies = get(&running.base, "/api/policies", &token);
+    assert_eq!(policies[0]["subjects"][0]["subject_value"], "developer");
+    assert_eq!(policies[0]["target_id"], target.as_str());
+
+    assert!(running.stop().success(), "SIGTERM is a clean shutdown");
+
+    // Secrets: owner-only files; the database holds no value in clear.
+    #[cfg(unix)]
+    {
+        assert_eq!(mode(&data), 0o700);
+        assert_eq!(mode(&data.join("jwt-secret")), 0o600);
+        assert_eq!(mode(&data.join("encryption-key")), 0o600);
+    }
+    for file in ["reflow.db", "reflow.db-wal"] {
+        let bytes = file_bytes(&data.join(file));
+        assert!(
+            !bytes.windows(9).any(|w| w == b"ghp_xxxx\""),
+            "{file} holds a secret in clear"
+        );
+        assert!(
+            !bytes.windows(8).any(|w| w == b"ghp_xxxx"),
+            "{file} holds a secret in clear"
+        );
+    }
+
+    // Restart on the same directory: same users, targets and (decryptable) credentials.
+    let running = Running::start(&["up", "--data-dir", data_arg], port, work.path(), &[]);
+    let token = login(&running.base, "admin@example.com", "secure123");
+    let resolved = get(
+        &running.base,
+        &format!("/api/targets/{target}/env/resolve?user_id={user_id}&reveal=true"),
+        &token,
+    );
+    assert_eq!(resolved["env"][0]["value"], "ghp_xxxx");
+    assert_eq!(resolved["env"][0]["scope_type"], "user");
+    assert!(running.stop().success());
+}
+
+fn run_expecting_failure(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_reflow"));
+    command
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("JWT_SECRET")
+        .env_remove("ENCRYPTION_KEY");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let output = command.output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).to_string(),
+    )
+}
+
+#[test]
+fn bad_config_exits_2_naming_the_key() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let cases = [
+        ("server:\n  prot: 1\n", "prot"),
+        ("encryption:\n  key: short\n", "encryption.key"),
+        (
+            "jwt:\n  secret: ${REFLOW_TEST_UNSET_VARIABLE}\n",
+            "REFLOW_TEST_UNSET_VARIABLE",
+        ),
+        ("logging:\n  format: xml\n", "logging.format"),
+    ];
+    for (text, needle) in cases {
+        let path = work.path().join("config.yaml");
+        std::fs::write(&path, text).unwrap();
+        let (code, stderr) = run_expecting_failure(
+            &[
+                "up",
+                "--config",
+                path.to_str().unwrap(),
+                "--data-dir",
+                data.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert_eq!(code, 2, "{text}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{text}: expected {needle} in {stderr}"
+        );
+    }
+    let (code, stderr) = run_expecting_failure(
+        &[
+            "control-plane",
+            "--database-url",
+            "postgres://127.0.0.1:1/x",
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("jwt.secret"), "{stderr}");
+    let (code, stderr) = run_expecting_failure(
+        &["control-plane"],
+        &[
+            ("JWT_SECRET", &"s".repeat(32)),
+            ("ENCRYPTION_KEY", &"k".repeat(32)),
+        ],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("database.url"), "{stderr}");
+    let (code, stderr) = run_expecting_failure(
+        &["control-plane", "--database-url", "sqlite://x.db"],
+        &[
+            ("JWT_SECRET", &"s".repeat(32)),
+            ("ENCRYPTION_KEY", &"k".repeat(32)),
+        ],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("PostgreSQL"), "{stderr}");
+}
+
+#[test]
+fn control_plane_serves_from_postgres() {
+    let admin_url = std::env::var("DATABASE_URL")
+        .expect("DATABASE_URL names a PostgreSQL server (scripts/test starts one)");
+    let name = format!("reflow_cli_{}", std::process::id());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let run_sql = |sql: String| {
+        runtime.block_on(async {
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(&admin_url).await.unwrap();
+            sqlx::query(&sql).execute(&mut conn).await.unwrap();
+        })
+    };
+    run_sql(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+    run_sql(format!("CREATE DATABASE {name}"));
+    let mut url = url::Url::parse(&admin_url).unwrap();
+    url.set_path(&name);
+
+    let work = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let env = [
+        ("JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+        ("ENCRYPTION_KEY", "fedcba9876543210fedcba9876543210"),
+    ];
+    let running = Running::start(
+        &[
+            "control-plane",
+            "--database-url",
+            url.as_str(),
+            "--host",
+            "127.0.0.1",
+        ],
+        port,
+        work.path(),
+        &env,
+    );
+    let client = reqwest::blocking::Client::new();
+    let health: Value = client
+        .get(format!("{}/health", running.base))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(health["backend"], "postgres");
+    let response = client
+        .post(format!("{}/api/auth/register", running.base))
+        .json(&json!({"email": "admin@example.com", "password": "secure123"}))
+        .send()
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 201);
+    assert!(running.stop().success());
+
+    // A second start applies no migration twice and keeps the data.
+    let running = Running::start(
+        &[
+            "control-plane",
+            "--database-url",
+            url.as_str(),
+            "--host",
+            "127.0.0.1",
+        ],
+        port,
+        work.path(),
+        &env,
+    );
+    login(&running.base, "admin@example.com", "secure123");
+    drop(running);
+    run_sql(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+}
+
+#[test]
+fn committed_openapi_document_matches_the_code() {
+    let output = Command::new(env!("CARGO_BIN_EXE_reflow"))
+        .arg("openapi")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let generated = String::from_utf8(output.stdout).unwrap();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json");
+    let committed = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        generated == committed,
+        "docs/openapi.json is out of date: run `cargo run -p reflow -- openapi > docs/openapi.json`"
+    );
+}

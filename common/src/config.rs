@@ -1,0 +1,685 @@
+//! The YAML configuration shared by every role.
+//!
+//! Keys follow the original gateway's config where they still apply. Loading is split so it
+//! can be tested without touching the process: [`Config::from_yaml`] takes the text and an
+//! explicit environment map. `${VAR}` and `${VAR:-default}` are expanded before parsing; an
+//! unset variable without a default is an error naming it. Unknown keys are errors, and every
+//! error names the key it is about.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::crypto::{Key, Keyring};
+
+/// A configuration problem, naming the key (dotted path) it concerns.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config key `{key}`: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub database: DatabaseConfig,
+    pub jwt: JwtConfig,
+    pub encryption: EncryptionConfig,
+    pub auth: AuthConfig,
+    pub cors: CorsConfig,
+    pub logging: LoggingConfig,
+    pub session: SessionConfig,
+    pub stdio: StdioConfig,
+    pub kubernetes: KubernetesConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    /// Largest request body the REST API accepts, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: "0.0.0.0".into(),
+            port: 3000,
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// A full URL (`postgres://…` or `sqlite://…`); wins over the separate fields.
+    pub url: Option<String>,
+    pub host: Option<String>,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+    pub database: String,
+    pub sslmode: String,
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: None,
+            host: None,
+            port: 5432,
+            user: "reflow".into(),
+            password: None,
+            database: "reflow".into(),
+            sslmode: "prefer".into(),
+            max_connections: 10,
+        }
+    }
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &self.url.as_ref().map(|_| "<set>"))
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("database", &self.database)
+            .field("sslmode", &self.sslmode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DatabaseConfig {
+    /// The connection URL: `url` if set, else one built from host/port/user/password.
+    pub fn connection_url(&self) -> Option<String> {
+        if let Some(url) = &self.url {
+            return Some(url.clone());
+        }
+        let host = self.host.as_ref()?;
+        let auth = match &self.password {
+            Some(pw) => format!("{}:{}", percent_encode(&self.user), percent_encode(pw)),
+            None => percent_encode(&self.user),
+        };
+        Some(format!(
+            "postgres://{auth}@{host}:{}/{}?sslmode={}",
+            self.port,
+            percent_encode(&self.database),
+            self.sslmode
+        ))
+    }
+}
+
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtConfig {
+    /// HMAC secret for tokens the control plane issues; at least 32 bytes.
+    pub secret: Option<String>,
+    /// Lifetime of issued tokens. Every token carries `exp`.
+    #[serde(with = "humantime_serde")]
+    pub expiry: Duration,
+    pub issuer: String,
+    pub audience: String,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        JwtConfig {
+            secret: None,
+            expiry: Duration::from_secs(24 * 3600),
+            issuer: "reflow".into(),
+            audience: "reflow".into(),
+        }
+    }
+}
+
+impl fmt::Debug for JwtConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwtConfig")
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("expiry", &self.expiry)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .finish()
+    }
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EncryptionConfig {
+    /// The current key: 32 characters, 64 hex digits or base64 of 32 bytes.
+    pub key: Option<String>,
+    /// Version stamped on values sealed with `key`.
+    pub key_version: u32,
+    /// Older keys, still able to open values sealed before a rotation.
+    pub previous_keys: Vec<PreviousKey>,
+}
+
+impl Default for EncryptionConfig {
+    fn default() -> Self {
+        EncryptionConfig {
+            key: None,
+            key_version: 1,
+            previous_keys: Vec::new(),
+        }
+    }
+}
+
+impl fmt::Debug for EncryptionConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EncryptionConfig")
+            .field("key", &self.key.as_ref().map(|_| "<redacted>"))
+            .field("key_version", &self.key_version)
+            .field(
+                "previous_key_versions",
+                &self
+                    .previous_keys
+                    .iter()
+                    .map(|k| k.version)
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviousKey {
+    pub version: u32,
+    pub key: String,
+}
+
+impl fmt::Debug for PreviousKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PreviousKey")
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EncryptionConfig {
+    /// Builds the keyring, or says which key is wrong. `None` when no key is configured.
+    pub fn keyring(&self) -> Result<Option<Keyring>, ConfigError> {
+        let Some(key) = &self.key else {
+            return Ok(None);
+        };
+        let key = Key::parse(key).map_err(|e| ConfigError::new("encryption.key", e.to_string()))?;
+        let mut ring = Keyring::single(self.key_version, key);
+        for (i, previous) in self.previous_keys.iter().enumerate() {
+            let name = format!("encryption.previous_keys[{i}]");
+            let key = Key::parse(&previous.key)
+                .map_err(|e| ConfigError::new(format!("{name}.key"), e.to_string()))?;
+            ring = ring
+                .with_previous(previous.version, key)
+                .map_err(|e| ConfigError::new(format!("{name}.version"), e.to_string()))?;
+        }
+        Ok(Some(ring))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Whether anyone may register after the first user (who always can, and becomes admin).
+    pub allow_registration: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            allow_registration: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// Origins allowed to call the REST API from a browser. Empty: no cross-origin access.
+    pub allowed_origins: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// A `tracing` filter: `info`, `debug`, `reflow_control_plane=debug,info`, …
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub cleanup_interval: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            timeout: Duration::from_secs(30 * 60),
+            cleanup_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StdioConfig {
+    #[serde(with = "humantime_serde")]
+    pub idle_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_lifetime: Duration,
+    #[serde(with = "humantime_serde")]
+    pub gc_interval: Duration,
+    pub max_processes: u32,
+    /// Programs a STDIO target may run (a bare name or an absolute path). A target whose
+    /// command is not listed is rejected by the API. Shells are never run.
+    pub allowed_commands: Vec<String>,
+}
+
+impl Default for StdioConfig {
+    fn default() -> Self {
+        StdioConfig {
+            idle_ttl: Duration::from_secs(30 * 60),
+            max_lifetime: Duration::from_secs(24 * 3600),
+            gc_interval: Duration::from_secs(60),
+            max_processes: 100,
+            allowed_commands: ["npx", "uvx", "node", "python", "python3", "deno", "bunx"]
+                .map(String::from)
+                .to_vec(),
+        }
+    }
+}
+
+/// Programs that interpret their arguments as shell code; never allowed as STDIO commands.
+pub const SHELLS: &[&str] = &[
+    "sh", "bash", "dash", "zsh", "ksh", "csh", "tcsh", "fish", "busybox", "env",
+];
+
+impl StdioConfig {
+    /// Whether `command` may be run as a STDIO target.
+    pub fn allows(&self, command: &str) -> bool {
+        let base = command.rsplit('/').next().unwrap_or(command);
+        !SHELLS.contains(&base)
+            && self
+                .allowed_commands
+                .iter()
+                .any(|allowed| allowed == command)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    pub enabled: bool,
+    pub namespace: String,
+    pub kubeconfig: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub idle_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_lifetime: Duration,
+    #[serde(with = "humantime_serde")]
+    pub gc_interval: Duration,
+    pub max_instances: u32,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            enabled: false,
+            namespace: "reflow".into(),
+            kubeconfig: None,
+            idle_ttl: Duration::from_secs(30 * 60),
+            max_lifetime: Duration::from_secs(24 * 3600),
+            gc_interval: Duration::from_secs(60),
+            max_instances: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    pub enabled: bool,
+    pub endpoint: String,
+    pub service_name: String,
+    pub insecure: bool,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            enabled: false,
+            endpoint: "localhost:4317".into(),
+            service_name: "reflow-gateway".into(),
+            insecure: true,
+        }
+    }
+}
+
+impl Config {
+    /// Parses config text after expanding `${VAR}` from `env`, then validates it.
+    pub fn from_yaml(text: &str, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        let expanded = expand_env(text, env)?;
+        if expanded.trim().is_empty() {
+            let config = Config::default();
+            config.validate()?;
+            return Ok(config);
+        }
+        let deserializer = serde_yaml_ng::Deserializer::from_str(&expanded);
+        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let path = e.path().to_string();
+            let key = if path == "." {
+                "(top level)".to_string()
+            } else {
+                path
+            };
+            ConfigError::new(key, e.into_inner().to_string())
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and parses a config file with the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("(file)", format!("cannot read {}: {e}", path.display()))
+        })?;
+        Config::from_yaml(&text, &std::env::vars().collect())
+    }
+
+    /// Checks values whose type alone does not make them valid.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.max_body_bytes < 1024 {
+            return Err(ConfigError::new(
+                "server.max_body_bytes",
+                "must be at least 1024",
+            ));
+        }
+        if let Some(secret) = &self.jwt.secret {
+            if secret.len() < 32 {
+                return Err(ConfigError::new("jwt.secret", "must be at least 32 bytes"));
+            }
+        }
+        if self.jwt.expiry.is_zero() || self.jwt.expiry > Duration::from_secs(366 * 24 * 3600) {
+            return Err(ConfigError::new(
+                "jwt.expiry",
+                "must be between 1s and 366 days",
+            ));
+        }
+        if self.jwt.issuer.is_empty() {
+            return Err(ConfigError::new("jwt.issuer", "must not be empty"));
+        }
+        if self.jwt.audience.is_empty() {
+            return Err(ConfigError::new("jwt.audience", "must not be empty"));
+        }
+        self.encryption.keyring()?;
+        if let Some(url) = &self.database.url {
+            if !(url.starts_with("postgres://")
+                || url.starts_with("postgresql://")
+                || url.starts_with("sqlite:"))
+            {
+                return Err(ConfigError::new(
+                    "database.url",
+                    "must start with postgres://, postgresql:// or sqlite:",
+                ));
+            }
+        }
+        if ![
+            "disable",
+            "allow",
+            "prefer",
+            "require",
+            "verify-ca",
+            "verify-full",
+        ]
+        .contains(&self.database.sslmode.as_str())
+        {
+            return Err(ConfigError::new(
+                "database.sslmode",
+                format!("unknown mode {:?}", self.database.sslmode),
+            ));
+        }
+        if self.database.max_connections == 0 {
+            return Err(ConfigError::new(
+                "database.max_connections",
+                "must be at least 1",
+            ));
+        }
+        for (i, command) in self.stdio.allowed_commands.iter().enumerate() {
+            let base = command.rsplit('/').next().unwrap_or(command);
+            if command.is_empty() || SHELLS.contains(&base) {
+                return Err(ConfigError::new(
+                    format!("stdio.allowed_commands[{i}]"),
+                    format!("{command:?} may not be allowed"),
+                ));
+            }
+        }
+        for (key, value) in [
+            ("session.timeout", self.session.timeout),
+            ("session.cleanup_interval", self.session.cleanup_interval),
+            ("stdio.idle_ttl", self.stdio.idle_ttl),
+            ("stdio.max_lifetime", self.stdio.max_lifetime),
+            ("stdio.gc_interval", self.stdio.gc_interval),
+            ("kubernetes.idle_ttl", self.kubernetes.idle_ttl),
+            ("kubernetes.max_lifetime", self.kubernetes.max_lifetime),
+            ("kubernetes.gc_interval", self.kubernetes.gc_interval),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::new(key, "must be greater than zero"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Replaces `${VAR}` and `${VAR:-default}` with values from `env`.
+fn expand_env(text: &str, env: &HashMap<String, String>) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let line = text[..text.len() - rest.len() + start]
+            .lines()
+            .count()
+            .max(1);
+        let end = after.find('}').ok_or_else(|| {
+            ConfigError::new(
+                format!("(line {line})"),
+                "unterminated ${ in environment reference",
+            )
+        })?;
+        let inner = &after[..end];
+        let (name, default) = match inner.split_once(":-") {
+            Some((name, default)) => (name, Some(default)),
+            None => (inner, None),
+        };
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(ConfigError::new(
+                format!("(line {line})"),
+                format!("invalid environment reference ${{{inner}}}"),
+            ));
+        }
+        match (env.get(name), default) {
+            (Some(value), _) => out.push_str(value),
+            (None, Some(default)) => out.push_str(default),
+            (None, None) => {
+                return Err(ConfigError::new(
+                    format!("(line {line})"),
+                    format!("environment variable {name} is not set"),
+                ))
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn original_example_config_parses() {
+        let text = r#"
+server:       { port: 3000, host: "0.0.0.0" }
+database:     { host: postgres, port: 5432, user: reflow, password: ${DB_PASSWORD} }
+jwt:          { secret: ${JWT_SECRET} }
+encryption:   { key: ${ENCRYPTION_KEY} }   # exactly 32 chars
+session:      { timeout: 30m }
+logging:      { level: info, format: json }
+kubernetes:   { enabled: false, namespace: reflow }
+telemetry:    { enabled: false, endpoint: "otel-collector:4317" }
+"#;
+        let config = Config::from_yaml(
+            text,
+            &env(&[
+                ("DB_PASSWORD", "p@ss word"),
+                ("JWT_SECRET", &"s".repeat(64)),
+                ("ENCRYPTION_KEY", "0123456789abcdef0123456789abcdef"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.server.port, 3000);
+        assert_eq!(config.session.timeout, Duration::from_secs(1800));
+        assert_eq!(config.logging.format, LogFormat::Json);
+        assert_eq!(
+            config.database.connection_url().unwrap(),
+            "postgres://reflow:p%40ss%20word@postgres:5432/reflow?sslmode=prefer"
+        );
+        assert!(config.encryption.keyring().unwrap().is_some());
+    }
+
+    #[test]
+    fn empty_config_is_defaults() {
+        let config = Config::from_yaml("", &HashMap::new()).unwrap();
+        assert_eq!(config.server.port, 3000);
+        assert!(config.auth.allow_registration);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_yaml("server:\n  prot: 1\n", &HashMap::new()).unwrap_err();
+        assert!(err.to_string().contains("server"), "{err}");
+        assert!(err.to_string().contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = Config::from_yaml("server:\n  port: many\n", &HashMap::new()).unwrap_err();
+        assert_eq!(err.key, "server.port");
+    }
+
+    #[test]
+    fn unset_variable_is_named() {
+        let err = Config::from_yaml("jwt:\n  secret: ${NOPE}\n", &HashMap::new()).unwrap_err();
+        assert!(err.message.contains("NOPE"), "{err}");
+        assert_eq!(err.key, "(line 2)");
+        let ok =
+            Config::from_yaml("logging:\n  level: ${LEVEL:-debug}\n", &HashMap::new()).unwrap();
+        assert_eq!(ok.logging.level, "debug");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cases = [
+            ("jwt: { secret: short }", "jwt.secret"),
+            ("encryption: { key: short }", "encryption.key"),
+            ("database: { url: 'mysql://x' }", "database.url"),
+            ("database: { sslmode: maybe }", "database.sslmode"),
+            ("session: { timeout: 0s }", "session.timeout"),
+            (
+                "stdio: { allowed_commands: [bash] }",
+                "stdio.allowed_commands[0]",
+            ),
+            ("session: { timeout: soon }", "session.timeout"),
+        ];
+        for (text, key) in cases {
+            let err = Config::from_yaml(text, &HashMap::new()).unwrap_err();
+            assert_eq!(err.key, key, "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_not_debug_printed() {
+        let text = "jwt: { secret: SECRETSECRETSECRETSECRETSECRETSECRET }\nencryption: { key: KEYKEYKEYKEYKEYKEYKEYKEYKEYKEYKE }\ndatabase: { url: 'postgres://u:PWPWPW@h/db' }";
+        let config = Config::from_yaml(text, &HashMap::new()).unwrap();
+        let printed = format!("{config:?}");
+        for secret in ["SECRETSECRET", "KEYKEYKEY", "PWPWPW"] {
+            assert!(!printed.contains(secret), "{printed}");
+        }
+    }
+
+    #[test]
+    fn stdio_allowlist() {
+        let stdio = StdioConfig::default();
+        assert!(stdio.allows("npx"));
+        assert!(!stdio.allows("bash"));
+        assert!(!stdio.allows("/usr/bin/npx"));
+        let custom = StdioConfig {
+            allowed_commands: vec!["/opt/mcp/server".into()],
+            ..StdioConfig::default()
+        };
+        assert!(custom.allows("/opt/mcp/server"));
+    }
+}

@@ -1,0 +1,20 @@
+//! Pieces that more than one Reflow role needs and that must behave identically in each:
+//! the encryption envelope for secrets at rest and in snapshots, configuration loading,
+//! the credential-resolution rule, and the validation of names that appear on the wire.
+//!
+//! Nothing here does I/O beyond what the caller hands in (config text and an environment
+//! map), so every function is testable with plain values.
+//!
+//! # Layout
+//! - [`crypto`]: AES-256-GCM envelope with key versions and associated data.
+//! - [`config`]: the YAML config, `${ENV}` expansion, defaults and validation.
+//! - [`credentials`]: which scope's value a caller receives (user > group > role > default,
+//!   limited by the target's isolation boundary).
+//! - [`names`]: the grammar of target names, role and group names, env keys and patterns.
+//! - [`glob`]: the anchored glob used by policy patterns.
+
+pub mod config;
+pub mod credentials;
+pub mod crypto;
+pub mod glob;
+pub mod names;

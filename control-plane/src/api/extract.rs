@@ -1,0 +1,206 @@
+//! Extractors that turn every malformed request into an [`ApiError`] with a JSON body
+//! (axum's own rejections answer in plain text), and the [`Caller`] extractor that
+//! authenticates a request.
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::auth::{hash_api_token, API_TOKEN_PREFIX, MAX_BEARER_LEN};
+use crate::store::User;
+
+/// A JSON body. Unknown fields, wrong types, bad syntax, a missing content type and an
+/// oversized body each get a 4xx naming the problem.
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(value)) => Ok(ApiJson(value)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> ApiError {
+    match &rejection {
+        JsonRejection::MissingJsonContentType(_) => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "expected a body with Content-Type: application/json",
+        ),
+        JsonRejection::JsonSyntaxError(_) => {
+            ApiError::bad_request(format!("malformed JSON: {}", rejection.body_text()))
+        }
+        JsonRejection::JsonDataError(_) => {
+            ApiError::bad_request(format!("invalid request body: {}", rejection.body_text()))
+        }
+        _ if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "request body is too large",
+        ),
+        _ => ApiError::bad_request(rejection.body_text()),
+    }
+}
+
+/// Path parameters; a malformed id is a 400 naming it.
+#[derive(Debug)]
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| ApiPath(p.0))
+            .map_err(|e: PathRejection| {
+                ApiError::bad_request(format!("invalid path: {}", e.body_text()))
+            })
+    }
+}
+
+/// Query parameters; unknown or malformed ones are a 400.
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiQuery<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| ApiQuery(q.0))
+            .map_err(|e: QueryRejection| {
+                ApiError::bad_request(format!("invalid query: {}", e.body_text()))
+            })
+    }
+}
+
+/// The authenticated user making a request, loaded fresh from the store so role, group and
+/// active changes apply to tokens already issued.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub user: User,
+}
+
+impl Caller {
+    pub fn require_admin(&self) -> Result<(), ApiError> {
+        if self.user.is_admin() {
+            Ok(())
+        } else {
+            Err(ApiError::admin_only())
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        if let Some(query) = parts.uri.query() {
+            if query.split('&').any(|pair| {
+                let name = pair.split('=').next().unwrap_or("");
+                name.eq_ignore_ascii_case("token") || name.eq_ignore_ascii_case("access_token")
+            }) {
+                return Err(ApiError::unauthorized(
+                    "tokens in the query string are refused; send Authorization: Bearer <token>",
+                ));
+            }
+        }
+        let header = parts.headers.get(header::AUTHORIZATION).ok_or_else(|| {
+            ApiError::unauthorized("missing Authorization: Bearer <token> header")
+        })?;
+        if header.len() > MAX_BEARER_LEN + 16 {
+            return Err(ApiError::unauthorized("token is too long"));
+        }
+        let value = header
+            .to_str()
+            .map_err(|_| ApiError::unauthorized("malformed Authorization header"))?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                ApiError::unauthorized("Authorization header must be: Bearer <token>")
+            })?;
+
+        let user = if token.starts_with(API_TOKEN_PREFIX) {
+            let (api_token, user) = state
+                .store
+                .api_token_by_hash(&hash_api_token(token))
+                .await?
+                .ok_or_else(|| ApiError::unauthorized("API token is invalid or revoked"))?;
+            let now = chrono::Utc::now();
+            if api_token.expires_at.is_some_and(|at| at <= now) {
+                return Err(ApiError::unauthorized("API token has expired"));
+            }
+            // Recording use costs a write; once a minute per token is enough to answer
+            // "is this token still used".
+            if api_token
+                .last_used_at
+                .is_none_or(|at| now - at > chrono::Duration::seconds(60))
+            {
+                state
+                    .store
+                    .touch_api_token(api_token.id, crate::store::now())
+                    .await?;
+            }
+            user
+        } else {
+            let claims = state
+                .jwt
+                .verify(token)
+                .map_err(|e| ApiError::unauthorized(e.to_string()))?;
+            let id = claims
+                .sub
+                .parse()
+                .map_err(|_| ApiError::unauthorized("token is invalid"))?;
+            state
+                .store
+                .get_user(id)
+                .await?
+                .ok_or_else(|| ApiError::unauthorized("token's user no longer exists"))?
+        };
+        if !user.active {
+            return Err(ApiError::unauthorized("account is deactivated"));
+        }
+        Ok(Caller { user })
+    }
+}
+
+/// For `#[serde(deserialize_with = "present")]` on an `Option<Option<T>>` field:
+/// tells a field sent as `null` (`Some(None)`: clear it) from a field not sent (`None`: keep
+/// it), which partial updates need.
+pub fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
+}

@@ -1,0 +1,204 @@
+//! The admin REST API (axum) and its OpenAPI document.
+//!
+//! Handlers are grouped by resource, one module each; every handler's `#[utoipa::path]`
+//! feeds the OpenAPI document served at `/openapi.json` and rendered at `/docs`. Errors go
+//! through [`error::ApiError`], the one place that maps failures to status and JSON body.
+
+pub mod auth;
+pub mod credentials;
+pub mod error;
+pub mod extract;
+pub mod policies;
+pub mod targets;
+pub mod users;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderValue, Method, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use reflow_common::config::StdioConfig;
+use reflow_common::crypto::Keyring;
+use serde::Serialize;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use utoipa_scalar::{Scalar, Servable};
+
+use crate::auth::JwtKeys;
+use crate::store::DynStore;
+use error::ApiError;
+
+/// What the handlers share. Cheap to clone: everything is behind an `Arc`.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub store: DynStore,
+    /// Seals and opens stored secrets.
+    pub keyring: Arc<Keyring>,
+    pub jwt: Arc<JwtKeys>,
+    pub settings: Arc<ApiSettings>,
+}
+
+/// The parts of the configuration the API consults per request.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    pub allow_registration: bool,
+    pub stdio: StdioConfig,
+    pub max_body_bytes: usize,
+    pub cors_allowed_origins: Vec<String>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Reflow Gateway admin API",
+        description = "Users, API tokens, targets, credentials and policies of a Reflow Gateway. \
+                       Authenticate with `Authorization: Bearer <JWT or API token>`.",
+        license(name = "MIT")
+    ),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "auth", description = "Registration, login and API tokens"),
+        (name = "users", description = "Accounts, roles and groups (admin)"),
+        (name = "targets", description = "Upstream MCP servers"),
+        (name = "credentials", description = "Tokens and env per scope, sealed at rest"),
+        (name = "policies", description = "Default-deny authorization rules (admin)"),
+        (name = "health", description = "Liveness and readiness")
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT or rfl_ API token")
+                    .build(),
+            ),
+        );
+    }
+}
+
+fn api_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(health))
+        .routes(routes!(auth::register))
+        .routes(routes!(auth::login))
+        .routes(routes!(auth::me))
+        .routes(routes!(auth::list_tokens, auth::create_token))
+        .routes(routes!(auth::delete_token))
+        .routes(routes!(users::list, users::create))
+        .routes(routes!(users::get, users::update, users::delete))
+        .routes(routes!(targets::list, targets::create))
+        .routes(routes!(targets::get, targets::update, targets::delete))
+        .routes(routes!(credentials::list_tokens))
+        .routes(routes!(
+            credentials::get_own_token,
+            credentials::set_own_token,
+            credentials::delete_own_token
+        ))
+        .routes(routes!(credentials::set_token, credentials::delete_token))
+        .routes(routes!(
+            credentials::set_scoped_token,
+            credentials::delete_scoped_token
+        ))
+        .routes(routes!(credentials::list_env))
+        .routes(routes!(credentials::resolve_view))
+        .routes(routes!(credentials::set_env))
+        .routes(routes!(
+            credentials::set_scoped_env,
+            credentials::delete_env
+        ))
+        .routes(routes!(credentials::delete_scoped_env))
+        .routes(routes!(policies::list, policies::create))
+        .routes(routes!(policies::get, policies::update, policies::delete))
+        .routes(routes!(policies::add_subject))
+        .routes(routes!(policies::remove_subject))
+}
+
+/// The OpenAPI document, generated from the handlers.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_router().into_openapi()
+}
+
+/// The whole HTTP surface of the control plane: `/api`, `/health`, `/openapi.json`, `/docs`.
+pub fn router(state: AppState) -> Router {
+    let settings = state.settings.clone();
+    let (router, openapi) = api_router().with_state(state).split_for_parts();
+    let document = Arc::new(openapi.clone());
+    let mut router = router
+        .route(
+            "/openapi.json",
+            get(move || async move { Json(document.as_ref().clone()) }),
+        )
+        .merge(Scalar::with_url("/docs", openapi))
+        .fallback(|| async { ApiError::not_found("route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route",
+            )
+        })
+        .layer(DefaultBodyLimit::max(settings.max_body_bytes))
+        .layer(TraceLayer::new_for_http());
+    if !settings.cors_allowed_origins.is_empty() {
+        let origins: Vec<HeaderValue> = settings
+            .cors_allowed_origins
+            .iter()
+            .filter_map(|o| HeaderValue::from_str(o).ok())
+            .collect();
+        router = router.layer(
+            CorsLayer::new()
+                .allow_origin(AllowOrigin::list(origins))
+                .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+                .allow_headers([
+                    axum::http::header::AUTHORIZATION,
+                    axum::http::header::CONTENT_TYPE,
+                ]),
+        );
+    }
+    router
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// `ok` or `degraded`.
+    pub status: String,
+    /// `ok` or `unavailable`.
+    pub database: String,
+    /// `postgres` or `sqlite`.
+    pub backend: String,
+    pub version: String,
+}
+
+/// Liveness and database reachability: 200 when the database answers, 503 otherwise.
+#[utoipa::path(get, path = "/health", tag = "health",
+    responses((status = 200, body = Health), (status = 503, body = Health)))]
+pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
+    let ping = tokio::time::timeout(std::time::Duration::from_secs(2), state.store.ping()).await;
+    let database_ok = matches!(ping, Ok(Ok(())));
+    let status = if database_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = Health {
+        status: if database_ok { "ok" } else { "degraded" }.into(),
+        database: if database_ok { "ok" } else { "unavailable" }.into(),
+        backend: state.store.backend().into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    (status, Json(body))
+}

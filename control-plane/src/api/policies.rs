@@ -1,0 +1,265 @@
+//! `/api/policies`: default-deny authorization rules. Admin only.
+//!
+//! Nothing is allowed until a policy says so. Policies are evaluated highest priority
+//! first; at equal priority a deny wins. Patterns are anchored globs (`*`, `?`) on the
+//! unprefixed tool, prompt or resource name.
+
+use std::collections::HashSet;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use reflow_common::glob;
+use reflow_common::names::validate_principal_name;
+use serde::Deserialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::error::{ApiError, ApiResult, ErrorBody};
+use super::extract::{present, ApiJson, ApiPath, Caller};
+use super::AppState;
+use crate::store::{
+    Effect, Policy, PolicySpec, PolicySubject, ResourceType, SubjectSpec, SubjectType,
+};
+
+const MAX_SUBJECTS: usize = 1000;
+
+/// A policy definition. On create, `name` and `effect` are required; on update, fields not
+/// sent keep their value, and `subjects`, when sent, replaces the subjects.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyInput {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// The target the policy applies to; omitted or `null` on create: every target.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<Uuid>)]
+    pub target_id: Option<Option<Uuid>>,
+    /// Default `all`.
+    pub resource_type: Option<ResourceType>,
+    /// Anchored glob on the unprefixed name; `null` matches every name.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub pattern: Option<Option<String>>,
+    pub effect: Option<Effect>,
+    /// Default 0; higher is evaluated first.
+    pub priority: Option<i32>,
+    /// Default `true`.
+    pub enabled: Option<bool>,
+    pub subjects: Option<Vec<SubjectSpec>>,
+}
+
+async fn check_subject(state: &AppState, subject: &SubjectSpec) -> ApiResult<()> {
+    let value = subject.subject_value.as_str();
+    match subject.subject_type {
+        SubjectType::Everyone if !value.is_empty() => Err(ApiError::bad_request(
+            "subjects: everyone takes no subject_value",
+        )),
+        SubjectType::Everyone => Ok(()),
+        SubjectType::Role | SubjectType::Group => {
+            validate_principal_name(subject.subject_type.as_str(), value)
+                .map_err(|e| ApiError::bad_request(format!("subjects: {e}")))
+        }
+        SubjectType::User => {
+            let id: Uuid = value.parse().map_err(|_| {
+                ApiError::bad_request(format!("subjects: {value:?} is not a user id"))
+            })?;
+            state
+                .store
+                .get_user(id)
+                .await?
+                .map(|_| ())
+                .ok_or_else(|| ApiError::bad_request(format!("subjects: no user with id {id}")))
+        }
+    }
+}
+
+async fn check_subjects(state: &AppState, subjects: &[SubjectSpec]) -> ApiResult<()> {
+    if subjects.len() > MAX_SUBJECTS {
+        return Err(ApiError::bad_request(format!(
+            "subjects: at most {MAX_SUBJECTS}"
+        )));
+    }
+    let mut seen = HashSet::new();
+    for subject in subjects {
+        if !seen.insert(subject) {
+            return Err(ApiError::bad_request(format!(
+                "subjects: {} {:?} is listed twice",
+                subject.subject_type.as_str(),
+                subject.subject_value
+            )));
+        }
+        check_subject(state, subject).await?;
+    }
+    Ok(())
+}
+
+async fn build_spec(
+    state: &AppState,
+    input: &PolicyInput,
+    current: Option<&Policy>,
+) -> ApiResult<PolicySpec> {
+    let name = input
+        .name
+        .clone()
+        .or_else(|| current.map(|c| c.name.clone()))
+        .ok_or_else(|| ApiError::bad_request("name: required"))?;
+    let name = name.trim().to_string();
+    if name.is_empty() || name.len() > 128 {
+        return Err(ApiError::bad_request("name: must be 1 to 128 characters"));
+    }
+    let description = input
+        .description
+        .clone()
+        .or_else(|| current.map(|c| c.description.clone()))
+        .unwrap_or_default();
+    if description.len() > 1024 {
+        return Err(ApiError::bad_request("description: at most 1024 bytes"));
+    }
+    let target_id = match input.target_id {
+        Some(value) => value,
+        None => current.and_then(|c| c.target_id),
+    };
+    if let Some(target_id) = target_id {
+        if state.store.get_target(target_id).await?.is_none() {
+            return Err(ApiError::bad_request(format!(
+                "target_id: no target with id {target_id}"
+            )));
+        }
+    }
+    let pattern = match &input.pattern {
+        Some(value) => value.clone(),
+        None => current.and_then(|c| c.pattern.clone()),
+    };
+    if let Some(pattern) = &pattern {
+        glob::validate(pattern).map_err(|e| ApiError::bad_request(format!("pattern: {e}")))?;
+    }
+    Ok(PolicySpec {
+        name,
+        description,
+        target_id,
+        resource_type: input
+            .resource_type
+            .or(current.map(|c| c.resource_type))
+            .unwrap_or(ResourceType::All),
+        pattern,
+        effect: input
+            .effect
+            .or(current.map(|c| c.effect))
+            .ok_or_else(|| ApiError::bad_request("effect: required (allow or deny)"))?,
+        priority: input.priority.or(current.map(|c| c.priority)).unwrap_or(0),
+        enabled: input.enabled.or(current.map(|c| c.enabled)).unwrap_or(true),
+    })
+}
+
+/// All policies, highest priority first.
+#[utoipa::path(get, path = "/api/policies", tag = "policies", security(("bearer" = [])),
+    responses((status = 200, body = [Policy]), (status = 403, body = ErrorBody)))]
+pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<Policy>>> {
+    caller.require_admin()?;
+    Ok(Json(state.store.list_policies().await?))
+}
+
+/// Create a policy with its subjects.
+#[utoipa::path(post, path = "/api/policies", tag = "policies", security(("bearer" = [])), request_body = PolicyInput,
+    responses((status = 201, body = Policy), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(input): ApiJson<PolicyInput>,
+) -> ApiResult<(StatusCode, Json<Policy>)> {
+    caller.require_admin()?;
+    let spec = build_spec(&state, &input, None).await?;
+    let subjects = input.subjects.unwrap_or_default();
+    check_subjects(&state, &subjects).await?;
+    let policy = state.store.create_policy(spec, subjects).await?;
+    tracing::info!(policy_id = %policy.id, policy = %policy.name, effect = policy.effect.as_str(), "policy created");
+    Ok((StatusCode::CREATED, Json(policy)))
+}
+
+/// One policy.
+#[utoipa::path(get, path = "/api/policies/{id}", tag = "policies", security(("bearer" = [])), params(("id" = Uuid, Path)),
+    responses((status = 200, body = Policy), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<Policy>> {
+    caller.require_admin()?;
+    state
+        .store
+        .get_policy(id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("policy"))
+}
+
+/// Change a policy; `subjects`, when sent, replaces its subjects.
+#[utoipa::path(put, path = "/api/policies/{id}", tag = "policies", security(("bearer" = [])), params(("id" = Uuid, Path)),
+    request_body = PolicyInput,
+    responses((status = 200, body = Policy), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(input): ApiJson<PolicyInput>,
+) -> ApiResult<Json<Policy>> {
+    caller.require_admin()?;
+    let current = state
+        .store
+        .get_policy(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("policy"))?;
+    let spec = build_spec(&state, &input, Some(&current)).await?;
+    if let Some(subjects) = &input.subjects {
+        check_subjects(&state, subjects).await?;
+    }
+    Ok(Json(
+        state.store.update_policy(id, spec, input.subjects).await?,
+    ))
+}
+
+/// Delete a policy.
+#[utoipa::path(delete, path = "/api/policies/{id}", tag = "policies", security(("bearer" = [])), params(("id" = Uuid, Path)),
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    state.store.delete_policy(id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Add a subject to a policy.
+#[utoipa::path(post, path = "/api/policies/{id}/subjects", tag = "policies", security(("bearer" = [])), params(("id" = Uuid, Path)),
+    request_body = SubjectSpec,
+    responses((status = 201, body = PolicySubject), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn add_subject(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(subject): ApiJson<SubjectSpec>,
+) -> ApiResult<(StatusCode, Json<PolicySubject>)> {
+    caller.require_admin()?;
+    check_subject(&state, &subject).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(state.store.add_policy_subject(id, subject).await?),
+    ))
+}
+
+/// Remove a subject from a policy.
+#[utoipa::path(delete, path = "/api/policies/{id}/subjects/{subject_id}", tag = "policies", security(("bearer" = [])),
+    params(("id" = Uuid, Path), ("subject_id" = Uuid, Path)),
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn remove_subject(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath((id, subject_id)): ApiPath<(Uuid, Uuid)>,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    state.store.remove_policy_subject(id, subject_id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

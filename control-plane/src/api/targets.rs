@@ -1,0 +1,312 @@
+//! `/api/targets`: the upstream MCP servers. Any signed-in user may read them (they hold no
+//! secrets); only admins create, change or delete them, since a STDIO target runs a
+//! program on the data plane.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use reflow_common::config::StdioConfig;
+use reflow_common::credentials::Isolation;
+use reflow_common::names::{validate_header_name, validate_target_name};
+use serde::Deserialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::error::{ApiError, ApiResult, ErrorBody};
+use super::extract::{present, ApiJson, ApiPath, Caller};
+use super::AppState;
+use crate::store::{AuthType, Statefulness, Target, TargetSpec, TransportType};
+
+const MAX_ARGS: usize = 64;
+const MAX_ARG_LEN: usize = 4096;
+const MAX_URL_LEN: usize = 2048;
+const DEFAULT_POD_PORT: i32 = 8080;
+const DEFAULT_HEALTH_PATH: &str = "/health";
+
+/// A target definition. On create, `name` and `transport_type` are required; on update,
+/// fields not sent keep their value and fields sent as `null` are cleared.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TargetInput {
+    /// `[a-z0-9-]`, 1–63 characters; prefixes this target's tool names.
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub transport_type: Option<TransportType>,
+    /// For `streamable-http` and `sse`: the server's http(s) URL.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub url: Option<Option<String>>,
+    /// For `stdio` (required; must be in the data plane's allowlist) and `kubernetes`.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub command: Option<Option<String>>,
+    pub args: Option<Vec<String>>,
+    /// For `kubernetes`: the container image.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub image: Option<Option<String>>,
+    /// For `kubernetes`: the container port (default 8080).
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<i32>)]
+    pub port: Option<Option<i32>>,
+    /// For `kubernetes`: the readiness probe path (default `/health`).
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub health_path: Option<Option<String>>,
+    /// Default `stateless`.
+    pub statefulness: Option<Statefulness>,
+    /// Default `shared`.
+    pub isolation_boundary: Option<Isolation>,
+    /// Default `bearer`.
+    pub auth_type: Option<AuthType>,
+    /// Required when `auth_type` is `header`.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub auth_header_name: Option<Option<String>>,
+    /// Default `true`.
+    pub enabled: Option<bool>,
+}
+
+fn merge<T: Clone>(input: Option<Option<T>>, current: Option<&Option<T>>) -> Option<T> {
+    match input {
+        Some(value) => value,
+        None => current.cloned().flatten(),
+    }
+}
+
+fn bad(message: impl Into<String>) -> ApiError {
+    ApiError::bad_request(message)
+}
+
+fn check_url(url: &str) -> ApiResult<()> {
+    if url.len() > MAX_URL_LEN {
+        return Err(bad(format!("url: longer than {MAX_URL_LEN} bytes")));
+    }
+    let parsed =
+        url::Url::parse(url).map_err(|e| bad(format!("url: {url:?} is not a valid URL: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(bad("url: scheme must be http or https"));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(bad("url: must name a host"));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(bad(
+            "url: must not carry credentials; set them through the target's token or env endpoints",
+        ));
+    }
+    if parsed.fragment().is_some() {
+        return Err(bad("url: must not have a fragment"));
+    }
+    Ok(())
+}
+
+/// Merges `input` over `current` (if any) and validates the result as a whole.
+pub fn build_spec(
+    input: TargetInput,
+    current: Option<&TargetSpec>,
+    stdio: &StdioConfig,
+) -> ApiResult<TargetSpec> {
+    let name = input
+        .name
+        .or_else(|| current.map(|c| c.name.clone()))
+        .ok_or_else(|| bad("name: required"))?;
+    validate_target_name(&name).map_err(|e| bad(format!("name: {e}")))?;
+    let description = input
+        .description
+        .or_else(|| current.map(|c| c.description.clone()))
+        .unwrap_or_default();
+    if description.len() > 1024 {
+        return Err(bad("description: at most 1024 bytes"));
+    }
+    let transport_type = input
+        .transport_type
+        .or(current.map(|c| c.transport_type))
+        .ok_or_else(|| {
+            bad("transport_type: required (streamable-http, sse, stdio or kubernetes)")
+        })?;
+    let url = merge(input.url, current.map(|c| &c.url));
+    let command = merge(input.command, current.map(|c| &c.command));
+    let args = input
+        .args
+        .or_else(|| current.map(|c| c.args.clone()))
+        .unwrap_or_default();
+    let image = merge(input.image, current.map(|c| &c.image));
+    let mut port = merge(input.port, current.map(|c| &c.port));
+    let mut health_path = merge(input.health_path, current.map(|c| &c.health_path));
+    let auth_type = input
+        .auth_type
+        .or(current.map(|c| c.auth_type))
+        .unwrap_or(AuthType::Bearer);
+    let auth_header_name = merge(input.auth_header_name, current.map(|c| &c.auth_header_name));
+
+    if args.len() > MAX_ARGS {
+        return Err(bad(format!("args: at most {MAX_ARGS} arguments")));
+    }
+    if let Some(arg) = args
+        .iter()
+        .find(|a| a.len() > MAX_ARG_LEN || a.contains('\0'))
+    {
+        return Err(bad(format!(
+            "args: argument of {} bytes is too long or contains NUL",
+            arg.len()
+        )));
+    }
+    let only_for = |field: &str, present: bool, allowed: &[TransportType]| -> ApiResult<()> {
+        if present && !allowed.contains(&transport_type) {
+            let names: Vec<&str> = allowed.iter().map(|t| t.as_str()).collect();
+            return Err(bad(format!(
+                "{field}: only valid for {} targets",
+                names.join(" and ")
+            )));
+        }
+        Ok(())
+    };
+    use TransportType::*;
+    only_for("url", url.is_some(), &[StreamableHttp, Sse])?;
+    only_for("command", command.is_some(), &[Stdio, Kubernetes])?;
+    only_for("args", !args.is_empty(), &[Stdio, Kubernetes])?;
+    only_for("image", image.is_some(), &[Kubernetes])?;
+    only_for("port", port.is_some(), &[Kubernetes])?;
+    only_for("health_path", health_path.is_some(), &[Kubernetes])?;
+
+    match transport_type {
+        StreamableHttp | Sse => check_url(
+            url.as_deref()
+                .ok_or_else(|| bad("url: required for streamable-http and sse targets"))?,
+        )?,
+        Stdio => {
+            let command = command
+                .as_deref()
+                .ok_or_else(|| bad("command: required for stdio targets"))?;
+            if !stdio.allows(command) {
+                return Err(bad(format!(
+                    "command: {command:?} is not in the allowed commands (stdio.allowed_commands: {})",
+                    stdio.allowed_commands.join(", ")
+                )));
+            }
+        }
+        Kubernetes => {
+            let image = image
+                .as_deref()
+                .ok_or_else(|| bad("image: required for kubernetes targets"))?;
+            if image.is_empty() || image.len() > 512 || image.chars().any(char::is_whitespace) {
+                return Err(bad("image: must be a container image reference"));
+            }
+            let p = *port.get_or_insert(DEFAULT_POD_PORT);
+            if !(1..=65535).contains(&p) {
+                return Err(bad("port: must be between 1 and 65535"));
+            }
+            let path = health_path.get_or_insert_with(|| DEFAULT_HEALTH_PATH.to_string());
+            if !path.starts_with('/')
+                || path.len() > 256
+                || path.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(bad("health_path: must be an absolute path"));
+            }
+        }
+    }
+    match (auth_type, &auth_header_name) {
+        (AuthType::Header, None) => {
+            return Err(bad("auth_header_name: required when auth_type is header"))
+        }
+        (AuthType::Header, Some(name)) => {
+            validate_header_name(name).map_err(|e| bad(format!("auth_header_name: {e}")))?
+        }
+        (_, Some(_)) => return Err(bad("auth_header_name: only valid when auth_type is header")),
+        (_, None) => {}
+    }
+    Ok(TargetSpec {
+        name,
+        description,
+        transport_type,
+        url,
+        command,
+        args,
+        image,
+        port,
+        health_path,
+        statefulness: input
+            .statefulness
+            .or(current.map(|c| c.statefulness))
+            .unwrap_or(Statefulness::Stateless),
+        isolation_boundary: input
+            .isolation_boundary
+            .or(current.map(|c| c.isolation_boundary))
+            .unwrap_or(Isolation::Shared),
+        auth_type,
+        auth_header_name,
+        enabled: input.enabled.or(current.map(|c| c.enabled)).unwrap_or(true),
+    })
+}
+
+/// Loads a target or answers 404.
+pub async fn find(state: &AppState, id: Uuid) -> ApiResult<Target> {
+    state
+        .store
+        .get_target(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("target"))
+}
+
+/// All targets.
+#[utoipa::path(get, path = "/api/targets", tag = "targets", security(("bearer" = [])),
+    responses((status = 200, body = [Target]), (status = 401, body = ErrorBody)))]
+pub async fn list(State(state): State<AppState>, _caller: Caller) -> ApiResult<Json<Vec<Target>>> {
+    Ok(Json(state.store.list_targets().await?))
+}
+
+/// Create a target.
+#[utoipa::path(post, path = "/api/targets", tag = "targets", security(("bearer" = [])), request_body = TargetInput,
+    responses((status = 201, body = Target), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(input): ApiJson<TargetInput>,
+) -> ApiResult<(StatusCode, Json<Target>)> {
+    caller.require_admin()?;
+    let spec = build_spec(input, None, &state.settings.stdio)?;
+    let target = state.store.create_target(spec).await?;
+    tracing::info!(target_id = %target.id, target = %target.name, transport = target.transport_type.as_str(), "target created");
+    Ok((StatusCode::CREATED, Json(target)))
+}
+
+/// One target.
+#[utoipa::path(get, path = "/api/targets/{id}", tag = "targets", security(("bearer" = [])), params(("id" = Uuid, Path)),
+    responses((status = 200, body = Target), (status = 404, body = ErrorBody)))]
+pub async fn get(
+    State(state): State<AppState>,
+    _caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<Target>> {
+    Ok(Json(find(&state, id).await?))
+}
+
+/// Change a target: fields sent replace the stored ones, and the result is validated whole.
+#[utoipa::path(put, path = "/api/targets/{id}", tag = "targets", security(("bearer" = [])), params(("id" = Uuid, Path)),
+    request_body = TargetInput,
+    responses((status = 200, body = Target), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(input): ApiJson<TargetInput>,
+) -> ApiResult<Json<Target>> {
+    caller.require_admin()?;
+    let current = find(&state, id).await?;
+    let spec = build_spec(input, Some(&current.spec()), &state.settings.stdio)?;
+    Ok(Json(state.store.update_target(id, spec).await?))
+}
+
+/// Delete a target with its credentials and the policies scoped to it.
+#[utoipa::path(delete, path = "/api/targets/{id}", tag = "targets", security(("bearer" = [])), params(("id" = Uuid, Path)),
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    state.store.delete_target(id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

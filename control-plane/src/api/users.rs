@@ -1,0 +1,167 @@
+//! `/api/users`: accounts, their role, groups and active flag. Admin only, except that a
+//! user may read their own record.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use reflow_common::names::validate_principal_name;
+use serde::Deserialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::auth::{check_password, normalize_email};
+use super::error::{ApiError, ApiResult, ErrorBody};
+use super::extract::{ApiJson, ApiPath, Caller};
+use super::AppState;
+use crate::auth::hash_password;
+use crate::store::{NewUser, User, UserUpdate, DEFAULT_ROLE};
+
+fn check_role(role: &str) -> ApiResult<()> {
+    validate_principal_name("role", role).map_err(|e| ApiError::bad_request(format!("role: {e}")))
+}
+
+fn check_groups(groups: &[String]) -> ApiResult<()> {
+    if groups.len() > 256 {
+        return Err(ApiError::bad_request("groups: at most 256 groups"));
+    }
+    for group in groups {
+        validate_principal_name("group", group)
+            .map_err(|e| ApiError::bad_request(format!("groups: {e}")))?;
+    }
+    Ok(())
+}
+
+/// All users.
+#[utoipa::path(get, path = "/api/users", tag = "users", security(("bearer" = [])),
+    responses((status = 200, body = [User]), (status = 403, body = ErrorBody)))]
+pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<User>>> {
+    caller.require_admin()?;
+    Ok(Json(state.store.list_users().await?))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUser {
+    pub email: String,
+    pub password: String,
+    /// Default `user`.
+    #[serde(default)]
+    pub role: Option<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default = "yes")]
+    pub active: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Create a user (for closed registration).
+#[utoipa::path(post, path = "/api/users", tag = "users", security(("bearer" = [])), request_body = CreateUser,
+    responses((status = 201, body = User), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<CreateUser>,
+) -> ApiResult<(StatusCode, Json<User>)> {
+    caller.require_admin()?;
+    let email = normalize_email(&body.email)?;
+    check_password(&body.password)?;
+    let role = body.role.unwrap_or_else(|| DEFAULT_ROLE.to_string());
+    check_role(&role)?;
+    check_groups(&body.groups)?;
+    let password_hash = hash_password(body.password).await;
+    let user = state
+        .store
+        .create_user(NewUser {
+            email,
+            password_hash,
+            role,
+            groups: body.groups,
+            active: body.active,
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(user)))
+}
+
+/// One user: admins may read anyone, users themselves.
+#[utoipa::path(get, path = "/api/users/{id}", tag = "users", security(("bearer" = [])), params(("id" = Uuid, Path)),
+    responses((status = 200, body = User), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<User>> {
+    if caller.user.id != id {
+        caller.require_admin()?;
+    }
+    state
+        .store
+        .get_user(id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("user"))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateUser {
+    #[serde(default)]
+    pub role: Option<String>,
+    /// Replaces the user's groups.
+    #[serde(default)]
+    pub groups: Option<Vec<String>>,
+    #[serde(default)]
+    pub active: Option<bool>,
+    /// Sets a new password.
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+/// Change a user's role, groups, active flag or password. The last active admin cannot be
+/// demoted or deactivated.
+#[utoipa::path(put, path = "/api/users/{id}", tag = "users", security(("bearer" = [])), params(("id" = Uuid, Path)),
+    request_body = UpdateUser,
+    responses((status = 200, body = User), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(body): ApiJson<UpdateUser>,
+) -> ApiResult<Json<User>> {
+    caller.require_admin()?;
+    if let Some(role) = &body.role {
+        check_role(role)?;
+    }
+    if let Some(groups) = &body.groups {
+        check_groups(groups)?;
+    }
+    let password_hash = match body.password {
+        Some(password) => {
+            check_password(&password)?;
+            Some(hash_password(password).await)
+        }
+        None => None,
+    };
+    let update = UserUpdate {
+        role: body.role,
+        groups: body.groups,
+        active: body.active,
+        password_hash,
+    };
+    Ok(Json(state.store.update_user(id, update).await?))
+}
+
+/// Delete a user with their API tokens, user-scoped credentials and policy subjects.
+#[utoipa::path(delete, path = "/api/users/{id}", tag = "users", security(("bearer" = [])), params(("id" = Uuid, Path)),
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    state.store.delete_user(id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,187 @@
+//! Durable state behind one interface, [`Store`], with two backends built from the same SQL:
+//! PostgreSQL for production and SQLite for the zero-setup `reflow up`.
+//!
+//! Every operation that writes more than one row runs in one transaction, so a failure
+//! leaves nothing half-written. Migrations are numbered files under `migrations/<backend>`,
+//! embedded at build time and applied on connect (PostgreSQL takes an advisory lock, so
+//! replicas starting together apply them once; SQLite serialises writers itself).
+
+mod model;
+mod sql;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use reflow_common::credentials::Scope;
+use sqlx::{ConnectOptions, Connection};
+use uuid::Uuid;
+
+pub use model::*;
+pub use sql::{PostgresStore, SqliteStore};
+
+/// What went wrong in the store, in terms the API can map to a status.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("database unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database error")]
+    Database(#[source] sqlx::Error),
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    #[error("migration failed")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The store shared by the API handlers.
+pub type DynStore = Arc<dyn Store>;
+
+/// Every durable operation of the control plane.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Which backend this is: `postgres` or `sqlite`.
+    fn backend(&self) -> &'static str;
+    /// Checks the database answers.
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// Creates a user through self-registration: the very first user ever registered
+    /// becomes `admin` whatever `new.role` says; this is decided atomically.
+    async fn register_user(&self, new: NewUser) -> StoreResult<User>;
+    /// Creates a user as given (an admin's action).
+    async fn create_user(&self, new: NewUser) -> StoreResult<User>;
+    async fn get_user(&self, id: Uuid) -> StoreResult<Option<User>>;
+    /// The user with this (normalised) email and their password hash.
+    async fn user_by_email(&self, email: &str) -> StoreResult<Option<(User, String)>>;
+    async fn list_users(&self) -> StoreResult<Vec<User>>;
+    /// Applies `update`; refuses to leave the gateway without an active admin.
+    async fn update_user(&self, id: Uuid, update: UserUpdate) -> StoreResult<User>;
+    /// Deletes a user with their tokens, user-scoped secrets and policy subjects; refuses to
+    /// delete the last active admin.
+    async fn delete_user(&self, id: Uuid) -> StoreResult<()>;
+
+    async fn create_api_token(&self, new: NewApiToken) -> StoreResult<ApiToken>;
+    async fn list_api_tokens(&self, user_id: Uuid) -> StoreResult<Vec<ApiToken>>;
+    async fn delete_api_token(&self, user_id: Uuid, token_id: Uuid) -> StoreResult<()>;
+    /// The token with this hash and its owner.
+    async fn api_token_by_hash(&self, hash: &[u8]) -> StoreResult<Option<(ApiToken, User)>>;
+    async fn touch_api_token(&self, token_id: Uuid, at: DateTime<Utc>) -> StoreResult<()>;
+
+    async fn create_target(&self, spec: TargetSpec) -> StoreResult<Target>;
+    async fn list_targets(&self) -> StoreResult<Vec<Target>>;
+    async fn get_target(&self, id: Uuid) -> StoreResult<Option<Target>>;
+    async fn update_target(&self, id: Uuid, spec: TargetSpec) -> StoreResult<Target>;
+    async fn delete_target(&self, id: Uuid) -> StoreResult<()>;
+
+    /// Inserts or replaces a sealed secret. The ciphertext must already be bound to
+    /// `(target, kind, scope, name)` by its associated data.
+    async fn put_secret(&self, entry: SecretEntry) -> StoreResult<()>;
+    async fn delete_secret(
+        &self,
+        target_id: Uuid,
+        kind: SecretKind,
+        scope: &Scope,
+        name: &str,
+    ) -> StoreResult<()>;
+    /// Deletes every secret of a kind at one scope (all env keys of a role, say); returns
+    /// how many were deleted.
+    async fn delete_scope_secrets(
+        &self,
+        target_id: Uuid,
+        kind: SecretKind,
+        scope: &Scope,
+    ) -> StoreResult<u64>;
+    async fn list_secrets(
+        &self,
+        target_id: Uuid,
+        kind: Option<SecretKind>,
+    ) -> StoreResult<Vec<SecretEntry>>;
+
+    async fn create_policy(
+        &self,
+        spec: PolicySpec,
+        subjects: Vec<SubjectSpec>,
+    ) -> StoreResult<Policy>;
+    async fn list_policies(&self) -> StoreResult<Vec<Policy>>;
+    async fn get_policy(&self, id: Uuid) -> StoreResult<Option<Policy>>;
+    /// Replaces the policy's fields, and its subjects when `subjects` is given.
+    async fn update_policy(
+        &self,
+        id: Uuid,
+        spec: PolicySpec,
+        subjects: Option<Vec<SubjectSpec>>,
+    ) -> StoreResult<Policy>;
+    async fn delete_policy(&self, id: Uuid) -> StoreResult<()>;
+    async fn add_policy_subject(
+        &self,
+        policy_id: Uuid,
+        subject: SubjectSpec,
+    ) -> StoreResult<PolicySubject>;
+    async fn remove_policy_subject(&self, policy_id: Uuid, subject_id: Uuid) -> StoreResult<()>;
+}
+
+/// Connects to `url` (`postgres://…` or `sqlite:…`) and applies pending migrations.
+pub async fn connect(url: &str, max_connections: u32) -> StoreResult<DynStore> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let options =
+            sqlx::postgres::PgConnectOptions::from_str(url).map_err(StoreError::Unavailable)?;
+        // One direct connection first: a pool that cannot connect reports only a timeout,
+        // while this names the cause (refused, authentication, unknown database).
+        options
+            .connect()
+            .await
+            .map_err(StoreError::Unavailable)?
+            .close()
+            .await
+            .map_err(StoreError::Unavailable)?;
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(StoreError::Unavailable)?;
+        sqlx::migrate!("../migrations/postgres")
+            .run(&pool)
+            .await
+            .map_err(StoreError::Migrate)?;
+        Ok(Arc::new(PostgresStore::new(pool)))
+    } else if url.starts_with("sqlite:") {
+        let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)
+            .map_err(StoreError::Unavailable)?
+            .create_if_missing(true)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+            .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(max_connections.clamp(1, 8))
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(StoreError::Unavailable)?;
+        sqlx::migrate!("../migrations/sqlite")
+            .run(&pool)
+            .await
+            .map_err(StoreError::Migrate)?;
+        Ok(Arc::new(SqliteStore::new(pool)))
+    } else {
+        Err(StoreError::Corrupt(format!(
+            "database URL must start with postgres://, postgresql:// or sqlite: (got {})",
+            url.split(':').next().unwrap_or("")
+        )))
+    }
+}
+
+/// The current time at the precision both backends keep (microseconds), so values read
+/// back compare equal to the values written.
+pub fn now() -> DateTime<Utc> {
+    let now = Utc::now();
+    DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+}

@@ -1,0 +1,836 @@
+//! The SQL behind [`Store`], written once and instantiated for PostgreSQL and SQLite.
+//!
+//! Both dialects accept the same statements here (`$n` placeholders, `ON CONFLICT`,
+//! `RETURNING`); column types differ only in the migrations. A macro rather than generic
+//! code keeps each instantiation concrete: sqlx's generic bounds over `Database` would
+//! otherwise have to be restated on every function.
+//!
+//! SQLite note: a deferred transaction that reads before it writes can fail to upgrade its
+//! lock under contention, so every multi-statement transaction here writes first.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use reflow_common::credentials::{Isolation, Scope, ScopeKind};
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::*;
+
+/// The settings row whose presence records that the first admin exists. Transactions that
+/// can change who is an admin lock it first, so they run one at a time.
+const FIRST_ADMIN_KEY: &str = "first_admin";
+
+const USER_COLUMNS: &str = "id, email, role, active, created_at, updated_at";
+const TOKEN_COLUMNS: &str = "id, user_id, name, prefix, created_at, expires_at, last_used_at";
+const TARGET_COLUMNS: &str = "id, name, description, transport_type, url, command, args, image, port, health_path, \
+     statefulness, isolation_boundary, auth_type, auth_header_name, enabled, created_at, updated_at";
+const POLICY_COLUMNS: &str =
+    "id, name, description, target_id, resource_type, pattern, effect, priority, enabled, created_at, updated_at";
+
+/// Maps a driver error; `conflict` is the message for a unique-constraint violation.
+fn classify(error: sqlx::Error, conflict: &str) -> StoreError {
+    match &error {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            StoreError::Conflict(conflict.to_string())
+        }
+        sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
+            StoreError::NotFound("referenced record".into())
+        }
+        sqlx::Error::Database(db)
+            if db
+                .code()
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "53300") =>
+        {
+            StoreError::Unavailable(error)
+        }
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_) => StoreError::Unavailable(error),
+        _ => StoreError::Database(error),
+    }
+}
+
+fn db(error: sqlx::Error) -> StoreError {
+    classify(error, "conflicting record")
+}
+
+fn corrupt(what: &str, value: &str) -> StoreError {
+    StoreError::Corrupt(format!("unknown {what} {value:?}"))
+}
+
+fn parse_text<T>(what: &str, value: String, parse: impl Fn(&str) -> Option<T>) -> StoreResult<T> {
+    parse(&value).ok_or_else(|| corrupt(what, &value))
+}
+
+macro_rules! sql_store {
+    ($Store:ident, $Db:ty, $Row:ty, $backend:literal) => {
+        /// The store on one backend.
+        #[derive(Debug, Clone)]
+        pub struct $Store {
+            pool: sqlx::Pool<$Db>,
+        }
+
+        impl $Store {
+            pub fn new(pool: sqlx::Pool<$Db>) -> Self {
+                $Store { pool }
+            }
+
+            /// The underlying pool, for callers that need the database itself (change
+            /// notification, tests).
+            pub fn pool(&self) -> &sqlx::Pool<$Db> {
+                &self.pool
+            }
+
+            fn user_from_row(row: &$Row, groups: Vec<String>) -> StoreResult<User> {
+                Ok(User {
+                    id: row.try_get("id").map_err(db)?,
+                    email: row.try_get("email").map_err(db)?,
+                    role: row.try_get("role").map_err(db)?,
+                    groups,
+                    active: row.try_get("active").map_err(db)?,
+                    created_at: row.try_get("created_at").map_err(db)?,
+                    updated_at: row.try_get("updated_at").map_err(db)?,
+                })
+            }
+
+            fn token_from_row(row: &$Row) -> StoreResult<ApiToken> {
+                Ok(ApiToken {
+                    id: row.try_get("id").map_err(db)?,
+                    user_id: row.try_get("user_id").map_err(db)?,
+                    name: row.try_get("name").map_err(db)?,
+                    prefix: row.try_get("prefix").map_err(db)?,
+                    created_at: row.try_get("created_at").map_err(db)?,
+                    expires_at: row.try_get("expires_at").map_err(db)?,
+                    last_used_at: row.try_get("last_used_at").map_err(db)?,
+                })
+            }
+
+            fn target_from_row(row: &$Row) -> StoreResult<Target> {
+                let args: String = row.try_get("args").map_err(db)?;
+                Ok(Target {
+                    id: row.try_get("id").map_err(db)?,
+                    name: row.try_get("name").map_err(db)?,
+                    description: row.try_get("description").map_err(db)?,
+                    transport_type: parse_text("transport", row.try_get("transport_type").map_err(db)?, TransportType::parse)?,
+                    url: row.try_get("url").map_err(db)?,
+                    command: row.try_get("command").map_err(db)?,
+                    args: serde_json::from_str(&args).map_err(|_| corrupt("args", &args))?,
+                    image: row.try_get("image").map_err(db)?,
+                    port: row.try_get("port").map_err(db)?,
+                    health_path: row.try_get("health_path").map_err(db)?,
+                    statefulness: parse_text("statefulness", row.try_get("statefulness").map_err(db)?, Statefulness::parse)?,
+                    isolation_boundary: parse_text("isolation", row.try_get("isolation_boundary").map_err(db)?, Isolation::parse)?,
+                    auth_type: parse_text("auth type", row.try_get("auth_type").map_err(db)?, AuthType::parse)?,
+                    auth_header_name: row.try_get("auth_header_name").map_err(db)?,
+                    enabled: row.try_get("enabled").map_err(db)?,
+                    created_at: row.try_get("created_at").map_err(db)?,
+                    updated_at: row.try_get("updated_at").map_err(db)?,
+                })
+            }
+
+            fn secret_from_row(row: &$Row) -> StoreResult<SecretEntry> {
+                let kind: String = row.try_get("scope_type").map_err(db)?;
+                let value: String = row.try_get("scope_value").map_err(db)?;
+                let scope_kind = ScopeKind::parse(&kind).ok_or_else(|| corrupt("scope", &kind))?;
+                Ok(SecretEntry {
+                    target_id: row.try_get("target_id").map_err(db)?,
+                    kind: parse_text("secret kind", row.try_get("kind").map_err(db)?, SecretKind::parse)?,
+                    scope: Scope::from_parts(scope_kind, &value),
+                    name: row.try_get("name").map_err(db)?,
+                    ciphertext: row.try_get("ciphertext").map_err(db)?,
+                    key_version: row.try_get("key_version").map_err(db)?,
+                    updated_at: row.try_get("updated_at").map_err(db)?,
+                })
+            }
+
+            fn policy_from_row(row: &$Row, subjects: Vec<PolicySubject>) -> StoreResult<Policy> {
+                Ok(Policy {
+                    id: row.try_get("id").map_err(db)?,
+                    name: row.try_get("name").map_err(db)?,
+                    description: row.try_get("description").map_err(db)?,
+                    target_id: row.try_get("target_id").map_err(db)?,
+                    resource_type: parse_text("resource type", row.try_get("resource_type").map_err(db)?, ResourceType::parse)?,
+                    pattern: row.try_get("pattern").map_err(db)?,
+                    effect: parse_text("effect", row.try_get("effect").map_err(db)?, Effect::parse)?,
+                    priority: row.try_get("priority").map_err(db)?,
+                    enabled: row.try_get("enabled").map_err(db)?,
+                    subjects,
+                    created_at: row.try_get("created_at").map_err(db)?,
+                    updated_at: row.try_get("updated_at").map_err(db)?,
+                })
+            }
+
+            async fn groups_of<'e, E>(executor: E, user_id: Uuid) -> StoreResult<Vec<String>>
+            where
+                E: sqlx::Executor<'e, Database = $Db>,
+            {
+                let rows = sqlx::query("SELECT group_name FROM user_groups WHERE user_id = $1 ORDER BY group_name")
+                    .bind(user_id)
+                    .fetch_all(executor)
+                    .await
+                    .map_err(db)?;
+                rows.iter().map(|r| r.try_get::<String, _>("group_name").map_err(db)).collect()
+            }
+
+            async fn all_groups(&self) -> StoreResult<HashMap<Uuid, Vec<String>>> {
+                let rows = sqlx::query("SELECT user_id, group_name FROM user_groups ORDER BY group_name")
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db)?;
+                let mut groups: HashMap<Uuid, Vec<String>> = HashMap::new();
+                for row in &rows {
+                    groups
+                        .entry(row.try_get("user_id").map_err(db)?)
+                        .or_default()
+                        .push(row.try_get("group_name").map_err(db)?);
+                }
+                Ok(groups)
+            }
+
+            async fn subjects_of<'e, E>(executor: E, policy_id: Option<Uuid>) -> StoreResult<HashMap<Uuid, Vec<PolicySubject>>>
+            where
+                E: sqlx::Executor<'e, Database = $Db>,
+            {
+                let sql = "SELECT id, policy_id, subject_type, subject_value FROM policy_subjects \
+                           WHERE ($1 IS NULL OR policy_id = $1) ORDER BY subject_type, subject_value";
+                let rows = sqlx::query(sql).bind(policy_id).fetch_all(executor).await.map_err(db)?;
+                let mut subjects: HashMap<Uuid, Vec<PolicySubject>> = HashMap::new();
+                for row in &rows {
+                    subjects.entry(row.try_get("policy_id").map_err(db)?).or_default().push(PolicySubject {
+                        id: row.try_get("id").map_err(db)?,
+                        subject_type: parse_text("subject type", row.try_get("subject_type").map_err(db)?, SubjectType::parse)?,
+                        subject_value: row.try_get("subject_value").map_err(db)?,
+                    });
+                }
+                Ok(subjects)
+            }
+
+            async fn insert_user(
+                tx: &mut sqlx::Transaction<'_, $Db>,
+                new: NewUser,
+                role: String,
+            ) -> StoreResult<User> {
+                let id = Uuid::new_v4();
+                let at = now();
+                sqlx::query(
+                    "INSERT INTO users (id, email, password_hash, role, active, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $6)",
+                )
+                .bind(id)
+                .bind(&new.email)
+                .bind(&new.password_hash)
+                .bind(&role)
+                .bind(new.active)
+                .bind(at)
+                .execute(&mut **tx)
+                .await
+                .map_err(|e| classify(e, "a user with this email already exists"))?;
+                let mut groups = new.groups;
+                groups.sort();
+                groups.dedup();
+                Self::insert_groups(tx, id, &groups).await?;
+                Ok(User { id, email: new.email, role, groups, active: new.active, created_at: at, updated_at: at })
+            }
+
+            async fn insert_groups(tx: &mut sqlx::Transaction<'_, $Db>, user_id: Uuid, groups: &[String]) -> StoreResult<()> {
+                for group in groups {
+                    sqlx::query("INSERT INTO user_groups (user_id, group_name) VALUES ($1, $2)")
+                        .bind(user_id)
+                        .bind(group)
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(db)?;
+                }
+                Ok(())
+            }
+
+            /// Serialises transactions that may change the set of active admins.
+            async fn lock_admins(tx: &mut sqlx::Transaction<'_, $Db>) -> StoreResult<()> {
+                sqlx::query("UPDATE settings SET value = value WHERE key = $1")
+                    .bind(FIRST_ADMIN_KEY)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(db)?;
+                Ok(())
+            }
+
+            async fn active_admins(tx: &mut sqlx::Transaction<'_, $Db>) -> StoreResult<i64> {
+                sqlx::query("SELECT COUNT(*) AS n FROM users WHERE role = $1 AND active = TRUE")
+                    .bind(ADMIN_ROLE)
+                    .fetch_one(&mut **tx)
+                    .await
+                    .map_err(db)?
+                    .try_get::<i64, _>("n")
+                    .map_err(db)
+            }
+
+            async fn insert_subjects(
+                tx: &mut sqlx::Transaction<'_, $Db>,
+                policy_id: Uuid,
+                subjects: Vec<SubjectSpec>,
+            ) -> StoreResult<Vec<PolicySubject>> {
+                let mut out = Vec::with_capacity(subjects.len());
+                for subject in subjects {
+                    let id = Uuid::new_v4();
+                    sqlx::query(
+                        "INSERT INTO policy_subjects (id, policy_id, subject_type, subject_value) VALUES ($1, $2, $3, $4)",
+                    )
+                    .bind(id)
+                    .bind(policy_id)
+                    .bind(subject.subject_type.as_str())
+                    .bind(&subject.subject_value)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(|e| classify(e, "the policy already has this subject"))?;
+                    out.push(PolicySubject { id, subject_type: subject.subject_type, subject_value: subject.subject_value });
+                }
+                out.sort_by(|a, b| (a.subject_type.as_str(), &a.subject_value).cmp(&(b.subject_type.as_str(), &b.subject_value)));
+                Ok(out)
+            }
+
+            async fn policy_in<'e, E>(executor: E, id: Uuid, subjects: Vec<PolicySubject>) -> StoreResult<Option<Policy>>
+            where
+                E: sqlx::Executor<'e, Database = $Db>,
+            {
+                let row = sqlx::query(&format!("SELECT {POLICY_COLUMNS} FROM policies WHERE id = $1"))
+                    .bind(id)
+                    .fetch_optional(executor)
+                    .await
+                    .map_err(db)?;
+                row.map(|row| Self::policy_from_row(&row, subjects)).transpose()
+            }
+        }
+
+        #[async_trait]
+        impl Store for $Store {
+            fn backend(&self) -> &'static str {
+                $backend
+            }
+
+            async fn ping(&self) -> StoreResult<()> {
+                sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db)?;
+                Ok(())
+            }
+
+            async fn register_user(&self, new: NewUser) -> StoreResult<User> {
+                let mut tx = self.pool.begin().await.map_err(db)?;
+                let claimed = sqlx::query("INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
+                    .bind(FIRST_ADMIN_KEY)
+                    .bind(&new.email)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?
+                    .rows_affected()
+                    == 1;
+                let role = if claimed { ADMIN_ROLE.to_string() } else { new.role.clone() };
+                let user = Self::insert_user(&mut tx, new, role).await?;
+                tx.commit().await.map_err(db)?;
+                Ok(user)
+            }
+
+            async fn create_user(&self, new: NewUser) -> StoreResult<User> {
+                let mut tx = self.pool.begin().await.map_err(db)?;
+                if new.role == ADMIN_ROLE {
+                    sqlx::query("INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
+                        .bind(FIRST_ADMIN_KEY)
+                        .bind(&new.email)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                }
+                let role = new.role.clone();
+                let user = Self::insert_user(&mut tx, new, role).await?;
+                tx.commit().await.map_err(db)?;
+                Ok(user)
+            }
+
+            async fn get_user(&self, id: Uuid) -> StoreResult<Option<User>> {
+                let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db)?;
+                match row {
+                    Some(row) => Ok(Some(Self::user_from_row(&row, Self::groups_of(&self.pool, id).await?)?)),
+                    None => Ok(None),
+                }
+            }
+
+            async fn user_by_email(&self, email: &str) -> StoreResult<Option<(User, String)>> {
+                let row = sqlx::query(&format!("SELECT {USER_COLUMNS}, password_hash FROM users WHERE email = $1"))
+                    .bind(email)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db)?;
+                let Some(row) = row else { return Ok(None) };
+                let id: Uuid = row.try_get("id").map_err(db)?;
+                let user = Self::user_from_row(&row, Self::groups_of(&self.pool, id).await?)?;
+                Ok(Some((user, row.try_get("password_hash").map_err(db)?)))
+            }
+
+            async fn list_users(&self) -> StoreResult<Vec<User>> {
+                let rows = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users ORDER BY created_at, email"))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db)?;
+                let mut groups = self.all_groups().await?;
+                rows.iter()
+                    .map(|row| {
+                        let id: Uuid = row.try_get("id").map_err(db)?;
+                        Self::user_from_row(row, groups.remove(&id).unwrap_or_default())
+                    })
+                    .collect()
+            }
+
+            async fn update_user(&self, id: Uuid, update: UserUpdate) -> StoreResult<User> {
+                let mut tx = self.pool.begin().await.map_err(db)?;
+                Self::lock_admins(&mut tx).await?;
+                let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db)?
+                    .ok_or_else(|| StoreError::NotFound("user".into()))?;
+                let current = Self::user_from_row(&row, Vec::new())?;
+                let role = update.role.unwrap_or(current.role.clone());
+                let active = update.active.unwrap_or(current.active);
+                sqlx::query(
+                    "UPDATE users SET role = $2, active = $3, password_hash = COALESCE($4, password_hash), updated_at = $5 \
+                     WHERE id = $1",
+                )
+                .bind(id)
+                .bind(&role)
+                .bind(active)
+                .bind(update.password_hash)
+                .bind(now())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+                if let Some(mut groups) = update.groups {
+                    groups.sort();
+                    groups.dedup();
+                    sqlx::query("DELETE FROM user_groups WHERE user_id = $1").bind(id).execute(&mut *tx).await.map_err(db)?;
+                    Self::insert_groups(&mut tx, id, &groups).await?;
+                }
+                if current.is_admin() && current.active && Self::active_admins(&mut tx).await? == 0 {
+                    return Err(StoreError::Conflict("the gateway must keep at least one active admin".into()));
+                }
+                let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
+                    .bind(id)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                let groups = Self::groups_of(&mut *tx, id).await?;
+                let user = Self::user_from_row(&row, groups)?;
+                tx.commit().await.map_err(db)?;
+                Ok(user)
+            }
+
+            async fn delete_user(&self, id: Uuid) -> StoreResult<()> {
+                let mut tx = self.pool.begin().await.map_err(db)?;
+                Self::lock_admins(&mut tx).await?;
+                let id_text = id.to_string();
+                sqlx::query("DELETE FROM target_secrets WHERE scope_type = 'user' AND scope_value = $1")
+                    .bind(&id_text)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                sqlx::query("DELETE FROM policy_subjects WHERE subject_type = 'user' AND subject_value = $1")
+                    .bind(&id_text)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                let deleted = sqlx::query("DELETE FROM users WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?
+                    .rows_affected();
+                if deleted == 0 {
+                    return Err(StoreError::NotFound("user".into()));
+                }
+                if Self::active_admins(&mut tx).await? == 0 {
+                    return Err(StoreError::Conflict("the gateway must keep at least one active admin".into()));
+                }
+                tx.commit().await.map_err(db)?;
+                Ok(())
+            }
+
+            async fn create_api_token(&self, new: NewApiToken) -> StoreResult<ApiToken> {
+                let token = ApiToken {
+                    id: Uuid::new_v4(),
+                    user_id: new.user_id,
+                    name: new.name,
+                    prefix: new.prefix,
+                    created_at: now(),
+                    expires_at: new.expires_at,
+                    last_used_at: None,
+                };
+                sqlx::query(
+                    "INSERT INTO api_tokens (id, user_id, name, token_hash, prefix, created_at, expires_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(token.id)
+                .bind(token.user_id)
+                .bind(&token.name)
+                .bind(&new.hash)
+                .bind(&token.prefix)
+                .bind(token.created_at)
+                .bind(token.expires_at)
+                .execute(&self.pool)
+                .await
+                .map_err(|e| classify(e, "token collision"))?;
+                Ok(token)
+            }
+
+            async fn list_api_tokens(&self, user_id: Uuid) -> StoreResult<Vec<ApiToken>> {
+                let rows = sqlx::query(&format!("SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE user_id = $1 ORDER BY created_at"))
+                    .bind(user_id)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db)?;
+                rows.iter().map(Self::token_from_row).collect()
+            }
+
+            async fn delete_api_token(&self, user_id: Uuid, token_id: Uuid) -> StoreResult<()> {
+                let deleted = sqlx::query("DELETE FROM api_tokens WHERE id = $1 AND user_id = $2")
+                    .bind(token_id)
+                    .bind(user_id)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?
+                    .rows_affected();
+                if deleted == 0 {
+                    return Err(StoreError::NotFound("API token".into()));
+                }
+                Ok(())
+            }
+
+            async fn api_token_by_hash(&self, hash: &[u8]) -> StoreResult<Option<(ApiToken, User)>> {
+                let row = sqlx::query(&format!("SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE token_hash = $1"))
+                    .bind(hash)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db)?;
+                let Some(row) = row else { return Ok(None) };
+                let token = Self::token_from_row(&row)?;
+                let user = self.get_user(token.user_id).await?.ok_or_else(|| StoreError::NotFound("user".into()))?;
+                Ok(Some((token, user)))
+            }
+
+            async fn touch_api_token(&self, token_id: Uuid, at: DateTime<Utc>) -> StoreResult<()> {
+                sqlx::query("UPDATE api_tokens SET last_used_at = $2 WHERE id = $1")
+                    .bind(token_id)
+                    .bind(at)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                Ok(())
+            }
+
+            async fn create_target(&self, spec: TargetSpec) -> StoreResult<Target> {
+                let id = Uuid::new_v4();
+                let at = now();
+                sqlx::query(&format!(
+                    "INSERT INTO targets ({TARGET_COLUMNS}) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16)"
+                ))
+                .bind(id)
+                .bind(&spec.name)
+                .bind(&spec.description)
+                .bind(spec.transport_type.as_str())
+                .bind(&spec.url)
+                .bind(&spec.command)
+                .bind(serde_json::to_string(&spec.args).unwrap_or_else(|_| "[]".into()))
+                .bind(&spec.image)
+                .bind(spec.port)
+                .bind(&spec.health_path)
+                .bind(spec.statefulness.as_str())
+                .bind(spec.isolation_boundary.as_str())
+                .bind(spec.auth_type.as_str())
+                .bind(&spec.auth_header_name)
+                .bind(spec.enabled)
+                .bind(at)
+                .execute(&self.pool)
+                .await
+                .map_err(|e| classify(e, &format!("a target named {:?} already exists", spec.name)))?;
+                self.get_target(id).await?.ok_or_else(|| StoreError::NotFound("target".into()))
+            }
+
+            async fn list_targets(&self) -> StoreResult<Vec<Target>> {
+                let rows = sqlx::query(&format!("SELECT {TARGET_COLUMNS} FROM targets ORDER BY name"))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db)?;
+                rows.iter().map(Self::target_from_row).collect()
+            }
+
+            async fn get_target(&self, id: Uuid) -> StoreResult<Option<Target>> {
+                let row = sqlx::query(&format!("SELECT {TARGET_COLUMNS} FROM targets WHERE id = $1"))
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db)?;
+                row.as_ref().map(Self::target_from_row).transpose()
+            }
+
+            async fn update_target(&self, id: Uuid, spec: TargetSpec) -> StoreResult<Target> {
+                let updated = sqlx::query(
+                    "UPDATE targets SET name = $2, description = $3, transport_type = $4, url = $5, command = $6, args = $7, \
+                     image = $8, port = $9, health_path = $10, statefulness = $11, isolation_boundary = $12, auth_type = $13, \
+                     auth_header_name = $14, enabled = $15, updated_at = $16 WHERE id = $1",
+                )
+                .bind(id)
+                .bind(&spec.name)
+                .bind(&spec.description)
+                .bind(spec.transport_type.as_str())
+                .bind(&spec.url)
+                .bind(&spec.command)
+                .bind(serde_json::to_string(&spec.args).unwrap_or_else(|_| "[]".into()))
+                .bind(&spec.image)
+                .bind(spec.port)
+                .bind(&spec.health_path)
+                .bind(spec.statefulness.as_str())
+                .bind(spec.isolation_boundary.as_str())
+                .bind(spec.auth_type.as_str())
+                .bind(&spec.auth_header_name)
+                .bind(spec.enabled)
+                .bind(now())
+                .execute(&self.pool)
+                .await
+                .map_err(|e| classify(e, &format!("a target named {:?} already exists", spec.name)))?
+                .rows_affected();
+                if updated == 0 {
+                    return Err(StoreError::NotFound("target".into()));
+                }
+                self.get_target(id).await?.ok_or_else(|| StoreError::NotFound("target".into()))
+            }
+
+            async fn delete_target(&self, id: Uuid) -> StoreResult<()> {
+                let deleted =
+                    sqlx::query("DELETE FROM targets WHERE id = $1").bind(id).execute(&self.pool).await.map_err(db)?.rows_affected();
+                if deleted == 0 {
+                    return Err(StoreError::NotFound("target".into()));
+                }
+                Ok(())
+            }
+
+            async fn put_secret(&self, entry: SecretEntry) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO target_secrets (target_id, kind, scope_type, scope_value, name, ciphertext, key_version, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                     ON CONFLICT (target_id, kind, scope_type, scope_value, name) DO UPDATE SET \
+                     ciphertext = excluded.ciphertext, key_version = excluded.key_version, updated_at = excluded.updated_at",
+                )
+                .bind(entry.target_id)
+                .bind(entry.kind.as_str())
+                .bind(entry.scope.kind().as_str())
+                .bind(entry.scope.value())
+                .bind(&entry.name)
+                .bind(&entry.ciphertext)
+                .bind(entry.key_version)
+                .bind(entry.updated_at)
+                .execute(&self.pool)
+                .await
+                .map_err(|e| match classify(e, "conflicting secret") {
+                    StoreError::NotFound(_) => StoreError::NotFound("target".into()),
+                    other => other,
+                })?;
+                Ok(())
+            }
+
+            async fn delete_secret(&self, target_id: Uuid, kind: SecretKind, scope: &Scope, name: &str) -> StoreResult<()> {
+                let deleted = sqlx::query(
+                    "DELETE FROM target_secrets WHERE target_id = $1 AND kind = $2 AND scope_type = $3 AND scope_value = $4 AND name = $5",
+                )
+                .bind(target_id)
+                .bind(kind.as_str())
+                .bind(scope.kind().as_str())
+                .bind(scope.value())
+                .bind(name)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?
+                .rows_affected();
+                if deleted == 0 {
+                    return Err(StoreError::NotFound(match kind {
+                        SecretKind::Token => format!("token for scope {scope}"),
+                        SecretKind::Env => format!("env key {name:?} for scope {scope}"),
+                    }));
+                }
+                Ok(())
+            }
+
+            async fn delete_scope_secrets(&self, target_id: Uuid, kind: SecretKind, scope: &Scope) -> StoreResult<u64> {
+                Ok(sqlx::query("DELETE FROM target_secrets WHERE target_id = $1 AND kind = $2 AND scope_type = $3 AND scope_value = $4")
+                    .bind(target_id)
+                    .bind(kind.as_str())
+                    .bind(scope.kind().as_str())
+                    .bind(scope.value())
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?
+                    .rows_affected())
+            }
+
+            async fn list_secrets(&self, target_id: Uuid, kind: Option<SecretKind>) -> StoreResult<Vec<SecretEntry>> {
+                let rows = sqlx::query(
+                    "SELECT target_id, kind, scope_type, scope_value, name, ciphertext, key_version, updated_at FROM target_secrets \
+                     WHERE target_id = $1 AND ($2 IS NULL OR kind = $2) ORDER BY kind, scope_type, scope_value, name",
+                )
+                .bind(target_id)
+                .bind(kind.map(SecretKind::as_str))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+                rows.iter().map(Self::secret_from_row).collect()
+            }
+
+            async fn create_policy(&self, spec: PolicySpec, subjects: Vec<SubjectSpec>) -> StoreResult<Policy> {
+                let id = Uuid::new_v4();
+                let at = now();
+                let mut tx = self.pool.begin().await.map_err(db)?;
+                sqlx::query(&format!(
+                    "INSERT INTO policies ({POLICY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)"
+                ))
+                .bind(id)
+                .bind(&spec.name)
+                .bind(&spec.description)
+                .bind(spec.target_id)
+                .bind(spec.resource_type.as_str())
+                .bind(&spec.pattern)
+                .bind(spec.effect.as_str())
+                .bind(spec.priority)
+                .bind(spec.enabled)
+                .bind(at)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| match classify(e, &format!("a policy named {:?} already exists", spec.name)) {
+                    StoreError::NotFound(_) => StoreError::NotFound("target".into()),
+                    other => other,
+                })?;
+                let subjects = Self::insert_subjects(&mut tx, id, subjects).await?;
+                tx.commit().await.map_err(db)?;
+                Ok(Policy {
+                    id,
+                    name: spec.name,
+                    description: spec.description,
+                    target_id: spec.target_id,
+                    resource_type: spec.resource_type,
+                    pattern: spec.pattern,
+                    effect: spec.effect,
+                    priority: spec.priority,
+                    enabled: spec.enabled,
+                    subjects,
+                    created_at: at,
+                    updated_at: at,
+                })
+            }
+
+            async fn list_policies(&self) -> StoreResult<Vec<Policy>> {
+                let rows = sqlx::query(&format!("SELECT {POLICY_COLUMNS} FROM policies ORDER BY priority DESC, name"))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db)?;
+                let mut subjects = Self::subjects_of(&self.pool, None).await?;
+                rows.iter()
+                    .map(|row| {
+                        let id: Uuid = row.try_get("id").map_err(db)?;
+                        Self::policy_from_row(row, subjects.remove(&id).unwrap_or_default())
+                    })
+                    .collect()
+            }
+
+            async fn get_policy(&self, id: Uuid) -> StoreResult<Option<Policy>> {
+                let subjects = Self::subjects_of(&self.pool, Some(id)).await?.remove(&id).unwrap_or_default();
+                Self::policy_in(&self.pool, id, subjects).await
+            }
+
+            async fn update_policy(&self, id: Uuid, spec: PolicySpec, subjects: Option<Vec<SubjectSpec>>) -> StoreResult<Policy> {
+                let mut tx = self.pool.begin().await.map_err(db)?;
+                let updated = sqlx::query(
+                    "UPDATE policies SET name = $2, description = $3, target_id = $4, resource_type = $5, pattern = $6, \
+                     effect = $7, priority = $8, enabled = $9, updated_at = $10 WHERE id = $1",
+                )
+                .bind(id)
+                .bind(&spec.name)
+                .bind(&spec.description)
+                .bind(spec.target_id)
+                .bind(spec.resource_type.as_str())
+                .bind(&spec.pattern)
+                .bind(spec.effect.as_str())
+                .bind(spec.priority)
+                .bind(spec.enabled)
+                .bind(now())
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| match classify(e, &format!("a policy named {:?} already exists", spec.name)) {
+                    StoreError::NotFound(_) => StoreError::NotFound("target".into()),
+                    other => other,
+                })?
+                .rows_affected();
+                if updated == 0 {
+                    return Err(StoreError::NotFound("policy".into()));
+                }
+                if let Some(subjects) = subjects {
+                    sqlx::query("DELETE FROM policy_subjects WHERE policy_id = $1").bind(id).execute(&mut *tx).await.map_err(db)?;
+                    Self::insert_subjects(&mut tx, id, subjects).await?;
+                }
+                let subjects = Self::subjects_of(&mut *tx, Some(id)).await?.remove(&id).unwrap_or_default();
+                let policy = Self::policy_in(&mut *tx, id, subjects).await?.ok_or_else(|| StoreError::NotFound("policy".into()))?;
+                tx.commit().await.map_err(db)?;
+                Ok(policy)
+            }
+
+            async fn delete_policy(&self, id: Uuid) -> StoreResult<()> {
+                let deleted =
+                    sqlx::query("DELETE FROM policies WHERE id = $1").bind(id).execute(&self.pool).await.map_err(db)?.rows_affected();
+                if deleted == 0 {
+                    return Err(StoreError::NotFound("policy".into()));
+                }
+                Ok(())
+            }
+
+            async fn add_policy_subject(&self, policy_id: Uuid, subject: SubjectSpec) -> StoreResult<PolicySubject> {
+                let mut tx = self.pool.begin().await.map_err(db)?;
+                let mut added = Self::insert_subjects(&mut tx, policy_id, vec![subject]).await.map_err(|e| match e {
+                    StoreError::NotFound(_) => StoreError::NotFound("policy".into()),
+                    other => other,
+                })?;
+                sqlx::query("UPDATE policies SET updated_at = $2 WHERE id = $1")
+                    .bind(policy_id)
+                    .bind(now())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                tx.commit().await.map_err(db)?;
+                Ok(added.remove(0))
+            }
+
+            async fn remove_policy_subject(&self, policy_id: Uuid, subject_id: Uuid) -> StoreResult<()> {
+                let deleted = sqlx::query("DELETE FROM policy_subjects WHERE id = $1 AND policy_id = $2")
+                    .bind(subject_id)
+                    .bind(policy_id)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?
+                    .rows_affected();
+                if deleted == 0 {
+                    return Err(StoreError::NotFound("policy subject".into()));
+                }
+                Ok(())
+            }
+        }
+    };
+}
+
+sql_store!(
+    PostgresStore,
+    sqlx::Postgres,
+    sqlx::postgres::PgRow,
+    "postgres"
+);
+sql_store!(SqliteStore, sqlx::Sqlite, sqlx::sqlite::SqliteRow, "sqlite");

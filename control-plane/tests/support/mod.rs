@@ -1,0 +1,244 @@
+//! Test databases on both backends: a fresh SQLite file, or a fresh database on the
+//! PostgreSQL server named by `DATABASE_URL` (dropped again when the guard goes away).
+
+#![allow(dead_code)]
+
+use std::str::FromStr;
+
+use reflow_control_plane::store::{self, DynStore};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::ConnectOptions;
+
+/// Keeps a test database alive; dropping it removes the database.
+pub enum TestDb {
+    Sqlite { dir: tempfile::TempDir },
+    Postgres { admin_url: String, name: String },
+}
+
+impl TestDb {
+    /// The database URL a process should connect to.
+    pub fn url(&self) -> String {
+        match self {
+            TestDb::Sqlite { dir } => {
+                format!("sqlite://{}", dir.path().join("reflow.db").display())
+            }
+            TestDb::Postgres { admin_url, name } => {
+                let mut url = url::Url::parse(admin_url).expect("DATABASE_URL is a URL");
+                url.set_path(name);
+                url.to_string()
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let TestDb::Postgres { admin_url, name } = self {
+            let (admin_url, name) = (admin_url.clone(), name.clone());
+            // Drop runs inside the test's runtime; use a thread with its own runtime.
+            let _ = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async {
+                    if let Ok(mut conn) = PgConnectOptions::from_str(&admin_url)
+                        .unwrap()
+                        .connect()
+                        .await
+                    {
+                        let _ = sqlx::query(&format!(
+                            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                        ))
+                        .execute(&mut conn)
+                        .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL").expect(
+        "DATABASE_URL must name a PostgreSQL server for the PostgreSQL half of the suite; \
+         scripts/test starts a throwaway one when it is not set",
+    )
+}
+
+pub async fn sqlite_db() -> TestDb {
+    TestDb::Sqlite {
+        dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+pub async fn postgres_db() -> TestDb {
+    let admin_url = database_url();
+    let name = format!("reflow_test_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = PgConnectOptions::from_str(&admin_url)
+        .expect("DATABASE_URL parses")
+        .connect()
+        .await
+        .expect("connect to DATABASE_URL");
+    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
+    TestDb::Postgres { admin_url, name }
+}
+
+/// A fresh database of the named backend with migrations applied.
+pub async fn store(backend: &str) -> (DynStore, TestDb) {
+    let db = match backend {
+        "sqlite" => sqlite_db().await,
+        "postgres" => postgres_db().await,
+        other => panic!("unknown backend {other}"),
+    };
+    let store = store::connect(&db.url(), 5)
+        .await
+        .expect("connect and migrate");
+    (store, db)
+}
+
+/// Runs each named async test function against both backends:
+/// `both_backends!(my_test);` with `async fn my_test(backend: &'static str)`.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),+ $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name("sqlite").await })+
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name("postgres").await })+
+        }
+    };
+}
+
+/// A control plane serving real HTTP on a loopback port, on a fresh database.
+pub struct TestApi {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub store: DynStore,
+    pub db: TestDb,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for TestApi {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The config tests run with; `tweak` adjusts it.
+pub fn test_config(
+    tweak: impl FnOnce(&mut reflow_common::config::Config),
+) -> reflow_common::config::Config {
+    let mut config = reflow_common::config::Config::default();
+    config.jwt.secret = Some("test-secret-test-secret-test-secret!".into());
+    config.encryption.key = Some(reflow_common::crypto::Key::generate().to_hex());
+    config.server.max_body_bytes = 64 * 1024;
+    tweak(&mut config);
+    config
+}
+
+pub async fn spawn_api(
+    backend: &str,
+    tweak: impl FnOnce(&mut reflow_common::config::Config),
+) -> TestApi {
+    let (store, db) = store(backend).await;
+    let config = test_config(tweak);
+    let control_plane = reflow_control_plane::ControlPlane::new(&config, store.clone()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(control_plane.serve(listener, async move {
+        let _ = rx.await;
+    }));
+    TestApi {
+        base,
+        http: reqwest::Client::new(),
+        store,
+        db,
+        shutdown: Some(tx),
+    }
+}
+
+impl TestApi {
+    /// Sends a request and returns the status and the JSON body (`null` when empty).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        let json = if text.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(&text)
+                .unwrap_or_else(|_| panic!("non-JSON body for {path}: {text}"))
+        };
+        (status, json)
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> (u16, serde_json::Value) {
+        self.call(reqwest::Method::GET, path, Some(token), None)
+            .await
+    }
+
+    pub async fn post(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        self.call(reqwest::Method::POST, path, token, Some(body))
+            .await
+    }
+
+    pub async fn put(
+        &self,
+        path: &str,
+        token: &str,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        self.call(reqwest::Method::PUT, path, Some(token), Some(body))
+            .await
+    }
+
+    pub async fn delete(&self, path: &str, token: &str) -> (u16, serde_json::Value) {
+        self.call(reqwest::Method::DELETE, path, Some(token), None)
+            .await
+    }
+
+    /// Registers a user and returns their JWT and id.
+    pub async fn register(&self, email: &str) -> (String, String) {
+        let (status, body) = self
+            .post(
+                "/api/auth/register",
+                None,
+                serde_json::json!({"email": email, "password": "password123"}),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        (
+            body["token"].as_str().unwrap().to_string(),
+            body["user"]["id"].as_str().unwrap().to_string(),
+        )
+    }
+}
