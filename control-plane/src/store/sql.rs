@@ -247,6 +247,44 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            /// Binds a target's fields in column order (name … enabled).
+            fn bind_target<'q>(
+                query: sqlx::query::Query<'q, $Db, <$Db as sqlx::Database>::Arguments<'q>>,
+                spec: &'q TargetSpec,
+            ) -> sqlx::query::Query<'q, $Db, <$Db as sqlx::Database>::Arguments<'q>> {
+                query
+                    .bind(&spec.name)
+                    .bind(&spec.description)
+                    .bind(spec.transport_type.as_str())
+                    .bind(&spec.url)
+                    .bind(&spec.command)
+                    .bind(serde_json::to_string(&spec.args).unwrap_or_else(|_| "[]".into()))
+                    .bind(&spec.image)
+                    .bind(spec.port)
+                    .bind(&spec.health_path)
+                    .bind(spec.statefulness.as_str())
+                    .bind(spec.isolation_boundary.as_str())
+                    .bind(spec.auth_type.as_str())
+                    .bind(&spec.auth_header_name)
+                    .bind(spec.enabled)
+            }
+
+            /// Binds a policy's fields in column order (name … enabled).
+            fn bind_policy<'q>(
+                query: sqlx::query::Query<'q, $Db, <$Db as sqlx::Database>::Arguments<'q>>,
+                spec: &'q PolicySpec,
+            ) -> sqlx::query::Query<'q, $Db, <$Db as sqlx::Database>::Arguments<'q>> {
+                query
+                    .bind(&spec.name)
+                    .bind(&spec.description)
+                    .bind(spec.target_id)
+                    .bind(spec.resource_type.as_str())
+                    .bind(&spec.pattern)
+                    .bind(spec.effect.as_str())
+                    .bind(spec.priority)
+                    .bind(spec.enabled)
+            }
+
             /// Serialises transactions that may change the set of active admins.
             async fn lock_admins(tx: &mut sqlx::Transaction<'_, $Db>) -> StoreResult<()> {
                 sqlx::query("UPDATE settings SET value = value WHERE key = $1")
@@ -534,29 +572,15 @@ macro_rules! sql_store {
             async fn create_target(&self, spec: TargetSpec) -> StoreResult<Target> {
                 let id = Uuid::new_v4();
                 let at = now();
-                sqlx::query(&format!(
+                let sql = format!(
                     "INSERT INTO targets ({TARGET_COLUMNS}) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16)"
-                ))
-                .bind(id)
-                .bind(&spec.name)
-                .bind(&spec.description)
-                .bind(spec.transport_type.as_str())
-                .bind(&spec.url)
-                .bind(&spec.command)
-                .bind(serde_json::to_string(&spec.args).unwrap_or_else(|_| "[]".into()))
-                .bind(&spec.image)
-                .bind(spec.port)
-                .bind(&spec.health_path)
-                .bind(spec.statefulness.as_str())
-                .bind(spec.isolation_boundary.as_str())
-                .bind(spec.auth_type.as_str())
-                .bind(&spec.auth_header_name)
-                .bind(spec.enabled)
-                .bind(at)
-                .execute(&self.pool)
-                .await
-                .map_err(|e| classify(e, &format!("a target named {:?} already exists", spec.name)))?;
+                );
+                Self::bind_target(sqlx::query(&sql).bind(id), &spec)
+                    .bind(at)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|e| classify(e, &format!("a target named {:?} already exists", spec.name)))?;
                 self.get_target(id).await?.ok_or_else(|| StoreError::NotFound("target".into()))
             }
 
@@ -578,26 +602,10 @@ macro_rules! sql_store {
             }
 
             async fn update_target(&self, id: Uuid, spec: TargetSpec) -> StoreResult<Target> {
-                let updated = sqlx::query(
-                    "UPDATE targets SET name = $2, description = $3, transport_type = $4, url = $5, command = $6, args = $7, \
-                     image = $8, port = $9, health_path = $10, statefulness = $11, isolation_boundary = $12, auth_type = $13, \
-                     auth_header_name = $14, enabled = $15, updated_at = $16 WHERE id = $1",
-                )
-                .bind(id)
-                .bind(&spec.name)
-                .bind(&spec.description)
-                .bind(spec.transport_type.as_str())
-                .bind(&spec.url)
-                .bind(&spec.command)
-                .bind(serde_json::to_string(&spec.args).unwrap_or_else(|_| "[]".into()))
-                .bind(&spec.image)
-                .bind(spec.port)
-                .bind(&spec.health_path)
-                .bind(spec.statefulness.as_str())
-                .bind(spec.isolation_boundary.as_str())
-                .bind(spec.auth_type.as_str())
-                .bind(&spec.auth_header_name)
-                .bind(spec.enabled)
+                let sql = "UPDATE targets SET name = $2, description = $3, transport_type = $4, url = $5, command = $6, \
+                           args = $7, image = $8, port = $9, health_path = $10, statefulness = $11, isolation_boundary = $12, \
+                           auth_type = $13, auth_header_name = $14, enabled = $15, updated_at = $16 WHERE id = $1";
+                let updated = Self::bind_target(sqlx::query(sql).bind(id), &spec)
                 .bind(now())
                 .execute(&self.pool)
                 .await
@@ -693,18 +701,8 @@ macro_rules! sql_store {
                 let id = Uuid::new_v4();
                 let at = now();
                 let mut tx = self.pool.begin().await.map_err(db)?;
-                sqlx::query(&format!(
-                    "INSERT INTO policies ({POLICY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)"
-                ))
-                .bind(id)
-                .bind(&spec.name)
-                .bind(&spec.description)
-                .bind(spec.target_id)
-                .bind(spec.resource_type.as_str())
-                .bind(&spec.pattern)
-                .bind(spec.effect.as_str())
-                .bind(spec.priority)
-                .bind(spec.enabled)
+                let sql = format!("INSERT INTO policies ({POLICY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)");
+                Self::bind_policy(sqlx::query(&sql).bind(id), &spec)
                 .bind(at)
                 .execute(&mut *tx)
                 .await
@@ -751,19 +749,9 @@ macro_rules! sql_store {
 
             async fn update_policy(&self, id: Uuid, spec: PolicySpec, subjects: Option<Vec<SubjectSpec>>) -> StoreResult<Policy> {
                 let mut tx = self.pool.begin().await.map_err(db)?;
-                let updated = sqlx::query(
-                    "UPDATE policies SET name = $2, description = $3, target_id = $4, resource_type = $5, pattern = $6, \
-                     effect = $7, priority = $8, enabled = $9, updated_at = $10 WHERE id = $1",
-                )
-                .bind(id)
-                .bind(&spec.name)
-                .bind(&spec.description)
-                .bind(spec.target_id)
-                .bind(spec.resource_type.as_str())
-                .bind(&spec.pattern)
-                .bind(spec.effect.as_str())
-                .bind(spec.priority)
-                .bind(spec.enabled)
+                let sql = "UPDATE policies SET name = $2, description = $3, target_id = $4, resource_type = $5, pattern = $6, \
+                           effect = $7, priority = $8, enabled = $9, updated_at = $10 WHERE id = $1";
+                let updated = Self::bind_policy(sqlx::query(sql).bind(id), &spec)
                 .bind(now())
                 .execute(&mut *tx)
                 .await
