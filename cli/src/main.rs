@@ -2,11 +2,13 @@
 //!
 //! - `reflow up`: the zero-setup gateway on an embedded SQLite file with generated secrets.
 //! - `reflow control-plane`: the control plane alone, against PostgreSQL.
+//! - `reflow data-plane`: a data plane, fed by a control plane's snapshot stream.
 //! - `reflow openapi`: prints the admin API's OpenAPI document.
 //!
 //! Exit codes: 0 after a clean shutdown, 2 for a configuration problem (the message names
 //! the key), 1 for any other failure to start or serve.
 
+mod data_plane;
 mod up;
 
 use std::path::PathBuf;
@@ -33,6 +35,8 @@ enum Command {
     Up(up::UpArgs),
     /// Run the control plane against PostgreSQL.
     ControlPlane(ControlPlaneArgs),
+    /// Run a data plane fed by a control plane.
+    DataPlane(data_plane::DataPlaneArgs),
     /// Print the admin API's OpenAPI document (JSON).
     Openapi,
 }
@@ -64,6 +68,12 @@ struct ControlPlaneArgs {
     /// Key for secrets at rest: 32 characters, 64 hex digits or base64 of 32 bytes (overrides encryption.key).
     #[arg(long, env = "ENCRYPTION_KEY", hide_env_values = true)]
     encryption_key: Option<String>,
+    /// Port of the gRPC snapshot service (overrides control_plane.grpc_port).
+    #[arg(long, env = "REFLOW_GRPC_PORT")]
+    grpc_port: Option<u16>,
+    /// The token data planes present, at least 16 bytes (overrides control_plane.data_plane_token).
+    #[arg(long, env = "REFLOW_DATA_PLANE_TOKEN", hide_env_values = true)]
+    data_plane_token: Option<String>,
 }
 
 /// A failure to start, split by exit code.
@@ -96,10 +106,7 @@ impl From<anyhow::Error> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("reflow: cannot start the async runtime: {e}");
@@ -110,12 +117,10 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Up(args) => up::run(args).await,
             Command::ControlPlane(args) => control_plane(args).await,
+            Command::DataPlane(args) => data_plane::run(args).await,
             Command::Openapi => {
                 let document = reflow_control_plane::api::openapi();
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&document).map_err(anyhow::Error::from)?
-                );
+                println!("{}", serde_json::to_string_pretty(&document).map_err(anyhow::Error::from)?);
                 Ok(())
             }
         }
@@ -151,19 +156,29 @@ pub fn load_config(common: &CommonArgs) -> Result<Config, ConfigError> {
 /// Starts logging to stderr; `RUST_LOG` wins over `logging.level`.
 pub fn init_logging(config: &Config) -> Result<(), ConfigError> {
     let filter = match std::env::var("RUST_LOG") {
-        Ok(filter) if !filter.is_empty() => tracing_subscriber::EnvFilter::try_new(filter)
-            .map_err(|e| ConfigError::new("RUST_LOG", e.to_string()))?,
+        Ok(filter) if !filter.is_empty() => {
+            tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| ConfigError::new("RUST_LOG", e.to_string()))?
+        }
         _ => tracing_subscriber::EnvFilter::try_new(&config.logging.level)
             .map_err(|e| ConfigError::new("logging.level", e.to_string()))?,
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let result = match config.logging.format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
     result.map_err(|e| ConfigError::new("logging", e.to_string()))
+}
+
+/// A token cancelled on Ctrl-C or SIGTERM; every long-lived task takes a clone.
+pub fn shutdown_token() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        trigger.cancel();
+    });
+    token
 }
 
 /// Completes on Ctrl-C or SIGTERM.
@@ -200,6 +215,12 @@ async fn control_plane(args: ControlPlaneArgs) -> Result<(), Failure> {
     if let Some(key) = args.encryption_key {
         config.encryption.key = Some(key);
     }
+    if let Some(port) = args.grpc_port {
+        config.control_plane.grpc_port = port;
+    }
+    if let Some(token) = args.data_plane_token {
+        config.control_plane.data_plane_token = Some(token);
+    }
     config.validate()?;
     if config.jwt.secret.is_none() {
         return Err(ConfigError::new(
@@ -217,10 +238,7 @@ async fn control_plane(args: ControlPlaneArgs) -> Result<(), Failure> {
     }
     init_logging(&config)?;
     let url = config.database.connection_url().ok_or_else(|| {
-        ConfigError::new(
-            "database.url",
-            "required: pass --database-url, set DATABASE_URL, or configure database.host",
-        )
+        ConfigError::new("database.url", "required: pass --database-url, set DATABASE_URL, or configure database.host")
     })?;
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
         return Err(ConfigError::new(
@@ -229,15 +247,26 @@ async fn control_plane(args: ControlPlaneArgs) -> Result<(), Failure> {
         )
         .into());
     }
-    let store = store::connect(&url, config.database.max_connections)
-        .await
-        .map_err(StartError::from)?;
+    let store = store::connect(&url, config.database.max_connections).await.map_err(StartError::from)?;
     let control_plane = ControlPlane::new(&config, store)?;
     let listener = bind(&config.server.host, config.server.port).await?;
+    let shutdown = shutdown_token();
+    let compiler = control_plane.start_compiler(shutdown.clone()).await;
+    let grpc = if config.control_plane.data_plane_token.is_some() {
+        let grpc_listener = bind(&config.server.host, config.control_plane.grpc_port).await?;
+        tracing::info!(address = %grpc_listener.local_addr().map_err(anyhow::Error::from)?, "snapshot service listening");
+        let (control_plane, shutdown) = (control_plane.clone(), shutdown.clone());
+        Some(tokio::spawn(async move { control_plane.serve_grpc(grpc_listener, shutdown).await }))
+    } else {
+        tracing::warn!("no data-plane token configured (--data-plane-token); the snapshot service is off");
+        None
+    };
     tracing::info!(address = %listener.local_addr().map_err(anyhow::Error::from)?, "control plane listening");
-    control_plane
-        .serve(listener, shutdown_signal())
-        .await
-        .map_err(anyhow::Error::from)?;
+    control_plane.serve(listener, shutdown.clone().cancelled_owned()).await.map_err(anyhow::Error::from)?;
+    shutdown.cancel();
+    if let Some(grpc) = grpc {
+        grpc.await.map_err(anyhow::Error::from)?.map_err(anyhow::Error::from)?;
+    }
+    compiler.await.map_err(anyhow::Error::from)?;
     Ok(())
 }

@@ -12,7 +12,10 @@ use reflow_common::config::ConfigError;
 use reflow_common::crypto::Key;
 use reflow_control_plane::{bind, store, ControlPlane, StartError};
 
-use crate::{init_logging, load_config, shutdown_signal, CommonArgs, Failure};
+use reflow_data_plane::sync::SyncConfig;
+use reflow_data_plane::DataPlane;
+
+use crate::{init_logging, load_config, shutdown_token, CommonArgs, Failure};
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -25,8 +28,7 @@ pub struct UpArgs {
 
 /// Creates `dir` readable only by its owner.
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -53,14 +55,19 @@ fn secret_file(path: &Path, generate: impl FnOnce() -> String) -> anyhow::Result
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    let mut file = options
-        .open(&tmp)
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    let mut file = options.open(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     file.write_all(value.as_bytes())
         .and_then(|_| file.sync_all())
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot create {}", path.display()))?;
     Ok(value)
+}
+
+/// 32 random bytes as 64 hex digits.
+fn random_hex() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub async fn run(args: UpArgs) -> Result<(), Failure> {
@@ -73,16 +80,13 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
     let dir = &args.data_dir;
     create_private_dir(dir)?;
     if config.jwt.secret.is_none() {
-        config.jwt.secret = Some(secret_file(&dir.join("jwt-secret"), || {
-            let mut bytes = [0u8; 32];
-            rand::rngs::OsRng.fill_bytes(&mut bytes);
-            bytes.iter().map(|b| format!("{b:02x}")).collect()
-        })?);
+        config.jwt.secret = Some(secret_file(&dir.join("jwt-secret"), random_hex)?);
     }
     if config.encryption.key.is_none() {
-        config.encryption.key = Some(secret_file(&dir.join("encryption-key"), || {
-            Key::generate().to_hex()
-        })?);
+        config.encryption.key = Some(secret_file(&dir.join("encryption-key"), || Key::generate().to_hex())?);
+    }
+    if config.control_plane.data_plane_token.is_none() {
+        config.control_plane.data_plane_token = Some(secret_file(&dir.join("data-plane-token"), random_hex)?);
     }
     let database_path = dir.join("reflow.db");
     let url = match config.database.connection_url() {
@@ -90,33 +94,38 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
         None => format!("sqlite://{}", database_path.display()),
     };
     config.validate().map_err(|e| {
-        ConfigError::new(
-            e.key.clone(),
-            format!(
-                "{} (from the config or the files in {})",
-                e.message,
-                dir.display()
-            ),
-        )
+        ConfigError::new(e.key.clone(), format!("{} (from the config or the files in {})", e.message, dir.display()))
     })?;
-    let store = store::connect(&url, config.database.max_connections)
-        .await
-        .map_err(StartError::from)?;
+    let store = store::connect(&url, config.database.max_connections).await.map_err(StartError::from)?;
     let backend = store.backend();
     let control_plane = ControlPlane::new(&config, store)?;
     let listener = bind(&config.server.host, config.server.port).await?;
+    let shutdown = shutdown_token();
+
+    // The same path as a split deployment, in one process: the compiler, the gRPC snapshot
+    // service on a loopback port, and a data plane that syncs from it and keeps its cache.
+    let compiler = control_plane.start_compiler(shutdown.clone()).await;
+    let grpc_listener = bind("127.0.0.1", 0).await?;
+    let grpc_address = grpc_listener.local_addr().map_err(anyhow::Error::from)?;
+    let grpc = {
+        let (control_plane, shutdown) = (control_plane.clone(), shutdown.clone());
+        tokio::spawn(async move { control_plane.serve_grpc(grpc_listener, shutdown).await })
+    };
+    let sync = SyncConfig {
+        control_plane: format!("http://{grpc_address}"),
+        token: config.control_plane.data_plane_token.clone().unwrap_or_default(),
+        node_id: "local".into(),
+        group: "default".into(),
+        labels: Default::default(),
+    };
+    let data_plane = DataPlane::new(sync, Some(dir.join("cache")));
+    let syncing = data_plane.start_sync(shutdown.clone());
+    let router = data_plane.router().merge(control_plane.router());
     let local = listener.local_addr().map_err(anyhow::Error::from)?;
-    let shown_host = if local.ip().is_unspecified() {
-        "localhost".to_string()
-    } else {
-        local.ip().to_string()
-    };
+    let shown_host = if local.ip().is_unspecified() { "localhost".to_string() } else { local.ip().to_string() };
     let base = format!("http://{shown_host}:{}", local.port());
-    let storage = if backend == "sqlite" {
-        format!("SQLite at {}", database_path.display())
-    } else {
-        "PostgreSQL".into()
-    };
+    let storage =
+        if backend == "sqlite" { format!("SQLite at {}", database_path.display()) } else { "PostgreSQL".into() };
     println!(
         "\nReflow Gateway is up ({storage}; secrets in {dir})\n\
          \n  Admin API      {base}/api\
@@ -134,9 +143,13 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
         dir = dir.display()
     );
     tracing::info!(address = %local, "listening");
-    control_plane
-        .serve(listener, shutdown_signal())
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await
         .map_err(anyhow::Error::from)?;
+    shutdown.cancel();
+    grpc.await.map_err(anyhow::Error::from)?.map_err(anyhow::Error::from)?;
+    syncing.await.map_err(anyhow::Error::from)?;
+    compiler.await.map_err(anyhow::Error::from)?;
     Ok(())
 }

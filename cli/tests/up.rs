@@ -10,11 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A running `reflow` process, stopped with SIGTERM when dropped.
@@ -40,11 +36,7 @@ impl Running {
             command.env(k, v);
         }
         let child = command.spawn().expect("start reflow");
-        let running = Running {
-            child,
-            base: format!("http://localhost:{port}"),
-            stdout_path,
-        };
+        let running = Running { child, base: format!("http://localhost:{port}"), stdout_path };
         running.wait_healthy(&stderr_path);
         running
     }
@@ -60,17 +52,12 @@ impl Running {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!(
-            "reflow did not become healthy: {}",
-            std::fs::read_to_string(stderr_path).unwrap_or_default()
-        );
+        panic!("reflow did not become healthy: {}", std::fs::read_to_string(stderr_path).unwrap_or_default());
     }
 
     /// SIGTERM, then wait: a clean shutdown exits 0.
     fn stop(mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -94,11 +81,8 @@ impl Drop for Running {
 
 /// The bash blocks of the README's usage section.
 fn readme_usage() -> String {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    let start = readme
-        .find("<!-- usage:start -->")
-        .expect("usage start marker");
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let start = readme.find("<!-- usage:start -->").expect("usage start marker");
     let end = readme.find("<!-- usage:end -->").expect("usage end marker");
     let section = &readme[start..end];
     let mut script = String::new();
@@ -114,10 +98,7 @@ fn readme_usage() -> String {
             _ => {}
         }
     }
-    assert!(
-        script.contains("/api/policies"),
-        "usage section has the policy example"
-    );
+    assert!(script.contains("/api/policies"), "usage section has the policy example");
     script
 }
 
@@ -128,18 +109,11 @@ fn login(base: &str, email: &str, password: &str) -> String {
         .send()
         .unwrap();
     assert_eq!(response.status().as_u16(), 200);
-    response.json::<Value>().unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    response.json::<Value>().unwrap()["token"].as_str().unwrap().to_string()
 }
 
 fn get(base: &str, path: &str, token: &str) -> Value {
-    let response = reqwest::blocking::Client::new()
-        .get(format!("{base}{path}"))
-        .bearer_auth(token)
-        .send()
-        .unwrap();
+    let response = reqwest::blocking::Client::new().get(format!("{base}{path}")).bearer_auth(token).send().unwrap();
     assert_eq!(response.status().as_u16(), 200, "{path}");
     response.json().unwrap()
 }
@@ -167,51 +141,21 @@ fn readme_usage_works_against_reflow_up_and_survives_a_restart() {
     let running = Running::start(&["up", "--data-dir", data_arg], port, work.path(), &[]);
 
     let banner = std::fs::read_to_string(&running.stdout_path).unwrap();
-    assert!(
-        banner.contains("/api/auth/register") && banner.contains("/docs"),
-        "banner: {banner}"
-    );
+    assert!(banner.contains("/api/auth/register") && banner.contains("/docs"), "banner: {banner}");
 
     let script = readme_usage().replace("localhost:3000", &format!("localhost:{port}"));
-    let script = format!(
-        "set -euo pipefail\n{script}\necho\necho \"TARGET=$TARGET\"\necho \"USER_ID=$USER_ID\"\n"
-    );
-    let output = Command::new("bash")
-        .arg("-c")
-        .arg(&script)
-        .output()
-        .expect("run bash");
+    let script = format!("set -euo pipefail\n{script}\necho\necho \"TARGET=$TARGET\"\necho \"USER_ID=$USER_ID\"\n");
+    let output = Command::new("bash").arg("-c").arg(&script).output().expect("run bash");
     let stdout = String::from_utf8_lossy(&output.stdout).to_string();
-    assert!(
-        output.status.success(),
-        "usage script failed: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let target = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("TARGET="))
-        .unwrap()
-        .to_string();
-    let user_id = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("USER_ID="))
-        .unwrap()
-        .to_string();
-    assert!(
-        stdout.contains("\"name\":\"Developers can use GitHub\""),
-        "policy response: {stdout}"
-    );
-    assert!(
-        stdout.contains("\"role\":\"admin\""),
-        "the first user is admin: {stdout}"
-    );
+    assert!(output.status.success(), "usage script failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let target = stdout.lines().find_map(|l| l.strip_prefix("TARGET=")).unwrap().to_string();
+    let user_id = stdout.lines().find_map(|l| l.strip_prefix("USER_ID=")).unwrap().to_string();
+    assert!(stdout.contains("\"name\":\"Developers can use GitHub\""), "policy response: {stdout}");
+    assert!(stdout.contains("\"role\":\"admin\""), "the first user is admin: {stdout}");
 
     let token = login(&running.base, "admin@example.com", "secure123");
     let created = get(&running.base, &format!("/api/targets/{target}"), &token);
-    assert_eq!(
-        (created["name"].as_str(), created["transport_type"].as_str()),
-        (Some("github"), Some("stdio"))
-    );
+    assert_eq!((created["name"].as_str(), created["transport_type"].as_str()), (Some("github"), Some("stdio")));
     assert_eq!(created["isolation_boundary"], "per_user");
     let env = get(&running.base, &format!("/api/targets/{target}/env"), &token);
     assert_eq!(env[0]["key"], "GITHUB_PERSONAL_ACCESS_TOKEN");
@@ -232,24 +176,15 @@ fn readme_usage_works_against_reflow_up_and_survives_a_restart() {
     }
     for file in ["reflow.db", "reflow.db-wal"] {
         let bytes = file_bytes(&data.join(file));
-        assert!(
-            !bytes.windows(9).any(|w| w == b"ghp_xxxx\""),
-            "{file} holds a secret in clear"
-        );
-        assert!(
-            !bytes.windows(8).any(|w| w == b"ghp_xxxx"),
-            "{file} holds a secret in clear"
-        );
+        assert!(!bytes.windows(9).any(|w| w == b"ghp_xxxx\""), "{file} holds a secret in clear");
+        assert!(!bytes.windows(8).any(|w| w == b"ghp_xxxx"), "{file} holds a secret in clear");
     }
 
     // Restart on the same directory: same users, targets and (decryptable) credentials.
     let running = Running::start(&["up", "--data-dir", data_arg], port, work.path(), &[]);
     let token = login(&running.base, "admin@example.com", "secure123");
-    let resolved = get(
-        &running.base,
-        &format!("/api/targets/{target}/env/resolve?user_id={user_id}&reveal=true"),
-        &token,
-    );
+    let resolved =
+        get(&running.base, &format!("/api/targets/{target}/env/resolve?user_id={user_id}&reveal=true"), &token);
     assert_eq!(resolved["env"][0]["value"], "ghp_xxxx");
     assert_eq!(resolved["env"][0]["scope_type"], "user");
     assert!(running.stop().success());
@@ -257,19 +192,12 @@ fn readme_usage_works_against_reflow_up_and_survives_a_restart() {
 
 fn run_expecting_failure(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_reflow"));
-    command
-        .args(args)
-        .env_remove("DATABASE_URL")
-        .env_remove("JWT_SECRET")
-        .env_remove("ENCRYPTION_KEY");
+    command.args(args).env_remove("DATABASE_URL").env_remove("JWT_SECRET").env_remove("ENCRYPTION_KEY");
     for (k, v) in env {
         command.env(k, v);
     }
     let output = command.output().unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stderr).to_string(),
-    )
+    (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stderr).to_string())
 }
 
 #[test]
@@ -279,56 +207,31 @@ fn bad_config_exits_2_naming_the_key() {
     let cases = [
         ("server:\n  prot: 1\n", "prot"),
         ("encryption:\n  key: short\n", "encryption.key"),
-        (
-            "jwt:\n  secret: ${REFLOW_TEST_UNSET_VARIABLE}\n",
-            "REFLOW_TEST_UNSET_VARIABLE",
-        ),
+        ("jwt:\n  secret: ${REFLOW_TEST_UNSET_VARIABLE}\n", "REFLOW_TEST_UNSET_VARIABLE"),
         ("logging:\n  format: xml\n", "logging.format"),
     ];
     for (text, needle) in cases {
         let path = work.path().join("config.yaml");
         std::fs::write(&path, text).unwrap();
         let (code, stderr) = run_expecting_failure(
-            &[
-                "up",
-                "--config",
-                path.to_str().unwrap(),
-                "--data-dir",
-                data.to_str().unwrap(),
-            ],
+            &["up", "--config", path.to_str().unwrap(), "--data-dir", data.to_str().unwrap()],
             &[],
         );
         assert_eq!(code, 2, "{text}: {stderr}");
-        assert!(
-            stderr.contains(needle),
-            "{text}: expected {needle} in {stderr}"
-        );
+        assert!(stderr.contains(needle), "{text}: expected {needle} in {stderr}");
     }
-    let (code, stderr) = run_expecting_failure(
-        &[
-            "control-plane",
-            "--database-url",
-            "postgres://127.0.0.1:1/x",
-        ],
-        &[],
-    );
+    let (code, stderr) = run_expecting_failure(&["control-plane", "--database-url", "postgres://127.0.0.1:1/x"], &[]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("jwt.secret"), "{stderr}");
     let (code, stderr) = run_expecting_failure(
         &["control-plane"],
-        &[
-            ("JWT_SECRET", &"s".repeat(32)),
-            ("ENCRYPTION_KEY", &"k".repeat(32)),
-        ],
+        &[("JWT_SECRET", &"s".repeat(32)), ("ENCRYPTION_KEY", &"k".repeat(32))],
     );
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("database.url"), "{stderr}");
     let (code, stderr) = run_expecting_failure(
         &["control-plane", "--database-url", "sqlite://x.db"],
-        &[
-            ("JWT_SECRET", &"s".repeat(32)),
-            ("ENCRYPTION_KEY", &"k".repeat(32)),
-        ],
+        &[("JWT_SECRET", &"s".repeat(32)), ("ENCRYPTION_KEY", &"k".repeat(32))],
     );
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("PostgreSQL"), "{stderr}");
@@ -336,13 +239,10 @@ fn bad_config_exits_2_naming_the_key() {
 
 #[test]
 fn control_plane_serves_from_postgres() {
-    let admin_url = std::env::var("DATABASE_URL")
-        .expect("DATABASE_URL names a PostgreSQL server (scripts/test starts one)");
+    let admin_url =
+        std::env::var("DATABASE_URL").expect("DATABASE_URL names a PostgreSQL server (scripts/test starts one)");
     let name = format!("reflow_cli_{}", std::process::id());
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let run_sql = |sql: String| {
         runtime.block_on(async {
             use sqlx::Connection;
@@ -357,29 +257,16 @@ fn control_plane_serves_from_postgres() {
 
     let work = tempfile::tempdir().unwrap();
     let port = free_port();
-    let env = [
-        ("JWT_SECRET", "0123456789abcdef0123456789abcdef"),
-        ("ENCRYPTION_KEY", "fedcba9876543210fedcba9876543210"),
-    ];
+    let env =
+        [("JWT_SECRET", "0123456789abcdef0123456789abcdef"), ("ENCRYPTION_KEY", "fedcba9876543210fedcba9876543210")];
     let running = Running::start(
-        &[
-            "control-plane",
-            "--database-url",
-            url.as_str(),
-            "--host",
-            "127.0.0.1",
-        ],
+        &["control-plane", "--database-url", url.as_str(), "--host", "127.0.0.1"],
         port,
         work.path(),
         &env,
     );
     let client = reqwest::blocking::Client::new();
-    let health: Value = client
-        .get(format!("{}/health", running.base))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let health: Value = client.get(format!("{}/health", running.base)).send().unwrap().json().unwrap();
     assert_eq!(health["backend"], "postgres");
     let response = client
         .post(format!("{}/api/auth/register", running.base))
@@ -391,13 +278,7 @@ fn control_plane_serves_from_postgres() {
 
     // A second start applies no migration twice and keeps the data.
     let running = Running::start(
-        &[
-            "control-plane",
-            "--database-url",
-            url.as_str(),
-            "--host",
-            "127.0.0.1",
-        ],
+        &["control-plane", "--database-url", url.as_str(), "--host", "127.0.0.1"],
         port,
         work.path(),
         &env,
@@ -409,10 +290,7 @@ fn control_plane_serves_from_postgres() {
 
 #[test]
 fn committed_openapi_document_matches_the_code() {
-    let output = Command::new(env!("CARGO_BIN_EXE_reflow"))
-        .arg("openapi")
-        .output()
-        .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_reflow")).arg("openapi").output().unwrap();
     assert!(output.status.success());
     let generated = String::from_utf8(output.stdout).unwrap();
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json");

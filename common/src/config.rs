@@ -25,10 +25,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError {
-            key: key.into(),
-            message: message.into(),
-        }
+        ConfigError { key: key.into(), message: message.into() }
     }
 }
 
@@ -46,7 +43,82 @@ pub struct Config {
     pub stdio: StdioConfig,
     pub kubernetes: KubernetesConfig,
     pub telemetry: TelemetryConfig,
+    pub control_plane: ControlPlaneConfig,
+    pub data_plane: DataPlaneConfig,
 }
+
+/// The control plane's snapshot service.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlPlaneConfig {
+    /// Port of the gRPC snapshot service (on `server.host`).
+    pub grpc_port: u16,
+    /// The token data planes present. Without one the snapshot service is not started.
+    pub data_plane_token: Option<String>,
+    /// This replica's id in status reports; default: host name and process id.
+    pub id: Option<String>,
+}
+
+impl Default for ControlPlaneConfig {
+    fn default() -> Self {
+        ControlPlaneConfig { grpc_port: 50051, data_plane_token: None, id: None }
+    }
+}
+
+impl fmt::Debug for ControlPlaneConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ControlPlaneConfig")
+            .field("grpc_port", &self.grpc_port)
+            .field("data_plane_token", &self.data_plane_token.as_ref().map(|_| "<redacted>"))
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+/// How a data plane reaches its control plane and where it keeps its snapshot cache.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataPlaneConfig {
+    /// The control plane's gRPC address, `http://host:50051`.
+    pub control_plane: Option<String>,
+    /// The data-plane token (the same as the control plane's `data_plane_token`).
+    pub token: Option<String>,
+    /// Where the encrypted last-accepted snapshot is kept.
+    pub cache_dir: Option<String>,
+    /// This data plane's id; default: host name and process id.
+    pub node_id: Option<String>,
+    pub group: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for DataPlaneConfig {
+    fn default() -> Self {
+        DataPlaneConfig {
+            control_plane: None,
+            token: None,
+            cache_dir: None,
+            node_id: None,
+            group: "default".into(),
+            labels: Default::default(),
+        }
+    }
+}
+
+impl fmt::Debug for DataPlaneConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DataPlaneConfig")
+            .field("control_plane", &self.control_plane)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("cache_dir", &self.cache_dir)
+            .field("node_id", &self.node_id)
+            .field("group", &self.group)
+            .field("labels", &self.labels)
+            .finish()
+    }
+}
+
+/// Minimum length of a data-plane token.
+pub const MIN_DATA_PLANE_TOKEN_LEN: usize = 16;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -59,11 +131,7 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig {
-            host: "0.0.0.0".into(),
-            port: 3000,
-            max_body_bytes: 1024 * 1024,
-        }
+        ServerConfig { host: "0.0.0.0".into(), port: 3000, max_body_bytes: 1024 * 1024 }
     }
 }
 
@@ -188,11 +256,7 @@ pub struct EncryptionConfig {
 
 impl Default for EncryptionConfig {
     fn default() -> Self {
-        EncryptionConfig {
-            key: None,
-            key_version: 1,
-            previous_keys: Vec::new(),
-        }
+        EncryptionConfig { key: None, key_version: 1, previous_keys: Vec::new() }
     }
 }
 
@@ -201,14 +265,7 @@ impl fmt::Debug for EncryptionConfig {
         f.debug_struct("EncryptionConfig")
             .field("key", &self.key.as_ref().map(|_| "<redacted>"))
             .field("key_version", &self.key_version)
-            .field(
-                "previous_key_versions",
-                &self
-                    .previous_keys
-                    .iter()
-                    .map(|k| k.version)
-                    .collect::<Vec<_>>(),
-            )
+            .field("previous_key_versions", &self.previous_keys.iter().map(|k| k.version).collect::<Vec<_>>())
             .finish()
     }
 }
@@ -222,9 +279,7 @@ pub struct PreviousKey {
 
 impl fmt::Debug for PreviousKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PreviousKey")
-            .field("version", &self.version)
-            .finish_non_exhaustive()
+        f.debug_struct("PreviousKey").field("version", &self.version).finish_non_exhaustive()
     }
 }
 
@@ -238,8 +293,7 @@ impl EncryptionConfig {
         let mut ring = Keyring::single(self.key_version, key);
         for (i, previous) in self.previous_keys.iter().enumerate() {
             let name = format!("encryption.previous_keys[{i}]");
-            let key = Key::parse(&previous.key)
-                .map_err(|e| ConfigError::new(format!("{name}.key"), e.to_string()))?;
+            let key = Key::parse(&previous.key).map_err(|e| ConfigError::new(format!("{name}.key"), e.to_string()))?;
             ring = ring
                 .with_previous(previous.version, key)
                 .map_err(|e| ConfigError::new(format!("{name}.version"), e.to_string()))?;
@@ -257,9 +311,7 @@ pub struct AuthConfig {
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        AuthConfig {
-            allow_registration: true,
-        }
+        AuthConfig { allow_registration: true }
     }
 }
 
@@ -288,10 +340,7 @@ pub struct LoggingConfig {
 
 impl Default for LoggingConfig {
     fn default() -> Self {
-        LoggingConfig {
-            level: "info".into(),
-            format: LogFormat::Text,
-        }
+        LoggingConfig { level: "info".into(), format: LogFormat::Text }
     }
 }
 
@@ -306,10 +355,7 @@ pub struct SessionConfig {
 
 impl Default for SessionConfig {
     fn default() -> Self {
-        SessionConfig {
-            timeout: Duration::from_secs(30 * 60),
-            cleanup_interval: Duration::from_secs(60),
-        }
+        SessionConfig { timeout: Duration::from_secs(30 * 60), cleanup_interval: Duration::from_secs(60) }
     }
 }
 
@@ -335,27 +381,19 @@ impl Default for StdioConfig {
             max_lifetime: Duration::from_secs(24 * 3600),
             gc_interval: Duration::from_secs(60),
             max_processes: 100,
-            allowed_commands: ["npx", "uvx", "node", "python", "python3", "deno", "bunx"]
-                .map(String::from)
-                .to_vec(),
+            allowed_commands: ["npx", "uvx", "node", "python", "python3", "deno", "bunx"].map(String::from).to_vec(),
         }
     }
 }
 
 /// Programs that interpret their arguments as shell code; never allowed as STDIO commands.
-pub const SHELLS: &[&str] = &[
-    "sh", "bash", "dash", "zsh", "ksh", "csh", "tcsh", "fish", "busybox", "env",
-];
+pub const SHELLS: &[&str] = &["sh", "bash", "dash", "zsh", "ksh", "csh", "tcsh", "fish", "busybox", "env"];
 
 impl StdioConfig {
     /// Whether `command` may be run as a STDIO target.
     pub fn allows(&self, command: &str) -> bool {
         let base = command.rsplit('/').next().unwrap_or(command);
-        !SHELLS.contains(&base)
-            && self
-                .allowed_commands
-                .iter()
-                .any(|allowed| allowed == command)
+        !SHELLS.contains(&base) && self.allowed_commands.iter().any(|allowed| allowed == command)
     }
 }
 
@@ -420,11 +458,7 @@ impl Config {
         let deserializer = serde_yaml_ng::Deserializer::from_str(&expanded);
         let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
             let path = e.path().to_string();
-            let key = if path == "." {
-                "(top level)".to_string()
-            } else {
-                path
-            };
+            let key = if path == "." { "(top level)".to_string() } else { path };
             ConfigError::new(key, e.into_inner().to_string())
         })?;
         config.validate()?;
@@ -433,19 +467,15 @@ impl Config {
 
     /// Reads and parses a config file with the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new("(file)", format!("cannot read {}: {e}", path.display()))
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new("(file)", format!("cannot read {}: {e}", path.display())))?;
         Config::from_yaml(&text, &std::env::vars().collect())
     }
 
     /// Checks values whose type alone does not make them valid.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.server.max_body_bytes < 1024 {
-            return Err(ConfigError::new(
-                "server.max_body_bytes",
-                "must be at least 1024",
-            ));
+            return Err(ConfigError::new("server.max_body_bytes", "must be at least 1024"));
         }
         if let Some(secret) = &self.jwt.secret {
             if secret.len() < 32 {
@@ -453,10 +483,7 @@ impl Config {
             }
         }
         if self.jwt.expiry.is_zero() || self.jwt.expiry > Duration::from_secs(366 * 24 * 3600) {
-            return Err(ConfigError::new(
-                "jwt.expiry",
-                "must be between 1s and 366 days",
-            ));
+            return Err(ConfigError::new("jwt.expiry", "must be between 1s and 366 days"));
         }
         if self.jwt.issuer.is_empty() {
             return Err(ConfigError::new("jwt.issuer", "must not be empty"));
@@ -466,36 +493,30 @@ impl Config {
         }
         self.encryption.keyring()?;
         if let Some(url) = &self.database.url {
-            if !(url.starts_with("postgres://")
-                || url.starts_with("postgresql://")
-                || url.starts_with("sqlite:"))
-            {
-                return Err(ConfigError::new(
-                    "database.url",
-                    "must start with postgres://, postgresql:// or sqlite:",
-                ));
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://") || url.starts_with("sqlite:")) {
+                return Err(ConfigError::new("database.url", "must start with postgres://, postgresql:// or sqlite:"));
             }
         }
-        if ![
-            "disable",
-            "allow",
-            "prefer",
-            "require",
-            "verify-ca",
-            "verify-full",
-        ]
-        .contains(&self.database.sslmode.as_str())
+        if !["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+            .contains(&self.database.sslmode.as_str())
         {
-            return Err(ConfigError::new(
-                "database.sslmode",
-                format!("unknown mode {:?}", self.database.sslmode),
-            ));
+            return Err(ConfigError::new("database.sslmode", format!("unknown mode {:?}", self.database.sslmode)));
         }
         if self.database.max_connections == 0 {
-            return Err(ConfigError::new(
-                "database.max_connections",
-                "must be at least 1",
-            ));
+            return Err(ConfigError::new("database.max_connections", "must be at least 1"));
+        }
+        for (key, token) in [
+            ("control_plane.data_plane_token", &self.control_plane.data_plane_token),
+            ("data_plane.token", &self.data_plane.token),
+        ] {
+            if token.as_ref().is_some_and(|t| t.len() < MIN_DATA_PLANE_TOKEN_LEN) {
+                return Err(ConfigError::new(key, format!("must be at least {MIN_DATA_PLANE_TOKEN_LEN} bytes")));
+            }
+        }
+        if let Some(url) = &self.data_plane.control_plane {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::new("data_plane.control_plane", "must be an http:// or https:// URL"));
+            }
         }
         for (i, command) in self.stdio.allowed_commands.iter().enumerate() {
             let base = command.rsplit('/').next().unwrap_or(command);
@@ -531,16 +552,10 @@ fn expand_env(text: &str, env: &HashMap<String, String>) -> Result<String, Confi
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let line = text[..text.len() - rest.len() + start]
-            .lines()
-            .count()
-            .max(1);
-        let end = after.find('}').ok_or_else(|| {
-            ConfigError::new(
-                format!("(line {line})"),
-                "unterminated ${ in environment reference",
-            )
-        })?;
+        let line = text[..text.len() - rest.len() + start].lines().count().max(1);
+        let end = after
+            .find('}')
+            .ok_or_else(|| ConfigError::new(format!("(line {line})"), "unterminated ${ in environment reference"))?;
         let inner = &after[..end];
         let (name, default) = match inner.split_once(":-") {
             Some((name, default)) => (name, Some(default)),
@@ -573,10 +588,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -635,8 +647,7 @@ telemetry:    { enabled: false, endpoint: "otel-collector:4317" }
         let err = Config::from_yaml("jwt:\n  secret: ${NOPE}\n", &HashMap::new()).unwrap_err();
         assert!(err.message.contains("NOPE"), "{err}");
         assert_eq!(err.key, "(line 2)");
-        let ok =
-            Config::from_yaml("logging:\n  level: ${LEVEL:-debug}\n", &HashMap::new()).unwrap();
+        let ok = Config::from_yaml("logging:\n  level: ${LEVEL:-debug}\n", &HashMap::new()).unwrap();
         assert_eq!(ok.logging.level, "debug");
     }
 
@@ -648,10 +659,7 @@ telemetry:    { enabled: false, endpoint: "otel-collector:4317" }
             ("database: { url: 'mysql://x' }", "database.url"),
             ("database: { sslmode: maybe }", "database.sslmode"),
             ("session: { timeout: 0s }", "session.timeout"),
-            (
-                "stdio: { allowed_commands: [bash] }",
-                "stdio.allowed_commands[0]",
-            ),
+            ("stdio: { allowed_commands: [bash] }", "stdio.allowed_commands[0]"),
             ("session: { timeout: soon }", "session.timeout"),
         ];
         for (text, key) in cases {
@@ -676,10 +684,7 @@ telemetry:    { enabled: false, endpoint: "otel-collector:4317" }
         assert!(stdio.allows("npx"));
         assert!(!stdio.allows("bash"));
         assert!(!stdio.allows("/usr/bin/npx"));
-        let custom = StdioConfig {
-            allowed_commands: vec!["/opt/mcp/server".into()],
-            ..StdioConfig::default()
-        };
+        let custom = StdioConfig { allowed_commands: vec!["/opt/mcp/server".into()], ..StdioConfig::default() };
         assert!(custom.allows("/opt/mcp/server"));
     }
 }

@@ -192,84 +192,39 @@ mod tests {
         ]
     }
 
-    fn pick(
-        isolation: Isolation,
-        user: &str,
-        role: &str,
-        groups: &[&str],
-        available: &[usize],
-    ) -> Option<Scope> {
+    fn pick(isolation: Isolation, user: &str, role: &str, groups: &[&str], available: &[usize]) -> Option<Scope> {
         let all = scopes();
         let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
-        let principal = Principal {
-            user_id: user,
-            role,
-            groups: &groups,
-        };
-        resolve(
-            available.iter().map(|&i| (&all[i], i)),
-            &principal,
-            isolation,
-        )
-        .map(|(s, _)| s.clone())
+        let principal = Principal { user_id: user, role, groups: &groups };
+        resolve(available.iter().map(|&i| (&all[i], i)), &principal, isolation).map(|(s, _)| s.clone())
     }
 
     #[test]
     fn precedence_user_group_role_default() {
         let all = [0, 1, 2, 3, 4, 5];
         assert_eq!(
-            pick(
-                Isolation::PerUser,
-                "u1",
-                "developer",
-                &["zeta", "alpha"],
-                &all
-            ),
+            pick(Isolation::PerUser, "u1", "developer", &["zeta", "alpha"], &all),
             Some(Scope::User("u1".into()))
         );
         assert_eq!(
-            pick(
-                Isolation::PerUser,
-                "u3",
-                "developer",
-                &["zeta", "alpha"],
-                &all
-            ),
+            pick(Isolation::PerUser, "u3", "developer", &["zeta", "alpha"], &all),
             Some(Scope::Group("alpha".into()))
         );
-        assert_eq!(
-            pick(Isolation::PerUser, "u3", "developer", &["zeta"], &all),
-            Some(Scope::Group("zeta".into()))
-        );
-        assert_eq!(
-            pick(Isolation::PerUser, "u3", "developer", &[], &all),
-            Some(Scope::Role("developer".into()))
-        );
-        assert_eq!(
-            pick(Isolation::PerUser, "u3", "ops", &[], &all),
-            Some(Scope::Default)
-        );
+        assert_eq!(pick(Isolation::PerUser, "u3", "developer", &["zeta"], &all), Some(Scope::Group("zeta".into())));
+        assert_eq!(pick(Isolation::PerUser, "u3", "developer", &[], &all), Some(Scope::Role("developer".into())));
+        assert_eq!(pick(Isolation::PerUser, "u3", "ops", &[], &all), Some(Scope::Default));
         assert_eq!(pick(Isolation::PerUser, "u3", "ops", &[], &[1, 2, 4]), None);
     }
 
     #[test]
     fn isolation_limits_scopes() {
         let all = [0, 1, 2, 3, 4, 5];
-        assert_eq!(
-            pick(Isolation::Shared, "u1", "developer", &["alpha"], &all),
-            Some(Scope::Default)
-        );
+        assert_eq!(pick(Isolation::Shared, "u1", "developer", &["alpha"], &all), Some(Scope::Default));
         assert_eq!(
             pick(Isolation::PerRole, "u1", "developer", &["alpha"], &all),
             Some(Scope::Role("developer".into()))
         );
-        assert_eq!(
-            pick(Isolation::PerGroup, "u1", "developer", &["alpha"], &all),
-            Some(Scope::Group("alpha".into()))
-        );
-        assert_eq!(
-            pick(Isolation::Shared, "u1", "developer", &["alpha"], &[1, 3, 4]),
-            None
-        );
+        assert_eq!(pick(Isolation::PerGroup, "u1", "developer", &["alpha"], &all), Some(Scope::Group("alpha".into())));
+        assert_eq!(pick(Isolation::Shared, "u1", "developer", &["alpha"], &[1, 3, 4]), None);
     }
 }

@@ -22,6 +22,8 @@ use rand::RngCore;
 use zeroize::{Zeroize, Zeroizing};
 
 const FORMAT_V1: u8 = 1;
+/// Format of values sealed by [`DeterministicSealer`].
+const FORMAT_DETERMINISTIC: u8 = 2;
 const HEADER_LEN: usize = 1 + 4;
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
@@ -69,10 +71,8 @@ impl Key {
         if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
             let mut bytes = [0u8; 32];
             for (i, chunk) in text.as_bytes().chunks(2).enumerate() {
-                let hex = std::str::from_utf8(chunk)
-                    .map_err(|_| CryptoError::InvalidKey("not hex".into()))?;
-                bytes[i] = u8::from_str_radix(hex, 16)
-                    .map_err(|_| CryptoError::InvalidKey("not hex".into()))?;
+                let hex = std::str::from_utf8(chunk).map_err(|_| CryptoError::InvalidKey("not hex".into()))?;
+                bytes[i] = u8::from_str_radix(hex, 16).map_err(|_| CryptoError::InvalidKey("not hex".into()))?;
             }
             return Ok(Key(bytes));
         }
@@ -152,18 +152,13 @@ impl Keyring {
     pub fn single(version: u32, key: Key) -> Self {
         let mut keys = BTreeMap::new();
         keys.insert(version, key);
-        Keyring {
-            current: version,
-            keys,
-        }
+        Keyring { current: version, keys }
     }
 
     /// Adds an older key that can still open values but is not used to seal.
     pub fn with_previous(mut self, version: u32, key: Key) -> Result<Self, CryptoError> {
         if self.keys.contains_key(&version) {
-            return Err(CryptoError::InvalidKey(format!(
-                "key version {version} is configured twice"
-            )));
+            return Err(CryptoError::InvalidKey(format!("key version {version} is configured twice")));
         }
         self.keys.insert(version, key);
         Ok(self)
@@ -181,9 +176,7 @@ impl Keyring {
         if sealed[0] != FORMAT_V1 {
             return Err(CryptoError::UnknownFormat(sealed[0]));
         }
-        Ok(u32::from_be_bytes([
-            sealed[1], sealed[2], sealed[3], sealed[4],
-        ]))
+        Ok(u32::from_be_bytes([sealed[1], sealed[2], sealed[3], sealed[4]]))
     }
 
     /// Seals `plaintext` with the current key, bound to `aad`.
@@ -199,13 +192,7 @@ impl Keyring {
         let full_aad = [&out[..HEADER_LEN], aad.as_bytes()].concat();
         out.extend_from_slice(&nonce);
         let ciphertext = cipher
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: plaintext,
-                    aad: &full_aad,
-                },
-            )
+            .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad: &full_aad })
             .expect("AES-GCM encryption of an in-memory buffer cannot fail");
         out.extend_from_slice(&ciphertext);
         out
@@ -217,22 +204,13 @@ impl Keyring {
         if sealed.len() < HEADER_LEN + NONCE_LEN + TAG_LEN {
             return Err(CryptoError::Truncated);
         }
-        let key = self
-            .keys
-            .get(&version)
-            .ok_or(CryptoError::UnknownKeyVersion(version))?;
+        let key = self.keys.get(&version).ok_or(CryptoError::UnknownKeyVersion(version))?;
         let cipher = Aes256Gcm::new_from_slice(&key.0).expect("32-byte key");
         let (header, rest) = sealed.split_at(HEADER_LEN);
         let (nonce, ciphertext) = rest.split_at(NONCE_LEN);
         let full_aad = [header, aad.as_bytes()].concat();
         cipher
-            .decrypt(
-                Nonce::from_slice(nonce),
-                Payload {
-                    msg: ciphertext,
-                    aad: &full_aad,
-                },
-            )
+            .decrypt(Nonce::from_slice(nonce), Payload { msg: ciphertext, aad: &full_aad })
             .map(Zeroizing::new)
             .map_err(|_| CryptoError::Authentication)
     }
@@ -240,7 +218,85 @@ impl Keyring {
     /// Opens a value and decodes it as UTF-8 text.
     pub fn open_string(&self, sealed: &[u8], aad: &Aad) -> Result<Zeroizing<String>, CryptoError> {
         let bytes = self.open(sealed, aad)?;
-        String::from_utf8(bytes.to_vec())
+        String::from_utf8(bytes.to_vec()).map(Zeroizing::new).map_err(|_| CryptoError::Authentication)
+    }
+}
+
+/// Derives a 256-bit key from a shared secret (a data-plane token) with HKDF-SHA256.
+/// Different `purpose` strings give independent keys.
+pub fn derive_key(secret: &[u8], purpose: &str) -> Key {
+    let hkdf = hkdf::Hkdf::<sha2::Sha256>::new(Some(b"reflow key derivation v1"), secret);
+    let mut bytes = [0u8; 32];
+    hkdf.expand(purpose.as_bytes(), &mut bytes).expect("32 bytes is a valid HKDF-SHA256 output length");
+    Key(bytes)
+}
+
+/// Seals values so that equal inputs give equal outputs: the nonce is an HMAC of the
+/// associated data and plaintext (a synthetic IV). Used for snapshots, whose version is a
+/// content hash that every control-plane replica must compute identically. It reveals only
+/// whether two sealed values are equal; a nonce never repeats for different messages.
+///
+/// Layout: `[format: u8 = 2][nonce: 12 bytes][ciphertext + tag]`.
+#[derive(Clone)]
+pub struct DeterministicSealer {
+    enc: Key,
+    mac: Key,
+}
+
+impl fmt::Debug for DeterministicSealer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DeterministicSealer(<redacted>)")
+    }
+}
+
+impl DeterministicSealer {
+    /// The sealer both ends derive from a shared secret.
+    pub fn from_secret(secret: &[u8], purpose: &str) -> Self {
+        DeterministicSealer {
+            enc: derive_key(secret, &format!("{purpose}/enc")),
+            mac: derive_key(secret, &format!("{purpose}/mac")),
+        }
+    }
+
+    fn nonce(&self, plaintext: &[u8], aad: &Aad) -> [u8; NONCE_LEN] {
+        use hmac::Mac;
+        let mut mac =
+            <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.mac.0).expect("HMAC takes any key length");
+        mac.update(&(aad.as_bytes().len() as u64).to_be_bytes());
+        mac.update(aad.as_bytes());
+        mac.update(plaintext);
+        let tag = mac.finalize().into_bytes();
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&tag[..NONCE_LEN]);
+        nonce
+    }
+
+    pub fn seal(&self, plaintext: &[u8], aad: &Aad) -> Vec<u8> {
+        let cipher = Aes256Gcm::new_from_slice(&self.enc.0).expect("32-byte key");
+        let nonce = self.nonce(plaintext, aad);
+        let full_aad = [&[FORMAT_DETERMINISTIC][..], aad.as_bytes()].concat();
+        let ciphertext = cipher
+            .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad: &full_aad })
+            .expect("AES-GCM encryption of an in-memory buffer cannot fail");
+        let mut out = Vec::with_capacity(1 + NONCE_LEN + ciphertext.len());
+        out.push(FORMAT_DETERMINISTIC);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&ciphertext);
+        out
+    }
+
+    pub fn open(&self, sealed: &[u8], aad: &Aad) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        if sealed.len() < 1 + NONCE_LEN + TAG_LEN {
+            return Err(CryptoError::Truncated);
+        }
+        if sealed[0] != FORMAT_DETERMINISTIC {
+            return Err(CryptoError::UnknownFormat(sealed[0]));
+        }
+        let cipher = Aes256Gcm::new_from_slice(&self.enc.0).expect("32-byte key");
+        let (nonce, ciphertext) = sealed[1..].split_at(NONCE_LEN);
+        let full_aad = [&[FORMAT_DETERMINISTIC][..], aad.as_bytes()].concat();
+        cipher
+            .decrypt(Nonce::from_slice(nonce), Payload { msg: ciphertext, aad: &full_aad })
             .map(Zeroizing::new)
             .map_err(|_| CryptoError::Authentication)
     }
@@ -299,6 +355,28 @@ mod tests {
         }
     }
 
+    proptest! {
+        #[test]
+        fn deterministic_round_trip(plain in proptest::collection::vec(any::<u8>(), 0..256), part in ".{0,12}") {
+            let sealer = DeterministicSealer::from_secret(b"token", "test");
+            let aad = Aad::new("test", &[&part]);
+            let sealed = sealer.seal(&plain, &aad);
+            prop_assert_eq!(&sealed, &sealer.seal(&plain, &aad));
+            prop_assert_eq!(&sealer.open(&sealed, &aad).unwrap()[..], &plain[..]);
+            prop_assert!(sealer.open(&sealed, &Aad::new("other", &[&part])).is_err());
+            prop_assert!(DeterministicSealer::from_secret(b"other token", "test").open(&sealed, &aad).is_err());
+        }
+    }
+
+    #[test]
+    fn deterministic_sealing_differs_by_message() {
+        let sealer = DeterministicSealer::from_secret(b"token", "test");
+        let aad = Aad::new("test", &[]);
+        assert_ne!(sealer.seal(b"a", &aad), sealer.seal(b"b", &aad));
+        assert_ne!(sealer.seal(b"a", &aad)[1..13], sealer.seal(b"a", &Aad::new("test", &["x"]))[1..13]);
+        assert_ne!(derive_key(b"s", "a").0, derive_key(b"s", "b").0);
+    }
+
     #[test]
     fn parts_are_length_prefixed() {
         assert_ne!(Aad::new("c", &["a:b", "c"]), Aad::new("c", &["a", "b:c"]));
@@ -309,36 +387,25 @@ mod tests {
     fn wrong_key_fails() {
         let aad = Aad::new("test", &["x"]);
         let sealed = ring(1, 7).seal(b"secret", &aad);
-        assert_eq!(
-            ring(1, 8).open(&sealed, &aad).unwrap_err(),
-            CryptoError::Authentication
-        );
+        assert_eq!(ring(1, 8).open(&sealed, &aad).unwrap_err(), CryptoError::Authentication);
     }
 
     #[test]
     fn relabelled_key_version_fails() {
         // Both keyrings hold the same key under versions 1 and 2: rewriting the header's
         // version must still fail because the header is authenticated.
-        let keyring = ring(1, 7)
-            .with_previous(2, Key::from_bytes([7; 32]))
-            .unwrap();
+        let keyring = ring(1, 7).with_previous(2, Key::from_bytes([7; 32])).unwrap();
         let aad = Aad::new("test", &["x"]);
         let mut sealed = keyring.seal(b"secret", &aad);
         sealed[4] = 2;
-        assert_eq!(
-            keyring.open(&sealed, &aad).unwrap_err(),
-            CryptoError::Authentication
-        );
+        assert_eq!(keyring.open(&sealed, &aad).unwrap_err(), CryptoError::Authentication);
     }
 
     #[test]
     fn unknown_key_version_is_named() {
         let aad = Aad::new("test", &[]);
         let sealed = ring(3, 7).seal(b"secret", &aad);
-        assert_eq!(
-            ring(1, 7).open(&sealed, &aad).unwrap_err(),
-            CryptoError::UnknownKeyVersion(3)
-        );
+        assert_eq!(ring(1, 7).open(&sealed, &aad).unwrap_err(), CryptoError::UnknownKeyVersion(3));
     }
 
     #[test]
@@ -346,9 +413,7 @@ mod tests {
         let old = ring(1, 1);
         let aad = Aad::new("test", &["row"]);
         let sealed_old = old.seal(b"value", &aad);
-        let rotated = Keyring::single(2, Key::from_bytes([2; 32]))
-            .with_previous(1, Key::from_bytes([1; 32]))
-            .unwrap();
+        let rotated = Keyring::single(2, Key::from_bytes([2; 32])).with_previous(1, Key::from_bytes([1; 32])).unwrap();
         assert_eq!(&rotated.open(&sealed_old, &aad).unwrap()[..], b"value");
         let resealed = rotated.seal(b"value", &aad);
         assert_eq!(Keyring::version_of(&resealed).unwrap(), 2);

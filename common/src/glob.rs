@@ -27,11 +27,7 @@ fn tokenize(pattern: &str) -> Result<Vec<Token>, String> {
                 Token::Star
             }
             '?' => Token::Any,
-            '\\' => Token::Char(
-                chars
-                    .next()
-                    .ok_or_else(|| "pattern ends with a lone '\\'".to_string())?,
-            ),
+            '\\' => Token::Char(chars.next().ok_or_else(|| "pattern ends with a lone '\\'".to_string())?),
             c if c.is_control() => return Err("pattern contains a control character".into()),
             c => Token::Char(c),
         });
@@ -56,9 +52,7 @@ pub struct Glob {
 impl Glob {
     pub fn new(pattern: &str) -> Result<Self, String> {
         validate(pattern)?;
-        Ok(Glob {
-            tokens: tokenize(pattern)?,
-        })
+        Ok(Glob { tokens: tokenize(pattern)? })
     }
 
     /// True when the whole of `name` matches.

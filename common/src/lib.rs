@@ -12,9 +12,11 @@
 //!   limited by the target's isolation boundary).
 //! - [`names`]: the grammar of target names, role and group names, env keys and patterns.
 //! - [`glob`]: the anchored glob used by policy patterns.
+//! - [`model`]: the fixed vocabularies (transport types, effects, subject types, …).
 
 pub mod config;
 pub mod credentials;
 pub mod crypto;
 pub mod glob;
+pub mod model;
 pub mod names;

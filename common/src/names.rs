@@ -9,18 +9,11 @@ pub fn validate_target_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 63 {
         return Err("target name must be 1 to 63 characters".into());
     }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
-        return Err(format!(
-            "target name {name:?} may contain only lowercase letters, digits and '-'"
-        ));
+    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+        return Err(format!("target name {name:?} may contain only lowercase letters, digits and '-'"));
     }
     if name.starts_with('-') || name.ends_with('-') {
-        return Err(format!(
-            "target name {name:?} must start and end with a letter or digit"
-        ));
+        return Err(format!("target name {name:?} must start and end with a letter or digit"));
     }
     Ok(())
 }
@@ -30,13 +23,8 @@ pub fn validate_principal_name(kind: &str, name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 64 {
         return Err(format!("{kind} name must be 1 to 64 characters"));
     }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-    {
-        return Err(format!(
-            "{kind} name {name:?} may contain only letters, digits, '_', '.' and '-'"
-        ));
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')) {
+        return Err(format!("{kind} name {name:?} may contain only letters, digits, '_', '.' and '-'"));
     }
     Ok(())
 }
@@ -71,18 +59,12 @@ pub fn validate_env_key(key: &str) -> Result<(), String> {
     }
     let mut bytes = key.bytes();
     let first = bytes.next().unwrap_or(b'0');
-    if !(first.is_ascii_alphabetic() || first == b'_')
-        || !bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
-    {
+    if !(first.is_ascii_alphabetic() || first == b'_') || !bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_') {
         return Err(format!("env key {key:?} must match [A-Za-z_][A-Za-z0-9_]*"));
     }
     let upper = key.to_ascii_uppercase();
-    if FORBIDDEN_ENV_KEYS.contains(&upper.as_str())
-        || FORBIDDEN_ENV_PREFIXES.iter().any(|p| upper.starts_with(p))
-    {
-        return Err(format!(
-            "env key {key:?} is reserved: it would change how the server process loads code"
-        ));
+    if FORBIDDEN_ENV_KEYS.contains(&upper.as_str()) || FORBIDDEN_ENV_PREFIXES.iter().any(|p| upper.starts_with(p)) {
+        return Err(format!("env key {key:?} is reserved: it would change how the server process loads code"));
     }
     Ok(())
 }
@@ -90,12 +72,7 @@ pub fn validate_env_key(key: &str) -> Result<(), String> {
 /// HTTP header names for credential injection: an RFC 9110 token, at most 128 characters.
 pub fn validate_header_name(name: &str) -> Result<(), String> {
     const TCHAR: &[u8] = b"!#$%&'*+-.^_`|~";
-    if name.is_empty()
-        || name.len() > 128
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || TCHAR.contains(&b))
-    {
+    if name.is_empty() || name.len() > 128 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || TCHAR.contains(&b)) {
         return Err(format!("{name:?} is not a valid HTTP header name"));
     }
     Ok(())
@@ -110,16 +87,7 @@ mod tests {
         for ok in ["github", "a", "jira-2", "0x"] {
             assert!(validate_target_name(ok).is_ok(), "{ok}");
         }
-        for bad in [
-            "",
-            "GitHub",
-            "git_hub",
-            "-a",
-            "a-",
-            "a b",
-            "ä",
-            &"a".repeat(64),
-        ] {
+        for bad in ["", "GitHub", "git_hub", "-a", "a-", "a b", "ä", &"a".repeat(64)] {
             assert!(validate_target_name(bad).is_err(), "{bad}");
         }
     }

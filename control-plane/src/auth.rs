@@ -7,9 +7,7 @@
 
 use std::time::Duration;
 
-use argon2::password_hash::{
-    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
-};
+use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
@@ -32,10 +30,7 @@ const LEEWAY_SECS: u64 = 5;
 pub async fn hash_password(password: String) -> String {
     tokio::task::spawn_blocking(move || {
         let salt = SaltString::generate(&mut OsRng);
-        Argon2::default()
-            .hash_password(password.as_bytes(), &salt)
-            .expect("argon2 with default parameters")
-            .to_string()
+        Argon2::default().hash_password(password.as_bytes(), &salt).expect("argon2 with default parameters").to_string()
     })
     .await
     .expect("password hashing task")
@@ -50,9 +45,7 @@ pub async fn verify_password(password: String, hash: Option<String>) -> bool {
         let Ok(parsed) = PasswordHash::new(&hash) else {
             return false;
         };
-        let matches = Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok();
+        let matches = Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok();
         known && matches
     })
     .await
@@ -65,10 +58,7 @@ fn dummy_hash() -> String {
     DUMMY
         .get_or_init(|| {
             let salt = SaltString::generate(&mut OsRng);
-            Argon2::default()
-                .hash_password(b"reflow-timing-equaliser", &salt)
-                .expect("argon2")
-                .to_string()
+            Argon2::default().hash_password(b"reflow-timing-equaliser", &salt).expect("argon2").to_string()
         })
         .clone()
 }
@@ -145,8 +135,7 @@ impl JwtKeys {
     /// Issues a token for `user`, valid from now for the configured expiry.
     pub fn issue(&self, user: &User) -> (String, DateTime<Utc>) {
         let now = Utc::now();
-        let expires =
-            now + chrono::Duration::from_std(self.expiry).unwrap_or(chrono::Duration::hours(24));
+        let expires = now + chrono::Duration::from_std(self.expiry).unwrap_or(chrono::Duration::hours(24));
         let claims = Claims {
             sub: user.id.to_string(),
             email: user.email.clone(),
@@ -159,8 +148,8 @@ impl JwtKeys {
             exp: expires.timestamp(),
             jti: Uuid::new_v4().to_string(),
         };
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
-            .expect("HS256 signing");
+        let token =
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).expect("HS256 signing");
         (token, expires)
     }
 
@@ -169,13 +158,13 @@ impl JwtKeys {
         if token.len() > MAX_BEARER_LEN {
             return Err(TokenError::TooLong);
         }
-        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map(|data| data.claims)
-            .map_err(|e| match e.kind() {
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map(|data| data.claims).map_err(|e| {
+            match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
                 jsonwebtoken::errors::ErrorKind::ImmatureSignature => TokenError::NotYetValid,
                 _ => TokenError::Invalid,
-            })
+            }
+        })
     }
 }
 
@@ -190,17 +179,10 @@ pub struct GeneratedToken {
 pub fn generate_api_token() -> GeneratedToken {
     let mut bytes = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
-    let secret = format!(
-        "{API_TOKEN_PREFIX}{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-    );
+    let secret = format!("{API_TOKEN_PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes));
     let hash = hash_api_token(&secret);
     let prefix = secret[..API_TOKEN_PREFIX.len() + 8].to_string();
-    GeneratedToken {
-        secret,
-        hash,
-        prefix,
-    }
+    GeneratedToken { secret, hash, prefix }
 }
 
 pub fn hash_api_token(secret: &str) -> Vec<u8> {
@@ -245,10 +227,7 @@ mod tests {
         ] {
             assert_eq!(other.verify(&token), Err(TokenError::Invalid));
         }
-        assert_eq!(
-            keys.verify(&"a".repeat(MAX_BEARER_LEN + 1)),
-            Err(TokenError::TooLong)
-        );
+        assert_eq!(keys.verify(&"a".repeat(MAX_BEARER_LEN + 1)), Err(TokenError::TooLong));
     }
 
     #[test]

@@ -6,13 +6,17 @@
 //!   with migrations applied on connect.
 //! - [`api`]: the axum router, one module per resource, the OpenAPI document and `/docs`.
 //! - [`auth`]: password hashing, issued JWTs and API tokens.
+//! - [`compile`]: the pure snapshot compiler (store state → versioned snapshot).
+//! - [`sync`]: the compiler loop, the snapshot hub and the gRPC snapshot service.
 //!
 //! [`ControlPlane`] wires these from a [`reflow_common::config::Config`]; the `reflow`
 //! binary runs it.
 
 pub mod api;
 pub mod auth;
+pub mod compile;
 pub mod store;
+pub mod sync;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -20,6 +24,7 @@ use std::sync::Arc;
 use reflow_common::config::Config;
 use reflow_common::crypto::Keyring;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use api::{ApiSettings, AppState};
 use auth::JwtKeys;
@@ -32,6 +37,8 @@ pub enum StartError {
     Config(#[from] reflow_common::config::ConfigError),
     #[error("cannot open the database")]
     Store(#[from] store::StoreError),
+    #[error("gRPC server failed: {0}")]
+    Grpc(String),
     #[error("cannot listen on {address}: {source}")]
     Bind {
         address: String,
@@ -44,6 +51,9 @@ pub enum StartError {
 #[derive(Debug, Clone)]
 pub struct ControlPlane {
     state: AppState,
+    /// The compiler's inputs besides the store.
+    secrets: sync::CompilerSecrets,
+    data_plane_token: Option<String>,
 }
 
 impl ControlPlane {
@@ -51,39 +61,46 @@ impl ControlPlane {
     /// carry `jwt.secret` and `encryption.key`.
     pub fn new(config: &Config, store: DynStore) -> Result<Self, StartError> {
         use reflow_common::config::ConfigError;
-        let secret = config
-            .jwt
-            .secret
-            .as_ref()
-            .ok_or_else(|| ConfigError::new("jwt.secret", "required"))?;
-        let keyring: Keyring = config
-            .encryption
-            .keyring()?
-            .ok_or_else(|| ConfigError::new("encryption.key", "required"))?;
-        let jwt = JwtKeys::new(
-            secret.as_bytes(),
-            config.jwt.expiry,
-            &config.jwt.issuer,
-            &config.jwt.audience,
-        );
+        let secret = config.jwt.secret.as_ref().ok_or_else(|| ConfigError::new("jwt.secret", "required"))?;
+        let keyring: Keyring =
+            config.encryption.keyring()?.ok_or_else(|| ConfigError::new("encryption.key", "required"))?;
+        let keyring = Arc::new(keyring);
+        let jwt = JwtKeys::new(secret.as_bytes(), config.jwt.expiry, &config.jwt.issuer, &config.jwt.audience);
         let settings = ApiSettings {
             allow_registration: config.auth.allow_registration,
             stdio: config.stdio.clone(),
             max_body_bytes: config.server.max_body_bytes,
             cors_allowed_origins: config.cors.allowed_origins.clone(),
         };
+        let data_plane_token = config.control_plane.data_plane_token.clone();
+        let secrets = sync::CompilerSecrets {
+            store_keyring: keyring.clone(),
+            // Without a token no data plane can connect; the sealer still needs a key.
+            sealer: reflow_proto::resources::snapshot_sealer(data_plane_token.as_deref().unwrap_or_default()),
+            jwt_secret: secret.as_bytes().to_vec(),
+            jwt_issuer: config.jwt.issuer.clone(),
+            jwt_audience: config.jwt.audience.clone(),
+        };
+        let id = config.control_plane.id.clone().unwrap_or_else(default_instance_id);
         Ok(ControlPlane {
             state: AppState {
                 store,
-                keyring: Arc::new(keyring),
+                keyring,
                 jwt: Arc::new(jwt),
                 settings: Arc::new(settings),
+                hub: sync::SnapshotHub::new(id),
             },
+            secrets,
+            data_plane_token,
         })
     }
 
     pub fn store(&self) -> &DynStore {
         &self.state.store
+    }
+
+    pub fn hub(&self) -> &Arc<sync::SnapshotHub> {
+        &self.state.hub
     }
 
     /// The HTTP router of the control plane.
@@ -97,16 +114,47 @@ impl ControlPlane {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        axum::serve(listener, self.router())
-            .with_graceful_shutdown(shutdown)
-            .await
+        axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await
     }
+
+    /// Compiles the first snapshot, then keeps compiling on every change until `shutdown`.
+    pub async fn start_compiler(&self, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        sync::compile_once(&self.state.hub, &self.state.store, &self.secrets).await;
+        tokio::spawn(sync::run_compiler(
+            self.state.hub.clone(),
+            self.state.store.clone(),
+            self.secrets.clone(),
+            shutdown,
+        ))
+    }
+
+    /// Serves the gRPC snapshot service on `listener` until `shutdown`. Needs a data-plane
+    /// token in the config.
+    pub async fn serve_grpc(&self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), StartError> {
+        let token = self.data_plane_token.as_deref().ok_or_else(|| {
+            reflow_common::config::ConfigError::new("control_plane.data_plane_token", "required to serve data planes")
+        })?;
+        let service =
+            sync::SnapshotGrpc::new(self.state.hub.clone(), self.state.store.clone(), token, shutdown.clone());
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
+            .add_service(service.into_server())
+            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+            .await
+            .map_err(|e| StartError::Grpc(e.to_string()))
+    }
+}
+
+/// `host-pid`: distinct per process, stable enough to read in status listings.
+pub fn default_instance_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    let host = if host.is_empty() { "reflow".to_string() } else { host };
+    format!("{host}-{}", std::process::id())
 }
 
 /// Binds `host:port`, naming the address when that fails.
 pub async fn bind(host: &str, port: u16) -> Result<TcpListener, StartError> {
     let address = format!("{host}:{port}");
-    TcpListener::bind(&address)
-        .await
-        .map_err(|source| StartError::Bind { address, source })
+    TcpListener::bind(&address).await.map_err(|source| StartError::Bind { address, source })
 }

@@ -18,67 +18,26 @@ async fn register_login_me(backend: &str) {
     let (user_token, _) = api.register("dev@example.com").await;
     assert_eq!(api.get("/api/auth/me", &user_token).await.1["role"], "user");
 
-    let (status, body) = api
-        .post(
-            "/api/auth/login",
-            None,
-            json!({"email": "admin@example.com", "password": "password123"}),
-        )
-        .await;
+    let (status, body) =
+        api.post("/api/auth/login", None, json!({"email": "admin@example.com", "password": "password123"})).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(
-        api.get("/api/auth/me", body["token"].as_str().unwrap())
-            .await
-            .0,
-        200
-    );
+    assert_eq!(api.get("/api/auth/me", body["token"].as_str().unwrap()).await.0, 200);
 
-    let (status, body) = api
-        .post(
-            "/api/auth/login",
-            None,
-            json!({"email": "admin@example.com", "password": "wrong-password"}),
-        )
-        .await;
-    assert_eq!(
-        (status, body["error"].as_str().unwrap()),
-        (401, "invalid email or password")
-    );
-    let (status, _) = api
-        .post(
-            "/api/auth/login",
-            None,
-            json!({"email": "nobody@example.com", "password": "password123"}),
-        )
-        .await;
+    let (status, body) =
+        api.post("/api/auth/login", None, json!({"email": "admin@example.com", "password": "wrong-password"})).await;
+    assert_eq!((status, body["error"].as_str().unwrap()), (401, "invalid email or password"));
+    let (status, _) =
+        api.post("/api/auth/login", None, json!({"email": "nobody@example.com", "password": "password123"})).await;
     assert_eq!(status, 401);
-    let (status, body) = api
-        .post(
-            "/api/auth/register",
-            None,
-            json!({"email": "dev@example.com", "password": "password123"}),
-        )
-        .await;
+    let (status, body) =
+        api.post("/api/auth/register", None, json!({"email": "dev@example.com", "password": "password123"})).await;
     assert_eq!(status, 409, "{body}");
-    let (status, body) = api
-        .post(
-            "/api/auth/register",
-            None,
-            json!({"email": "short@example.com", "password": "short"}),
-        )
-        .await;
+    let (status, body) =
+        api.post("/api/auth/register", None, json!({"email": "short@example.com", "password": "short"})).await;
     assert_eq!(status, 400);
-    assert!(
-        body["error"].as_str().unwrap().starts_with("password:"),
-        "{body}"
-    );
-    let (status, _) = api
-        .post(
-            "/api/auth/register",
-            None,
-            json!({"email": "not-an-email", "password": "password123"}),
-        )
-        .await;
+    assert!(body["error"].as_str().unwrap().starts_with("password:"), "{body}");
+    let (status, _) =
+        api.post("/api/auth/register", None, json!({"email": "not-an-email", "password": "password123"})).await;
     assert_eq!(status, 400);
 }
 
@@ -92,10 +51,7 @@ async fn unauthenticated_requests_get_a_challenge(backend: &str) {
         (Some("Bearer rfl_unknown".into()), "/api/auth/me"),
         (Some(format!("Bearer {}x", token)), "/api/auth/me"),
         (Some(format!("Bearer {}", "a".repeat(9000))), "/api/auth/me"),
-        (
-            Some(format!("Bearer {token}")),
-            &*Box::leak(format!("/api/auth/me?token={token}").into_boxed_str()),
-        ),
+        (Some(format!("Bearer {token}")), &*Box::leak(format!("/api/auth/me?token={token}").into_boxed_str())),
     ];
     for (header, path) in cases {
         let mut request = api.http.get(format!("{}{path}", api.base));
@@ -104,13 +60,7 @@ async fn unauthenticated_requests_get_a_challenge(backend: &str) {
         }
         let response = request.send().await.unwrap();
         assert_eq!(response.status().as_u16(), 401, "{header:?} {path}");
-        assert!(response
-            .headers()
-            .get("www-authenticate")
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .starts_with("Bearer"));
+        assert!(response.headers().get("www-authenticate").unwrap().to_str().unwrap().starts_with("Bearer"));
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["code"], "unauthorized");
     }
@@ -119,108 +69,59 @@ async fn unauthenticated_requests_get_a_challenge(backend: &str) {
 async fn api_tokens_authenticate_and_revoke(backend: &str) {
     let api = spawn_api(backend, |_| {}).await;
     let (jwt, _) = api.register("admin@example.com").await;
-    let (status, created) = api
-        .post("/api/auth/tokens", Some(&jwt), json!({"name": "laptop"}))
-        .await;
+    let (status, created) = api.post("/api/auth/tokens", Some(&jwt), json!({"name": "laptop"})).await;
     assert_eq!(status, 201, "{created}");
     let secret = created["token"].as_str().unwrap();
     assert!(secret.starts_with("rfl_"));
-    assert_eq!(
-        api.get("/api/auth/me", secret).await.1["email"],
-        "admin@example.com"
-    );
+    assert_eq!(api.get("/api/auth/me", secret).await.1["email"], "admin@example.com");
 
     let (_, list) = api.get("/api/auth/tokens", &jwt).await;
     assert_eq!(list.as_array().unwrap().len(), 1);
-    assert!(
-        list[0].get("token").is_none(),
-        "listing must not show the token"
-    );
+    assert!(list[0].get("token").is_none(), "listing must not show the token");
     assert!(list[0]["last_used_at"].is_string());
     let raw = serde_json::to_string(&list).unwrap();
     assert!(!raw.contains(secret));
 
     let id = created["id"].as_str().unwrap();
-    assert_eq!(
-        api.delete(&format!("/api/auth/tokens/{id}"), &jwt).await.0,
-        204
-    );
+    assert_eq!(api.delete(&format!("/api/auth/tokens/{id}"), &jwt).await.0, 204);
     assert_eq!(api.get("/api/auth/me", secret).await.0, 401);
-    assert_eq!(
-        api.delete(&format!("/api/auth/tokens/{id}"), &jwt).await.0,
-        404
-    );
+    assert_eq!(api.delete(&format!("/api/auth/tokens/{id}"), &jwt).await.0, 404);
 
-    let (status, body) = api
-        .post(
-            "/api/auth/tokens",
-            Some(&jwt),
-            json!({"name": "x", "expires_in": "soon"}),
-        )
-        .await;
+    let (status, body) = api.post("/api/auth/tokens", Some(&jwt), json!({"name": "x", "expires_in": "soon"})).await;
     assert_eq!(status, 400);
-    assert!(
-        body["error"].as_str().unwrap().starts_with("expires_in"),
-        "{body}"
-    );
+    assert!(body["error"].as_str().unwrap().starts_with("expires_in"), "{body}");
 }
 
 async fn non_admins_are_refused(backend: &str) {
     let api = spawn_api(backend, |_| {}).await;
     let (admin, _) = api.register("admin@example.com").await;
     let (user, user_id) = api.register("dev@example.com").await;
-    let (_, target) = api.post("/api/targets", Some(&admin), json!({"name": "web", "transport_type": "streamable-http", "url": "http://127.0.0.1:9/mcp"})).await;
+    let (_, target) = api
+        .post(
+            "/api/targets",
+            Some(&admin),
+            json!({"name": "web", "transport_type": "streamable-http", "url": "http://127.0.0.1:9/mcp"}),
+        )
+        .await;
     let t = target["id"].as_str().unwrap();
 
     let forbidden: Vec<(reqwest::Method, String, Option<Value>)> = vec![
         (reqwest::Method::GET, "/api/users".into(), None),
-        (
-            reqwest::Method::PUT,
-            format!("/api/users/{user_id}"),
-            Some(json!({"role": "admin"})),
-        ),
+        (reqwest::Method::PUT, format!("/api/users/{user_id}"), Some(json!({"role": "admin"}))),
         (
             reqwest::Method::POST,
             "/api/targets".into(),
             Some(json!({"name": "evil", "transport_type": "stdio", "command": "npx"})),
         ),
-        (
-            reqwest::Method::PUT,
-            format!("/api/targets/{t}"),
-            Some(json!({"enabled": false})),
-        ),
+        (reqwest::Method::PUT, format!("/api/targets/{t}"), Some(json!({"enabled": false}))),
         (reqwest::Method::DELETE, format!("/api/targets/{t}"), None),
         (reqwest::Method::GET, "/api/policies".into(), None),
-        (
-            reqwest::Method::POST,
-            "/api/policies".into(),
-            Some(json!({"name": "p", "effect": "allow"})),
-        ),
-        (
-            reqwest::Method::GET,
-            format!("/api/targets/{t}/tokens"),
-            None,
-        ),
-        (
-            reqwest::Method::POST,
-            format!("/api/targets/{t}/tokens/default"),
-            Some(json!({"token": "x"})),
-        ),
-        (
-            reqwest::Method::POST,
-            format!("/api/targets/{t}/env/default"),
-            Some(json!({"key": "K", "value": "v"})),
-        ),
-        (
-            reqwest::Method::POST,
-            format!("/api/targets/{t}/env/role/user"),
-            Some(json!({"key": "K", "value": "v"})),
-        ),
-        (
-            reqwest::Method::GET,
-            format!("/api/targets/{t}/env?reveal=true"),
-            None,
-        ),
+        (reqwest::Method::POST, "/api/policies".into(), Some(json!({"name": "p", "effect": "allow"}))),
+        (reqwest::Method::GET, format!("/api/targets/{t}/tokens"), None),
+        (reqwest::Method::POST, format!("/api/targets/{t}/tokens/default"), Some(json!({"token": "x"}))),
+        (reqwest::Method::POST, format!("/api/targets/{t}/env/default"), Some(json!({"key": "K", "value": "v"}))),
+        (reqwest::Method::POST, format!("/api/targets/{t}/env/role/user"), Some(json!({"key": "K", "value": "v"}))),
+        (reqwest::Method::GET, format!("/api/targets/{t}/env?reveal=true"), None),
     ];
     for (method, path, body) in forbidden {
         let (status, response) = api.call(method.clone(), &path, Some(&user), body).await;
@@ -228,74 +129,42 @@ async fn non_admins_are_refused(backend: &str) {
         assert_eq!(response["code"], "forbidden");
     }
     // A user manages their own user-scope credentials.
+    assert_eq!(api.post(&format!("/api/targets/{t}/token"), Some(&user), json!({"token": "mine"})).await.0, 201);
     assert_eq!(
-        api.post(
-            &format!("/api/targets/{t}/token"),
-            Some(&user),
-            json!({"token": "mine"})
-        )
-        .await
-        .0,
+        api.post(&format!("/api/targets/{t}/env/user/{user_id}"), Some(&user), json!({"key": "K", "value": "v"}))
+            .await
+            .0,
         201
     );
-    assert_eq!(
-        api.post(
-            &format!("/api/targets/{t}/env/user/{user_id}"),
-            Some(&user),
-            json!({"key": "K", "value": "v"})
-        )
-        .await
-        .0,
-        201
-    );
-    assert_eq!(
-        api.get(&format!("/api/targets/{t}/token"), &user).await.0,
-        200
-    );
+    assert_eq!(api.get(&format!("/api/targets/{t}/token"), &user).await.0, 200);
     let (_, admin_me) = api.get("/api/auth/me", &admin).await;
     let admin_id = admin_me["id"].as_str().unwrap();
     let (status, _) = api
-        .post(
-            &format!("/api/targets/{t}/env/user/{admin_id}"),
-            Some(&user),
-            json!({"key": "K", "value": "v"}),
-        )
+        .post(&format!("/api/targets/{t}/env/user/{admin_id}"), Some(&user), json!({"key": "K", "value": "v"}))
         .await;
     assert_eq!(status, 403);
     assert_eq!(api.get("/api/targets", &user).await.0, 200);
-    assert_eq!(
-        api.get(&format!("/api/users/{user_id}"), &user).await.0,
-        200
-    );
-    assert_eq!(
-        api.get(&format!("/api/users/{admin_id}"), &user).await.0,
-        403
-    );
+    assert_eq!(api.get(&format!("/api/users/{user_id}"), &user).await.0, 200);
+    assert_eq!(api.get(&format!("/api/users/{admin_id}"), &user).await.0, 403);
 }
 
 async fn registration_can_be_closed(backend: &str) {
     let api = spawn_api(backend, |config| config.auth.allow_registration = false).await;
     let (admin, _) = api.register("admin@example.com").await;
-    let (status, body) = api
-        .post(
-            "/api/auth/register",
-            None,
-            json!({"email": "b@example.com", "password": "password123"}),
-        )
-        .await;
+    let (status, body) =
+        api.post("/api/auth/register", None, json!({"email": "b@example.com", "password": "password123"})).await;
     assert_eq!(status, 403, "{body}");
     let (status, user) = api
-        .post("/api/users", Some(&admin), json!({"email": "b@example.com", "password": "password123", "role": "developer", "groups": ["eng"]}))
+        .post(
+            "/api/users",
+            Some(&admin),
+            json!({"email": "b@example.com", "password": "password123", "role": "developer", "groups": ["eng"]}),
+        )
         .await;
     assert_eq!(status, 201, "{user}");
     assert_eq!(user["groups"], json!(["eng"]));
-    let (status, _) = api
-        .post(
-            "/api/auth/login",
-            None,
-            json!({"email": "b@example.com", "password": "password123"}),
-        )
-        .await;
+    let (status, _) =
+        api.post("/api/auth/login", None, json!({"email": "b@example.com", "password": "password123"})).await;
     assert_eq!(status, 200);
 }
 
@@ -303,84 +172,26 @@ async fn users_are_managed_and_deactivation_applies_at_once(backend: &str) {
     let api = spawn_api(backend, |_| {}).await;
     let (admin, admin_id) = api.register("admin@example.com").await;
     let (user, user_id) = api.register("dev@example.com").await;
-    let (status, updated) = api
-        .put(
-            &format!("/api/users/{user_id}"),
-            &admin,
-            json!({"role": "developer", "groups": ["b", "a"]}),
-        )
-        .await;
+    let (status, updated) =
+        api.put(&format!("/api/users/{user_id}"), &admin, json!({"role": "developer", "groups": ["b", "a"]})).await;
     assert_eq!(status, 200, "{updated}");
-    assert_eq!(
-        (updated["role"].as_str(), &updated["groups"]),
-        (Some("developer"), &json!(["a", "b"]))
-    );
-    assert_eq!(
-        api.get("/api/auth/me", &user).await.1["role"],
-        "developer",
-        "a JWT issued earlier sees the new role"
-    );
+    assert_eq!((updated["role"].as_str(), &updated["groups"]), (Some("developer"), &json!(["a", "b"])));
+    assert_eq!(api.get("/api/auth/me", &user).await.1["role"], "developer", "a JWT issued earlier sees the new role");
 
-    assert_eq!(
-        api.put(
-            &format!("/api/users/{user_id}"),
-            &admin,
-            json!({"active": false})
-        )
-        .await
-        .0,
-        200
-    );
+    assert_eq!(api.put(&format!("/api/users/{user_id}"), &admin, json!({"active": false})).await.0, 200);
     let (status, body) = api.get("/api/auth/me", &user).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (401, Some("account is deactivated"))
-    );
+    assert_eq!((status, body["error"].as_str()), (401, Some("account is deactivated")));
 
-    let (status, body) = api
-        .put(
-            &format!("/api/users/{admin_id}"),
-            &admin,
-            json!({"role": "user"}),
-        )
-        .await;
+    let (status, body) = api.put(&format!("/api/users/{admin_id}"), &admin, json!({"role": "user"})).await;
     assert_eq!(status, 409, "{body}");
-    let (status, body) = api
-        .put(
-            &format!("/api/users/{user_id}"),
-            &admin,
-            json!({"groups": ["bad/group"]}),
-        )
-        .await;
+    let (status, body) = api.put(&format!("/api/users/{user_id}"), &admin, json!({"groups": ["bad/group"]})).await;
     assert_eq!(status, 400, "{body}");
-    let (status, body) = api
-        .put(
-            &format!("/api/users/{user_id}"),
-            &admin,
-            json!({"colour": "blue"}),
-        )
-        .await;
+    let (status, body) = api.put(&format!("/api/users/{user_id}"), &admin, json!({"colour": "blue"})).await;
     assert_eq!(status, 400, "{body}");
     assert!(body["error"].as_str().unwrap().contains("colour"), "{body}");
-    assert_eq!(
-        api.get(&format!("/api/users/{}", uuid::Uuid::new_v4()), &admin)
-            .await
-            .0,
-        404
-    );
-    assert_eq!(
-        api.delete(&format!("/api/users/{user_id}"), &admin).await.0,
-        204
-    );
-    assert_eq!(
-        api.get("/api/users", &admin)
-            .await
-            .1
-            .as_array()
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(api.get(&format!("/api/users/{}", uuid::Uuid::new_v4()), &admin).await.0, 404);
+    assert_eq!(api.delete(&format!("/api/users/{user_id}"), &admin).await.0, 204);
+    assert_eq!(api.get("/api/users", &admin).await.1.as_array().unwrap().len(), 1);
 }
 
 async fn target_validation(backend: &str) {
@@ -388,85 +199,32 @@ async fn target_validation(backend: &str) {
     let (admin, _) = api.register("admin@example.com").await;
     let bad = [
         (json!({"transport_type": "sse", "url": "http://x"}), "name"),
-        (
-            json!({"name": "git_hub", "transport_type": "sse", "url": "http://x"}),
-            "name",
-        ),
-        (
-            json!({"name": "GitHub", "transport_type": "sse", "url": "http://x"}),
-            "name",
-        ),
-        (
-            json!({"name": "a", "transport_type": "ftp"}),
-            "transport_type",
-        ),
-        (
-            json!({"name": "a", "transport_type": "streamable-http"}),
-            "url",
-        ),
-        (
-            json!({"name": "a", "transport_type": "streamable-http", "url": "not a url"}),
-            "url",
-        ),
-        (
-            json!({"name": "a", "transport_type": "streamable-http", "url": "file:///etc/passwd"}),
-            "url",
-        ),
-        (
-            json!({"name": "a", "transport_type": "streamable-http", "url": "http://u:p@host/mcp"}),
-            "url",
-        ),
-        (
-            json!({"name": "a", "transport_type": "streamable-http", "url": "http://h", "command": "npx"}),
-            "command",
-        ),
+        (json!({"name": "git_hub", "transport_type": "sse", "url": "http://x"}), "name"),
+        (json!({"name": "GitHub", "transport_type": "sse", "url": "http://x"}), "name"),
+        (json!({"name": "a", "transport_type": "ftp"}), "transport_type"),
+        (json!({"name": "a", "transport_type": "streamable-http"}), "url"),
+        (json!({"name": "a", "transport_type": "streamable-http", "url": "not a url"}), "url"),
+        (json!({"name": "a", "transport_type": "streamable-http", "url": "file:///etc/passwd"}), "url"),
+        (json!({"name": "a", "transport_type": "streamable-http", "url": "http://u:p@host/mcp"}), "url"),
+        (json!({"name": "a", "transport_type": "streamable-http", "url": "http://h", "command": "npx"}), "command"),
         (json!({"name": "a", "transport_type": "stdio"}), "command"),
-        (
-            json!({"name": "a", "transport_type": "stdio", "command": "bash", "args": ["-c", "id"]}),
-            "command",
-        ),
-        (
-            json!({"name": "a", "transport_type": "stdio", "command": "/bin/sh"}),
-            "command",
-        ),
-        (
-            json!({"name": "a", "transport_type": "kubernetes"}),
-            "image",
-        ),
-        (
-            json!({"name": "a", "transport_type": "kubernetes", "image": "x", "port": 70000}),
-            "port",
-        ),
-        (
-            json!({"name": "a", "transport_type": "sse", "url": "http://h", "auth_type": "header"}),
-            "auth_header_name",
-        ),
+        (json!({"name": "a", "transport_type": "stdio", "command": "bash", "args": ["-c", "id"]}), "command"),
+        (json!({"name": "a", "transport_type": "stdio", "command": "/bin/sh"}), "command"),
+        (json!({"name": "a", "transport_type": "kubernetes"}), "image"),
+        (json!({"name": "a", "transport_type": "kubernetes", "image": "x", "port": 70000}), "port"),
+        (json!({"name": "a", "transport_type": "sse", "url": "http://h", "auth_type": "header"}), "auth_header_name"),
         (
             json!({"name": "a", "transport_type": "sse", "url": "http://h", "isolation_boundary": "per_team"}),
             "isolation_boundary",
         ),
-        (
-            json!({"name": "a", "transport_type": "sse", "url": "http://h", "extra": 1}),
-            "extra",
-        ),
+        (json!({"name": "a", "transport_type": "sse", "url": "http://h", "extra": 1}), "extra"),
     ];
     for (body, field) in bad {
         let (status, response) = api.post("/api/targets", Some(&admin), body.clone()).await;
         assert_eq!(status, 400, "{body} → {response}");
-        assert!(
-            response["error"].as_str().unwrap().contains(field),
-            "{body}: expected {field} in {response}"
-        );
+        assert!(response["error"].as_str().unwrap().contains(field), "{body}: expected {field} in {response}");
     }
-    assert!(
-        api.get("/api/targets", &admin)
-            .await
-            .1
-            .as_array()
-            .unwrap()
-            .is_empty(),
-        "nothing was written"
-    );
+    assert!(api.get("/api/targets", &admin).await.1.as_array().unwrap().is_empty(), "nothing was written");
 
     let (status, k8s) = api
         .post(
@@ -476,10 +234,7 @@ async fn target_validation(backend: &str) {
         )
         .await;
     assert_eq!(status, 201, "{k8s}");
-    assert_eq!(
-        (k8s["port"].as_i64(), k8s["health_path"].as_str()),
-        (Some(8080), Some("/health"))
-    );
+    assert_eq!((k8s["port"].as_i64(), k8s["health_path"].as_str()), (Some(8080), Some("/health")));
     let (status, sse) = api
         .post("/api/targets", Some(&admin), json!({"name": "legacy", "transport_type": "sse", "url": "https://example.com/sse", "auth_type": "header", "auth_header_name": "X-Api-Key"}))
         .await;
@@ -495,32 +250,19 @@ async fn target_validation(backend: &str) {
 
     // Updates merge and are validated whole; null clears a field.
     let id = sse["id"].as_str().unwrap();
-    let (status, body) = api
-        .put(
-            &format!("/api/targets/{id}"),
-            &admin,
-            json!({"transport_type": "stdio"}),
-        )
-        .await;
+    let (status, body) = api.put(&format!("/api/targets/{id}"), &admin, json!({"transport_type": "stdio"})).await;
     assert_eq!(status, 400, "{body}");
     let (status, body) = api
         .put(&format!("/api/targets/{id}"), &admin, json!({"transport_type": "stdio", "url": null, "command": "uvx", "args": ["mcp-server-time"], "auth_type": "none", "auth_header_name": null}))
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
-        (
-            body["command"].as_str(),
-            body["url"].as_str(),
-            body["name"].as_str()
-        ),
+        (body["command"].as_str(), body["url"].as_str(), body["name"].as_str()),
         (Some("uvx"), None, Some("legacy"))
     );
     assert_eq!(api.get(&format!("/api/targets/{id}"), &admin).await.1, body);
     assert_eq!(api.get("/api/targets/not-a-uuid", &admin).await.0, 400);
-    assert_eq!(
-        api.delete(&format!("/api/targets/{id}"), &admin).await.0,
-        204
-    );
+    assert_eq!(api.delete(&format!("/api/targets/{id}"), &admin).await.0, 204);
     assert_eq!(api.get(&format!("/api/targets/{id}"), &admin).await.0, 404);
 }
 
@@ -536,62 +278,35 @@ async fn malformed_requests_get_json_errors(backend: &str) {
         request.send()
     };
     let cases = [
-        (
-            send("{\"name\": ".into(), Some("application/json"))
-                .await
-                .unwrap(),
-            400,
-        ),
+        (send("{\"name\": ".into(), Some("application/json")).await.unwrap(), 400),
         (send("{}".into(), Some("text/plain")).await.unwrap(), 415),
         (send("{}".into(), None).await.unwrap(), 415),
-        (
-            send(
-                format!("{{\"name\": \"{}\"}}", "a".repeat(100 * 1024)),
-                Some("application/json"),
-            )
-            .await
-            .unwrap(),
-            413,
-        ),
-        (
-            send("[1, 2]".into(), Some("application/json"))
-                .await
-                .unwrap(),
-            400,
-        ),
+        (send(format!("{{\"name\": \"{}\"}}", "a".repeat(100 * 1024)), Some("application/json")).await.unwrap(), 413),
+        (send("[1, 2]".into(), Some("application/json")).await.unwrap(), 400),
     ];
     for (response, expected) in cases {
         assert_eq!(response.status().as_u16(), expected);
         assert_eq!(response.headers()["content-type"], "application/json");
         let body: Value = response.json().await.unwrap();
-        assert!(
-            body["error"].is_string() && body["code"].is_string(),
-            "{body}"
-        );
+        assert!(body["error"].is_string() && body["code"].is_string(), "{body}");
     }
     let (status, body) = api.get("/api/nothing-here", &admin).await;
     assert_eq!((status, body["code"].as_str()), (404, Some("not_found")));
-    let (status, body) = api
-        .call(reqwest::Method::PATCH, "/api/targets", Some(&admin), None)
-        .await;
-    assert_eq!(
-        (status, body["code"].as_str()),
-        (405, Some("method_not_allowed"))
-    );
+    let (status, body) = api.call(reqwest::Method::PATCH, "/api/targets", Some(&admin), None).await;
+    assert_eq!((status, body["code"].as_str()), (405, Some("method_not_allowed")));
 }
 
 async fn credentials_are_sealed_scoped_and_resolved(backend: &str) {
     let api = spawn_api(backend, |_| {}).await;
     let (admin, admin_id) = api.register("admin@example.com").await;
     let (dev, dev_id) = api.register("dev@example.com").await;
-    api.put(
-        &format!("/api/users/{dev_id}"),
-        &admin,
-        json!({"role": "developer", "groups": ["zeta", "alpha"]}),
-    )
-    .await;
+    api.put(&format!("/api/users/{dev_id}"), &admin, json!({"role": "developer", "groups": ["zeta", "alpha"]})).await;
     let (_, target) = api
-        .post("/api/targets", Some(&admin), json!({"name": "gh", "transport_type": "stdio", "command": "npx", "isolation_boundary": "per_user"}))
+        .post(
+            "/api/targets",
+            Some(&admin),
+            json!({"name": "gh", "transport_type": "stdio", "command": "npx", "isolation_boundary": "per_user"}),
+        )
         .await;
     let t = target["id"].as_str().unwrap().to_string();
     let canary = "CANARY-7f3a9c-SECRET";
@@ -601,52 +316,20 @@ async fn credentials_are_sealed_scoped_and_resolved(backend: &str) {
         async move {
             let (status, response) = api.post(&path, Some(&admin), body).await;
             assert_eq!(status, 201, "{path}: {response}");
-            assert!(
-                !response.to_string().contains("CANARY"),
-                "values are write-only: {response}"
-            );
+            assert!(!response.to_string().contains("CANARY"), "values are write-only: {response}");
         }
     };
-    set(
-        format!("/api/targets/{t}/env/default"),
-        json!({"key": "API_KEY", "value": format!("{canary}-default")}),
-    )
-    .await;
-    set(
-        format!("/api/targets/{t}/env/default"),
-        json!({"key": "REGION", "value": "eu"}),
-    )
-    .await;
-    set(
-        format!("/api/targets/{t}/env/role/developer"),
-        json!({"key": "API_KEY", "value": format!("{canary}-role")}),
-    )
-    .await;
-    set(
-        format!("/api/targets/{t}/env/group/zeta"),
-        json!({"key": "API_KEY", "value": format!("{canary}-zeta")}),
-    )
-    .await;
-    set(
-        format!("/api/targets/{t}/env/group/alpha"),
-        json!({"key": "API_KEY", "value": format!("{canary}-alpha")}),
-    )
-    .await;
-    set(
-        format!("/api/targets/{t}/env/user/{admin_id}"),
-        json!({"key": "API_KEY", "value": format!("{canary}-admin")}),
-    )
-    .await;
-    set(
-        format!("/api/targets/{t}/tokens/default"),
-        json!({"token": format!("{canary}-token-default")}),
-    )
-    .await;
-    set(
-        format!("/api/targets/{t}/tokens/role/developer"),
-        json!({"token": format!("{canary}-token-role")}),
-    )
-    .await;
+    set(format!("/api/targets/{t}/env/default"), json!({"key": "API_KEY", "value": format!("{canary}-default")})).await;
+    set(format!("/api/targets/{t}/env/default"), json!({"key": "REGION", "value": "eu"})).await;
+    set(format!("/api/targets/{t}/env/role/developer"), json!({"key": "API_KEY", "value": format!("{canary}-role")}))
+        .await;
+    set(format!("/api/targets/{t}/env/group/zeta"), json!({"key": "API_KEY", "value": format!("{canary}-zeta")})).await;
+    set(format!("/api/targets/{t}/env/group/alpha"), json!({"key": "API_KEY", "value": format!("{canary}-alpha")}))
+        .await;
+    set(format!("/api/targets/{t}/env/user/{admin_id}"), json!({"key": "API_KEY", "value": format!("{canary}-admin")}))
+        .await;
+    set(format!("/api/targets/{t}/tokens/default"), json!({"token": format!("{canary}-token-default")})).await;
+    set(format!("/api/targets/{t}/tokens/role/developer"), json!({"token": format!("{canary}-token-role")})).await;
 
     let (status, body) = api
         .post(
@@ -656,13 +339,8 @@ async fn credentials_are_sealed_scoped_and_resolved(backend: &str) {
         )
         .await;
     assert_eq!(status, 400, "{body}");
-    let (status, _) = api
-        .post(
-            &format!("/api/targets/{t}/env/team/x"),
-            Some(&admin),
-            json!({"key": "A", "value": "b"}),
-        )
-        .await;
+    let (status, _) =
+        api.post(&format!("/api/targets/{t}/env/team/x"), Some(&admin), json!({"key": "A", "value": "b"})).await;
     assert_eq!(status, 400);
     let (status, _) = api
         .post(
@@ -677,186 +355,72 @@ async fn credentials_are_sealed_scoped_and_resolved(backend: &str) {
     let (_, listed) = api.get(&format!("/api/targets/{t}/env"), &admin).await;
     assert_eq!(listed.as_array().unwrap().len(), 6);
     assert!(!listed.to_string().contains("CANARY"));
-    let (_, revealed) = api
-        .get(&format!("/api/targets/{t}/env?reveal=true"), &admin)
-        .await;
+    let (_, revealed) = api.get(&format!("/api/targets/{t}/env?reveal=true"), &admin).await;
     assert!(revealed.to_string().contains(&format!("{canary}-role")));
     let (_, tokens) = api.get(&format!("/api/targets/{t}/tokens"), &admin).await;
     assert_eq!(tokens.as_array().unwrap().len(), 2);
     assert!(!tokens.to_string().contains("CANARY"));
 
     // per_user: user > group (alphabetical) > role > default.
-    let (status, resolved) = api
-        .get(&format!("/api/targets/{t}/env/resolve"), &dev)
-        .await;
+    let (status, resolved) = api.get(&format!("/api/targets/{t}/env/resolve"), &dev).await;
     assert_eq!(status, 200, "{resolved}");
     assert!(!resolved.to_string().contains("CANARY"));
     let env = resolved["env"].as_array().unwrap();
     let source = |key: &str| {
         let entry = env.iter().find(|e| e["key"] == key).unwrap();
-        (
-            entry["scope_type"].as_str().unwrap().to_string(),
-            entry["scope_value"].as_str().unwrap().to_string(),
-        )
+        (entry["scope_type"].as_str().unwrap().to_string(), entry["scope_value"].as_str().unwrap().to_string())
     };
     assert_eq!(source("API_KEY"), ("group".into(), "alpha".into()));
     assert_eq!(source("REGION"), ("default".into(), String::new()));
     assert_eq!(resolved["token"]["scope_type"], "role");
-    let (_, mine) = api
-        .get(&format!("/api/targets/{t}/env/resolve"), &admin)
-        .await;
-    assert_eq!(
-        mine["env"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["key"] == "API_KEY")
-            .unwrap()["scope_type"],
-        "user"
-    );
-    assert_eq!(
-        api.get(
-            &format!("/api/targets/{t}/env/resolve?user_id={admin_id}"),
-            &dev
-        )
-        .await
-        .0,
-        403
-    );
-    assert_eq!(
-        api.get(&format!("/api/targets/{t}/env/resolve?reveal=true"), &dev)
-            .await
-            .0,
-        403
-    );
-    let (_, revealed) = api
-        .get(
-            &format!("/api/targets/{t}/env/resolve?user_id={dev_id}&reveal=true"),
-            &admin,
-        )
-        .await;
+    let (_, mine) = api.get(&format!("/api/targets/{t}/env/resolve"), &admin).await;
+    assert_eq!(mine["env"].as_array().unwrap().iter().find(|e| e["key"] == "API_KEY").unwrap()["scope_type"], "user");
+    assert_eq!(api.get(&format!("/api/targets/{t}/env/resolve?user_id={admin_id}"), &dev).await.0, 403);
+    assert_eq!(api.get(&format!("/api/targets/{t}/env/resolve?reveal=true"), &dev).await.0, 403);
+    let (_, revealed) = api.get(&format!("/api/targets/{t}/env/resolve?user_id={dev_id}&reveal=true"), &admin).await;
     assert_eq!(revealed["token"]["value"], format!("{canary}-token-role"));
 
     // The isolation boundary limits which scopes may resolve.
-    api.put(
-        &format!("/api/targets/{t}"),
-        &admin,
-        json!({"isolation_boundary": "shared"}),
-    )
-    .await;
-    let (_, shared) = api
-        .get(
-            &format!("/api/targets/{t}/env/resolve?user_id={dev_id}&reveal=true"),
-            &admin,
-        )
-        .await;
-    let api_key = shared["env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["key"] == "API_KEY")
-        .unwrap()
-        .clone();
+    api.put(&format!("/api/targets/{t}"), &admin, json!({"isolation_boundary": "shared"})).await;
+    let (_, shared) = api.get(&format!("/api/targets/{t}/env/resolve?user_id={dev_id}&reveal=true"), &admin).await;
+    let api_key = shared["env"].as_array().unwrap().iter().find(|e| e["key"] == "API_KEY").unwrap().clone();
     assert_eq!(
         (api_key["scope_type"].as_str(), api_key["value"].as_str()),
         (Some("default"), Some(&*format!("{canary}-default")))
     );
     assert_eq!(shared["token"]["scope_type"], "default");
-    api.put(
-        &format!("/api/targets/{t}"),
-        &admin,
-        json!({"isolation_boundary": "per_role"}),
-    )
-    .await;
-    let (_, per_role) = api
-        .get(
-            &format!("/api/targets/{t}/env/resolve?user_id={dev_id}"),
-            &admin,
-        )
-        .await;
+    api.put(&format!("/api/targets/{t}"), &admin, json!({"isolation_boundary": "per_role"})).await;
+    let (_, per_role) = api.get(&format!("/api/targets/{t}/env/resolve?user_id={dev_id}"), &admin).await;
     assert_eq!(
-        per_role["env"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["key"] == "API_KEY")
-            .unwrap()["scope_type"],
+        per_role["env"].as_array().unwrap().iter().find(|e| e["key"] == "API_KEY").unwrap()["scope_type"],
         "role"
     );
 
     // Deletes.
-    assert_eq!(
-        api.delete(&format!("/api/targets/{t}/env/default/REGION"), &admin)
-            .await
-            .0,
-        204
-    );
-    assert_eq!(
-        api.delete(&format!("/api/targets/{t}/env/default/REGION"), &admin)
-            .await
-            .0,
-        404
-    );
-    assert_eq!(
-        api.delete(&format!("/api/targets/{t}/env/group/zeta/API_KEY"), &admin)
-            .await
-            .0,
-        204
-    );
-    assert_eq!(
-        api.delete(&format!("/api/targets/{t}/env/group/alpha"), &admin)
-            .await
-            .0,
-        204
-    );
-    assert_eq!(
-        api.delete(&format!("/api/targets/{t}/tokens/role/developer"), &admin)
-            .await
-            .0,
-        204
-    );
-    assert_eq!(
-        api.delete(&format!("/api/targets/{t}/tokens/default"), &admin)
-            .await
-            .0,
-        204
-    );
-    assert_eq!(
-        api.get(&format!("/api/targets/{t}/tokens"), &admin).await.1,
-        json!([])
-    );
+    assert_eq!(api.delete(&format!("/api/targets/{t}/env/default/REGION"), &admin).await.0, 204);
+    assert_eq!(api.delete(&format!("/api/targets/{t}/env/default/REGION"), &admin).await.0, 404);
+    assert_eq!(api.delete(&format!("/api/targets/{t}/env/group/zeta/API_KEY"), &admin).await.0, 204);
+    assert_eq!(api.delete(&format!("/api/targets/{t}/env/group/alpha"), &admin).await.0, 204);
+    assert_eq!(api.delete(&format!("/api/targets/{t}/tokens/role/developer"), &admin).await.0, 204);
+    assert_eq!(api.delete(&format!("/api/targets/{t}/tokens/default"), &admin).await.0, 204);
+    assert_eq!(api.get(&format!("/api/targets/{t}/tokens"), &admin).await.1, json!([]));
 
     // Nothing in the database holds a value in clear.
     let dump = dump_database(&api).await;
     assert!(dump.contains("API_KEY"), "the dump reads the secrets table");
-    assert!(
-        !dump.contains("CANARY"),
-        "a secret value is stored in clear"
-    );
+    assert!(!dump.contains("CANARY"), "a secret value is stored in clear");
 }
 
 /// Every text and byte column of every table, as one string.
 async fn dump_database(api: &support::TestApi) -> String {
-    let tables = [
-        "users",
-        "user_groups",
-        "api_tokens",
-        "targets",
-        "target_secrets",
-        "policies",
-        "policy_subjects",
-        "settings",
-    ];
+    let tables =
+        ["users", "user_groups", "api_tokens", "targets", "target_secrets", "policies", "policy_subjects", "settings"];
     let mut out = String::new();
     let url = api.db.url();
     if url.starts_with("sqlite:") {
         let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
         for table in tables {
-            for row in sqlx::query(&format!("SELECT * FROM {table}"))
-                .fetch_all(&pool)
-                .await
-                .unwrap()
-            {
+            for row in sqlx::query(&format!("SELECT * FROM {table}")).fetch_all(&pool).await.unwrap() {
                 out.push_str(&row_text(&row));
             }
         }
@@ -898,11 +462,7 @@ async fn policies_with_subjects(backend: &str) {
     let (admin, _) = api.register("admin@example.com").await;
     let (_, dev_id) = api.register("dev@example.com").await;
     let (_, target) = api
-        .post(
-            "/api/targets",
-            Some(&admin),
-            json!({"name": "gh", "transport_type": "sse", "url": "http://h/sse"}),
-        )
+        .post("/api/targets", Some(&admin), json!({"name": "gh", "transport_type": "sse", "url": "http://h/sse"}))
         .await;
     let t = target["id"].as_str().unwrap();
     let (status, policy) = api
@@ -922,14 +482,8 @@ async fn policies_with_subjects(backend: &str) {
         (json!({"name": "x"}), "effect"),
         (json!({"effect": "allow"}), "name"),
         (json!({"name": "x", "effect": "maybe"}), "effect"),
-        (
-            json!({"name": "x", "effect": "deny", "pattern": "read\\"}),
-            "pattern",
-        ),
-        (
-            json!({"name": "x", "effect": "deny", "target_id": uuid::Uuid::new_v4()}),
-            "target_id",
-        ),
+        (json!({"name": "x", "effect": "deny", "pattern": "read\\"}), "pattern"),
+        (json!({"name": "x", "effect": "deny", "target_id": uuid::Uuid::new_v4()}), "target_id"),
         (
             json!({"name": "x", "effect": "deny", "subjects": [{"subject_type": "everyone", "subject_value": "x"}]}),
             "everyone",
@@ -942,29 +496,14 @@ async fn policies_with_subjects(backend: &str) {
             json!({"name": "x", "effect": "deny", "subjects": [{"subject_type": "role", "subject_value": "a"}, {"subject_type": "role", "subject_value": "a"}]}),
             "twice",
         ),
-        (
-            json!({"name": "Developers can use GitHub", "effect": "deny"}),
-            "already exists",
-        ),
+        (json!({"name": "Developers can use GitHub", "effect": "deny"}), "already exists"),
     ];
     for (body, needle) in bad {
         let (status, response) = api.post("/api/policies", Some(&admin), body.clone()).await;
         assert!((400..500).contains(&status), "{body} → {status}");
-        assert!(
-            response["error"].as_str().unwrap().contains(needle),
-            "{body}: expected {needle:?} in {response}"
-        );
+        assert!(response["error"].as_str().unwrap().contains(needle), "{body}: expected {needle:?} in {response}");
     }
-    assert_eq!(
-        api.get("/api/policies", &admin)
-            .await
-            .1
-            .as_array()
-            .unwrap()
-            .len(),
-        1,
-        "nothing half-written"
-    );
+    assert_eq!(api.get("/api/policies", &admin).await.1.as_array().unwrap().len(), 1, "nothing half-written");
 
     let (status, subject) = api
         .post(
@@ -983,77 +522,33 @@ async fn policies_with_subjects(backend: &str) {
         .await;
     assert_eq!(status, 409);
     let s = subject["id"].as_str().unwrap();
-    assert_eq!(
-        api.delete(&format!("/api/policies/{p}/subjects/{s}"), &admin)
-            .await
-            .0,
-        204
-    );
-    assert_eq!(
-        api.delete(&format!("/api/policies/{p}/subjects/{s}"), &admin)
-            .await
-            .0,
-        404
-    );
+    assert_eq!(api.delete(&format!("/api/policies/{p}/subjects/{s}"), &admin).await.0, 204);
+    assert_eq!(api.delete(&format!("/api/policies/{p}/subjects/{s}"), &admin).await.0, 404);
 
     let (status, updated) = api
-        .put(
-            &format!("/api/policies/{p}"),
-            &admin,
-            json!({"effect": "deny", "pattern": "delete_*", "subjects": []}),
-        )
+        .put(&format!("/api/policies/{p}"), &admin, json!({"effect": "deny", "pattern": "delete_*", "subjects": []}))
         .await;
     assert_eq!(status, 200, "{updated}");
     assert_eq!(
-        (
-            updated["effect"].as_str(),
-            updated["pattern"].as_str(),
-            updated["priority"].as_i64()
-        ),
+        (updated["effect"].as_str(), updated["pattern"].as_str(), updated["priority"].as_i64()),
         (Some("deny"), Some("delete_*"), Some(10))
     );
     assert_eq!(updated["subjects"], json!([]));
-    assert_eq!(
-        api.get(&format!("/api/policies/{p}"), &admin).await.1,
-        updated
-    );
-    assert_eq!(
-        api.delete(&format!("/api/policies/{p}"), &admin).await.0,
-        204
-    );
+    assert_eq!(api.get(&format!("/api/policies/{p}"), &admin).await.1, updated);
+    assert_eq!(api.delete(&format!("/api/policies/{p}"), &admin).await.0, 204);
     assert_eq!(api.get(&format!("/api/policies/{p}"), &admin).await.0, 404);
 }
 
 async fn health_and_docs(backend: &str) {
     let api = spawn_api(backend, |_| {}).await;
-    let response = api
-        .http
-        .get(format!("{}/health", api.base))
-        .send()
-        .await
-        .unwrap();
+    let response = api.http.get(format!("{}/health", api.base)).send().await.unwrap();
     assert_eq!(response.status().as_u16(), 200);
     let body: Value = response.json().await.unwrap();
-    assert_eq!(
-        (body["status"].as_str(), body["backend"].as_str()),
-        (Some("ok"), Some(backend))
-    );
-    let document: Value = api
-        .http
-        .get(format!("{}/openapi.json", api.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!((body["status"].as_str(), body["backend"].as_str()), (Some("ok"), Some(backend)));
+    let document: Value =
+        api.http.get(format!("{}/openapi.json", api.base)).send().await.unwrap().json().await.unwrap();
     assert!(document["paths"]["/api/targets/{id}/env/resolve"]["get"].is_object());
-    let docs = api
-        .http
-        .get(format!("{}/docs", api.base))
-        .send()
-        .await
-        .unwrap();
+    let docs = api.http.get(format!("{}/docs", api.base)).send().await.unwrap();
     assert_eq!(docs.status().as_u16(), 200);
     assert!(docs.text().await.unwrap().contains("openapi"));
 }

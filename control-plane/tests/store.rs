@@ -36,13 +36,7 @@ fn http_target(name: &str) -> TargetSpec {
     }
 }
 
-fn secret(
-    target_id: Uuid,
-    kind: SecretKind,
-    scope: Scope,
-    name: &str,
-    bytes: &[u8],
-) -> SecretEntry {
+fn secret(target_id: Uuid, kind: SecretKind, scope: Scope, name: &str, bytes: &[u8]) -> SecretEntry {
     SecretEntry {
         target_id,
         kind,
@@ -68,28 +62,16 @@ fn policy(name: &str, target_id: Option<Uuid>, priority: i32) -> PolicySpec {
 }
 
 fn role(value: &str) -> SubjectSpec {
-    SubjectSpec {
-        subject_type: SubjectType::Role,
-        subject_value: value.into(),
-    }
+    SubjectSpec { subject_type: SubjectType::Role, subject_value: value.into() }
 }
 
 async fn first_registered_user_is_admin(backend: &str) {
     let (store, _db) = store(backend).await;
-    let first = store
-        .register_user(new_user("a@example.com"))
-        .await
-        .unwrap();
-    let second = store
-        .register_user(new_user("b@example.com"))
-        .await
-        .unwrap();
+    let first = store.register_user(new_user("a@example.com")).await.unwrap();
+    let second = store.register_user(new_user("b@example.com")).await.unwrap();
     assert_eq!(first.role, ADMIN_ROLE);
     assert_eq!(second.role, DEFAULT_ROLE);
-    assert!(matches!(
-        store.register_user(new_user("a@example.com")).await,
-        Err(StoreError::Conflict(_))
-    ));
+    assert!(matches!(store.register_user(new_user("a@example.com")).await, Err(StoreError::Conflict(_))));
     assert_eq!(store.list_users().await.unwrap().len(), 2);
 }
 
@@ -98,12 +80,7 @@ async fn concurrent_first_registrations_make_one_admin(backend: &str) {
     let tasks: Vec<_> = (0..8)
         .map(|i| {
             let store = store.clone();
-            tokio::spawn(async move {
-                store
-                    .register_user(new_user(&format!("u{i}@example.com")))
-                    .await
-                    .unwrap()
-            })
+            tokio::spawn(async move { store.register_user(new_user(&format!("u{i}@example.com"))).await.unwrap() })
         })
         .collect();
     let mut admins = 0;
@@ -123,22 +100,14 @@ async fn users_round_trip(backend: &str) {
     let user = store.create_user(spec).await.unwrap();
     assert_eq!(user.groups, vec!["alpha", "zeta"]);
     assert_eq!(store.get_user(user.id).await.unwrap().unwrap(), user);
-    let (found, hash) = store
-        .user_by_email("dev@example.com")
-        .await
-        .unwrap()
-        .unwrap();
+    let (found, hash) = store.user_by_email("dev@example.com").await.unwrap().unwrap();
     assert_eq!((found, hash.as_str()), (user.clone(), "hash"));
     assert!(store.get_user(Uuid::new_v4()).await.unwrap().is_none());
 
     let updated = store
         .update_user(
             user.id,
-            UserUpdate {
-                groups: Some(vec!["ops".into()]),
-                active: Some(false),
-                ..Default::default()
-            },
+            UserUpdate { groups: Some(vec!["ops".into()]), active: Some(false), ..Default::default() },
         )
         .await
         .unwrap();
@@ -146,88 +115,38 @@ async fn users_round_trip(backend: &str) {
     assert!(!updated.active);
     assert_eq!(updated.role, "developer");
     assert!(updated.updated_at >= user.updated_at);
-    assert!(matches!(
-        store
-            .update_user(Uuid::new_v4(), UserUpdate::default())
-            .await,
-        Err(StoreError::NotFound(_))
-    ));
+    assert!(matches!(store.update_user(Uuid::new_v4(), UserUpdate::default()).await, Err(StoreError::NotFound(_))));
 }
 
 async fn last_admin_is_kept(backend: &str) {
     let (store, _db) = store(backend).await;
-    let admin = store
-        .register_user(new_user("admin@example.com"))
-        .await
-        .unwrap();
+    let admin = store.register_user(new_user("admin@example.com")).await.unwrap();
     let target = store.create_target(http_target("t")).await.unwrap();
     let scope = Scope::User(admin.id.to_string());
-    store
-        .put_secret(secret(
-            target.id,
-            SecretKind::Env,
-            scope.clone(),
-            "K",
-            b"sealed",
-        ))
-        .await
-        .unwrap();
+    store.put_secret(secret(target.id, SecretKind::Env, scope.clone(), "K", b"sealed")).await.unwrap();
 
-    let demote = UserUpdate {
-        role: Some("user".into()),
-        ..Default::default()
-    };
-    assert!(matches!(
-        store.update_user(admin.id, demote.clone()).await,
-        Err(StoreError::Conflict(_))
-    ));
-    let deactivate = UserUpdate {
-        active: Some(false),
-        ..Default::default()
-    };
-    assert!(matches!(
-        store.update_user(admin.id, deactivate).await,
-        Err(StoreError::Conflict(_))
-    ));
+    let demote = UserUpdate { role: Some("user".into()), ..Default::default() };
+    assert!(matches!(store.update_user(admin.id, demote.clone()).await, Err(StoreError::Conflict(_))));
+    let deactivate = UserUpdate { active: Some(false), ..Default::default() };
+    assert!(matches!(store.update_user(admin.id, deactivate).await, Err(StoreError::Conflict(_))));
     // Deleting fails as a whole: the user's secrets, removed earlier in the same
     // transaction, are still there.
-    assert!(matches!(
-        store.delete_user(admin.id).await,
-        Err(StoreError::Conflict(_))
-    ));
-    assert_eq!(
-        store.get_user(admin.id).await.unwrap().unwrap().role,
-        ADMIN_ROLE
-    );
+    assert!(matches!(store.delete_user(admin.id).await, Err(StoreError::Conflict(_))));
+    assert_eq!(store.get_user(admin.id).await.unwrap().unwrap().role, ADMIN_ROLE);
     assert_eq!(store.list_secrets(target.id, None).await.unwrap().len(), 1);
 
-    let second = store
-        .create_user(NewUser {
-            role: ADMIN_ROLE.into(),
-            ..new_user("second@example.com")
-        })
-        .await
-        .unwrap();
+    let second =
+        store.create_user(NewUser { role: ADMIN_ROLE.into(), ..new_user("second@example.com") }).await.unwrap();
     store.update_user(admin.id, demote).await.unwrap();
     store.delete_user(admin.id).await.unwrap();
-    assert!(store
-        .list_secrets(target.id, None)
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(store.list_secrets(target.id, None).await.unwrap().is_empty());
     assert!(store.get_user(second.id).await.unwrap().unwrap().is_admin());
 }
 
 async fn api_tokens(backend: &str) {
     let (store, _db) = store(backend).await;
-    let user = store
-        .register_user(new_user("a@example.com"))
-        .await
-        .unwrap();
-    let other = store
-        .register_user(new_user("b@example.com"))
-        .await
-        .unwrap();
+    let user = store.register_user(new_user("a@example.com")).await.unwrap();
+    let other = store.register_user(new_user("b@example.com")).await.unwrap();
     let token = store
         .create_api_token(NewApiToken {
             user_id: user.id,
@@ -244,15 +163,9 @@ async fn api_tokens(backend: &str) {
     assert!(store.api_token_by_hash(&[9]).await.unwrap().is_none());
     let at = now();
     store.touch_api_token(token.id, at).await.unwrap();
-    assert_eq!(
-        store.list_api_tokens(user.id).await.unwrap()[0].last_used_at,
-        Some(at)
-    );
+    assert_eq!(store.list_api_tokens(user.id).await.unwrap()[0].last_used_at, Some(at));
     assert!(store.list_api_tokens(other.id).await.unwrap().is_empty());
-    assert!(matches!(
-        store.delete_api_token(other.id, token.id).await,
-        Err(StoreError::NotFound(_))
-    ));
+    assert!(matches!(store.delete_api_token(other.id, token.id).await, Err(StoreError::NotFound(_))));
     store.delete_api_token(user.id, token.id).await.unwrap();
     assert!(store.api_token_by_hash(&[1, 2, 3]).await.unwrap().is_none());
 }
@@ -268,182 +181,75 @@ async fn targets_round_trip(backend: &str) {
     let target = store.create_target(spec.clone()).await.unwrap();
     assert_eq!(target.spec(), spec);
     assert_eq!(store.get_target(target.id).await.unwrap().unwrap(), target);
-    assert!(matches!(
-        store.create_target(http_target("github")).await,
-        Err(StoreError::Conflict(_))
-    ));
+    assert!(matches!(store.create_target(http_target("github")).await, Err(StoreError::Conflict(_))));
     store.create_target(http_target("alpha")).await.unwrap();
-    let names: Vec<String> = store
-        .list_targets()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|t| t.name)
-        .collect();
+    let names: Vec<String> = store.list_targets().await.unwrap().into_iter().map(|t| t.name).collect();
     assert_eq!(names, vec!["alpha", "github"]);
 
     let mut changed = spec.clone();
     changed.enabled = false;
     changed.name = "gh".into();
-    let updated = store
-        .update_target(target.id, changed.clone())
-        .await
-        .unwrap();
+    let updated = store.update_target(target.id, changed.clone()).await.unwrap();
     assert_eq!(updated.spec(), changed);
     assert_eq!(updated.created_at, target.created_at);
-    assert!(matches!(
-        store.update_target(target.id, http_target("alpha")).await,
-        Err(StoreError::Conflict(_))
-    ));
-    assert!(matches!(
-        store.update_target(Uuid::new_v4(), changed).await,
-        Err(StoreError::NotFound(_))
-    ));
+    assert!(matches!(store.update_target(target.id, http_target("alpha")).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(store.update_target(Uuid::new_v4(), changed).await, Err(StoreError::NotFound(_))));
 }
 
 async fn deleting_a_target_removes_its_secrets_and_policies(backend: &str) {
     let (store, _db) = store(backend).await;
     let target = store.create_target(http_target("t")).await.unwrap();
     let other = store.create_target(http_target("u")).await.unwrap();
-    store
-        .put_secret(secret(
-            target.id,
-            SecretKind::Token,
-            Scope::Default,
-            "",
-            b"x",
-        ))
-        .await
-        .unwrap();
-    store
-        .create_policy(policy("p", Some(target.id), 1), vec![role("dev")])
-        .await
-        .unwrap();
-    store
-        .create_policy(policy("q", Some(other.id), 1), vec![])
-        .await
-        .unwrap();
+    store.put_secret(secret(target.id, SecretKind::Token, Scope::Default, "", b"x")).await.unwrap();
+    store.create_policy(policy("p", Some(target.id), 1), vec![role("dev")]).await.unwrap();
+    store.create_policy(policy("q", Some(other.id), 1), vec![]).await.unwrap();
     store.delete_target(target.id).await.unwrap();
     assert!(store.get_target(target.id).await.unwrap().is_none());
-    assert!(store
-        .list_secrets(target.id, None)
-        .await
-        .unwrap()
-        .is_empty());
-    let names: Vec<String> = store
-        .list_policies()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|p| p.name)
-        .collect();
+    assert!(store.list_secrets(target.id, None).await.unwrap().is_empty());
+    let names: Vec<String> = store.list_policies().await.unwrap().into_iter().map(|p| p.name).collect();
     assert_eq!(names, vec!["q"]);
-    assert!(matches!(
-        store.delete_target(target.id).await,
-        Err(StoreError::NotFound(_))
-    ));
+    assert!(matches!(store.delete_target(target.id).await, Err(StoreError::NotFound(_))));
 }
 
 async fn secrets_upsert_and_delete(backend: &str) {
     let (store, _db) = store(backend).await;
     let target = store.create_target(http_target("t")).await.unwrap();
     let dev = Scope::Role("dev".into());
-    store
-        .put_secret(secret(target.id, SecretKind::Env, dev.clone(), "A", b"one"))
-        .await
-        .unwrap();
-    store
-        .put_secret(secret(target.id, SecretKind::Env, dev.clone(), "A", b"two"))
-        .await
-        .unwrap();
-    store
-        .put_secret(secret(target.id, SecretKind::Env, dev.clone(), "B", b"b"))
-        .await
-        .unwrap();
-    store
-        .put_secret(secret(
-            target.id,
-            SecretKind::Env,
-            Scope::Default,
-            "A",
-            b"d",
-        ))
-        .await
-        .unwrap();
-    store
-        .put_secret(secret(target.id, SecretKind::Token, dev.clone(), "", b"t"))
-        .await
-        .unwrap();
+    store.put_secret(secret(target.id, SecretKind::Env, dev.clone(), "A", b"one")).await.unwrap();
+    store.put_secret(secret(target.id, SecretKind::Env, dev.clone(), "A", b"two")).await.unwrap();
+    store.put_secret(secret(target.id, SecretKind::Env, dev.clone(), "B", b"b")).await.unwrap();
+    store.put_secret(secret(target.id, SecretKind::Env, Scope::Default, "A", b"d")).await.unwrap();
+    store.put_secret(secret(target.id, SecretKind::Token, dev.clone(), "", b"t")).await.unwrap();
 
-    let env = store
-        .list_secrets(target.id, Some(SecretKind::Env))
-        .await
-        .unwrap();
+    let env = store.list_secrets(target.id, Some(SecretKind::Env)).await.unwrap();
     assert_eq!(env.len(), 3);
-    let a = env
-        .iter()
-        .find(|e| e.scope == dev && e.name == "A")
-        .unwrap();
+    let a = env.iter().find(|e| e.scope == dev && e.name == "A").unwrap();
     assert_eq!(a.ciphertext, b"two");
     assert_eq!(store.list_secrets(target.id, None).await.unwrap().len(), 4);
 
-    store
-        .delete_secret(target.id, SecretKind::Env, &Scope::Default, "A")
-        .await
-        .unwrap();
+    store.delete_secret(target.id, SecretKind::Env, &Scope::Default, "A").await.unwrap();
     assert!(matches!(
-        store
-            .delete_secret(target.id, SecretKind::Env, &Scope::Default, "A")
-            .await,
+        store.delete_secret(target.id, SecretKind::Env, &Scope::Default, "A").await,
         Err(StoreError::NotFound(_))
     ));
-    assert_eq!(
-        store
-            .delete_scope_secrets(target.id, SecretKind::Env, &dev)
-            .await
-            .unwrap(),
-        2
-    );
+    assert_eq!(store.delete_scope_secrets(target.id, SecretKind::Env, &dev).await.unwrap(), 2);
     assert_eq!(store.list_secrets(target.id, None).await.unwrap().len(), 1);
     let missing = secret(Uuid::new_v4(), SecretKind::Env, Scope::Default, "A", b"x");
-    assert!(matches!(
-        store.put_secret(missing).await,
-        Err(StoreError::NotFound(_))
-    ));
+    assert!(matches!(store.put_secret(missing).await, Err(StoreError::NotFound(_))));
 }
 
 async fn policies_round_trip(backend: &str) {
     let (store, _db) = store(backend).await;
     let target = store.create_target(http_target("t")).await.unwrap();
-    let low = store
-        .create_policy(policy("low", None, 1), vec![])
-        .await
-        .unwrap();
-    let high = store
-        .create_policy(
-            policy("high", Some(target.id), 10),
-            vec![role("dev"), role("ops")],
-        )
-        .await
-        .unwrap();
+    let low = store.create_policy(policy("low", None, 1), vec![]).await.unwrap();
+    let high = store.create_policy(policy("high", Some(target.id), 10), vec![role("dev"), role("ops")]).await.unwrap();
     assert_eq!(high.subjects.len(), 2);
     assert_eq!(store.get_policy(high.id).await.unwrap().unwrap(), high);
-    let order: Vec<String> = store
-        .list_policies()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|p| p.name)
-        .collect();
+    let order: Vec<String> = store.list_policies().await.unwrap().into_iter().map(|p| p.name).collect();
     assert_eq!(order, vec!["high", "low"]);
+    assert!(matches!(store.create_policy(policy("low", None, 1), vec![]).await, Err(StoreError::Conflict(_))));
     assert!(matches!(
-        store.create_policy(policy("low", None, 1), vec![]).await,
-        Err(StoreError::Conflict(_))
-    ));
-    assert!(matches!(
-        store
-            .create_policy(policy("ghost", Some(Uuid::new_v4()), 1), vec![])
-            .await,
+        store.create_policy(policy("ghost", Some(Uuid::new_v4()), 1), vec![]).await,
         Err(StoreError::NotFound(_))
     ));
 
@@ -454,10 +260,7 @@ async fn policies_round_trip(backend: &str) {
         .update_policy(
             low.id,
             spec.clone(),
-            Some(vec![SubjectSpec {
-                subject_type: SubjectType::Everyone,
-                subject_value: String::new(),
-            }]),
+            Some(vec![SubjectSpec { subject_type: SubjectType::Everyone, subject_value: String::new() }]),
         )
         .await
         .unwrap();
@@ -468,54 +271,26 @@ async fn policies_round_trip(backend: &str) {
     assert_eq!(kept.subjects, updated.subjects);
 
     let added = store.add_policy_subject(high.id, role("qa")).await.unwrap();
-    assert!(matches!(
-        store.add_policy_subject(high.id, role("qa")).await,
-        Err(StoreError::Conflict(_))
-    ));
-    assert!(matches!(
-        store.add_policy_subject(Uuid::new_v4(), role("qa")).await,
-        Err(StoreError::NotFound(_))
-    ));
-    assert_eq!(
-        store
-            .get_policy(high.id)
-            .await
-            .unwrap()
-            .unwrap()
-            .subjects
-            .len(),
-        3
-    );
-    store
-        .remove_policy_subject(high.id, added.id)
-        .await
-        .unwrap();
-    assert!(matches!(
-        store.remove_policy_subject(high.id, added.id).await,
-        Err(StoreError::NotFound(_))
-    ));
+    assert!(matches!(store.add_policy_subject(high.id, role("qa")).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(store.add_policy_subject(Uuid::new_v4(), role("qa")).await, Err(StoreError::NotFound(_))));
+    assert_eq!(store.get_policy(high.id).await.unwrap().unwrap().subjects.len(), 3);
+    store.remove_policy_subject(high.id, added.id).await.unwrap();
+    assert!(matches!(store.remove_policy_subject(high.id, added.id).await, Err(StoreError::NotFound(_))));
     store.delete_policy(high.id).await.unwrap();
     assert!(store.get_policy(high.id).await.unwrap().is_none());
 }
 
 async fn failed_policy_create_writes_nothing(backend: &str) {
     let (store, _db) = store(backend).await;
-    let result = store
-        .create_policy(policy("dup", None, 1), vec![role("dev"), role("dev")])
-        .await;
+    let result = store.create_policy(policy("dup", None, 1), vec![role("dev"), role("dev")]).await;
     assert!(matches!(result, Err(StoreError::Conflict(_))));
     assert!(store.list_policies().await.unwrap().is_empty());
 }
 
 async fn migrations_are_idempotent(backend: &str) {
     let (store, db) = store(backend).await;
-    store
-        .register_user(new_user("a@example.com"))
-        .await
-        .unwrap();
-    let again = reflow_control_plane::store::connect(&db.url(), 2)
-        .await
-        .unwrap();
+    store.register_user(new_user("a@example.com")).await.unwrap();
+    let again = reflow_control_plane::store::connect(&db.url(), 2).await.unwrap();
     assert_eq!(again.list_users().await.unwrap().len(), 1);
     assert_eq!(again.backend(), backend);
     again.ping().await.unwrap();

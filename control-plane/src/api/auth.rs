@@ -49,22 +49,16 @@ pub fn normalize_email(email: &str) -> ApiResult<String> {
     if valid {
         Ok(email)
     } else {
-        Err(ApiError::bad_request(format!(
-            "email: {email:?} is not a valid email address"
-        )))
+        Err(ApiError::bad_request(format!("email: {email:?} is not a valid email address")))
     }
 }
 
 pub fn check_password(password: &str) -> ApiResult<()> {
     if password.chars().count() < MIN_PASSWORD_LEN {
-        return Err(ApiError::bad_request(format!(
-            "password: must be at least {MIN_PASSWORD_LEN} characters"
-        )));
+        return Err(ApiError::bad_request(format!("password: must be at least {MIN_PASSWORD_LEN} characters")));
     }
     if password.len() > MAX_PASSWORD_LEN {
-        return Err(ApiError::bad_request(format!(
-            "password: must be at most {MAX_PASSWORD_LEN} bytes"
-        )));
+        return Err(ApiError::bad_request(format!("password: must be at most {MAX_PASSWORD_LEN} bytes")));
     }
     Ok(())
 }
@@ -80,31 +74,16 @@ pub async fn register(
     let email = normalize_email(&body.email)?;
     check_password(&body.password)?;
     if !state.settings.allow_registration && !state.store.list_users().await?.is_empty() {
-        return Err(ApiError::forbidden(
-            "registration is closed; ask an admin to create your account",
-        ));
+        return Err(ApiError::forbidden("registration is closed; ask an admin to create your account"));
     }
     let password_hash = hash_password(body.password).await;
     let user = state
         .store
-        .register_user(NewUser {
-            email,
-            password_hash,
-            role: DEFAULT_ROLE.into(),
-            groups: Vec::new(),
-            active: true,
-        })
+        .register_user(NewUser { email, password_hash, role: DEFAULT_ROLE.into(), groups: Vec::new(), active: true })
         .await?;
     tracing::info!(user_id = %user.id, role = %user.role, "user registered");
     let (token, expires_at) = state.jwt.issue(&user);
-    Ok((
-        StatusCode::CREATED,
-        Json(AuthResponse {
-            token,
-            expires_at,
-            user,
-        }),
-    ))
+    Ok((StatusCode::CREATED, Json(AuthResponse { token, expires_at, user })))
 }
 
 /// Exchange email and password for a JWT.
@@ -129,11 +108,7 @@ pub async fn login(
         return Err(ApiError::unauthorized("account is deactivated"));
     }
     let (token, expires_at) = state.jwt.issue(&user);
-    Ok(Json(AuthResponse {
-        token,
-        expires_at,
-        user,
-    }))
+    Ok(Json(AuthResponse { token, expires_at, user }))
 }
 
 /// The authenticated user.
@@ -164,10 +139,7 @@ pub struct CreatedToken {
 /// The caller's API tokens (metadata only).
 #[utoipa::path(get, path = "/api/auth/tokens", tag = "auth", security(("bearer" = [])),
     responses((status = 200, body = [ApiToken]), (status = 401, body = ErrorBody)))]
-pub async fn list_tokens(
-    State(state): State<AppState>,
-    caller: Caller,
-) -> ApiResult<Json<Vec<ApiToken>>> {
+pub async fn list_tokens(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<ApiToken>>> {
     Ok(Json(state.store.list_api_tokens(caller.user.id).await?))
 }
 
@@ -186,15 +158,12 @@ pub async fn create_token(
     let expires_at = match body.expires_in.as_deref() {
         None => None,
         Some(text) => {
-            let duration = humantime::parse_duration(text).map_err(|e| {
-                ApiError::bad_request(format!("expires_in: {e} (examples: 30d, 12h)"))
-            })?;
+            let duration = humantime::parse_duration(text)
+                .map_err(|e| ApiError::bad_request(format!("expires_in: {e} (examples: 30d, 12h)")))?;
             let duration = chrono::Duration::from_std(duration)
                 .ok()
                 .filter(|d| *d > chrono::Duration::zero() && *d <= chrono::Duration::days(3660))
-                .ok_or_else(|| {
-                    ApiError::bad_request("expires_in: must be between 1s and 10 years")
-                })?;
+                .ok_or_else(|| ApiError::bad_request("expires_in: must be between 1s and 10 years"))?;
             Some(crate::store::now() + duration)
         }
     };
@@ -209,13 +178,7 @@ pub async fn create_token(
             expires_at,
         })
         .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(CreatedToken {
-            token: generated.secret,
-            info,
-        }),
-    ))
+    Ok((StatusCode::CREATED, Json(CreatedToken { token: generated.secret, info })))
 }
 
 /// Revoke one of the caller's API tokens.

@@ -28,16 +28,7 @@ const MAX_ENV_VALUE_LEN: usize = 32 * 1024;
 /// The associated data binding a sealed secret to its row: a ciphertext copied to another
 /// target, scope, key or kind does not open.
 pub fn secret_aad(target_id: Uuid, kind: SecretKind, scope: &Scope, name: &str) -> Aad {
-    Aad::new(
-        "target_secret",
-        &[
-            &target_id.to_string(),
-            kind.as_str(),
-            scope.kind().as_str(),
-            scope.value(),
-            name,
-        ],
-    )
+    Aad::new("target_secret", &[&target_id.to_string(), kind.as_str(), scope.kind().as_str(), scope.value(), name])
 }
 
 /// A stored credential as listed: where it is and when it changed, never its value unless
@@ -93,11 +84,7 @@ fn info(state: &AppState, entry: &SecretEntry, reveal: bool) -> ApiResult<Secret
         key: (entry.kind == SecretKind::Env).then(|| entry.name.clone()),
         key_version: entry.key_version,
         updated_at: entry.updated_at,
-        value: if reveal {
-            Some(open(state, entry)?)
-        } else {
-            None
-        },
+        value: if reveal { Some(open(state, entry)?) } else { None },
     })
 }
 
@@ -110,27 +97,14 @@ fn check_reveal(caller: &Caller, target: &Target, reveal: bool) -> ApiResult<()>
 }
 
 /// Parses a scope from the URL and checks the caller may write it.
-async fn scope_for_write(
-    state: &AppState,
-    caller: &Caller,
-    kind: &str,
-    value: Option<&str>,
-) -> ApiResult<Scope> {
-    let kind = ScopeKind::parse(kind).ok_or_else(|| {
-        ApiError::bad_request(format!(
-            "scope {kind:?} is not one of default, role, group, user"
-        ))
-    })?;
+async fn scope_for_write(state: &AppState, caller: &Caller, kind: &str, value: Option<&str>) -> ApiResult<Scope> {
+    let kind = ScopeKind::parse(kind)
+        .ok_or_else(|| ApiError::bad_request(format!("scope {kind:?} is not one of default, role, group, user")))?;
     let scope = match (kind, value) {
         (ScopeKind::Default, None) => Scope::Default,
-        (ScopeKind::Default, Some(_)) => {
-            return Err(ApiError::bad_request("the default scope takes no value"))
-        }
+        (ScopeKind::Default, Some(_)) => return Err(ApiError::bad_request("the default scope takes no value")),
         (_, None) => {
-            return Err(ApiError::bad_request(format!(
-                "the {} scope needs a value in the path",
-                kind.as_str()
-            )))
+            return Err(ApiError::bad_request(format!("the {} scope needs a value in the path", kind.as_str())))
         }
         (ScopeKind::Role, Some(role)) => {
             validate_principal_name("role", role).map_err(ApiError::bad_request)?;
@@ -141,15 +115,16 @@ async fn scope_for_write(
             Scope::Group(group.to_string())
         }
         (ScopeKind::User, Some(user)) => {
-            let id: Uuid = user.parse().map_err(|_| {
-                ApiError::bad_request(format!("user scope: {user:?} is not a user id"))
-            })?;
+            let id: Uuid =
+                user.parse().map_err(|_| ApiError::bad_request(format!("user scope: {user:?} is not a user id")))?;
             if id != caller.user.id {
                 caller.require_admin()?;
             }
-            state.store.get_user(id).await?.ok_or_else(|| {
-                ApiError::bad_request(format!("user scope: no user with id {id}"))
-            })?;
+            state
+                .store
+                .get_user(id)
+                .await?
+                .ok_or_else(|| ApiError::bad_request(format!("user scope: no user with id {id}")))?;
             Scope::User(id.to_string())
         }
     };
@@ -194,9 +169,7 @@ fn check_token(token: &str) -> ApiResult<()> {
 fn check_env(body: &EnvBody) -> ApiResult<()> {
     validate_env_key(&body.key).map_err(|e| ApiError::bad_request(format!("key: {e}")))?;
     if body.value.len() > MAX_ENV_VALUE_LEN || body.value.contains('\0') {
-        return Err(ApiError::bad_request(format!(
-            "value: must be at most {MAX_ENV_VALUE_LEN} bytes without NUL"
-        )));
+        return Err(ApiError::bad_request(format!("value: must be at most {MAX_ENV_VALUE_LEN} bytes without NUL")));
     }
     Ok(())
 }
@@ -214,16 +187,8 @@ pub async fn list_tokens(
     caller.require_admin()?;
     let target = find(&state, id).await?;
     check_reveal(&caller, &target, query.reveal)?;
-    let entries = state
-        .store
-        .list_secrets(id, Some(SecretKind::Token))
-        .await?;
-    Ok(Json(
-        entries
-            .iter()
-            .map(|e| info(&state, e, query.reveal))
-            .collect::<ApiResult<_>>()?,
-    ))
+    let entries = state.store.list_secrets(id, Some(SecretKind::Token)).await?;
+    Ok(Json(entries.iter().map(|e| info(&state, e, query.reveal)).collect::<ApiResult<_>>()?))
 }
 
 /// Whether the caller has their own token for this target.
@@ -236,14 +201,8 @@ pub async fn get_own_token(
 ) -> ApiResult<Json<SecretInfo>> {
     find(&state, id).await?;
     let mine = Scope::User(caller.user.id.to_string());
-    let entries = state
-        .store
-        .list_secrets(id, Some(SecretKind::Token))
-        .await?;
-    let entry = entries
-        .iter()
-        .find(|e| e.scope == mine)
-        .ok_or_else(|| ApiError::not_found("token for the caller"))?;
+    let entries = state.store.list_secrets(id, Some(SecretKind::Token)).await?;
+    let entry = entries.iter().find(|e| e.scope == mine).ok_or_else(|| ApiError::not_found("token for the caller"))?;
     Ok(Json(info(&state, entry, false)?))
 }
 
@@ -260,10 +219,7 @@ pub async fn set_own_token(
     check_token(&body.token)?;
     let target = find(&state, id).await?;
     let scope = Scope::User(caller.user.id.to_string());
-    Ok((
-        StatusCode::CREATED,
-        Json(put(&state, &target, SecretKind::Token, scope, "", &body.token).await?),
-    ))
+    Ok((StatusCode::CREATED, Json(put(&state, &target, SecretKind::Token, scope, "", &body.token).await?)))
 }
 
 /// Remove the caller's own token for this target.
@@ -276,10 +232,7 @@ pub async fn delete_own_token(
 ) -> ApiResult<StatusCode> {
     find(&state, id).await?;
     let scope = Scope::User(caller.user.id.to_string());
-    state
-        .store
-        .delete_secret(id, SecretKind::Token, &scope, "")
-        .await?;
+    state.store.delete_secret(id, SecretKind::Token, &scope, "").await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -321,10 +274,7 @@ async fn set_token_at(
     let scope = scope_for_write(&state, &caller, scope, value).await?;
     check_token(&body.token)?;
     let target = find(&state, id).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(put(&state, &target, SecretKind::Token, scope, "", &body.token).await?),
-    ))
+    Ok((StatusCode::CREATED, Json(put(&state, &target, SecretKind::Token, scope, "", &body.token).await?)))
 }
 
 /// Remove the target's default token.
@@ -338,10 +288,7 @@ pub async fn delete_token(
 ) -> ApiResult<StatusCode> {
     let scope = scope_for_write(&state, &caller, &scope, None).await?;
     find(&state, id).await?;
-    state
-        .store
-        .delete_secret(id, SecretKind::Token, &scope, "")
-        .await?;
+    state.store.delete_secret(id, SecretKind::Token, &scope, "").await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -356,10 +303,7 @@ pub async fn delete_scoped_token(
 ) -> ApiResult<StatusCode> {
     let scope = scope_for_write(&state, &caller, &scope, Some(&value)).await?;
     find(&state, id).await?;
-    state
-        .store
-        .delete_secret(id, SecretKind::Token, &scope, "")
-        .await?;
+    state.store.delete_secret(id, SecretKind::Token, &scope, "").await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -377,14 +321,8 @@ pub async fn list_env(
     check_reveal(&caller, &target, query.reveal)?;
     let mine = Scope::User(caller.user.id.to_string());
     let entries = state.store.list_secrets(id, Some(SecretKind::Env)).await?;
-    let visible = entries
-        .iter()
-        .filter(|e| caller.user.is_admin() || e.scope == mine);
-    Ok(Json(
-        visible
-            .map(|e| info(&state, e, query.reveal))
-            .collect::<ApiResult<_>>()?,
-    ))
+    let visible = entries.iter().filter(|e| caller.user.is_admin() || e.scope == mine);
+    Ok(Json(visible.map(|e| info(&state, e, query.reveal)).collect::<ApiResult<_>>()?))
 }
 
 /// Set a default env value.
@@ -425,20 +363,7 @@ async fn set_env_at(
     let scope = scope_for_write(&state, &caller, scope, value).await?;
     check_env(&body)?;
     let target = find(&state, id).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(
-            put(
-                &state,
-                &target,
-                SecretKind::Env,
-                scope,
-                &body.key,
-                &body.value,
-            )
-            .await?,
-        ),
-    ))
+    Ok((StatusCode::CREATED, Json(put(&state, &target, SecretKind::Env, scope, &body.key, &body.value).await?)))
 }
 
 /// `default/{key}`: remove one default env value. `{role|group|user}/{value}`: remove every
@@ -454,18 +379,10 @@ pub async fn delete_env(
     find(&state, id).await?;
     if scope == "default" {
         let scope = scope_for_write(&state, &caller, &scope, None).await?;
-        state
-            .store
-            .delete_secret(id, SecretKind::Env, &scope, &value)
-            .await?;
+        state.store.delete_secret(id, SecretKind::Env, &scope, &value).await?;
     } else {
         let scope = scope_for_write(&state, &caller, &scope, Some(&value)).await?;
-        if state
-            .store
-            .delete_scope_secrets(id, SecretKind::Env, &scope)
-            .await?
-            == 0
-        {
+        if state.store.delete_scope_secrets(id, SecretKind::Env, &scope).await? == 0 {
             return Err(ApiError::not_found(format!("env for scope {scope}")));
         }
     }
@@ -483,10 +400,7 @@ pub async fn delete_scoped_env(
 ) -> ApiResult<StatusCode> {
     let scope = scope_for_write(&state, &caller, &scope, Some(&value)).await?;
     find(&state, id).await?;
-    state
-        .store
-        .delete_secret(id, SecretKind::Env, &scope, &key)
-        .await?;
+    state.store.delete_secret(id, SecretKind::Env, &scope, &key).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -540,53 +454,29 @@ pub async fn resolve_view(
     let user = match query.user_id {
         Some(user_id) if user_id != caller.user.id => {
             caller.require_admin()?;
-            state
-                .store
-                .get_user(user_id)
-                .await?
-                .ok_or_else(|| ApiError::not_found("user"))?
+            state.store.get_user(user_id).await?.ok_or_else(|| ApiError::not_found("user"))?
         }
         _ => caller.user.clone(),
     };
     let user_id = user.id.to_string();
-    let principal = Principal {
-        user_id: &user_id,
-        role: &user.role,
-        groups: &user.groups,
-    };
+    let principal = Principal { user_id: &user_id, role: &user.role, groups: &user.groups };
     let entries = state.store.list_secrets(id, None).await?;
     let resolved = |entry: &SecretEntry| -> ApiResult<ResolvedValue> {
         Ok(ResolvedValue {
             key: (entry.kind == SecretKind::Env).then(|| entry.name.clone()),
             scope_type: entry.scope.kind(),
             scope_value: entry.scope.value().to_string(),
-            value: if query.reveal {
-                Some(open(&state, entry)?)
-            } else {
-                None
-            },
+            value: if query.reveal { Some(open(&state, entry)?) } else { None },
         })
     };
-    let tokens = entries
-        .iter()
-        .filter(|e| e.kind == SecretKind::Token)
-        .map(|e| (&e.scope, e));
-    let token = resolve(tokens, &principal, target.isolation_boundary)
-        .map(|(_, e)| resolved(e))
-        .transpose()?;
-    let mut keys: Vec<&str> = entries
-        .iter()
-        .filter(|e| e.kind == SecretKind::Env)
-        .map(|e| e.name.as_str())
-        .collect();
+    let tokens = entries.iter().filter(|e| e.kind == SecretKind::Token).map(|e| (&e.scope, e));
+    let token = resolve(tokens, &principal, target.isolation_boundary).map(|(_, e)| resolved(e)).transpose()?;
+    let mut keys: Vec<&str> = entries.iter().filter(|e| e.kind == SecretKind::Env).map(|e| e.name.as_str()).collect();
     keys.sort();
     keys.dedup();
     let mut env = Vec::new();
     for key in keys {
-        let candidates = entries
-            .iter()
-            .filter(|e| e.kind == SecretKind::Env && e.name == key)
-            .map(|e| (&e.scope, e));
+        let candidates = entries.iter().filter(|e| e.kind == SecretKind::Env && e.name == key).map(|e| (&e.scope, e));
         if let Some((_, entry)) = resolve(candidates, &principal, target.isolation_boundary) {
             env.push(resolved(entry)?);
         }

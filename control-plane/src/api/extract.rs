@@ -47,11 +47,9 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
         JsonRejection::JsonDataError(_) => {
             ApiError::bad_request(format!("invalid request body: {}", rejection.body_text()))
         }
-        _ if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            "request body is too large",
-        ),
+        _ if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body is too large")
+        }
         _ => ApiError::bad_request(rejection.body_text()),
     }
 }
@@ -71,9 +69,7 @@ where
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|p| ApiPath(p.0))
-            .map_err(|e: PathRejection| {
-                ApiError::bad_request(format!("invalid path: {}", e.body_text()))
-            })
+            .map_err(|e: PathRejection| ApiError::bad_request(format!("invalid path: {}", e.body_text())))
     }
 }
 
@@ -92,9 +88,7 @@ where
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|q| ApiQuery(q.0))
-            .map_err(|e: QueryRejection| {
-                ApiError::bad_request(format!("invalid query: {}", e.body_text()))
-            })
+            .map_err(|e: QueryRejection| ApiError::bad_request(format!("invalid query: {}", e.body_text())))
     }
 }
 
@@ -118,10 +112,7 @@ impl Caller {
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         if let Some(query) = parts.uri.query() {
             if query.split('&').any(|pair| {
                 let name = pair.split('=').next().unwrap_or("");
@@ -132,23 +123,20 @@ impl FromRequestParts<AppState> for Caller {
                 ));
             }
         }
-        let header = parts.headers.get(header::AUTHORIZATION).ok_or_else(|| {
-            ApiError::unauthorized("missing Authorization: Bearer <token> header")
-        })?;
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token> header"))?;
         if header.len() > MAX_BEARER_LEN + 16 {
             return Err(ApiError::unauthorized("token is too long"));
         }
-        let value = header
-            .to_str()
-            .map_err(|_| ApiError::unauthorized("malformed Authorization header"))?;
+        let value = header.to_str().map_err(|_| ApiError::unauthorized("malformed Authorization header"))?;
         let token = value
             .strip_prefix("Bearer ")
             .or_else(|| value.strip_prefix("bearer "))
             .map(str::trim)
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                ApiError::unauthorized("Authorization header must be: Bearer <token>")
-            })?;
+            .ok_or_else(|| ApiError::unauthorized("Authorization header must be: Bearer <token>"))?;
 
         let user = if token.starts_with(API_TOKEN_PREFIX) {
             let (api_token, user) = state
@@ -162,30 +150,14 @@ impl FromRequestParts<AppState> for Caller {
             }
             // Recording use costs a write; once a minute per token is enough to answer
             // "is this token still used".
-            if api_token
-                .last_used_at
-                .is_none_or(|at| now - at > chrono::Duration::seconds(60))
-            {
-                state
-                    .store
-                    .touch_api_token(api_token.id, crate::store::now())
-                    .await?;
+            if api_token.last_used_at.is_none_or(|at| now - at > chrono::Duration::seconds(60)) {
+                state.store.touch_api_token(api_token.id, crate::store::now()).await?;
             }
             user
         } else {
-            let claims = state
-                .jwt
-                .verify(token)
-                .map_err(|e| ApiError::unauthorized(e.to_string()))?;
-            let id = claims
-                .sub
-                .parse()
-                .map_err(|_| ApiError::unauthorized("token is invalid"))?;
-            state
-                .store
-                .get_user(id)
-                .await?
-                .ok_or_else(|| ApiError::unauthorized("token's user no longer exists"))?
+            let claims = state.jwt.verify(token).map_err(|e| ApiError::unauthorized(e.to_string()))?;
+            let id = claims.sub.parse().map_err(|_| ApiError::unauthorized("token is invalid"))?;
+            state.store.get_user(id).await?.ok_or_else(|| ApiError::unauthorized("token's user no longer exists"))?
         };
         if !user.active {
             return Err(ApiError::unauthorized("account is deactivated"));

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod credentials;
+pub mod data_planes;
 pub mod error;
 pub mod extract;
 pub mod policies;
@@ -32,6 +33,7 @@ use utoipa_scalar::{Scalar, Servable};
 
 use crate::auth::JwtKeys;
 use crate::store::DynStore;
+use crate::sync::SnapshotHub;
 use error::ApiError;
 
 /// What the handlers share. Cheap to clone: everything is behind an `Arc`.
@@ -42,6 +44,8 @@ pub struct AppState {
     pub keyring: Arc<Keyring>,
     pub jwt: Arc<JwtKeys>,
     pub settings: Arc<ApiSettings>,
+    /// Told after every successful write, so the snapshot is recompiled and pushed.
+    pub hub: Arc<SnapshotHub>,
 }
 
 /// The parts of the configuration the API consults per request.
@@ -68,6 +72,7 @@ pub struct ApiSettings {
         (name = "targets", description = "Upstream MCP servers"),
         (name = "credentials", description = "Tokens and env per scope, sealed at rest"),
         (name = "policies", description = "Default-deny authorization rules (admin)"),
+        (name = "data-planes", description = "Snapshot distribution status (admin)"),
         (name = "health", description = "Liveness and readiness")
     )
 )]
@@ -81,10 +86,7 @@ impl Modify for BearerAuth {
         components.add_security_scheme(
             "bearer",
             SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("JWT or rfl_ API token")
-                    .build(),
+                HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT or rfl_ API token").build(),
             ),
         );
     }
@@ -103,28 +105,19 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(targets::list, targets::create))
         .routes(routes!(targets::get, targets::update, targets::delete))
         .routes(routes!(credentials::list_tokens))
-        .routes(routes!(
-            credentials::get_own_token,
-            credentials::set_own_token,
-            credentials::delete_own_token
-        ))
+        .routes(routes!(credentials::get_own_token, credentials::set_own_token, credentials::delete_own_token))
         .routes(routes!(credentials::set_token, credentials::delete_token))
-        .routes(routes!(
-            credentials::set_scoped_token,
-            credentials::delete_scoped_token
-        ))
+        .routes(routes!(credentials::set_scoped_token, credentials::delete_scoped_token))
         .routes(routes!(credentials::list_env))
         .routes(routes!(credentials::resolve_view))
         .routes(routes!(credentials::set_env))
-        .routes(routes!(
-            credentials::set_scoped_env,
-            credentials::delete_env
-        ))
+        .routes(routes!(credentials::set_scoped_env, credentials::delete_env))
         .routes(routes!(credentials::delete_scoped_env))
         .routes(routes!(policies::list, policies::create))
         .routes(routes!(policies::get, policies::update, policies::delete))
         .routes(routes!(policies::add_subject))
         .routes(routes!(policies::remove_subject))
+        .routes(routes!(data_planes::list))
 }
 
 /// The OpenAPI document, generated from the handlers.
@@ -135,38 +128,38 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// The whole HTTP surface of the control plane: `/api`, `/health`, `/openapi.json`, `/docs`.
 pub fn router(state: AppState) -> Router {
     let settings = state.settings.clone();
+    let hub = state.hub.clone();
     let (router, openapi) = api_router().with_state(state).split_for_parts();
     let document = Arc::new(openapi.clone());
     let mut router = router
-        .route(
-            "/openapi.json",
-            get(move || async move { Json(document.as_ref().clone()) }),
-        )
+        .route("/openapi.json", get(move || async move { Json(document.as_ref().clone()) }))
         .merge(Scalar::with_url("/docs", openapi))
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "method not allowed on this route",
-            )
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
         })
+        .layer(axum::middleware::from_fn(move |request: axum::extract::Request, next: axum::middleware::Next| {
+            let hub = hub.clone();
+            async move {
+                let writes = !matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+                let response = next.run(request).await;
+                // Every committed write may change the snapshot; recompiling is cheap when it did not.
+                if writes && response.status().is_success() {
+                    hub.changed();
+                }
+                response
+            }
+        }))
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))
         .layer(TraceLayer::new_for_http());
     if !settings.cors_allowed_origins.is_empty() {
-        let origins: Vec<HeaderValue> = settings
-            .cors_allowed_origins
-            .iter()
-            .filter_map(|o| HeaderValue::from_str(o).ok())
-            .collect();
+        let origins: Vec<HeaderValue> =
+            settings.cors_allowed_origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
         router = router.layer(
             CorsLayer::new()
                 .allow_origin(AllowOrigin::list(origins))
                 .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
-                .allow_headers([
-                    axum::http::header::AUTHORIZATION,
-                    axum::http::header::CONTENT_TYPE,
-                ]),
+                .allow_headers([axum::http::header::AUTHORIZATION, axum::http::header::CONTENT_TYPE]),
         );
     }
     router
@@ -189,11 +182,7 @@ pub struct Health {
 pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
     let ping = tokio::time::timeout(std::time::Duration::from_secs(2), state.store.ping()).await;
     let database_ok = matches!(ping, Ok(Ok(())));
-    let status = if database_ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if database_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = Health {
         status: if database_ok { "ok" } else { "degraded" }.into(),
         database: if database_ok { "ok" } else { "unavailable" }.into(),

@@ -18,9 +18,7 @@ use uuid::Uuid;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{present, ApiJson, ApiPath, Caller};
 use super::AppState;
-use crate::store::{
-    Effect, Policy, PolicySpec, PolicySubject, ResourceType, SubjectSpec, SubjectType,
-};
+use crate::store::{Effect, Policy, PolicySpec, PolicySubject, ResourceType, SubjectSpec, SubjectType};
 
 const MAX_SUBJECTS: usize = 1000;
 
@@ -52,18 +50,15 @@ pub struct PolicyInput {
 async fn check_subject(state: &AppState, subject: &SubjectSpec) -> ApiResult<()> {
     let value = subject.subject_value.as_str();
     match subject.subject_type {
-        SubjectType::Everyone if !value.is_empty() => Err(ApiError::bad_request(
-            "subjects: everyone takes no subject_value",
-        )),
-        SubjectType::Everyone => Ok(()),
-        SubjectType::Role | SubjectType::Group => {
-            validate_principal_name(subject.subject_type.as_str(), value)
-                .map_err(|e| ApiError::bad_request(format!("subjects: {e}")))
+        SubjectType::Everyone if !value.is_empty() => {
+            Err(ApiError::bad_request("subjects: everyone takes no subject_value"))
         }
+        SubjectType::Everyone => Ok(()),
+        SubjectType::Role | SubjectType::Group => validate_principal_name(subject.subject_type.as_str(), value)
+            .map_err(|e| ApiError::bad_request(format!("subjects: {e}"))),
         SubjectType::User => {
-            let id: Uuid = value.parse().map_err(|_| {
-                ApiError::bad_request(format!("subjects: {value:?} is not a user id"))
-            })?;
+            let id: Uuid =
+                value.parse().map_err(|_| ApiError::bad_request(format!("subjects: {value:?} is not a user id")))?;
             state
                 .store
                 .get_user(id)
@@ -76,9 +71,7 @@ async fn check_subject(state: &AppState, subject: &SubjectSpec) -> ApiResult<()>
 
 async fn check_subjects(state: &AppState, subjects: &[SubjectSpec]) -> ApiResult<()> {
     if subjects.len() > MAX_SUBJECTS {
-        return Err(ApiError::bad_request(format!(
-            "subjects: at most {MAX_SUBJECTS}"
-        )));
+        return Err(ApiError::bad_request(format!("subjects: at most {MAX_SUBJECTS}")));
     }
     let mut seen = HashSet::new();
     for subject in subjects {
@@ -94,11 +87,7 @@ async fn check_subjects(state: &AppState, subjects: &[SubjectSpec]) -> ApiResult
     Ok(())
 }
 
-async fn build_spec(
-    state: &AppState,
-    input: &PolicyInput,
-    current: Option<&Policy>,
-) -> ApiResult<PolicySpec> {
+async fn build_spec(state: &AppState, input: &PolicyInput, current: Option<&Policy>) -> ApiResult<PolicySpec> {
     let name = input
         .name
         .clone()
@@ -108,11 +97,7 @@ async fn build_spec(
     if name.is_empty() || name.len() > 128 {
         return Err(ApiError::bad_request("name: must be 1 to 128 characters"));
     }
-    let description = input
-        .description
-        .clone()
-        .or_else(|| current.map(|c| c.description.clone()))
-        .unwrap_or_default();
+    let description = input.description.clone().or_else(|| current.map(|c| c.description.clone())).unwrap_or_default();
     if description.len() > 1024 {
         return Err(ApiError::bad_request("description: at most 1024 bytes"));
     }
@@ -122,9 +107,7 @@ async fn build_spec(
     };
     if let Some(target_id) = target_id {
         if state.store.get_target(target_id).await?.is_none() {
-            return Err(ApiError::bad_request(format!(
-                "target_id: no target with id {target_id}"
-            )));
+            return Err(ApiError::bad_request(format!("target_id: no target with id {target_id}")));
         }
     }
     let pattern = match &input.pattern {
@@ -138,10 +121,7 @@ async fn build_spec(
         name,
         description,
         target_id,
-        resource_type: input
-            .resource_type
-            .or(current.map(|c| c.resource_type))
-            .unwrap_or(ResourceType::All),
+        resource_type: input.resource_type.or(current.map(|c| c.resource_type)).unwrap_or(ResourceType::All),
         pattern,
         effect: input
             .effect
@@ -180,18 +160,9 @@ pub async fn create(
 /// One policy.
 #[utoipa::path(get, path = "/api/policies/{id}", tag = "policies", security(("bearer" = [])), params(("id" = Uuid, Path)),
     responses((status = 200, body = Policy), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn get(
-    State(state): State<AppState>,
-    caller: Caller,
-    ApiPath(id): ApiPath<Uuid>,
-) -> ApiResult<Json<Policy>> {
+pub async fn get(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<Uuid>) -> ApiResult<Json<Policy>> {
     caller.require_admin()?;
-    state
-        .store
-        .get_policy(id)
-        .await?
-        .map(Json)
-        .ok_or_else(|| ApiError::not_found("policy"))
+    state.store.get_policy(id).await?.map(Json).ok_or_else(|| ApiError::not_found("policy"))
 }
 
 /// Change a policy; `subjects`, when sent, replaces its subjects.
@@ -205,18 +176,12 @@ pub async fn update(
     ApiJson(input): ApiJson<PolicyInput>,
 ) -> ApiResult<Json<Policy>> {
     caller.require_admin()?;
-    let current = state
-        .store
-        .get_policy(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("policy"))?;
+    let current = state.store.get_policy(id).await?.ok_or_else(|| ApiError::not_found("policy"))?;
     let spec = build_spec(&state, &input, Some(&current)).await?;
     if let Some(subjects) = &input.subjects {
         check_subjects(&state, subjects).await?;
     }
-    Ok(Json(
-        state.store.update_policy(id, spec, input.subjects).await?,
-    ))
+    Ok(Json(state.store.update_policy(id, spec, input.subjects).await?))
 }
 
 /// Delete a policy.
@@ -244,10 +209,7 @@ pub async fn add_subject(
 ) -> ApiResult<(StatusCode, Json<PolicySubject>)> {
     caller.require_admin()?;
     check_subject(&state, &subject).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(state.store.add_policy_subject(id, subject).await?),
-    ))
+    Ok((StatusCode::CREATED, Json(state.store.add_policy_subject(id, subject).await?)))
 }
 
 /// Remove a subject from a policy.

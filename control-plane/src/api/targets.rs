@@ -82,8 +82,7 @@ fn check_url(url: &str) -> ApiResult<()> {
     if url.len() > MAX_URL_LEN {
         return Err(bad(format!("url: longer than {MAX_URL_LEN} bytes")));
     }
-    let parsed =
-        url::Url::parse(url).map_err(|e| bad(format!("url: {url:?} is not a valid URL: {e}")))?;
+    let parsed = url::Url::parse(url).map_err(|e| bad(format!("url: {url:?} is not a valid URL: {e}")))?;
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(bad("url: scheme must be http or https"));
     }
@@ -91,9 +90,7 @@ fn check_url(url: &str) -> ApiResult<()> {
         return Err(bad("url: must name a host"));
     }
     if !parsed.username().is_empty() || parsed.password().is_some() {
-        return Err(bad(
-            "url: must not carry credentials; set them through the target's token or env endpoints",
-        ));
+        return Err(bad("url: must not carry credentials; set them through the target's token or env endpoints"));
     }
     if parsed.fragment().is_some() {
         return Err(bad("url: must not have a fragment"));
@@ -102,63 +99,36 @@ fn check_url(url: &str) -> ApiResult<()> {
 }
 
 /// Merges `input` over `current` (if any) and validates the result as a whole.
-pub fn build_spec(
-    input: TargetInput,
-    current: Option<&TargetSpec>,
-    stdio: &StdioConfig,
-) -> ApiResult<TargetSpec> {
-    let name = input
-        .name
-        .or_else(|| current.map(|c| c.name.clone()))
-        .ok_or_else(|| bad("name: required"))?;
+pub fn build_spec(input: TargetInput, current: Option<&TargetSpec>, stdio: &StdioConfig) -> ApiResult<TargetSpec> {
+    let name = input.name.or_else(|| current.map(|c| c.name.clone())).ok_or_else(|| bad("name: required"))?;
     validate_target_name(&name).map_err(|e| bad(format!("name: {e}")))?;
-    let description = input
-        .description
-        .or_else(|| current.map(|c| c.description.clone()))
-        .unwrap_or_default();
+    let description = input.description.or_else(|| current.map(|c| c.description.clone())).unwrap_or_default();
     if description.len() > 1024 {
         return Err(bad("description: at most 1024 bytes"));
     }
     let transport_type = input
         .transport_type
         .or(current.map(|c| c.transport_type))
-        .ok_or_else(|| {
-            bad("transport_type: required (streamable-http, sse, stdio or kubernetes)")
-        })?;
+        .ok_or_else(|| bad("transport_type: required (streamable-http, sse, stdio or kubernetes)"))?;
     let url = merge(input.url, current.map(|c| &c.url));
     let command = merge(input.command, current.map(|c| &c.command));
-    let args = input
-        .args
-        .or_else(|| current.map(|c| c.args.clone()))
-        .unwrap_or_default();
+    let args = input.args.or_else(|| current.map(|c| c.args.clone())).unwrap_or_default();
     let image = merge(input.image, current.map(|c| &c.image));
     let mut port = merge(input.port, current.map(|c| &c.port));
     let mut health_path = merge(input.health_path, current.map(|c| &c.health_path));
-    let auth_type = input
-        .auth_type
-        .or(current.map(|c| c.auth_type))
-        .unwrap_or(AuthType::Bearer);
+    let auth_type = input.auth_type.or(current.map(|c| c.auth_type)).unwrap_or(AuthType::Bearer);
     let auth_header_name = merge(input.auth_header_name, current.map(|c| &c.auth_header_name));
 
     if args.len() > MAX_ARGS {
         return Err(bad(format!("args: at most {MAX_ARGS} arguments")));
     }
-    if let Some(arg) = args
-        .iter()
-        .find(|a| a.len() > MAX_ARG_LEN || a.contains('\0'))
-    {
-        return Err(bad(format!(
-            "args: argument of {} bytes is too long or contains NUL",
-            arg.len()
-        )));
+    if let Some(arg) = args.iter().find(|a| a.len() > MAX_ARG_LEN || a.contains('\0')) {
+        return Err(bad(format!("args: argument of {} bytes is too long or contains NUL", arg.len())));
     }
     let only_for = |field: &str, present: bool, allowed: &[TransportType]| -> ApiResult<()> {
         if present && !allowed.contains(&transport_type) {
             let names: Vec<&str> = allowed.iter().map(|t| t.as_str()).collect();
-            return Err(bad(format!(
-                "{field}: only valid for {} targets",
-                names.join(" and ")
-            )));
+            return Err(bad(format!("{field}: only valid for {} targets", names.join(" and "))));
         }
         Ok(())
     };
@@ -171,14 +141,11 @@ pub fn build_spec(
     only_for("health_path", health_path.is_some(), &[Kubernetes])?;
 
     match transport_type {
-        StreamableHttp | Sse => check_url(
-            url.as_deref()
-                .ok_or_else(|| bad("url: required for streamable-http and sse targets"))?,
-        )?,
+        StreamableHttp | Sse => {
+            check_url(url.as_deref().ok_or_else(|| bad("url: required for streamable-http and sse targets"))?)?
+        }
         Stdio => {
-            let command = command
-                .as_deref()
-                .ok_or_else(|| bad("command: required for stdio targets"))?;
+            let command = command.as_deref().ok_or_else(|| bad("command: required for stdio targets"))?;
             if !stdio.allows(command) {
                 return Err(bad(format!(
                     "command: {command:?} is not in the allowed commands (stdio.allowed_commands: {})",
@@ -187,9 +154,7 @@ pub fn build_spec(
             }
         }
         Kubernetes => {
-            let image = image
-                .as_deref()
-                .ok_or_else(|| bad("image: required for kubernetes targets"))?;
+            let image = image.as_deref().ok_or_else(|| bad("image: required for kubernetes targets"))?;
             if image.is_empty() || image.len() > 512 || image.chars().any(char::is_whitespace) {
                 return Err(bad("image: must be a container image reference"));
             }
@@ -198,18 +163,13 @@ pub fn build_spec(
                 return Err(bad("port: must be between 1 and 65535"));
             }
             let path = health_path.get_or_insert_with(|| DEFAULT_HEALTH_PATH.to_string());
-            if !path.starts_with('/')
-                || path.len() > 256
-                || path.chars().any(|c| c.is_whitespace() || c.is_control())
-            {
+            if !path.starts_with('/') || path.len() > 256 || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 return Err(bad("health_path: must be an absolute path"));
             }
         }
     }
     match (auth_type, &auth_header_name) {
-        (AuthType::Header, None) => {
-            return Err(bad("auth_header_name: required when auth_type is header"))
-        }
+        (AuthType::Header, None) => return Err(bad("auth_header_name: required when auth_type is header")),
         (AuthType::Header, Some(name)) => {
             validate_header_name(name).map_err(|e| bad(format!("auth_header_name: {e}")))?
         }
@@ -226,10 +186,7 @@ pub fn build_spec(
         image,
         port,
         health_path,
-        statefulness: input
-            .statefulness
-            .or(current.map(|c| c.statefulness))
-            .unwrap_or(Statefulness::Stateless),
+        statefulness: input.statefulness.or(current.map(|c| c.statefulness)).unwrap_or(Statefulness::Stateless),
         isolation_boundary: input
             .isolation_boundary
             .or(current.map(|c| c.isolation_boundary))
@@ -242,11 +199,7 @@ pub fn build_spec(
 
 /// Loads a target or answers 404.
 pub async fn find(state: &AppState, id: Uuid) -> ApiResult<Target> {
-    state
-        .store
-        .get_target(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("target"))
+    state.store.get_target(id).await?.ok_or_else(|| ApiError::not_found("target"))
 }
 
 /// All targets.

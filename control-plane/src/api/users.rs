@@ -25,8 +25,7 @@ fn check_groups(groups: &[String]) -> ApiResult<()> {
         return Err(ApiError::bad_request("groups: at most 256 groups"));
     }
     for group in groups {
-        validate_principal_name("group", group)
-            .map_err(|e| ApiError::bad_request(format!("groups: {e}")))?;
+        validate_principal_name("group", group).map_err(|e| ApiError::bad_request(format!("groups: {e}")))?;
     }
     Ok(())
 }
@@ -74,13 +73,7 @@ pub async fn create(
     let password_hash = hash_password(body.password).await;
     let user = state
         .store
-        .create_user(NewUser {
-            email,
-            password_hash,
-            role,
-            groups: body.groups,
-            active: body.active,
-        })
+        .create_user(NewUser { email, password_hash, role, groups: body.groups, active: body.active })
         .await?;
     Ok((StatusCode::CREATED, Json(user)))
 }
@@ -88,20 +81,11 @@ pub async fn create(
 /// One user: admins may read anyone, users themselves.
 #[utoipa::path(get, path = "/api/users/{id}", tag = "users", security(("bearer" = [])), params(("id" = Uuid, Path)),
     responses((status = 200, body = User), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn get(
-    State(state): State<AppState>,
-    caller: Caller,
-    ApiPath(id): ApiPath<Uuid>,
-) -> ApiResult<Json<User>> {
+pub async fn get(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<Uuid>) -> ApiResult<Json<User>> {
     if caller.user.id != id {
         caller.require_admin()?;
     }
-    state
-        .store
-        .get_user(id)
-        .await?
-        .map(Json)
-        .ok_or_else(|| ApiError::not_found("user"))
+    state.store.get_user(id).await?.map(Json).ok_or_else(|| ApiError::not_found("user"))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -144,12 +128,7 @@ pub async fn update(
         }
         None => None,
     };
-    let update = UserUpdate {
-        role: body.role,
-        groups: body.groups,
-        active: body.active,
-        password_hash,
-    };
+    let update = UserUpdate { role: body.role, groups: body.groups, active: body.active, password_hash };
     Ok(Json(state.store.update_user(id, update).await?))
 }
 

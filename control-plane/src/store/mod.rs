@@ -83,32 +83,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Inserts or replaces a sealed secret. The ciphertext must already be bound to
     /// `(target, kind, scope, name)` by its associated data.
     async fn put_secret(&self, entry: SecretEntry) -> StoreResult<()>;
-    async fn delete_secret(
-        &self,
-        target_id: Uuid,
-        kind: SecretKind,
-        scope: &Scope,
-        name: &str,
-    ) -> StoreResult<()>;
+    async fn delete_secret(&self, target_id: Uuid, kind: SecretKind, scope: &Scope, name: &str) -> StoreResult<()>;
     /// Deletes every secret of a kind at one scope (all env keys of a role, say); returns
     /// how many were deleted.
-    async fn delete_scope_secrets(
-        &self,
-        target_id: Uuid,
-        kind: SecretKind,
-        scope: &Scope,
-    ) -> StoreResult<u64>;
-    async fn list_secrets(
-        &self,
-        target_id: Uuid,
-        kind: Option<SecretKind>,
-    ) -> StoreResult<Vec<SecretEntry>>;
+    async fn delete_scope_secrets(&self, target_id: Uuid, kind: SecretKind, scope: &Scope) -> StoreResult<u64>;
+    async fn list_secrets(&self, target_id: Uuid, kind: Option<SecretKind>) -> StoreResult<Vec<SecretEntry>>;
 
-    async fn create_policy(
-        &self,
-        spec: PolicySpec,
-        subjects: Vec<SubjectSpec>,
-    ) -> StoreResult<Policy>;
+    async fn create_policy(&self, spec: PolicySpec, subjects: Vec<SubjectSpec>) -> StoreResult<Policy>;
     async fn list_policies(&self) -> StoreResult<Vec<Policy>>;
     async fn get_policy(&self, id: Uuid) -> StoreResult<Option<Policy>>;
     /// Replaces the policy's fields, and its subjects when `subjects` is given.
@@ -119,38 +100,37 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         subjects: Option<Vec<SubjectSpec>>,
     ) -> StoreResult<Policy>;
     async fn delete_policy(&self, id: Uuid) -> StoreResult<()>;
-    async fn add_policy_subject(
-        &self,
-        policy_id: Uuid,
-        subject: SubjectSpec,
-    ) -> StoreResult<PolicySubject>;
+    async fn add_policy_subject(&self, policy_id: Uuid, subject: SubjectSpec) -> StoreResult<PolicySubject>;
     async fn remove_policy_subject(&self, policy_id: Uuid, subject_id: Uuid) -> StoreResult<()>;
+
+    /// Everything snapshots are compiled from, as of one moment.
+    async fn load_state(&self) -> StoreResult<StoreState>;
+    /// Records a data plane's status (insert or replace).
+    async fn put_data_plane(&self, status: &DataPlaneStatus) -> StoreResult<()>;
+    async fn list_data_planes(&self) -> StoreResult<Vec<DataPlaneStatus>>;
+    /// Records the version a control-plane replica serves.
+    async fn put_control_plane(&self, status: &ControlPlaneStatus) -> StoreResult<()>;
+    async fn list_control_planes(&self) -> StoreResult<Vec<ControlPlaneStatus>>;
+    /// Wakes `notify` whenever another process commits a change snapshots depend on, until
+    /// `shutdown` is cancelled. PostgreSQL: `LISTEN reflow_changes`. SQLite has one process,
+    /// which signals itself, so it returns at once.
+    async fn listen_for_changes(&self, notify: Arc<tokio::sync::Notify>, shutdown: tokio_util::sync::CancellationToken);
 }
 
 /// Connects to `url` (`postgres://…` or `sqlite:…`) and applies pending migrations.
 pub async fn connect(url: &str, max_connections: u32) -> StoreResult<DynStore> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let options =
-            sqlx::postgres::PgConnectOptions::from_str(url).map_err(StoreError::Unavailable)?;
+        let options = sqlx::postgres::PgConnectOptions::from_str(url).map_err(StoreError::Unavailable)?;
         // One direct connection first: a pool that cannot connect reports only a timeout,
         // while this names the cause (refused, authentication, unknown database).
-        options
-            .connect()
-            .await
-            .map_err(StoreError::Unavailable)?
-            .close()
-            .await
-            .map_err(StoreError::Unavailable)?;
+        options.connect().await.map_err(StoreError::Unavailable)?.close().await.map_err(StoreError::Unavailable)?;
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options)
             .await
             .map_err(StoreError::Unavailable)?;
-        sqlx::migrate!("../migrations/postgres")
-            .run(&pool)
-            .await
-            .map_err(StoreError::Migrate)?;
+        sqlx::migrate!("../migrations/postgres").run(&pool).await.map_err(StoreError::Migrate)?;
         Ok(Arc::new(PostgresStore::new(pool)))
     } else if url.starts_with("sqlite:") {
         let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)
@@ -166,10 +146,7 @@ pub async fn connect(url: &str, max_connections: u32) -> StoreResult<DynStore> {
             .connect_with(options)
             .await
             .map_err(StoreError::Unavailable)?;
-        sqlx::migrate!("../migrations/sqlite")
-            .run(&pool)
-            .await
-            .map_err(StoreError::Migrate)?;
+        sqlx::migrate!("../migrations/sqlite").run(&pool).await.map_err(StoreError::Migrate)?;
         Ok(Arc::new(SqliteStore::new(pool)))
     } else {
         Err(StoreError::Corrupt(format!(

@@ -72,53 +72,7 @@ pub struct NewApiToken {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
-macro_rules! text_enum {
-    ($(#[$meta:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
-        pub enum $name {
-            $(#[serde(rename = $text)] $variant),+
-        }
-
-        impl $name {
-            pub fn as_str(self) -> &'static str {
-                match self { $($name::$variant => $text),+ }
-            }
-
-            pub fn parse(text: &str) -> Option<Self> {
-                match text { $($text => Some($name::$variant),)+ _ => None }
-            }
-        }
-    };
-}
-
-text_enum!(
-    /// How the gateway reaches a target.
-    TransportType { StreamableHttp = "streamable-http", Sse = "sse", Stdio = "stdio", Kubernetes = "kubernetes" }
-);
-text_enum!(
-    /// Whether a target keeps per-session state (decides session affinity upstream).
-    Statefulness { Stateless = "stateless", Stateful = "stateful" }
-);
-text_enum!(
-    /// How the resolved token is sent to an HTTP or SSE target.
-    AuthType { Bearer = "bearer", Header = "header", None = "none" }
-);
-text_enum!(
-    /// What a policy applies to.
-    ResourceType { All = "all", Tool = "tool", Resource = "resource", Prompt = "prompt" }
-);
-text_enum!(
-    Effect { Allow = "allow", Deny = "deny" }
-);
-text_enum!(
-    /// Who a policy applies to.
-    SubjectType { User = "user", Role = "role", Group = "group", Everyone = "everyone" }
-);
-text_enum!(
-    /// The two kinds of per-scope secret a target has.
-    SecretKind { Token = "token", Env = "env" }
-);
+pub use reflow_common::model::{AuthType, Effect, ResourceType, SecretKind, Statefulness, SubjectType, TransportType};
 
 /// A validated target definition, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -237,4 +191,50 @@ pub struct Policy {
     pub subjects: Vec<PolicySubject>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// Everything snapshots are compiled from, read in one consistent transaction.
+#[derive(Debug, Clone, Default)]
+pub struct StoreState {
+    pub users: Vec<User>,
+    pub targets: Vec<Target>,
+    pub policies: Vec<Policy>,
+    /// Tokens with the SHA-256 of their secret.
+    pub api_tokens: Vec<(ApiToken, Vec<u8>)>,
+    pub secrets: Vec<SecretEntry>,
+}
+
+/// A rejected snapshot version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct Rejection {
+    pub version: String,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+/// What the control plane knows of a data plane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct DataPlaneStatus {
+    pub node_id: String,
+    pub group: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub build_version: String,
+    /// The control-plane replica it is (or was last) connected to.
+    pub control_plane_id: String,
+    /// Connected now: its stream is open and it was seen within the last minute.
+    pub connected: bool,
+    pub connected_since: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    pub acked_version: Option<String>,
+    pub acked_at: Option<DateTime<Utc>>,
+    pub last_rejection: Option<Rejection>,
+}
+
+/// A control-plane replica and the snapshot version it serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct ControlPlaneStatus {
+    pub id: String,
+    pub version: String,
+    pub started_at: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
 }

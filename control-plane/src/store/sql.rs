@@ -9,6 +9,7 @@
 //! lock under contention, so every multi-statement transaction here writes first.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -32,23 +33,16 @@ const POLICY_COLUMNS: &str =
 /// Maps a driver error; `conflict` is the message for a unique-constraint violation.
 fn classify(error: sqlx::Error, conflict: &str) -> StoreError {
     match &error {
-        sqlx::Error::Database(db) if db.is_unique_violation() => {
-            StoreError::Conflict(conflict.to_string())
-        }
-        sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
-            StoreError::NotFound("referenced record".into())
-        }
+        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(conflict.to_string()),
+        sqlx::Error::Database(db) if db.is_foreign_key_violation() => StoreError::NotFound("referenced record".into()),
         sqlx::Error::Database(db)
-            if db
-                .code()
-                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "53300") =>
+            if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "53300") =>
         {
             StoreError::Unavailable(error)
         }
-        sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_) => StoreError::Unavailable(error),
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
+            StoreError::Unavailable(error)
+        }
         _ => StoreError::Database(error),
     }
 }
@@ -66,7 +60,7 @@ fn parse_text<T>(what: &str, value: String, parse: impl Fn(&str) -> Option<T>) -
 }
 
 macro_rules! sql_store {
-    ($Store:ident, $Db:ty, $Row:ty, $backend:literal) => {
+    ($Store:ident, $Db:ty, $Row:ty, $backend:literal, $snapshot_isolation:literal) => {
         /// The store on one backend.
         #[derive(Debug, Clone)]
         pub struct $Store {
@@ -811,6 +805,166 @@ macro_rules! sql_store {
                 }
                 Ok(())
             }
+
+            async fn load_state(&self) -> StoreResult<StoreState> {
+                let mut tx = self.pool.begin().await.map_err(db)?;
+                sqlx::query($snapshot_isolation).execute(&mut *tx).await.map_err(db)?;
+                let mut groups: HashMap<Uuid, Vec<String>> = HashMap::new();
+                for row in sqlx::query("SELECT user_id, group_name FROM user_groups ORDER BY group_name")
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(db)?
+                {
+                    groups.entry(row.try_get("user_id").map_err(db)?).or_default().push(row.try_get("group_name").map_err(db)?);
+                }
+                let users = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users ORDER BY id"))
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(db)?
+                    .iter()
+                    .map(|row| {
+                        let id: Uuid = row.try_get("id").map_err(db)?;
+                        Self::user_from_row(row, groups.remove(&id).unwrap_or_default())
+                    })
+                    .collect::<StoreResult<Vec<_>>>()?;
+                let targets = sqlx::query(&format!("SELECT {TARGET_COLUMNS} FROM targets ORDER BY id"))
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(db)?
+                    .iter()
+                    .map(Self::target_from_row)
+                    .collect::<StoreResult<Vec<_>>>()?;
+                let mut subjects = Self::subjects_of(&mut *tx, None).await?;
+                let policies = sqlx::query(&format!("SELECT {POLICY_COLUMNS} FROM policies ORDER BY id"))
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(db)?
+                    .iter()
+                    .map(|row| {
+                        let id: Uuid = row.try_get("id").map_err(db)?;
+                        Self::policy_from_row(row, subjects.remove(&id).unwrap_or_default())
+                    })
+                    .collect::<StoreResult<Vec<_>>>()?;
+                let api_tokens = sqlx::query(&format!("SELECT {TOKEN_COLUMNS}, token_hash FROM api_tokens ORDER BY id"))
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(db)?
+                    .iter()
+                    .map(|row| Ok((Self::token_from_row(row)?, row.try_get::<Vec<u8>, _>("token_hash").map_err(db)?)))
+                    .collect::<StoreResult<Vec<_>>>()?;
+                let secrets = sqlx::query(
+                    "SELECT target_id, kind, scope_type, scope_value, name, ciphertext, key_version, updated_at \
+                     FROM target_secrets ORDER BY target_id, kind, scope_type, scope_value, name",
+                )
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db)?
+                .iter()
+                .map(Self::secret_from_row)
+                .collect::<StoreResult<Vec<_>>>()?;
+                tx.commit().await.map_err(db)?;
+                Ok(StoreState { users, targets, policies, api_tokens, secrets })
+            }
+
+            async fn put_data_plane(&self, status: &DataPlaneStatus) -> StoreResult<()> {
+                let rejection = status.last_rejection.as_ref();
+                sqlx::query(
+                    "INSERT INTO data_planes (node_id, node_group, labels, build_version, control_plane_id, connected, \
+                     connected_since, last_seen, acked_version, acked_at, nack_version, nack_reason, nack_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+                     ON CONFLICT (node_id) DO UPDATE SET node_group = excluded.node_group, labels = excluded.labels, \
+                     build_version = excluded.build_version, control_plane_id = excluded.control_plane_id, \
+                     connected = excluded.connected, connected_since = excluded.connected_since, last_seen = excluded.last_seen, \
+                     acked_version = excluded.acked_version, acked_at = excluded.acked_at, nack_version = excluded.nack_version, \
+                     nack_reason = excluded.nack_reason, nack_at = excluded.nack_at",
+                )
+                .bind(&status.node_id)
+                .bind(&status.group)
+                .bind(serde_json::to_string(&status.labels).unwrap_or_else(|_| "{}".into()))
+                .bind(&status.build_version)
+                .bind(&status.control_plane_id)
+                .bind(status.connected)
+                .bind(status.connected_since)
+                .bind(status.last_seen)
+                .bind(&status.acked_version)
+                .bind(status.acked_at)
+                .bind(rejection.map(|r| r.version.clone()))
+                .bind(rejection.map(|r| r.reason.clone()))
+                .bind(rejection.map(|r| r.at))
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(())
+            }
+
+            async fn list_data_planes(&self) -> StoreResult<Vec<DataPlaneStatus>> {
+                let rows = sqlx::query("SELECT * FROM data_planes ORDER BY node_id").fetch_all(&self.pool).await.map_err(db)?;
+                let stale = now() - chrono::Duration::seconds(60);
+                rows.iter()
+                    .map(|row| {
+                        let labels: String = row.try_get("labels").map_err(db)?;
+                        let last_seen: DateTime<Utc> = row.try_get("last_seen").map_err(db)?;
+                        let nack_version: Option<String> = row.try_get("nack_version").map_err(db)?;
+                        let last_rejection = match nack_version {
+                            Some(version) => Some(Rejection {
+                                version,
+                                reason: row.try_get::<Option<String>, _>("nack_reason").map_err(db)?.unwrap_or_default(),
+                                at: row.try_get::<Option<DateTime<Utc>>, _>("nack_at").map_err(db)?.unwrap_or(last_seen),
+                            }),
+                            None => None,
+                        };
+                        Ok(DataPlaneStatus {
+                            node_id: row.try_get("node_id").map_err(db)?,
+                            group: row.try_get("node_group").map_err(db)?,
+                            labels: serde_json::from_str(&labels).map_err(|_| corrupt("labels", &labels))?,
+                            build_version: row.try_get("build_version").map_err(db)?,
+                            control_plane_id: row.try_get("control_plane_id").map_err(db)?,
+                            connected: row.try_get::<bool, _>("connected").map_err(db)? && last_seen > stale,
+                            connected_since: row.try_get("connected_since").map_err(db)?,
+                            last_seen,
+                            acked_version: row.try_get("acked_version").map_err(db)?,
+                            acked_at: row.try_get("acked_at").map_err(db)?,
+                            last_rejection,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn put_control_plane(&self, status: &ControlPlaneStatus) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO control_planes (id, version, started_at, last_seen) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (id) DO UPDATE SET version = excluded.version, last_seen = excluded.last_seen",
+                )
+                .bind(&status.id)
+                .bind(&status.version)
+                .bind(status.started_at)
+                .bind(status.last_seen)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(())
+            }
+
+            async fn list_control_planes(&self) -> StoreResult<Vec<ControlPlaneStatus>> {
+                let rows = sqlx::query("SELECT id, version, started_at, last_seen FROM control_planes ORDER BY id")
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db)?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(ControlPlaneStatus {
+                            id: row.try_get("id").map_err(db)?,
+                            version: row.try_get("version").map_err(db)?,
+                            started_at: row.try_get("started_at").map_err(db)?,
+                            last_seen: row.try_get("last_seen").map_err(db)?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn listen_for_changes(&self, notify: Arc<tokio::sync::Notify>, shutdown: tokio_util::sync::CancellationToken) {
+                self.change_listener(notify, shutdown).await
+            }
         }
     };
 }
@@ -819,6 +973,45 @@ sql_store!(
     PostgresStore,
     sqlx::Postgres,
     sqlx::postgres::PgRow,
-    "postgres"
+    "postgres",
+    "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 );
-sql_store!(SqliteStore, sqlx::Sqlite, sqlx::sqlite::SqliteRow, "sqlite");
+// A SQLite read transaction sees one snapshot of the database from its first read on.
+sql_store!(SqliteStore, sqlx::Sqlite, sqlx::sqlite::SqliteRow, "sqlite", "SELECT 1");
+
+impl PostgresStore {
+    async fn change_listener(&self, notify: Arc<tokio::sync::Notify>, shutdown: tokio_util::sync::CancellationToken) {
+        let mut backoff = std::time::Duration::from_millis(200);
+        while !shutdown.is_cancelled() {
+            let listen = async {
+                let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+                listener.listen("reflow_changes").await?;
+                // Changes committed while not listening are caught by this wake-up.
+                notify.notify_one();
+                loop {
+                    listener.recv().await?;
+                    notify.notify_one();
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                result = listen => {
+                    let result: Result<(), sqlx::Error> = result;
+                    if let Err(error) = result {
+                        tracing::warn!(%error, "change listener lost its connection; retrying");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+        }
+    }
+}
+
+impl SqliteStore {
+    async fn change_listener(&self, _notify: Arc<tokio::sync::Notify>, _shutdown: tokio_util::sync::CancellationToken) {
+    }
+}

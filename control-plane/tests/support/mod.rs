@@ -37,21 +37,12 @@ impl Drop for TestDb {
             let (admin_url, name) = (admin_url.clone(), name.clone());
             // Drop runs inside the test's runtime; use a thread with its own runtime.
             let _ = std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
                 runtime.block_on(async {
-                    if let Ok(mut conn) = PgConnectOptions::from_str(&admin_url)
-                        .unwrap()
-                        .connect()
-                        .await
-                    {
-                        let _ = sqlx::query(&format!(
-                            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-                        ))
-                        .execute(&mut conn)
-                        .await;
+                    if let Ok(mut conn) = PgConnectOptions::from_str(&admin_url).unwrap().connect().await {
+                        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                            .execute(&mut conn)
+                            .await;
                     }
                 });
             })
@@ -68,9 +59,7 @@ pub fn database_url() -> String {
 }
 
 pub async fn sqlite_db() -> TestDb {
-    TestDb::Sqlite {
-        dir: tempfile::tempdir().unwrap(),
-    }
+    TestDb::Sqlite { dir: tempfile::tempdir().unwrap() }
 }
 
 pub async fn postgres_db() -> TestDb {
@@ -81,10 +70,7 @@ pub async fn postgres_db() -> TestDb {
         .connect()
         .await
         .expect("connect to DATABASE_URL");
-    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-        .execute(&mut conn)
-        .await
-        .expect("create test database");
+    sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&mut conn).await.expect("create test database");
     TestDb::Postgres { admin_url, name }
 }
 
@@ -95,9 +81,7 @@ pub async fn store(backend: &str) -> (DynStore, TestDb) {
         "postgres" => postgres_db().await,
         other => panic!("unknown backend {other}"),
     };
-    let store = store::connect(&db.url(), 5)
-        .await
-        .expect("connect and migrate");
+    let store = store::connect(&db.url(), 5).await.expect("connect and migrate");
     (store, db)
 }
 
@@ -135,9 +119,7 @@ impl Drop for TestApi {
 }
 
 /// The config tests run with; `tweak` adjusts it.
-pub fn test_config(
-    tweak: impl FnOnce(&mut reflow_common::config::Config),
-) -> reflow_common::config::Config {
+pub fn test_config(tweak: impl FnOnce(&mut reflow_common::config::Config)) -> reflow_common::config::Config {
     let mut config = reflow_common::config::Config::default();
     config.jwt.secret = Some("test-secret-test-secret-test-secret!".into());
     config.encryption.key = Some(reflow_common::crypto::Key::generate().to_hex());
@@ -146,10 +128,7 @@ pub fn test_config(
     config
 }
 
-pub async fn spawn_api(
-    backend: &str,
-    tweak: impl FnOnce(&mut reflow_common::config::Config),
-) -> TestApi {
+pub async fn spawn_api(backend: &str, tweak: impl FnOnce(&mut reflow_common::config::Config)) -> TestApi {
     let (store, db) = store(backend).await;
     let config = test_config(tweak);
     let control_plane = reflow_control_plane::ControlPlane::new(&config, store.clone()).unwrap();
@@ -159,13 +138,7 @@ pub async fn spawn_api(
     tokio::spawn(control_plane.serve(listener, async move {
         let _ = rx.await;
     }));
-    TestApi {
-        base,
-        http: reqwest::Client::new(),
-        store,
-        db,
-        shutdown: Some(tx),
-    }
+    TestApi { base, http: reqwest::Client::new(), store, db, shutdown: Some(tx) }
 }
 
 impl TestApi {
@@ -190,55 +163,32 @@ impl TestApi {
         let json = if text.is_empty() {
             serde_json::Value::Null
         } else {
-            serde_json::from_str(&text)
-                .unwrap_or_else(|_| panic!("non-JSON body for {path}: {text}"))
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("non-JSON body for {path}: {text}"))
         };
         (status, json)
     }
 
     pub async fn get(&self, path: &str, token: &str) -> (u16, serde_json::Value) {
-        self.call(reqwest::Method::GET, path, Some(token), None)
-            .await
+        self.call(reqwest::Method::GET, path, Some(token), None).await
     }
 
-    pub async fn post(
-        &self,
-        path: &str,
-        token: Option<&str>,
-        body: serde_json::Value,
-    ) -> (u16, serde_json::Value) {
-        self.call(reqwest::Method::POST, path, token, Some(body))
-            .await
+    pub async fn post(&self, path: &str, token: Option<&str>, body: serde_json::Value) -> (u16, serde_json::Value) {
+        self.call(reqwest::Method::POST, path, token, Some(body)).await
     }
 
-    pub async fn put(
-        &self,
-        path: &str,
-        token: &str,
-        body: serde_json::Value,
-    ) -> (u16, serde_json::Value) {
-        self.call(reqwest::Method::PUT, path, Some(token), Some(body))
-            .await
+    pub async fn put(&self, path: &str, token: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        self.call(reqwest::Method::PUT, path, Some(token), Some(body)).await
     }
 
     pub async fn delete(&self, path: &str, token: &str) -> (u16, serde_json::Value) {
-        self.call(reqwest::Method::DELETE, path, Some(token), None)
-            .await
+        self.call(reqwest::Method::DELETE, path, Some(token), None).await
     }
 
     /// Registers a user and returns their JWT and id.
     pub async fn register(&self, email: &str) -> (String, String) {
-        let (status, body) = self
-            .post(
-                "/api/auth/register",
-                None,
-                serde_json::json!({"email": email, "password": "password123"}),
-            )
-            .await;
+        let (status, body) =
+            self.post("/api/auth/register", None, serde_json::json!({"email": email, "password": "password123"})).await;
         assert_eq!(status, 201, "{body}");
-        (
-            body["token"].as_str().unwrap().to_string(),
-            body["user"]["id"].as_str().unwrap().to_string(),
-        )
+        (body["token"].as_str().unwrap().to_string(), body["user"]["id"].as_str().unwrap().to_string())
     }
 }

@@ -1,0 +1,87 @@
+//! `reflow data-plane`: serves traffic from the snapshot a control plane streams to it, and
+//! from its encrypted cache while the control plane is unreachable.
+
+use std::path::PathBuf;
+
+use axum::routing::get;
+use clap::Args;
+use reflow_common::config::ConfigError;
+use reflow_control_plane::bind;
+use reflow_data_plane::sync::SyncConfig;
+use reflow_data_plane::DataPlane;
+
+use crate::{init_logging, load_config, shutdown_token, CommonArgs, Failure};
+
+const DEFAULT_PORT: u16 = 8080;
+
+#[derive(Debug, Args)]
+pub struct DataPlaneArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The control plane's gRPC address, e.g. http://control-plane:50051 (overrides data_plane.control_plane).
+    #[arg(long, env = "REFLOW_CONTROL_PLANE")]
+    control_plane: Option<String>,
+    /// The data-plane token (overrides data_plane.token).
+    #[arg(long, env = "REFLOW_DATA_PLANE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Where the encrypted snapshot cache lives (overrides data_plane.cache_dir).
+    #[arg(long, env = "REFLOW_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// This data plane's id (overrides data_plane.node_id; default: host name and pid).
+    #[arg(long, env = "REFLOW_NODE_ID")]
+    node_id: Option<String>,
+    /// Node group (overrides data_plane.group).
+    #[arg(long)]
+    group: Option<String>,
+}
+
+pub async fn run(args: DataPlaneArgs) -> Result<(), Failure> {
+    let mut config = load_config(&args.common)?;
+    if args.common.port.is_none() && args.common.config.is_none() {
+        config.server.port = DEFAULT_PORT;
+    }
+    let dp = &mut config.data_plane;
+    if let Some(url) = args.control_plane {
+        dp.control_plane = Some(url);
+    }
+    if let Some(token) = args.token {
+        dp.token = Some(token);
+    }
+    if let Some(dir) = args.cache_dir {
+        dp.cache_dir = Some(dir.display().to_string());
+    }
+    if let Some(node_id) = args.node_id {
+        dp.node_id = Some(node_id);
+    }
+    if let Some(group) = args.group {
+        dp.group = group;
+    }
+    config.validate()?;
+    let dp = config.data_plane.clone();
+    let control_plane = dp.control_plane.ok_or_else(|| {
+        ConfigError::new("data_plane.control_plane", "required: pass --control-plane http://HOST:50051")
+    })?;
+    let token = dp.token.ok_or_else(|| ConfigError::new("data_plane.token", "required: pass --token"))?;
+    init_logging(&config)?;
+    let sync = SyncConfig {
+        control_plane,
+        token,
+        node_id: dp.node_id.unwrap_or_else(reflow_control_plane::default_instance_id),
+        group: dp.group,
+        labels: dp.labels.into_iter().collect(),
+    };
+    let data_plane = DataPlane::new(sync, dp.cache_dir.map(PathBuf::from));
+    let listener = bind(&config.server.host, config.server.port).await?;
+    let shutdown = shutdown_token();
+    let syncing = data_plane.start_sync(shutdown.clone());
+    let router =
+        data_plane.router().route("/health", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }));
+    tracing::info!(address = %listener.local_addr().map_err(anyhow::Error::from)?, "data plane listening");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await
+        .map_err(anyhow::Error::from)?;
+    shutdown.cancel();
+    syncing.await.map_err(anyhow::Error::from)?;
+    Ok(())
+}

@@ -1,0 +1,424 @@
+//! Snapshot distribution, control-plane side.
+//!
+//! - The **compiler loop** recompiles when woken: by the admin API after a write, by
+//!   PostgreSQL `NOTIFY` when another replica wrote, and by a periodic safety tick. A new
+//!   version is published to the [`SnapshotHub`] (a `watch` channel plus a short history to
+//!   diff from).
+//! - The **gRPC service** authenticates each data plane by its token, reads its `Hello`, and
+//!   streams the full state or a diff from the version it holds, then a diff per new version.
+//!   It records acknowledgements and rejections as the data plane's status.
+//!
+//! A store that is down stops compilation only: streams stay open and keep the last version.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::Stream;
+use reflow_common::crypto::{DeterministicSealer, Keyring};
+use reflow_proto::snapshot::v1::snapshot_service_server::{SnapshotService, SnapshotServiceServer};
+use reflow_proto::snapshot::v1::{sync_request, Hello, SnapshotUpdate, SyncRequest};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::compile::{compile, CompileKeys, Snapshot};
+use crate::store::{now, ControlPlaneStatus, DataPlaneStatus, DynStore, Rejection};
+
+/// How many past versions are kept to diff from.
+const HISTORY: usize = 64;
+/// How long a new stream may take to say `Hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often stream status (last seen) and replica status are refreshed.
+const HEARTBEAT: Duration = Duration::from_secs(15);
+/// Safety recompilation when no change notification arrived.
+const SAFETY_TICK: Duration = Duration::from_secs(30);
+/// Changes arriving together are compiled once.
+const DEBOUNCE: Duration = Duration::from_millis(2);
+
+/// The latest compiled snapshot and recent history, shared by the compiler and streams.
+#[derive(Debug)]
+pub struct SnapshotHub {
+    id: String,
+    started_at: chrono::DateTime<chrono::Utc>,
+    /// Wakes the compiler loop; the API signals it after every successful write.
+    changes: Arc<Notify>,
+    /// The current snapshot; streams wait on it for new versions.
+    current: watch::Sender<Option<Arc<Snapshot>>>,
+    /// Recent versions, newest last, so a data plane holding one of them gets a diff.
+    history: Mutex<VecDeque<Arc<Snapshot>>>,
+}
+
+impl SnapshotHub {
+    pub fn new(id: String) -> Arc<Self> {
+        Arc::new(SnapshotHub {
+            id,
+            started_at: now(),
+            changes: Arc::new(Notify::new()),
+            current: watch::channel(None).0,
+            history: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Asks for a recompilation.
+    pub fn changed(&self) {
+        self.changes.notify_one();
+    }
+
+    pub fn current(&self) -> Option<Arc<Snapshot>> {
+        self.current.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Snapshot>>> {
+        self.current.subscribe()
+    }
+
+    fn find(&self, version: &str) -> Option<Arc<Snapshot>> {
+        if version.is_empty() {
+            return None;
+        }
+        self.history.lock().expect("history lock").iter().rev().find(|s| s.version == version).cloned()
+    }
+
+    /// Publishes `snapshot` if its version is new. Returns whether it was.
+    pub fn publish(&self, snapshot: Snapshot) -> bool {
+        if self.current.borrow().as_ref().is_some_and(|c| c.version == snapshot.version) {
+            return false;
+        }
+        let snapshot = Arc::new(snapshot);
+        {
+            let mut history = self.history.lock().expect("history lock");
+            history.push_back(snapshot.clone());
+            while history.len() > HISTORY {
+                history.pop_front();
+            }
+        }
+        self.current.send_replace(Some(snapshot));
+        true
+    }
+
+    fn status(&self) -> Option<ControlPlaneStatus> {
+        self.current().map(|snapshot| ControlPlaneStatus {
+            id: self.id.clone(),
+            version: snapshot.version.clone(),
+            started_at: self.started_at,
+            last_seen: now(),
+        })
+    }
+}
+
+/// What the compiler needs to seal and sign, owned.
+#[derive(Debug, Clone)]
+pub struct CompilerSecrets {
+    pub store_keyring: Arc<Keyring>,
+    pub sealer: DeterministicSealer,
+    pub jwt_secret: Vec<u8>,
+    pub jwt_issuer: String,
+    pub jwt_audience: String,
+}
+
+/// Loads the state and compiles it once. Errors are logged; the previous version stays.
+pub async fn compile_once(hub: &SnapshotHub, store: &DynStore, secrets: &CompilerSecrets) -> bool {
+    let state = match store.load_state().await {
+        Ok(state) => state,
+        Err(error) => {
+            tracing::warn!(%error, "cannot load state to compile a snapshot; keeping the current version");
+            return false;
+        }
+    };
+    let keys = CompileKeys {
+        store_keyring: &secrets.store_keyring,
+        sealer: &secrets.sealer,
+        jwt_secret: &secrets.jwt_secret,
+        jwt_issuer: &secrets.jwt_issuer,
+        jwt_audience: &secrets.jwt_audience,
+    };
+    match compile(&state, keys) {
+        Ok(snapshot) => {
+            let version = snapshot.version.clone();
+            let resources = snapshot.resources.len();
+            let published = hub.publish(snapshot);
+            if published {
+                tracing::info!(%version, resources, "snapshot published");
+                if let Some(status) = hub.status() {
+                    if let Err(error) = store.put_control_plane(&status).await {
+                        tracing::debug!(%error, "cannot record control-plane status");
+                    }
+                }
+            }
+            published
+        }
+        Err(error) => {
+            tracing::error!(%error, "snapshot compilation failed; keeping the current version");
+            false
+        }
+    }
+}
+
+/// Recompiles on every change notification until `shutdown`.
+pub async fn run_compiler(
+    hub: Arc<SnapshotHub>,
+    store: DynStore,
+    secrets: CompilerSecrets,
+    shutdown: CancellationToken,
+) {
+    let listener = {
+        let (store, changes, shutdown) = (store.clone(), hub.changes.clone(), shutdown.clone());
+        tokio::spawn(async move { store.listen_for_changes(changes, shutdown).await })
+    };
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut safety = tokio::time::interval(SAFETY_TICK);
+    safety.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = hub.changes.notified() => {
+                tokio::time::sleep(DEBOUNCE).await;
+                compile_once(&hub, &store, &secrets).await;
+            }
+            _ = safety.tick() => {
+                compile_once(&hub, &store, &secrets).await;
+            }
+            _ = heartbeat.tick() => {
+                if let Some(status) = hub.status() {
+                    let _ = store.put_control_plane(&status).await;
+                }
+            }
+        }
+    }
+    let _ = listener.await;
+}
+
+/// The gRPC snapshot service.
+#[derive(Debug, Clone)]
+pub struct SnapshotGrpc {
+    hub: Arc<SnapshotHub>,
+    store: DynStore,
+    /// SHA-256 of the data-plane token; compared instead of the token itself.
+    token_hash: [u8; 32],
+    shutdown: CancellationToken,
+}
+
+impl SnapshotGrpc {
+    pub fn new(hub: Arc<SnapshotHub>, store: DynStore, data_plane_token: &str, shutdown: CancellationToken) -> Self {
+        SnapshotGrpc { hub, store, token_hash: Sha256::digest(data_plane_token.as_bytes()).into(), shutdown }
+    }
+
+    pub fn into_server(self) -> SnapshotServiceServer<Self> {
+        SnapshotServiceServer::new(self)
+    }
+
+    fn authenticate<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|t| <[u8; 32]>::from(Sha256::digest(t.as_bytes())));
+        if presented == Some(self.token_hash) {
+            return Ok(());
+        }
+        tracing::warn!(remote = ?request.remote_addr(), "refused a data plane: missing or wrong data-plane token");
+        Err(Status::unauthenticated("data-plane token missing or wrong"))
+    }
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<SnapshotUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SnapshotService for SnapshotGrpc {
+    type SyncStream = UpdateStream;
+
+    async fn sync(&self, request: Request<Streaming<SyncRequest>>) -> Result<Response<Self::SyncStream>, Status> {
+        self.authenticate(&request)?;
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(SyncRequest { kind: Some(sync_request::Kind::Hello(hello)) }))) => hello,
+            Ok(Ok(_)) => return Err(Status::invalid_argument("the first message must be Hello")),
+            Ok(Err(status)) => return Err(status),
+            Err(_) => return Err(Status::deadline_exceeded("no Hello within 10 seconds")),
+        };
+        if hello.node_id.is_empty() || hello.node_id.len() > 253 {
+            return Err(Status::invalid_argument("Hello.node_id must be 1 to 253 characters"));
+        }
+        let (tx, rx) = mpsc::channel(8);
+        let session = Session::new(self.hub.clone(), self.store.clone(), &hello, tx);
+        tokio::spawn(session.run(hello.have_version, inbound, self.shutdown.clone()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// One data plane's stream.
+struct Session {
+    hub: Arc<SnapshotHub>,
+    tx: mpsc::Sender<Result<SnapshotUpdate, Status>>,
+    /// Latest status; a writer task persists it so a slow or absent store never stalls
+    /// the stream.
+    status: watch::Sender<DataPlaneStatus>,
+    _writer: tokio::task::JoinHandle<()>,
+    /// The snapshot the data plane holds after applying everything sent so far.
+    sent: Option<Arc<Snapshot>>,
+    /// The snapshot it acknowledged last.
+    acked: Option<Arc<Snapshot>>,
+}
+
+impl Session {
+    fn new(
+        hub: Arc<SnapshotHub>,
+        store: DynStore,
+        hello: &Hello,
+        tx: mpsc::Sender<Result<SnapshotUpdate, Status>>,
+    ) -> Self {
+        let at = now();
+        let status = DataPlaneStatus {
+            node_id: hello.node_id.clone(),
+            group: hello.group.clone(),
+            labels: hello.labels.clone().into_iter().collect(),
+            build_version: hello.build_version.clone(),
+            control_plane_id: hub.id.clone(),
+            connected: true,
+            connected_since: at,
+            last_seen: at,
+            acked_version: None,
+            acked_at: None,
+            last_rejection: None,
+        };
+        let (status, mut updates) = watch::channel(status);
+        let writer = tokio::spawn(async move {
+            loop {
+                let current = updates.borrow_and_update().clone();
+                if let Err(error) = store.put_data_plane(&current).await {
+                    tracing::debug!(%error, node = %current.node_id, "cannot record data-plane status");
+                }
+                if updates.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+        tracing::info!(node = %hello.node_id, group = %hello.group, build = %hello.build_version, have = %hello.have_version, "data plane connected");
+        Session { hub, tx, status, _writer: writer, sent: None, acked: None }
+    }
+
+    /// Sends what turns the data plane's state into `target`: a diff from what it will hold,
+    /// or the full state.
+    async fn send(&mut self, target: Arc<Snapshot>, force_full: bool) -> bool {
+        let base = if force_full { None } else { self.sent.clone() };
+        if base.as_ref().is_some_and(|b| b.version == target.version) {
+            return true;
+        }
+        let update = match &base {
+            Some(base) => {
+                let diff = target.diff_from(base);
+                SnapshotUpdate {
+                    version: target.version.clone(),
+                    base_version: base.version.clone(),
+                    upserts: diff.upserts,
+                    removals: diff.removals,
+                    control_plane_id: self.hub.id.clone(),
+                }
+            }
+            None => SnapshotUpdate {
+                version: target.version.clone(),
+                base_version: String::new(),
+                upserts: target.full(),
+                removals: Vec::new(),
+                control_plane_id: self.hub.id.clone(),
+            },
+        };
+        self.sent = Some(target);
+        self.tx.send(Ok(update)).await.is_ok()
+    }
+
+    async fn run(mut self, have_version: String, mut inbound: Streaming<SyncRequest>, shutdown: CancellationToken) {
+        let node = self.status.borrow().node_id.clone();
+        // A data plane that holds a version this replica knows gets a diff (or nothing).
+        if let Some(known) = self.hub.find(&have_version) {
+            self.sent = Some(known.clone());
+            self.acked = Some(known);
+            self.status.send_modify(|s| {
+                s.acked_version = Some(have_version.clone());
+                s.acked_at = Some(now());
+            });
+        }
+        let mut current = self.hub.subscribe();
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let initial = current.borrow_and_update().clone();
+        if let Some(snapshot) = initial {
+            if !self.send(snapshot, false).await {
+                return self.close(&node, "stream closed");
+            }
+        }
+        let reason = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break "control plane shutting down",
+                changed = current.changed() => {
+                    if changed.is_err() {
+                        break "snapshot hub closed";
+                    }
+                    let latest = current.borrow_and_update().clone();
+                    if let Some(snapshot) = latest {
+                        if !self.send(snapshot, false).await {
+                            break "stream closed";
+                        }
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    self.status.send_modify(|s| s.last_seen = now());
+                }
+                message = inbound.message() => match message {
+                    Ok(Some(SyncRequest { kind: Some(sync_request::Kind::Ack(ack)) })) => {
+                        if self.sent.as_ref().is_some_and(|s| s.version == ack.version) {
+                            self.acked = self.sent.clone();
+                        } else if let Some(known) = self.hub.find(&ack.version) {
+                            self.acked = Some(known);
+                        }
+                        tracing::debug!(%node, version = %ack.version, "data plane acknowledged");
+                        self.status.send_modify(|s| {
+                            s.acked_version = Some(ack.version.clone());
+                            s.acked_at = Some(now());
+                            s.last_seen = now();
+                        });
+                    }
+                    Ok(Some(SyncRequest { kind: Some(sync_request::Kind::Nack(nack)) })) => {
+                        tracing::warn!(%node, version = %nack.version, reason = %nack.reason, want_full = nack.want_full, "data plane rejected a snapshot");
+                        self.status.send_modify(|s| {
+                            s.last_rejection = Some(Rejection { version: nack.version.clone(), reason: nack.reason.clone(), at: now() });
+                            s.last_seen = now();
+                        });
+                        // The data plane kept what it acknowledged last.
+                        self.sent = self.acked.clone();
+                        if nack.want_full {
+                            let latest = current.borrow().clone();
+                            if let Some(snapshot) = latest {
+                                if !self.send(snapshot, true).await {
+                                    break "stream closed";
+                                }
+                            }
+                        }
+                    }
+                    Ok(Some(_)) => break "unexpected message",
+                    Ok(None) => break "data plane closed the stream",
+                    Err(_) => break "stream error",
+                }
+            }
+        };
+        self.close(&node, reason)
+    }
+
+    fn close(self, node: &str, reason: &str) {
+        tracing::info!(%node, %reason, "data plane disconnected");
+        self.status.send_modify(|s| {
+            s.connected = false;
+            s.last_seen = now();
+        });
+    }
+}

@@ -1,0 +1,80 @@
+//! The Reflow data plane: it holds the latest snapshot from the control plane in memory
+//! (and, encrypted, on disk) and decides everything from it, with no database connection.
+//!
+//! # Layout
+//! - [`snapshot`]: applying an update (validate everything, then swap) and the decoded view.
+//! - [`state`]: the atomically swapped current snapshot.
+//! - [`sync`]: the stream to the control plane: reconnect, apply, acknowledge or reject.
+//! - [`cache`]: the encrypted on-disk copy used to restart while the control plane is away.
+//! - [`auth`]: authenticating clients from the snapshot.
+//! - [`http`]: `/ready` and the `/mcp` gate.
+
+pub mod auth;
+pub mod cache;
+pub mod http;
+pub mod snapshot;
+pub mod state;
+pub mod sync;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use reflow_common::crypto::DeterministicSealer;
+use tokio_util::sync::CancellationToken;
+
+use cache::Cache;
+use state::SnapshotState;
+use sync::SyncConfig;
+
+/// A data plane: its snapshot state, how it syncs, and its cache.
+#[derive(Debug, Clone)]
+pub struct DataPlane {
+    state: Arc<SnapshotState>,
+    sealer: DeterministicSealer,
+    cache: Option<Cache>,
+    sync: SyncConfig,
+}
+
+impl DataPlane {
+    /// Builds a data plane and, when `cache_dir` holds a valid cache, starts serving from it
+    /// at once. An unusable cache is refused and logged; the data plane then waits for the
+    /// control plane.
+    pub fn new(sync: SyncConfig, cache_dir: Option<PathBuf>) -> Self {
+        let sealer = reflow_proto::resources::snapshot_sealer(&sync.token);
+        let state = SnapshotState::new();
+        let cache = cache_dir.map(|dir| Cache::new(&dir, &sync.token));
+        if let Some(cache) = &cache {
+            match cache.load(&sealer) {
+                Ok(Some(snapshot)) => {
+                    tracing::info!(version = %snapshot.version, path = %cache.path().display(), "serving from the cached snapshot until the control plane answers");
+                    state.store(snapshot);
+                }
+                Ok(None) => tracing::info!(path = %cache.path().display(), "no snapshot cache yet"),
+                Err(error) => {
+                    tracing::error!(%error, "refusing the snapshot cache; MCP traffic is refused until the control plane sends a snapshot")
+                }
+            }
+        }
+        DataPlane { state, sealer, cache, sync }
+    }
+
+    pub fn state(&self) -> &Arc<SnapshotState> {
+        &self.state
+    }
+
+    /// `/ready` and `/mcp`.
+    pub fn router(&self) -> axum::Router {
+        http::router(self.state.clone())
+    }
+
+    /// Keeps the snapshot in sync until `shutdown`.
+    pub fn start_sync(&self, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(sync::run(
+            self.sync.clone(),
+            self.state.clone(),
+            self.sealer.clone(),
+            self.cache.clone(),
+            shutdown,
+        ))
+    }
+}

@@ -1,0 +1,257 @@
+//! The snapshot as the data plane holds it: the raw resources (for diffs, hashing and the
+//! cache) and a decoded, validated view (for serving).
+//!
+//! [`apply`] turns the current snapshot and an update into a new snapshot, or a rejection.
+//! It checks everything before anything is used: the base version, each resource's hash,
+//! the resulting content hash, every payload's shape, references between resources, and
+//! that every sealed secret opens. A rejected update leaves the current snapshot as it was.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use base64::Engine as _;
+use reflow_common::crypto::DeterministicSealer;
+use reflow_proto::resources::{self, Credential, Settings, SETTINGS_ID};
+use reflow_proto::snapshot::v1::{Resource, ResourceType, SnapshotUpdate};
+
+/// Resources keyed by (type, id).
+pub type ResourceMap = BTreeMap<(i32, String), Arc<Resource>>;
+
+/// Why an update was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub reason: String,
+    /// Our state does not match what the control plane diffed against: ask for everything.
+    pub want_full: bool,
+}
+
+impl Rejection {
+    fn diverged(reason: String) -> Self {
+        Rejection { reason, want_full: true }
+    }
+
+    fn invalid(reasons: Vec<String>) -> Self {
+        const SHOWN: usize = 10;
+        let mut reason = reasons.iter().take(SHOWN).cloned().collect::<Vec<_>>().join("; ");
+        if reasons.len() > SHOWN {
+            reason.push_str(&format!("; and {} more", reasons.len() - SHOWN));
+        }
+        Rejection { reason, want_full: false }
+    }
+}
+
+/// JWT verification settings, with the secret opened.
+pub struct JwtSettings {
+    pub issuer: String,
+    pub audience: String,
+    pub key: jsonwebtoken::DecodingKey,
+}
+
+impl std::fmt::Debug for JwtSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtSettings")
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The decoded view a request is served from.
+#[derive(Debug)]
+pub struct View {
+    pub jwt: JwtSettings,
+    pub users: HashMap<String, resources::User>,
+    /// API tokens by the hex SHA-256 of the token.
+    pub tokens_by_hash: HashMap<String, resources::ApiToken>,
+    /// Targets by name.
+    pub targets: BTreeMap<String, resources::Target>,
+    /// Enabled policies, highest priority first.
+    pub policies: Vec<resources::Policy>,
+    /// Sealed credentials; opened when a request needs them.
+    pub credentials: Vec<Credential>,
+}
+
+/// One accepted snapshot.
+#[derive(Debug)]
+pub struct DataSnapshot {
+    pub version: String,
+    pub resources: ResourceMap,
+    pub view: View,
+}
+
+fn kind_name(kind: i32) -> String {
+    ResourceType::try_from(kind).map(|k| k.as_str_name().to_string()).unwrap_or_else(|_| format!("type {kind}"))
+}
+
+/// Applies `update` on top of `current`.
+pub fn apply(
+    current: Option<&DataSnapshot>,
+    update: &SnapshotUpdate,
+    sealer: &DeterministicSealer,
+) -> Result<DataSnapshot, Rejection> {
+    let mut map = if update.base_version.is_empty() {
+        ResourceMap::new()
+    } else {
+        match current {
+            Some(current) if current.version == update.base_version => current.resources.clone(),
+            Some(current) => {
+                return Err(Rejection::diverged(format!(
+                    "update is based on {} but this data plane holds {}",
+                    update.base_version, current.version
+                )))
+            }
+            None => {
+                return Err(Rejection::diverged(format!(
+                    "update is based on {} but this data plane holds no snapshot",
+                    update.base_version
+                )))
+            }
+        }
+    };
+    let mut errors = Vec::new();
+    for removal in &update.removals {
+        map.remove(&(removal.r#type, removal.id.clone()));
+    }
+    for resource in &update.upserts {
+        if ResourceType::try_from(resource.r#type).map_or(true, |k| k == ResourceType::Unspecified) {
+            errors.push(format!("resource {:?} has unknown type {}", resource.id, resource.r#type));
+            continue;
+        }
+        if resources::resource_version(&resource.payload) != resource.version {
+            errors.push(format!(
+                "{} {:?}: payload does not match its version",
+                kind_name(resource.r#type),
+                resource.id
+            ));
+            continue;
+        }
+        map.insert((resource.r#type, resource.id.clone()), Arc::new(resource.clone()));
+    }
+    if !errors.is_empty() {
+        return Err(Rejection::invalid(errors));
+    }
+    let version = resources::snapshot_version(map.values().map(|r| (r.r#type, r.id.as_str(), r.version.as_str())));
+    if version != update.version {
+        return Err(Rejection::diverged(format!(
+            "the resulting state hashes to {version}, not the announced {}",
+            update.version
+        )));
+    }
+    let view = decode(&map, sealer).map_err(Rejection::invalid)?;
+    Ok(DataSnapshot { version, resources: map, view })
+}
+
+fn decode(map: &ResourceMap, sealer: &DeterministicSealer) -> Result<View, Vec<String>> {
+    let mut errors = Vec::new();
+    let mut settings: Option<Settings> = None;
+    let mut users = HashMap::new();
+    let mut tokens = Vec::new();
+    let mut targets_by_id = HashMap::new();
+    let mut policies = Vec::new();
+    let mut credentials = Vec::new();
+    fn parse<T: serde::de::DeserializeOwned>(resource: &Resource, errors: &mut Vec<String>) -> Option<T> {
+        serde_json::from_slice(&resource.payload)
+            .map_err(|e| errors.push(format!("{} {:?}: {e}", kind_name(resource.r#type), resource.id)))
+            .ok()
+    }
+    for ((kind, id), resource) in map {
+        match ResourceType::try_from(*kind) {
+            Ok(ResourceType::Settings) if id == SETTINGS_ID => settings = parse(resource, &mut errors),
+            Ok(ResourceType::User) => {
+                if let Some(user) = parse::<resources::User>(resource, &mut errors) {
+                    users.insert(user.id.clone(), user);
+                }
+            }
+            Ok(ResourceType::ApiToken) => tokens.extend(parse::<resources::ApiToken>(resource, &mut errors)),
+            Ok(ResourceType::Target) => {
+                if let Some(target) = parse::<resources::Target>(resource, &mut errors) {
+                    targets_by_id.insert(target.id.clone(), target);
+                }
+            }
+            Ok(ResourceType::Policy) => policies.extend(parse::<resources::Policy>(resource, &mut errors)),
+            Ok(ResourceType::Credential) => credentials.extend(parse::<Credential>(resource, &mut errors)),
+            _ => errors.push(format!("unexpected resource {} {id:?}", kind_name(*kind))),
+        }
+    }
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let jwt = match settings {
+        None => {
+            errors.push("the settings resource is missing".into());
+            None
+        }
+        Some(settings) => {
+            if settings.jwt_algorithm != "HS256" {
+                errors.push(format!("settings: unsupported JWT algorithm {:?}", settings.jwt_algorithm));
+            }
+            let secret = b64
+                .decode(&settings.jwt_secret_sealed)
+                .ok()
+                .and_then(|sealed| sealer.open(&sealed, &resources::jwt_secret_aad()).ok());
+            match secret {
+                Some(secret) => Some(JwtSettings {
+                    issuer: settings.jwt_issuer,
+                    audience: settings.jwt_audience,
+                    key: jsonwebtoken::DecodingKey::from_secret(&secret),
+                }),
+                None => {
+                    errors.push("settings: the JWT secret does not open with this data plane's token".into());
+                    None
+                }
+            }
+        }
+    };
+    let mut tokens_by_hash = HashMap::new();
+    for token in tokens {
+        if !users.contains_key(&token.user_id) {
+            errors.push(format!("API token {:?} belongs to unknown user {:?}", token.id, token.user_id));
+        }
+        tokens_by_hash.insert(token.hash.clone(), token);
+    }
+    for policy in &policies {
+        if let Some(target_id) = &policy.target_id {
+            if !targets_by_id.contains_key(target_id) {
+                errors.push(format!("policy {:?} names unknown target {target_id:?}", policy.name));
+            }
+        }
+        if let Some(pattern) = &policy.pattern {
+            if let Err(e) = reflow_common::glob::validate(pattern) {
+                errors.push(format!("policy {:?}: {e}", policy.name));
+            }
+        }
+    }
+    for credential in &credentials {
+        if !targets_by_id.contains_key(&credential.target_id) {
+            errors.push(format!("credential for unknown target {:?}", credential.target_id));
+        }
+        let aad = Credential::aad(&credential.target_id, credential.kind, &credential.scope, &credential.name);
+        let opens = b64.decode(&credential.sealed).ok().is_some_and(|sealed| sealer.open(&sealed, &aad).is_ok());
+        if !opens {
+            errors.push(format!(
+                "credential {:?} of target {:?} does not open with this data plane's token",
+                credential.name, credential.target_id
+            ));
+        }
+    }
+    let mut targets = BTreeMap::new();
+    for target in targets_by_id.into_values() {
+        if let Some(previous) = targets.insert(target.name.clone(), target) {
+            errors.push(format!("two targets are named {:?}", previous.name));
+        }
+    }
+    policies.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.name.cmp(&b.name)));
+    match jwt {
+        Some(jwt) if errors.is_empty() => Ok(View { jwt, users, tokens_by_hash, targets, policies, credentials }),
+        _ => Err(errors),
+    }
+}
+
+/// The full state as an update with no base, for the cache.
+pub fn as_full_update(snapshot: &DataSnapshot) -> SnapshotUpdate {
+    SnapshotUpdate {
+        version: snapshot.version.clone(),
+        base_version: String::new(),
+        upserts: snapshot.resources.values().map(|r| Resource::clone(r)).collect(),
+        removals: Vec::new(),
+        control_plane_id: String::new(),
+    }
+}

@@ -1,0 +1,171 @@
+//! Snapshot distribution, data-plane side: keep one stream open to the control plane,
+//! apply each update whole or reject it, acknowledge, and keep the cache current.
+//!
+//! Reconnection uses capped exponential backoff with jitter. A refused token is logged as an
+//! error naming the cause, and retried (an operator may fix the control plane's side).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use reflow_common::crypto::DeterministicSealer;
+use reflow_proto::snapshot::v1::snapshot_service_client::SnapshotServiceClient;
+use reflow_proto::snapshot::v1::{sync_request, Ack, Hello, Nack, SyncRequest};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+
+use crate::cache::Cache;
+use crate::snapshot::apply;
+use crate::state::SnapshotState;
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(4);
+
+/// Who this data plane is and where its control plane is.
+#[derive(Clone)]
+pub struct SyncConfig {
+    pub control_plane: String,
+    pub token: String,
+    pub node_id: String,
+    pub group: String,
+    pub labels: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for SyncConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncConfig")
+            .field("control_plane", &self.control_plane)
+            .field("node_id", &self.node_id)
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
+}
+
+fn jittered(delay: Duration) -> Duration {
+    let factor = rand::thread_rng().gen_range(0.5..1.0);
+    delay.mul_f64(factor)
+}
+
+/// Runs until `shutdown`: connect, stream, apply, reconnect.
+pub async fn run(
+    config: SyncConfig,
+    state: Arc<SnapshotState>,
+    sealer: DeterministicSealer,
+    cache: Option<Cache>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = BACKOFF_START;
+    while !shutdown.is_cancelled() {
+        match stream_once(&config, &state, &sealer, cache.as_ref(), &shutdown).await {
+            Ok(()) => backoff = BACKOFF_START,
+            Err(StreamEnd::Refused(message)) => {
+                tracing::error!(control_plane = %config.control_plane, %message, "the control plane refused this data plane's token; check --token");
+                backoff = BACKOFF_CAP;
+            }
+            Err(StreamEnd::Failed(message)) => {
+                tracing::warn!(control_plane = %config.control_plane, %message, version = ?state.version(), "snapshot stream unavailable; serving the current snapshot");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(jittered(backoff)) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_CAP);
+    }
+}
+
+enum StreamEnd {
+    Refused(String),
+    Failed(String),
+}
+
+/// One connection. `Ok` when it was established and later ended.
+async fn stream_once(
+    config: &SyncConfig,
+    state: &SnapshotState,
+    sealer: &DeterministicSealer,
+    cache: Option<&Cache>,
+    shutdown: &CancellationToken,
+) -> Result<(), StreamEnd> {
+    let endpoint = Endpoint::from_shared(config.control_plane.clone())
+        .map_err(|e| StreamEnd::Failed(format!("bad control-plane address: {e}")))?
+        .connect_timeout(Duration::from_secs(3))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    let channel = endpoint.connect().await.map_err(|e| StreamEnd::Failed(format!("cannot connect: {e}")))?;
+    let mut client = SnapshotServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel::<SyncRequest>(8);
+    let hello = Hello {
+        node_id: config.node_id.clone(),
+        group: config.group.clone(),
+        labels: config.labels.clone(),
+        build_version: env!("CARGO_PKG_VERSION").to_string(),
+        have_version: state.version().unwrap_or_default(),
+    };
+    let _ = tx.send(SyncRequest { kind: Some(sync_request::Kind::Hello(hello)) }).await;
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    let bearer = format!("Bearer {}", config.token)
+        .parse()
+        .map_err(|_| StreamEnd::Refused("the token is not valid header text".into()))?;
+    request.metadata_mut().insert("authorization", bearer);
+    let mut updates = match client.sync(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) if status.code() == tonic::Code::Unauthenticated => {
+            return Err(StreamEnd::Refused(status.message().into()))
+        }
+        Err(status) => return Err(StreamEnd::Failed(format!("{}: {}", status.code(), status.message()))),
+    };
+    tracing::info!(control_plane = %config.control_plane, "snapshot stream open");
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            message = updates.message() => message,
+        };
+        let update = match message {
+            Ok(Some(update)) => update,
+            Ok(None) => return Err(StreamEnd::Failed("the control plane closed the stream".into())),
+            Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                return Err(StreamEnd::Refused(status.message().into()))
+            }
+            Err(status) => return Err(StreamEnd::Failed(format!("{}: {}", status.code(), status.message()))),
+        };
+        let current = state.load();
+        let reply = match apply(current.as_deref(), &update, sealer) {
+            Ok(snapshot) => {
+                tracing::info!(
+                    version = %snapshot.version,
+                    full = update.base_version.is_empty(),
+                    upserts = update.upserts.len(),
+                    removals = update.removals.len(),
+                    from = %update.control_plane_id,
+                    "snapshot applied"
+                );
+                let snapshot = Arc::new(snapshot);
+                if let Some(cache) = cache {
+                    let (cache, snapshot) = (cache.clone(), snapshot.clone());
+                    let saved = tokio::task::spawn_blocking(move || cache.save(&snapshot)).await;
+                    if let Ok(Err(error)) = saved {
+                        tracing::warn!(%error, "cannot write the snapshot cache");
+                    }
+                }
+                state.store_arc(snapshot);
+                sync_request::Kind::Ack(Ack { version: update.version.clone() })
+            }
+            Err(rejection) => {
+                tracing::warn!(version = %update.version, reason = %rejection.reason, "snapshot update rejected; keeping the current version");
+                sync_request::Kind::Nack(Nack {
+                    version: update.version.clone(),
+                    reason: rejection.reason,
+                    want_full: rejection.want_full,
+                })
+            }
+        };
+        if tx.send(SyncRequest { kind: Some(reply) }).await.is_err() {
+            return Err(StreamEnd::Failed("stream closed".into()));
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! Reflow's contracts between roles: the gRPC services (`.proto` files under this crate,
+//! compiled at build time without a system `protoc`) and the snapshot resources they carry.
+//!
+//! # Layout
+//! - [`snapshot::v1`]: generated messages and the `SnapshotService` client and server.
+//! - [`resources`]: what a snapshot resource's JSON payload holds, per resource type, and how
+//!   resources and whole snapshots are hashed into versions.
+
+pub mod resources;
+
+/// Generated code.
+pub mod snapshot {
+    #[allow(missing_debug_implementations, clippy::all, reason = "generated code")]
+    pub mod v1 {
+        tonic::include_proto!("reflow.snapshot.v1");
+    }
+}
