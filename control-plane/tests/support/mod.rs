@@ -192,3 +192,109 @@ impl TestApi {
         (body["token"].as_str().unwrap().to_string(), body["user"]["id"].as_str().unwrap().to_string())
     }
 }
+
+/// Polls `condition` until it holds or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: std::time::Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+pub const DATA_PLANE_TOKEN: &str = "test-data-plane-token-0123456789";
+
+/// A control plane with its API, compiler and gRPC snapshot service running.
+pub struct TestControlPlane {
+    pub api: String,
+    pub grpc: String,
+    pub control_plane: reflow_control_plane::ControlPlane,
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for TestControlPlane {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub async fn spawn_control_plane(url: &str, id: &str) -> TestControlPlane {
+    let store = store::connect(url, 5).await.expect("connect");
+    let mut config = test_config(|c| {
+        c.control_plane.data_plane_token = Some(DATA_PLANE_TOKEN.into());
+        c.control_plane.id = Some(id.into());
+    });
+    // Replicas of one deployment share their secrets.
+    config.jwt.secret = Some("test-secret-test-secret-test-secret!".into());
+    config.encryption.key = Some("0123456789abcdef0123456789abcdef".into());
+    let control_plane = reflow_control_plane::ControlPlane::new(&config, store).unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    control_plane.start_compiler(shutdown.clone()).await;
+    let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc = format!("http://{}", grpc_listener.local_addr().unwrap());
+    {
+        let (control_plane, shutdown) = (control_plane.clone(), shutdown.clone());
+        tokio::spawn(async move { control_plane.serve_grpc(grpc_listener, shutdown).await });
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = format!("http://{}", listener.local_addr().unwrap());
+    {
+        let (router, shutdown) = (control_plane.router(), shutdown.clone());
+        tokio::spawn(
+            async move { axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await },
+        );
+    }
+    TestControlPlane { api, grpc, control_plane, shutdown }
+}
+
+/// A data plane syncing from `grpc`, its `/ready` and `/mcp` served on a loopback port.
+pub struct TestDataPlane {
+    pub http: String,
+    pub data_plane: reflow_data_plane::DataPlane,
+    pub shutdown: tokio_util::sync::CancellationToken,
+    pub cache_dir: tempfile::TempDir,
+}
+
+impl Drop for TestDataPlane {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl TestDataPlane {
+    pub fn version(&self) -> Option<String> {
+        self.data_plane.state().version()
+    }
+}
+
+pub async fn spawn_data_plane(grpc: &str, token: &str, node_id: &str) -> TestDataPlane {
+    let cache_dir = tempfile::tempdir().unwrap();
+    let sync = reflow_data_plane::sync::SyncConfig {
+        control_plane: grpc.to_string(),
+        token: token.to_string(),
+        node_id: node_id.to_string(),
+        group: "test".into(),
+        labels: Default::default(),
+    };
+    let data_plane = reflow_data_plane::DataPlane::new(sync, Some(cache_dir.path().to_path_buf()));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    data_plane.start_sync(shutdown.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = format!("http://{}", listener.local_addr().unwrap());
+    {
+        let (router, shutdown) = (data_plane.router(), shutdown.clone());
+        tokio::spawn(
+            async move { axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await },
+        );
+    }
+    TestDataPlane { http, data_plane, shutdown, cache_dir }
+}

@@ -1,0 +1,299 @@
+//! Snapshot distribution over real gRPC and HTTP, in one process: control planes on both
+//! backends, data planes syncing from them, and hand-driven gRPC peers for fault injection.
+
+mod support;
+
+use std::time::Duration;
+
+use reflow_proto::snapshot::v1::snapshot_service_client::SnapshotServiceClient;
+use reflow_proto::snapshot::v1::{sync_request, Hello, Nack, SnapshotUpdate, SyncRequest};
+use serde_json::{json, Value};
+use support::*;
+use tokio::sync::mpsc;
+
+const CONVERGE: Duration = Duration::from_secs(10);
+
+async fn post(url: &str, token: Option<&str>, body: Value) -> (u16, Value) {
+    let mut request = reqwest::Client::new().post(url).json(&body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
+}
+
+async fn mcp_status(data_plane: &TestDataPlane, token: &str) -> u16 {
+    reqwest::Client::new()
+        .post(format!("{}/mcp", data_plane.http))
+        .bearer_auth(token)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+async fn converged(cp: &TestControlPlane, dps: &[&TestDataPlane]) -> bool {
+    let current = cp.control_plane.hub().current().map(|s| s.version.clone());
+    current.is_some() && dps.iter().all(|dp| dp.version() == current)
+}
+
+async fn changes_reach_every_data_plane(backend: &str) {
+    let db = match backend {
+        "sqlite" => sqlite_db().await,
+        _ => postgres_db().await,
+    };
+    let cp = spawn_control_plane(&db.url(), "cp-a").await;
+    let dps = [
+        spawn_data_plane(&cp.grpc, DATA_PLANE_TOKEN, "dp-1").await,
+        spawn_data_plane(&cp.grpc, DATA_PLANE_TOKEN, "dp-2").await,
+        spawn_data_plane(&cp.grpc, DATA_PLANE_TOKEN, "dp-3").await,
+    ];
+    let all: Vec<&TestDataPlane> = dps.iter().collect();
+    eventually(CONVERGE, "first snapshot everywhere", || converged(&cp, &all)).await;
+
+    let (_, admin) = post(
+        &format!("{}/api/auth/register", cp.api),
+        None,
+        json!({"email": "a@example.com", "password": "password123"}),
+    )
+    .await;
+    let admin_token = admin["token"].as_str().unwrap().to_string();
+    let (_, dev) = post(
+        &format!("{}/api/auth/register", cp.api),
+        None,
+        json!({"email": "d@example.com", "password": "password123"}),
+    )
+    .await;
+    let dev_token = dev["token"].as_str().unwrap().to_string();
+    let dev_id = dev["user"]["id"].as_str().unwrap().to_string();
+    for dp in &dps {
+        eventually(CONVERGE, "users reach the data plane", || async { mcp_status(dp, &dev_token).await == 501 }).await;
+        assert_eq!(mcp_status(dp, "not-a-token").await, 401);
+    }
+
+    // A user change is enforced by every data plane.
+    let response = reqwest::Client::new()
+        .put(format!("{}/api/users/{dev_id}", cp.api))
+        .bearer_auth(&admin_token)
+        .json(&json!({"active": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    for dp in &dps {
+        eventually(CONVERGE, "deactivation reaches the data plane", || async {
+            mcp_status(dp, &dev_token).await == 401
+        })
+        .await;
+    }
+
+    // An API token created on the control plane works on the data planes.
+    let (_, created) = post(&format!("{}/api/auth/tokens", cp.api), Some(&admin_token), json!({"name": "ci"})).await;
+    let api_token = created["token"].as_str().unwrap().to_string();
+    for dp in &dps {
+        eventually(CONVERGE, "the API token reaches the data plane", || async {
+            mcp_status(dp, &api_token).await == 501
+        })
+        .await;
+    }
+
+    // Status: every data plane acknowledged the current version.
+    let current = cp.control_plane.hub().current().unwrap().version.clone();
+    eventually(CONVERGE, "acknowledgements recorded", || async {
+        let status: Value = reqwest::Client::new()
+            .get(format!("{}/api/data-planes", cp.api))
+            .bearer_auth(&admin_token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let planes = status["data_planes"].as_array().cloned().unwrap_or_default();
+        status["current_version"] == current.as_str()
+            && planes.len() == 3
+            && planes.iter().all(|p| p["acked_version"] == current.as_str() && p["connected"] == true)
+    })
+    .await;
+}
+
+async fn wrong_token_is_refused(backend: &str) {
+    let db = match backend {
+        "sqlite" => sqlite_db().await,
+        _ => postgres_db().await,
+    };
+    let cp = spawn_control_plane(&db.url(), "cp-a").await;
+    let intruder = spawn_data_plane(&cp.grpc, "not-the-data-plane-token", "intruder").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(intruder.version().is_none());
+    let response = reqwest::Client::new().post(format!("{}/mcp", intruder.http)).json(&json!({})).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 503, "no snapshot: fail closed");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], -32000);
+    let ready = reqwest::get(format!("{}/ready", intruder.http)).await.unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+    assert!(cp.control_plane.store().list_data_planes().await.unwrap().is_empty());
+
+    let mut client = SnapshotServiceClient::connect(cp.grpc.clone()).await.unwrap();
+    let (_tx, rx) = mpsc::channel::<SyncRequest>(1);
+    let status = client.sync(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+}
+
+/// A hand-driven data plane: says Hello, then lets the test read updates and answer.
+struct RawPeer {
+    tx: mpsc::Sender<SyncRequest>,
+    updates: tonic::Streaming<SnapshotUpdate>,
+}
+
+impl RawPeer {
+    async fn connect(grpc: &str, node_id: &str, have_version: &str) -> RawPeer {
+        let mut client = SnapshotServiceClient::connect(grpc.to_string()).await.unwrap();
+        let (tx, rx) = mpsc::channel(8);
+        let hello = Hello { node_id: node_id.into(), have_version: have_version.into(), ..Default::default() };
+        tx.send(SyncRequest { kind: Some(sync_request::Kind::Hello(hello)) }).await.unwrap();
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        request.metadata_mut().insert("authorization", format!("Bearer {DATA_PLANE_TOKEN}").parse().unwrap());
+        let updates = client.sync(request).await.unwrap().into_inner();
+        RawPeer { tx, updates }
+    }
+
+    async fn next(&mut self, within: Duration) -> Option<SnapshotUpdate> {
+        tokio::time::timeout(within, self.updates.message()).await.ok().and_then(|m| m.unwrap())
+    }
+}
+
+async fn rejections_are_recorded_and_answered(backend: &str) {
+    let db = match backend {
+        "sqlite" => sqlite_db().await,
+        _ => postgres_db().await,
+    };
+    let cp = spawn_control_plane(&db.url(), "cp-a").await;
+    let mut peer = RawPeer::connect(&cp.grpc, "raw", "").await;
+    let first = peer.next(CONVERGE).await.expect("full state");
+    assert!(first.base_version.is_empty());
+    assert!(!first.upserts.is_empty());
+
+    let nack = Nack { version: first.version.clone(), reason: "injected rejection".into(), want_full: true };
+    peer.tx.send(SyncRequest { kind: Some(sync_request::Kind::Nack(nack)) }).await.unwrap();
+    let resent = peer.next(CONVERGE).await.expect("a full resend after want_full");
+    assert!(resent.base_version.is_empty());
+    assert_eq!(resent.version, first.version);
+    eventually(CONVERGE, "the rejection is recorded", || async {
+        let planes = cp.control_plane.store().list_data_planes().await.unwrap();
+        planes.first().and_then(|p| p.last_rejection.as_ref()).is_some_and(|r| r.reason == "injected rejection")
+    })
+    .await;
+}
+
+async fn data_plane_keeps_its_version_when_an_update_is_bad(backend: &str) {
+    // A fake control plane: a real gRPC server that sends a good full state and then an
+    // update with a corrupted payload.
+    use reflow_proto::snapshot::v1::snapshot_service_server::{SnapshotService, SnapshotServiceServer};
+    let db = match backend {
+        "sqlite" => sqlite_db().await,
+        _ => postgres_db().await,
+    };
+    let real = spawn_control_plane(&db.url(), "cp-real").await;
+    let good = real.control_plane.hub().current().unwrap();
+    let full = SnapshotUpdate { version: good.version.clone(), upserts: good.full(), ..Default::default() };
+    let mut bad = full.clone();
+    bad.upserts[0].payload = b"{}".to_vec();
+
+    #[derive(Clone)]
+    struct Fake {
+        updates: Vec<SnapshotUpdate>,
+        replies: mpsc::Sender<SyncRequest>,
+    }
+    #[tonic::async_trait]
+    impl SnapshotService for Fake {
+        type SyncStream = tokio_stream::wrappers::ReceiverStream<Result<SnapshotUpdate, tonic::Status>>;
+        async fn sync(
+            &self,
+            request: tonic::Request<tonic::Streaming<SyncRequest>>,
+        ) -> Result<tonic::Response<Self::SyncStream>, tonic::Status> {
+            let mut inbound = request.into_inner();
+            let (tx, rx) = mpsc::channel(8);
+            let (updates, replies) = (self.updates.clone(), self.replies.clone());
+            tokio::spawn(async move {
+                let _hello = inbound.message().await;
+                for update in updates {
+                    let _ = tx.send(Ok(update)).await;
+                    if let Ok(Some(reply)) = inbound.message().await {
+                        let _ = replies.send(reply).await;
+                    }
+                }
+                std::future::pending::<()>().await;
+                drop(tx);
+            });
+            Ok(tonic::Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        }
+    }
+    let (replies_tx, mut replies) = mpsc::channel(8);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let fake = Fake { updates: vec![full, bad], replies: replies_tx };
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(SnapshotServiceServer::new(fake))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let dp = spawn_data_plane(&address, DATA_PLANE_TOKEN, "dp").await;
+    let ack = tokio::time::timeout(CONVERGE, replies.recv()).await.unwrap().unwrap();
+    assert!(matches!(ack.kind, Some(sync_request::Kind::Ack(ref a)) if a.version == good.version), "{ack:?}");
+    let nack = tokio::time::timeout(CONVERGE, replies.recv()).await.unwrap().unwrap();
+    match nack.kind {
+        Some(sync_request::Kind::Nack(nack)) => {
+            assert!(nack.reason.contains("payload does not match"), "{}", nack.reason)
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(dp.version(), Some(good.version.clone()), "the previous version stays active");
+}
+
+both_backends!(
+    changes_reach_every_data_plane,
+    wrong_token_is_refused,
+    rejections_are_recorded_and_answered,
+    data_plane_keeps_its_version_when_an_update_is_bad,
+);
+
+/// Two replicas on one PostgreSQL learn of each other's writes through LISTEN/NOTIFY and
+/// serve the same version; a data plane fails over without a full resync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_converge_and_data_planes_fail_over_without_resync() {
+    let db = postgres_db().await;
+    let a = spawn_control_plane(&db.url(), "cp-a").await;
+    let b = spawn_control_plane(&db.url(), "cp-b").await;
+    let initial = a.control_plane.hub().current().unwrap().version.clone();
+    let (status, _) = post(
+        &format!("{}/api/auth/register", a.api),
+        None,
+        json!({"email": "a@example.com", "password": "password123"}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    eventually(CONVERGE, "replica b compiles replica a's write", || async {
+        let (va, vb) = (a.control_plane.hub().current().unwrap(), b.control_plane.hub().current().unwrap());
+        va.version != initial && va.version == vb.version
+    })
+    .await;
+    let version = a.control_plane.hub().current().unwrap().version.clone();
+
+    // The data plane holds `version` (from replica a) and connects to replica b.
+    let mut peer = RawPeer::connect(&b.grpc, "failover", &version).await;
+    assert!(peer.next(Duration::from_millis(500)).await.is_none(), "nothing to send: same version");
+    let (status, _) = post(
+        &format!("{}/api/auth/register", a.api),
+        None,
+        json!({"email": "b@example.com", "password": "password123"}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let update = peer.next(CONVERGE).await.expect("a diff from replica b");
+    assert_eq!(update.base_version, version, "a diff, not a full resync");
+    assert_eq!(update.upserts.len(), 1);
+    assert_eq!(update.control_plane_id, "cp-b");
+}

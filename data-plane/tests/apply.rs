@@ -1,0 +1,221 @@
+//! Applying snapshot updates and the encrypted cache, against hand-built resources.
+
+use base64::Engine as _;
+use reflow_common::credentials::{Isolation, Scope};
+use reflow_common::model::{
+    AuthType, Effect, ResourceType as On, SecretKind, Statefulness, SubjectType, TransportType,
+};
+use reflow_data_plane::cache::{Cache, CacheError};
+use reflow_data_plane::snapshot::{apply, DataSnapshot};
+use reflow_proto::resources::{self, snapshot_sealer, Credential, Settings, SETTINGS_ID};
+use reflow_proto::snapshot::v1::{Resource, ResourceRef, ResourceType, SnapshotUpdate};
+
+const TOKEN: &str = "data-plane-token-for-tests";
+
+fn b64(bytes: Vec<u8>) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn settings(token: &str) -> Resource {
+    let sealed = snapshot_sealer(token).seal(b"jwt-secret-jwt-secret-jwt-secret", &resources::jwt_secret_aad());
+    let payload = Settings {
+        jwt_issuer: "reflow".into(),
+        jwt_audience: "reflow".into(),
+        jwt_algorithm: "HS256".into(),
+        jwt_secret_sealed: b64(sealed),
+    };
+    resources::resource(ResourceType::Settings, SETTINGS_ID, &payload)
+}
+
+fn user(id: &str, active: bool) -> Resource {
+    let payload = resources::User {
+        id: id.into(),
+        email: format!("{id}@example.com"),
+        role: "developer".into(),
+        groups: vec![],
+        active,
+    };
+    resources::resource(ResourceType::User, id, &payload)
+}
+
+fn target(id: &str, name: &str) -> Resource {
+    let payload = resources::Target {
+        id: id.into(),
+        name: name.into(),
+        transport_type: TransportType::StreamableHttp,
+        url: Some("http://127.0.0.1:9/mcp".into()),
+        command: None,
+        args: vec![],
+        image: None,
+        port: None,
+        health_path: None,
+        statefulness: Statefulness::Stateless,
+        isolation_boundary: Isolation::Shared,
+        auth_type: AuthType::Bearer,
+        auth_header_name: None,
+        enabled: true,
+    };
+    resources::resource(ResourceType::Target, id, &payload)
+}
+
+fn policy(id: &str, target_id: &str, priority: i32) -> Resource {
+    let payload = resources::Policy {
+        id: id.into(),
+        name: format!("policy {id}"),
+        target_id: Some(target_id.into()),
+        resource_type: On::Tool,
+        pattern: Some("read_*".into()),
+        effect: Effect::Allow,
+        priority,
+        subjects: vec![resources::Subject { subject_type: SubjectType::Role, subject_value: "developer".into() }],
+    };
+    resources::resource(ResourceType::Policy, id, &payload)
+}
+
+fn credential(target_id: &str, token: &str) -> Resource {
+    let scope = Scope::Default;
+    let aad = Credential::aad(target_id, SecretKind::Env, &scope, "API_KEY");
+    let payload = Credential {
+        target_id: target_id.into(),
+        kind: SecretKind::Env,
+        scope: scope.clone(),
+        name: "API_KEY".into(),
+        sealed: b64(snapshot_sealer(token).seal(b"value", &aad)),
+    };
+    resources::resource(
+        ResourceType::Credential,
+        &Credential::resource_id(target_id, SecretKind::Env, &scope, "API_KEY"),
+        &payload,
+    )
+}
+
+fn version_of(resources: &[Resource]) -> String {
+    resources::snapshot_version(resources.iter().map(|r| (r.r#type, r.id.as_str(), r.version.as_str())))
+}
+
+fn full(resources: Vec<Resource>) -> SnapshotUpdate {
+    SnapshotUpdate {
+        version: version_of(&resources),
+        base_version: String::new(),
+        upserts: resources,
+        removals: vec![],
+        control_plane_id: "cp".into(),
+    }
+}
+
+fn base() -> Vec<Resource> {
+    vec![settings(TOKEN), user("u1", true), target("t1", "github"), policy("p1", "t1", 10), credential("t1", TOKEN)]
+}
+
+fn applied(update: &SnapshotUpdate) -> DataSnapshot {
+    apply(None, update, &snapshot_sealer(TOKEN)).unwrap()
+}
+
+#[test]
+fn full_update_applies_and_decodes() {
+    let update = full(base());
+    let snapshot = applied(&update);
+    assert_eq!(snapshot.version, update.version);
+    assert!(snapshot.view.users["u1"].active);
+    assert_eq!(snapshot.view.targets["github"].id, "t1");
+    assert_eq!(snapshot.view.policies.len(), 1);
+    assert_eq!(snapshot.view.credentials.len(), 1);
+}
+
+#[test]
+fn diffs_apply_on_their_base_only() {
+    let sealer = snapshot_sealer(TOKEN);
+    let first = applied(&full(base()));
+    let mut next = base();
+    next[1] = user("u1", false);
+    next.push(user("u2", true));
+    next.retain(|r| r.id != "p1");
+    let diff = SnapshotUpdate {
+        version: version_of(&next),
+        base_version: first.version.clone(),
+        upserts: vec![user("u1", false), user("u2", true)],
+        removals: vec![ResourceRef { r#type: ResourceType::Policy as i32, id: "p1".into() }],
+        control_plane_id: "cp".into(),
+    };
+    let second = apply(Some(&first), &diff, &sealer).unwrap();
+    assert!(!second.view.users["u1"].active);
+    assert!(second.view.policies.is_empty());
+    assert_eq!(second.resources.len(), 5);
+
+    // Applied again, the diff's base no longer matches: ask for the full state.
+    let again = apply(Some(&second), &diff, &sealer).unwrap_err();
+    assert!(again.want_full, "{again:?}");
+    assert!(apply(None, &diff, &sealer).unwrap_err().want_full);
+}
+
+#[test]
+fn announced_version_must_match_the_result() {
+    let mut update = full(base());
+    update.version = "0".repeat(64);
+    let rejection = apply(None, &update, &snapshot_sealer(TOKEN)).unwrap_err();
+    assert!(rejection.want_full);
+    assert!(rejection.reason.contains("hashes to"), "{}", rejection.reason);
+}
+
+#[test]
+fn invalid_resources_are_rejected_with_reasons() {
+    let sealer = snapshot_sealer(TOKEN);
+    let previous = applied(&full(base()));
+    let cases: Vec<(Box<dyn Fn(&mut Vec<Resource>)>, &str)> = vec![
+        (Box::new(|rs| rs[1].payload = b"{\"id\":\"u1\"}".to_vec()), "payload does not match its version"),
+        (
+            Box::new(|rs| {
+                rs[1] = resources::resource(ResourceType::User, "u1", &serde_json::json!({"id": "u1", "surprise": 1}))
+            }),
+            "USER",
+        ),
+        (Box::new(|rs| rs[3] = policy("p1", "missing-target", 10)), "unknown target"),
+        (Box::new(|rs| rs[4] = credential("t1", "another-token-entirely")), "does not open"),
+        (Box::new(|rs| rs[0] = settings("another-token-entirely")), "JWT secret"),
+        (Box::new(|rs| rs.remove(0).r#type = 0), "settings resource is missing"),
+        (Box::new(|rs| rs.push(target("t2", "github"))), "two targets"),
+        (Box::new(|rs| rs[2].r#type = 42), "unknown type"),
+    ];
+    for (corrupt, needle) in cases {
+        let mut resources = base();
+        corrupt(&mut resources);
+        let mut update = full(resources.clone());
+        update.version = version_of(&resources);
+        let rejection = apply(Some(&previous), &update, &sealer).unwrap_err();
+        assert!(rejection.reason.contains(needle), "expected {needle:?} in {:?}", rejection.reason);
+    }
+}
+
+#[test]
+fn cache_round_trips_and_refuses_tampering() {
+    let dir = tempfile::tempdir().unwrap();
+    let sealer = snapshot_sealer(TOKEN);
+    let cache = Cache::new(dir.path(), TOKEN);
+    assert!(cache.load(&sealer).unwrap().is_none());
+    let snapshot = applied(&full(base()));
+    cache.save(&snapshot).unwrap();
+    let loaded = cache.load(&sealer).unwrap().unwrap();
+    assert_eq!(loaded.version, snapshot.version);
+    assert_eq!(loaded.resources, snapshot.resources);
+    let on_disk = std::fs::read(cache.path()).unwrap();
+    assert!(!on_disk.windows(6).any(|w| w == b"github"), "the cache is encrypted");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(cache.path()).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    let other = Cache::new(dir.path(), "some-other-data-plane-token");
+    assert!(matches!(
+        other.load(&snapshot_sealer("some-other-data-plane-token")),
+        Err(CacheError::Undecryptable { .. })
+    ));
+    for position in [0, on_disk.len() / 2, on_disk.len() - 1] {
+        let mut tampered = on_disk.clone();
+        tampered[position] ^= 0x01;
+        std::fs::write(cache.path(), &tampered).unwrap();
+        assert!(matches!(cache.load(&sealer), Err(CacheError::Undecryptable { .. })), "byte {position}");
+    }
+    std::fs::write(cache.path(), &on_disk[..on_disk.len() / 3]).unwrap();
+    assert!(cache.load(&sealer).is_err());
+}
