@@ -161,7 +161,8 @@ fn announced_version_must_match_the_result() {
 fn invalid_resources_are_rejected_with_reasons() {
     let sealer = snapshot_sealer(TOKEN);
     let previous = applied(&full(base()));
-    let cases: Vec<(Box<dyn Fn(&mut Vec<Resource>)>, &str)> = vec![
+    type Corruption = Box<dyn Fn(&mut Vec<Resource>)>;
+    let cases: Vec<(Corruption, &str)> = vec![
         (Box::new(|rs| rs[1].payload = b"{\"id\":\"u1\"}".to_vec()), "payload does not match its version"),
         (
             Box::new(|rs| {
