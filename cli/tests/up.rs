@@ -2,82 +2,12 @@
 //! bash and curl, a restart that keeps everything, bad configs, and `reflow control-plane`
 //! on PostgreSQL.
 
-use std::io::Read;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod support;
+
+use std::process::Command;
 
 use serde_json::{json, Value};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A running `reflow` process, stopped with SIGTERM when dropped.
-struct Running {
-    child: Child,
-    base: String,
-    stdout_path: std::path::PathBuf,
-}
-
-impl Running {
-    fn start(args: &[&str], port: u16, logs: &Path, env: &[(&str, &str)]) -> Running {
-        let stdout_path = logs.join(format!("stdout-{port}.log"));
-        let stderr_path = logs.join(format!("stderr-{port}.log"));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_reflow"));
-        command
-            .args(args)
-            .args(["--port", &port.to_string()])
-            .env_remove("DATABASE_URL")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&stdout_path).unwrap())
-            .stderr(std::fs::File::create(&stderr_path).unwrap());
-        for (k, v) in env {
-            command.env(k, v);
-        }
-        let child = command.spawn().expect("start reflow");
-        let running = Running { child, base: format!("http://localhost:{port}"), stdout_path };
-        running.wait_healthy(&stderr_path);
-        running
-    }
-
-    fn wait_healthy(&self, stderr_path: &Path) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let client = reqwest::blocking::Client::new();
-        while Instant::now() < deadline {
-            if let Ok(response) = client.get(format!("{}/health", self.base)).send() {
-                if response.status().is_success() {
-                    return;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("reflow did not become healthy: {}", std::fs::read_to_string(stderr_path).unwrap_or_default());
-    }
-
-    /// SIGTERM, then wait: a clean shutdown exits 0.
-    fn stop(mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("reflow did not stop on SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use support::*;
 
 /// The bash blocks of the README's usage section.
 fn readme_usage() -> String {
@@ -100,36 +30,6 @@ fn readme_usage() -> String {
     }
     assert!(script.contains("/api/policies"), "usage section has the policy example");
     script
-}
-
-fn login(base: &str, email: &str, password: &str) -> String {
-    let response = reqwest::blocking::Client::new()
-        .post(format!("{base}/api/auth/login"))
-        .json(&json!({"email": email, "password": password}))
-        .send()
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 200);
-    response.json::<Value>().unwrap()["token"].as_str().unwrap().to_string()
-}
-
-fn get(base: &str, path: &str, token: &str) -> Value {
-    let response = reqwest::blocking::Client::new().get(format!("{base}{path}")).bearer_auth(token).send().unwrap();
-    assert_eq!(response.status().as_u16(), 200, "{path}");
-    response.json().unwrap()
-}
-
-fn file_bytes(path: &Path) -> Vec<u8> {
-    let mut bytes = Vec::new();
-    if let Ok(mut file) = std::fs::File::open(path) {
-        file.read_to_end(&mut bytes).unwrap();
-    }
-    bytes
-}
-
-#[cfg(unix)]
-fn mode(path: &Path) -> u32 {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
 
 #[test]
@@ -239,32 +139,13 @@ fn bad_config_exits_2_naming_the_key() {
 
 #[test]
 fn control_plane_serves_from_postgres() {
-    let admin_url =
-        std::env::var("DATABASE_URL").expect("DATABASE_URL names a PostgreSQL server (scripts/test starts one)");
-    let name = format!("reflow_cli_{}", std::process::id());
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let run_sql = |sql: String| {
-        runtime.block_on(async {
-            use sqlx::Connection;
-            let mut conn = sqlx::PgConnection::connect(&admin_url).await.unwrap();
-            sqlx::query(&sql).execute(&mut conn).await.unwrap();
-        })
-    };
-    run_sql(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
-    run_sql(format!("CREATE DATABASE {name}"));
-    let mut url = url::Url::parse(&admin_url).unwrap();
-    url.set_path(&name);
-
+    let db = TestDatabase::create("reflow_cli");
     let work = tempfile::tempdir().unwrap();
     let port = free_port();
     let env =
         [("JWT_SECRET", "0123456789abcdef0123456789abcdef"), ("ENCRYPTION_KEY", "fedcba9876543210fedcba9876543210")];
-    let running = Running::start(
-        &["control-plane", "--database-url", url.as_str(), "--host", "127.0.0.1"],
-        port,
-        work.path(),
-        &env,
-    );
+    let args = ["control-plane", "--database-url", db.url.as_str(), "--host", "127.0.0.1"];
+    let running = Running::start(&args, port, work.path(), &env);
     let client = reqwest::blocking::Client::new();
     let health: Value = client.get(format!("{}/health", running.base)).send().unwrap().json().unwrap();
     assert_eq!(health["backend"], "postgres");
@@ -277,15 +158,9 @@ fn control_plane_serves_from_postgres() {
     assert!(running.stop().success());
 
     // A second start applies no migration twice and keeps the data.
-    let running = Running::start(
-        &["control-plane", "--database-url", url.as_str(), "--host", "127.0.0.1"],
-        port,
-        work.path(),
-        &env,
-    );
+    let running = Running::start(&args, port, work.path(), &env);
     login(&running.base, "admin@example.com", "secure123");
-    drop(running);
-    run_sql(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+    assert!(running.stop().success());
 }
 
 #[test]

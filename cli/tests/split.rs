@@ -1,0 +1,164 @@
+//! Static stability with real processes: a control plane on PostgreSQL and data planes as
+//! separate `reflow` processes. Killing the control plane leaves the data planes serving;
+//! a data plane restarted while it is down serves from its encrypted cache; when it returns
+//! they reconnect and converge. Bad tokens and tampered caches fail closed.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::*;
+
+const TOKEN: &str = "split-test-data-plane-token-0123";
+const SECRETS: [(&str, &str); 2] =
+    [("JWT_SECRET", "0123456789abcdef0123456789abcdef"), ("ENCRYPTION_KEY", "fedcba9876543210fedcba9876543210")];
+
+fn start_control_plane(db: &TestDatabase, port: u16, grpc_port: u16, logs: &std::path::Path) -> Running {
+    let grpc = grpc_port.to_string();
+    let args = [
+        "control-plane",
+        "--database-url",
+        &db.url,
+        "--host",
+        "127.0.0.1",
+        "--grpc-port",
+        &grpc,
+        "--data-plane-token",
+        TOKEN,
+    ];
+    Running::start(&args, port, logs, &SECRETS)
+}
+
+fn start_data_plane(
+    grpc_port: u16,
+    token: &str,
+    node: &str,
+    port: u16,
+    cache: &std::path::Path,
+    logs: &std::path::Path,
+) -> Running {
+    let control_plane = format!("http://127.0.0.1:{grpc_port}");
+    let cache = cache.to_str().unwrap();
+    let args = [
+        "data-plane",
+        "--control-plane",
+        &control_plane,
+        "--token",
+        token,
+        "--cache-dir",
+        cache,
+        "--node-id",
+        node,
+        "--host",
+        "127.0.0.1",
+    ];
+    Running::start(&args, port, logs, &[])
+}
+
+fn create_api_token(base: &str, jwt: &str, name: &str) -> String {
+    let response: Value = reqwest::blocking::Client::new()
+        .post(format!("{base}/api/auth/tokens"))
+        .bearer_auth(jwt)
+        .json(&json!({"name": name}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    response["token"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn data_planes_outlive_the_control_plane_and_converge_when_it_returns() {
+    let db = TestDatabase::create("reflow_split");
+    let work = tempfile::tempdir().unwrap();
+    let logs = work.path();
+    let (cp_port, grpc_port, dp1_port, dp2_port) = (free_port(), free_port(), free_port(), free_port());
+    let (cache1, cache2) = (work.path().join("cache-1"), work.path().join("cache-2"));
+
+    let cp = start_control_plane(&db, cp_port, grpc_port, logs);
+    let dp1 = start_data_plane(grpc_port, TOKEN, "dp-1", dp1_port, &cache1, logs);
+    let dp2 = start_data_plane(grpc_port, TOKEN, "dp-2", dp2_port, &cache2, logs);
+    let register = reqwest::blocking::Client::new()
+        .post(format!("{}/api/auth/register", cp.base))
+        .json(&json!({"email": "admin@example.com", "password": "secure123"}))
+        .send()
+        .unwrap();
+    assert_eq!(register.status().as_u16(), 201);
+    let jwt = login(&cp.base, "admin@example.com", "secure123");
+    let api_token = create_api_token(&cp.base, &jwt, "client");
+    for dp in [&dp1, &dp2] {
+        eventually(Duration::from_secs(10), "the API token reaches the data plane", || {
+            mcp_status(&dp.base, &api_token) == 501
+        });
+        assert_eq!(mcp_status(&dp.base, "rfl_wrong"), 401);
+    }
+    let status = get(&cp.base, "/api/data-planes", &jwt);
+    let version = status["current_version"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(10), "both acknowledgements recorded", || {
+        let status = get(&cp.base, "/api/data-planes", &jwt);
+        status["data_planes"]
+            .as_array()
+            .is_some_and(|planes| planes.len() == 2 && planes.iter().all(|p| p["acked_version"] == version.as_str()))
+    });
+
+    // The control plane dies: data planes keep serving from memory.
+    cp.kill_hard();
+    let mut failures = 0;
+    for _ in 0..50 {
+        for dp in [&dp1, &dp2] {
+            if mcp_status(&dp.base, &api_token) != 501 || ready_status(&dp.base) != 200 {
+                failures += 1;
+            }
+        }
+    }
+    assert_eq!(failures, 0, "requests failed while the control plane was down");
+
+    // A data plane restarted while the control plane is down serves from its cache.
+    assert!(dp1.stop().success());
+    let restarted = Instant::now();
+    let dp1 = start_data_plane(grpc_port, TOKEN, "dp-1", dp1_port, &cache1, logs);
+    eventually(Duration::from_secs(2), "serving from the cache", || ready_status(&dp1.base) == 200);
+    let from_cache = restarted.elapsed();
+    assert_eq!(mcp_status(&dp1.base, &api_token), 501);
+    let ready: Value = reqwest::blocking::get(format!("{}/ready", dp1.base)).unwrap().json().unwrap();
+    assert_eq!(ready["version"], version.as_str());
+    eprintln!("data plane restart to serving from cache: {from_cache:?}");
+
+    // The control plane returns: both reconnect, and a new change reaches both.
+    let cp = start_control_plane(&db, cp_port, grpc_port, logs);
+    let jwt = login(&cp.base, "admin@example.com", "secure123");
+    let second_token = create_api_token(&cp.base, &jwt, "second");
+    let returned = Instant::now();
+    for dp in [&dp1, &dp2] {
+        eventually(Duration::from_secs(10), "convergence after the control plane returns", || {
+            mcp_status(&dp.base, &second_token) == 501
+        });
+    }
+    eprintln!("control plane back to both data planes converged: {:?}", returned.elapsed());
+
+    // A data plane with the wrong token is refused and says so; it serves nothing.
+    let intruder_cache = work.path().join("cache-intruder");
+    let intruder =
+        start_data_plane(grpc_port, "a-wrong-data-plane-token-000", "intruder", free_port(), &intruder_cache, logs);
+    eventually(Duration::from_secs(10), "the refusal is logged", || {
+        intruder.stderr().contains("refused this data plane's token")
+    });
+    assert_eq!(ready_status(&intruder.base), 503);
+    assert_eq!(mcp_status(&intruder.base, &api_token), 503);
+    drop(intruder);
+
+    // A tampered cache is refused: with the control plane down, the data plane fails closed.
+    assert!(dp2.stop().success());
+    cp.kill_hard();
+    let cache_file = cache2.join("snapshot.bin");
+    let mut bytes = std::fs::read(&cache_file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&cache_file, &bytes).unwrap();
+    let dp2 = start_data_plane(grpc_port, TOKEN, "dp-2", dp2_port, &cache2, logs);
+    assert_eq!(ready_status(&dp2.base), 503);
+    assert_eq!(mcp_status(&dp2.base, &api_token), 503);
+    assert!(dp2.stderr().contains("refusing the snapshot cache"), "{}", dp2.stderr());
+    assert_eq!(mcp_status(&dp1.base, &api_token), 501, "the other data plane is unaffected");
+}

@@ -1,0 +1,183 @@
+//! Running the `reflow` binary in tests: free ports, processes stopped on drop, HTTP helpers.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A running `reflow` process, stopped with SIGTERM when dropped.
+pub struct Running {
+    pub child: Child,
+    pub base: String,
+    pub stdout_path: PathBuf,
+    pub stderr_path: PathBuf,
+}
+
+impl Running {
+    pub fn start(args: &[&str], port: u16, logs: &Path, env: &[(&str, &str)]) -> Running {
+        let stdout_path = logs.join(format!("stdout-{port}.log"));
+        let stderr_path = logs.join(format!("stderr-{port}.log"));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_reflow"));
+        command
+            .args(args)
+            .args(["--port", &port.to_string()])
+            .env_remove("DATABASE_URL")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout_path).unwrap())
+            .stderr(std::fs::File::create(&stderr_path).unwrap());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let child = command.spawn().expect("start reflow");
+        let running =
+            Running { child, base: format!("http://localhost:{port}"), stdout_path, stderr_path: stderr_path.clone() };
+        running.wait_healthy(&stderr_path);
+        running
+    }
+
+    fn wait_healthy(&self, stderr_path: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let client = reqwest::blocking::Client::new();
+        while Instant::now() < deadline {
+            if let Ok(response) = client.get(format!("{}/health", self.base)).send() {
+                if response.status().is_success() {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("reflow did not become healthy: {}", std::fs::read_to_string(stderr_path).unwrap_or_default());
+    }
+
+    /// SIGKILL: the process dies without any chance to clean up.
+    pub fn kill_hard(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait: a clean shutdown exits 0.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("reflow did not stop on SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn login(base: &str, email: &str, password: &str) -> String {
+    let response = reqwest::blocking::Client::new()
+        .post(format!("{base}/api/auth/login"))
+        .json(&json!({"email": email, "password": password}))
+        .send()
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    response.json::<Value>().unwrap()["token"].as_str().unwrap().to_string()
+}
+
+pub fn get(base: &str, path: &str, token: &str) -> Value {
+    let response = reqwest::blocking::Client::new().get(format!("{base}{path}")).bearer_auth(token).send().unwrap();
+    assert_eq!(response.status().as_u16(), 200, "{path}");
+    response.json().unwrap()
+}
+
+pub fn file_bytes(path: &Path) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    if let Ok(mut file) = std::fs::File::open(path) {
+        file.read_to_end(&mut bytes).unwrap();
+    }
+    bytes
+}
+
+#[cfg(unix)]
+pub fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// A fresh PostgreSQL database on the server named by `DATABASE_URL`, dropped on drop.
+pub struct TestDatabase {
+    admin_url: String,
+    name: String,
+    pub url: String,
+}
+
+fn run_sql(admin_url: &str, sql: &str) {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(admin_url).await.unwrap();
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+    });
+}
+
+impl TestDatabase {
+    pub fn create(prefix: &str) -> TestDatabase {
+        let admin_url =
+            std::env::var("DATABASE_URL").expect("DATABASE_URL names a PostgreSQL server (scripts/test starts one)");
+        let name = format!("{prefix}_{}_{}", std::process::id(), free_port());
+        run_sql(&admin_url, &format!("CREATE DATABASE {name}"));
+        let mut url = url::Url::parse(&admin_url).unwrap();
+        url.set_path(&name);
+        TestDatabase { admin_url, name, url: url.to_string() }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        run_sql(&self.admin_url, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
+    }
+}
+
+/// Waits until `condition` holds, or panics naming `what`.
+pub fn eventually(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        if Instant::now() > deadline {
+            panic!("timed out waiting for: {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The status of `POST {base}/mcp` with `token`.
+pub fn mcp_status(base: &str, token: &str) -> u16 {
+    reqwest::blocking::Client::new()
+        .post(format!("{base}/mcp"))
+        .bearer_auth(token)
+        .json(&json!({}))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+pub fn ready_status(base: &str) -> u16 {
+    reqwest::blocking::get(format!("{base}/ready")).map(|r| r.status().as_u16()).unwrap_or(0)
+}
