@@ -7,10 +7,10 @@ use axum::routing::get;
 use clap::Args;
 use reflow_common::config::ConfigError;
 use reflow_control_plane::bind;
-use reflow_data_plane::sync::SyncConfig;
+use reflow_data_plane::sync::{ClientTls, SyncConfig};
 use reflow_data_plane::DataPlane;
 
-use crate::{init_logging, load_config, shutdown_token, CommonArgs, Failure};
+use crate::{init_logging, load_config, read_pem, shutdown_token, CommonArgs, Failure};
 
 const DEFAULT_PORT: u16 = 8080;
 
@@ -33,6 +33,15 @@ pub struct DataPlaneArgs {
     /// Node group (overrides data_plane.group).
     #[arg(long)]
     group: Option<String>,
+    /// PEM CA that verifies an https:// control plane (overrides data_plane.tls.ca).
+    #[arg(long)]
+    tls_ca: Option<String>,
+    /// PEM client certificate for mTLS (overrides data_plane.tls.cert).
+    #[arg(long)]
+    tls_cert: Option<String>,
+    /// PEM client key for mTLS (overrides data_plane.tls.key).
+    #[arg(long)]
+    tls_key: Option<String>,
 }
 
 pub async fn run(args: DataPlaneArgs) -> Result<(), Failure> {
@@ -56,8 +65,23 @@ pub async fn run(args: DataPlaneArgs) -> Result<(), Failure> {
     if let Some(group) = args.group {
         dp.group = group;
     }
+    dp.tls.ca = args.tls_ca.or(dp.tls.ca.take());
+    dp.tls.cert = args.tls_cert.or(dp.tls.cert.take());
+    dp.tls.key = args.tls_key.or(dp.tls.key.take());
     config.validate()?;
     let dp = config.data_plane.clone();
+    let tls = match &dp.tls.ca {
+        Some(ca) => Some(ClientTls {
+            ca_pem: read_pem("data_plane.tls.ca", ca)?,
+            identity: match (&dp.tls.cert, &dp.tls.key) {
+                (Some(cert), Some(key)) => {
+                    Some((read_pem("data_plane.tls.cert", cert)?, read_pem("data_plane.tls.key", key)?))
+                }
+                _ => None,
+            },
+        }),
+        None => None,
+    };
     let control_plane = dp.control_plane.ok_or_else(|| {
         ConfigError::new("data_plane.control_plane", "required: pass --control-plane http://HOST:50051")
     })?;
@@ -69,6 +93,7 @@ pub async fn run(args: DataPlaneArgs) -> Result<(), Failure> {
         node_id: dp.node_id.unwrap_or_else(reflow_control_plane::default_instance_id),
         group: dp.group,
         labels: dp.labels.into_iter().collect(),
+        tls,
     };
     let data_plane = DataPlane::new(sync, dp.cache_dir.map(PathBuf::from));
     let listener = bind(&config.server.host, config.server.port).await?;

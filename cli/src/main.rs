@@ -48,10 +48,10 @@ pub struct CommonArgs {
     #[arg(long, short, env = "REFLOW_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to listen on (overrides server.host).
-    #[arg(long)]
+    #[arg(long, env = "REFLOW_HOST")]
     pub host: Option<String>,
     /// Port to listen on (overrides server.port).
-    #[arg(long)]
+    #[arg(long, env = "REFLOW_PORT")]
     pub port: Option<u16>,
 }
 
@@ -74,6 +74,24 @@ struct ControlPlaneArgs {
     /// The token data planes present, at least 16 bytes (overrides control_plane.data_plane_token).
     #[arg(long, env = "REFLOW_DATA_PLANE_TOKEN", hide_env_values = true)]
     data_plane_token: Option<String>,
+    /// PEM certificate of the snapshot service (overrides control_plane.tls.cert).
+    #[arg(long)]
+    grpc_tls_cert: Option<String>,
+    /// PEM key of the snapshot service (overrides control_plane.tls.key).
+    #[arg(long)]
+    grpc_tls_key: Option<String>,
+    /// PEM CA that data planes' client certificates must chain to: mTLS (overrides control_plane.tls.ca).
+    #[arg(long)]
+    grpc_client_ca: Option<String>,
+}
+
+/// Reads a PEM file named by config key `key`.
+pub fn read_pem(key: &str, path: &str) -> Result<Vec<u8>, ConfigError> {
+    let bytes = std::fs::read(path).map_err(|e| ConfigError::new(key, format!("cannot read {path}: {e}")))?;
+    if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+        return Err(ConfigError::new(key, format!("{path} is not a PEM file")));
+    }
+    Ok(bytes)
 }
 
 /// A failure to start, split by exit code.
@@ -221,7 +239,25 @@ async fn control_plane(args: ControlPlaneArgs) -> Result<(), Failure> {
     if let Some(token) = args.data_plane_token {
         config.control_plane.data_plane_token = Some(token);
     }
+    let tls = &mut config.control_plane.tls;
+    tls.cert = args.grpc_tls_cert.or(tls.cert.take());
+    tls.key = args.grpc_tls_key.or(tls.key.take());
+    tls.ca = args.grpc_client_ca.or(tls.ca.take());
     config.validate()?;
+    let grpc_tls = match (&config.control_plane.tls.cert, &config.control_plane.tls.key) {
+        (Some(cert), Some(key)) => Some(reflow_control_plane::GrpcTls {
+            cert_pem: read_pem("control_plane.tls.cert", cert)?,
+            key_pem: read_pem("control_plane.tls.key", key)?,
+            client_ca_pem: config
+                .control_plane
+                .tls
+                .ca
+                .as_deref()
+                .map(|ca| read_pem("control_plane.tls.ca", ca))
+                .transpose()?,
+        }),
+        _ => None,
+    };
     if config.jwt.secret.is_none() {
         return Err(ConfigError::new(
             "jwt.secret",
@@ -248,7 +284,10 @@ async fn control_plane(args: ControlPlaneArgs) -> Result<(), Failure> {
         .into());
     }
     let store = store::connect(&url, config.database.max_connections).await.map_err(StartError::from)?;
-    let control_plane = ControlPlane::new(&config, store)?;
+    let mut control_plane = ControlPlane::new(&config, store)?;
+    if let Some(tls) = grpc_tls {
+        control_plane = control_plane.with_grpc_tls(tls);
+    }
     let listener = bind(&config.server.host, config.server.port).await?;
     let shutdown = shutdown_token();
     let compiler = control_plane.start_compiler(shutdown.clone()).await;

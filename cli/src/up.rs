@@ -117,6 +117,7 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
         node_id: "local".into(),
         group: "default".into(),
         labels: Default::default(),
+        tls: None,
     };
     let data_plane = DataPlane::new(sync, Some(dir.join("cache")));
     let syncing = data_plane.start_sync(shutdown.clone());

@@ -57,11 +57,23 @@ pub struct ControlPlaneConfig {
     pub data_plane_token: Option<String>,
     /// This replica's id in status reports; default: host name and process id.
     pub id: Option<String>,
+    /// TLS for the snapshot service: `cert` and `key` serve TLS; `ca` also requires data
+    /// planes to present a client certificate it signed (mTLS).
+    pub tls: TlsFiles,
+}
+
+/// PEM files for one end of a TLS connection.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsFiles {
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub ca: Option<String>,
 }
 
 impl Default for ControlPlaneConfig {
     fn default() -> Self {
-        ControlPlaneConfig { grpc_port: 50051, data_plane_token: None, id: None }
+        ControlPlaneConfig { grpc_port: 50051, data_plane_token: None, id: None, tls: TlsFiles::default() }
     }
 }
 
@@ -71,6 +83,7 @@ impl fmt::Debug for ControlPlaneConfig {
             .field("grpc_port", &self.grpc_port)
             .field("data_plane_token", &self.data_plane_token.as_ref().map(|_| "<redacted>"))
             .field("id", &self.id)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -89,6 +102,9 @@ pub struct DataPlaneConfig {
     pub node_id: Option<String>,
     pub group: String,
     pub labels: std::collections::BTreeMap<String, String>,
+    /// TLS to the control plane: `ca` verifies its certificate (required for https://);
+    /// `cert` and `key` are this data plane's client certificate for mTLS.
+    pub tls: TlsFiles,
 }
 
 impl Default for DataPlaneConfig {
@@ -100,6 +116,7 @@ impl Default for DataPlaneConfig {
             node_id: None,
             group: "default".into(),
             labels: Default::default(),
+            tls: TlsFiles::default(),
         }
     }
 }
@@ -113,6 +130,7 @@ impl fmt::Debug for DataPlaneConfig {
             .field("node_id", &self.node_id)
             .field("group", &self.group)
             .field("labels", &self.labels)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -517,6 +535,18 @@ impl Config {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(ConfigError::new("data_plane.control_plane", "must be an http:// or https:// URL"));
             }
+            if url.starts_with("https://") && self.data_plane.tls.ca.is_none() {
+                return Err(ConfigError::new("data_plane.tls.ca", "required to verify an https:// control plane"));
+            }
+        }
+        for (prefix, tls) in [("control_plane.tls", &self.control_plane.tls), ("data_plane.tls", &self.data_plane.tls)]
+        {
+            if tls.cert.is_some() != tls.key.is_some() {
+                return Err(ConfigError::new(format!("{prefix}.key"), "cert and key go together"));
+            }
+        }
+        if self.control_plane.tls.ca.is_some() && self.control_plane.tls.cert.is_none() {
+            return Err(ConfigError::new("control_plane.tls.cert", "client certificates (ca) need TLS (cert and key)"));
         }
         for (i, command) in self.stdio.allowed_commands.iter().enumerate() {
             let base = command.rsplit('/').next().unwrap_or(command);

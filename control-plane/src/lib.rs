@@ -54,6 +54,22 @@ pub struct ControlPlane {
     /// The compiler's inputs besides the store.
     secrets: sync::CompilerSecrets,
     data_plane_token: Option<String>,
+    grpc_tls: Option<GrpcTls>,
+}
+
+/// TLS for the gRPC snapshot service, as PEM.
+#[derive(Clone)]
+pub struct GrpcTls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    /// When set, data planes must present a client certificate signed by this CA.
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for GrpcTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcTls").field("mutual", &self.client_ca_pem.is_some()).finish_non_exhaustive()
+    }
 }
 
 impl ControlPlane {
@@ -92,7 +108,14 @@ impl ControlPlane {
             },
             secrets,
             data_plane_token,
+            grpc_tls: None,
         })
+    }
+
+    /// Serves the snapshot service over TLS (and mTLS when a client CA is given).
+    pub fn with_grpc_tls(mut self, tls: GrpcTls) -> Self {
+        self.grpc_tls = Some(tls);
+        self
     }
 
     pub fn store(&self) -> &DynStore {
@@ -137,7 +160,16 @@ impl ControlPlane {
         let service =
             sync::SnapshotGrpc::new(self.state.hub.clone(), self.state.store.clone(), token, shutdown.clone());
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &self.grpc_tls {
+            use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+            let mut config = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+            if let Some(ca) = &tls.client_ca_pem {
+                config = config.client_ca_root(Certificate::from_pem(ca));
+            }
+            builder = builder.tls_config(config).map_err(|e| StartError::Grpc(format!("TLS configuration: {e}")))?;
+        }
+        builder
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
             .add_service(service.into_server())
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())

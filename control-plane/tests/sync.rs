@@ -297,3 +297,57 @@ async fn replicas_converge_and_data_planes_fail_over_without_resync() {
     assert_eq!(update.upserts.len(), 1);
     assert_eq!(update.control_plane_id, "cp-b");
 }
+
+/// Test PKI: a CA, a server certificate for localhost, and client certificates.
+struct Pki {
+    ca_pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "reflow test CA");
+        let ca = params.self_signed(&key).unwrap();
+        Pki { ca_pem: ca.pem(), issuer: rcgen::Issuer::new(params, key) }
+    }
+
+    /// A certificate and key for `name`, signed by this CA.
+    fn issue(&self, name: &str) -> (Vec<u8>, Vec<u8>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert =
+            rcgen::CertificateParams::new(vec![name.to_string()]).unwrap().signed_by(&key, &self.issuer).unwrap();
+        (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
+    }
+}
+
+/// With mTLS on, a data plane with a client certificate from the right CA syncs; one with
+/// no client certificate or one from another CA gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_admits_only_data_planes_with_a_trusted_certificate() {
+    let db = sqlite_db().await;
+    let pki = Pki::new();
+    let (cert_pem, key_pem) = pki.issue("localhost");
+    let tls = reflow_control_plane::GrpcTls { cert_pem, key_pem, client_ca_pem: Some(pki.ca_pem.clone().into_bytes()) };
+    let cp = spawn_control_plane_with(&db.url(), "cp-tls", Some(tls)).await;
+    assert!(cp.grpc.starts_with("https://"));
+    let client = |identity| reflow_data_plane::sync::ClientTls { ca_pem: pki.ca_pem.clone().into_bytes(), identity };
+
+    let trusted =
+        spawn_data_plane_with(&cp.grpc, DATA_PLANE_TOKEN, "trusted", Some(client(Some(pki.issue("dp-trusted"))))).await;
+    let anonymous = spawn_data_plane_with(&cp.grpc, DATA_PLANE_TOKEN, "anonymous", Some(client(None))).await;
+    let stranger =
+        spawn_data_plane_with(&cp.grpc, DATA_PLANE_TOKEN, "stranger", Some(client(Some(Pki::new().issue("dp-x")))))
+            .await;
+    let plain = spawn_data_plane(&cp.grpc.replace("https://", "http://"), DATA_PLANE_TOKEN, "plain").await;
+    let synced = [&trusted];
+    eventually(CONVERGE, "the trusted data plane syncs over mTLS", || converged(&cp, &synced)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for refused in [&anonymous, &stranger, &plain] {
+        assert!(refused.version().is_none(), "a data plane without a trusted certificate got a snapshot");
+    }
+    let planes = cp.control_plane.store().list_data_planes().await.unwrap();
+    assert_eq!(planes.iter().map(|p| p.node_id.as_str()).collect::<Vec<_>>(), vec!["trusted"]);
+}

@@ -32,6 +32,23 @@ pub struct SyncConfig {
     pub node_id: String,
     pub group: String,
     pub labels: HashMap<String, String>,
+    /// TLS to the control plane; `None` for plain `http://`.
+    pub tls: Option<ClientTls>,
+}
+
+/// PEM material for TLS to the control plane.
+#[derive(Clone)]
+pub struct ClientTls {
+    /// Verifies the control plane's certificate.
+    pub ca_pem: Vec<u8>,
+    /// This data plane's client certificate and key, for mTLS.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls").field("client_certificate", &self.identity.is_some()).finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for SyncConfig {
@@ -40,6 +57,7 @@ impl std::fmt::Debug for SyncConfig {
             .field("control_plane", &self.control_plane)
             .field("node_id", &self.node_id)
             .field("group", &self.group)
+            .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -96,6 +114,17 @@ async fn stream_once(
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
+    let endpoint = match &config.tls {
+        Some(tls) => {
+            use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+            let mut tls_config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+            if let Some((cert, key)) = &tls.identity {
+                tls_config = tls_config.identity(Identity::from_pem(cert, key));
+            }
+            endpoint.tls_config(tls_config).map_err(|e| StreamEnd::Failed(format!("TLS configuration: {e}")))?
+        }
+        None => endpoint,
+    };
     let channel = endpoint.connect().await.map_err(|e| StreamEnd::Failed(format!("cannot connect: {e}")))?;
     let mut client = SnapshotServiceClient::new(channel);
     let (tx, rx) = mpsc::channel::<SyncRequest>(8);

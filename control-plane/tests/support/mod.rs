@@ -228,6 +228,14 @@ impl Drop for TestControlPlane {
 }
 
 pub async fn spawn_control_plane(url: &str, id: &str) -> TestControlPlane {
+    spawn_control_plane_with(url, id, None).await
+}
+
+pub async fn spawn_control_plane_with(
+    url: &str,
+    id: &str,
+    tls: Option<reflow_control_plane::GrpcTls>,
+) -> TestControlPlane {
     let store = store::connect(url, 5).await.expect("connect");
     let mut config = test_config(|c| {
         c.control_plane.data_plane_token = Some(DATA_PLANE_TOKEN.into());
@@ -236,11 +244,15 @@ pub async fn spawn_control_plane(url: &str, id: &str) -> TestControlPlane {
     // Replicas of one deployment share their secrets.
     config.jwt.secret = Some("test-secret-test-secret-test-secret!".into());
     config.encryption.key = Some("0123456789abcdef0123456789abcdef".into());
-    let control_plane = reflow_control_plane::ControlPlane::new(&config, store).unwrap();
+    let mut control_plane = reflow_control_plane::ControlPlane::new(&config, store).unwrap();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    if let Some(tls) = tls {
+        control_plane = control_plane.with_grpc_tls(tls);
+    }
     let shutdown = tokio_util::sync::CancellationToken::new();
     control_plane.start_compiler(shutdown.clone()).await;
     let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let grpc = format!("http://{}", grpc_listener.local_addr().unwrap());
+    let grpc = format!("{scheme}://localhost:{}", grpc_listener.local_addr().unwrap().port());
     {
         let (control_plane, shutdown) = (control_plane.clone(), shutdown.clone());
         tokio::spawn(async move { control_plane.serve_grpc(grpc_listener, shutdown).await });
@@ -277,6 +289,15 @@ impl TestDataPlane {
 }
 
 pub async fn spawn_data_plane(grpc: &str, token: &str, node_id: &str) -> TestDataPlane {
+    spawn_data_plane_with(grpc, token, node_id, None).await
+}
+
+pub async fn spawn_data_plane_with(
+    grpc: &str,
+    token: &str,
+    node_id: &str,
+    tls: Option<reflow_data_plane::sync::ClientTls>,
+) -> TestDataPlane {
     let cache_dir = tempfile::tempdir().unwrap();
     let sync = reflow_data_plane::sync::SyncConfig {
         control_plane: grpc.to_string(),
@@ -284,6 +305,7 @@ pub async fn spawn_data_plane(grpc: &str, token: &str, node_id: &str) -> TestDat
         node_id: node_id.to_string(),
         group: "test".into(),
         labels: Default::default(),
+        tls,
     };
     let data_plane = reflow_data_plane::DataPlane::new(sync, Some(cache_dir.path().to_path_buf()));
     let shutdown = tokio_util::sync::CancellationToken::new();

@@ -1,0 +1,63 @@
+//! `reflow-bench`: Reflow's benchmarks, measured in one run on this machine.
+//!
+//! ```text
+//! cargo run --release -p reflow-e2e --bin reflow-bench -- [--quick] [--json FILE] [--database-url URL]
+//! ```
+//!
+//! Prints a table and, with `--json`, writes one JSON object per scenario.
+
+use clap::Parser;
+use serde_json::Value;
+
+#[derive(Debug, Parser)]
+#[command(name = "reflow-bench", about = "Reflow's benchmarks")]
+struct Args {
+    /// Fewer iterations: finishes in well under two minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Write the results as a JSON array to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Run the control plane on this PostgreSQL database instead of a temporary SQLite file.
+    #[arg(long)]
+    database_url: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let iterations = if args.quick { 30 } else { 200 };
+    let mut results: Vec<Value> = Vec::new();
+
+    println!("snapshot propagation: admin write returned -> every data plane holds the new version");
+    println!("{:>12} {:>10} {:>10} {:>10}", "data planes", "p50 ms", "p99 ms", "max ms");
+    for data_planes in [1, 10, 100] {
+        let result = reflow_e2e::snapshot::propagation(data_planes, iterations, args.database_url.as_deref()).await?;
+        println!(
+            "{:>12} {:>10.2} {:>10.2} {:>10.2}",
+            data_planes,
+            result["p50_ms"].as_f64().unwrap_or(f64::NAN),
+            result["p99_ms"].as_f64().unwrap_or(f64::NAN),
+            result["max_ms"].as_f64().unwrap_or(f64::NAN)
+        );
+        results.push(result);
+    }
+
+    let result = reflow_e2e::snapshot::one_policy_change(10_000, 1_000, 5_000)?;
+    println!(
+        "\none-policy change on {} resources (10,000 users, 1,000 targets, 5,000 policies):\n  \
+         full snapshot {} bytes, incremental update {} bytes ({} upsert), compile {:.1} ms",
+        result["resources"],
+        result["full_bytes"],
+        result["update_bytes"],
+        result["upserts"],
+        result["compile_ms"].as_f64().unwrap_or(f64::NAN)
+    );
+    results.push(result);
+
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+        println!("\nwrote {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,18 @@
+//! Reflow's end-to-end harness and benchmarks.
+//!
+//! # Layout
+//! - [`snapshot`]: snapshot distribution benchmarks (propagation time to N data planes,
+//!   bytes of a one-policy change on a large snapshot).
+//!
+//! The `reflow-bench` binary runs the scenarios and prints a table and a JSON report.
+
+pub mod snapshot;
+
+/// Percentile of sorted samples (nearest rank).
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
