@@ -26,8 +26,14 @@ const TOKEN: &str = "benchmark-data-plane-token-0123";
 /// encrypted cache).
 pub async fn propagation(data_planes: usize, iterations: usize, database_url: Option<&str>) -> anyhow::Result<Value> {
     let dir = tempfile::tempdir()?;
-    let url =
-        database_url.map(String::from).unwrap_or_else(|| format!("sqlite://{}", dir.path().join("bench.db").display()));
+    let scratch = match database_url {
+        Some(server) => Some(ScratchDatabase::create(server).await?),
+        None => None,
+    };
+    let url = match &scratch {
+        Some(db) => db.url.clone(),
+        None => format!("sqlite://{}", dir.path().join("bench.db").display()),
+    };
     let store = connect(&url, 10).await.context("connect the store")?;
     let mut config = reflow_common::config::Config::default();
     config.jwt.secret = Some("benchmark-secret-benchmark-secret!".into());
@@ -110,6 +116,11 @@ pub async fn propagation(data_planes: usize, iterations: usize, database_url: Op
         samples.push(written.elapsed().as_secs_f64() * 1000.0);
     }
     shutdown.cancel();
+    drop(planes);
+    drop(control_plane);
+    if let Some(scratch) = scratch {
+        scratch.drop_database().await?;
+    }
     samples.sort_by(f64::total_cmp);
     Ok(json!({
         "scenario": "snapshot_propagation",
@@ -120,6 +131,32 @@ pub async fn propagation(data_planes: usize, iterations: usize, database_url: Op
         "p99_ms": percentile(&samples, 99.0),
         "max_ms": samples.last().copied().unwrap_or(f64::NAN),
     }))
+}
+
+/// A database created for one run on the PostgreSQL server the user named.
+struct ScratchDatabase {
+    server: String,
+    name: String,
+    url: String,
+}
+
+impl ScratchDatabase {
+    async fn create(server: &str) -> anyhow::Result<Self> {
+        use sqlx::Connection;
+        let name = format!("reflow_bench_{}", Uuid::new_v4().simple());
+        let mut conn = sqlx::PgConnection::connect(server).await.context("connect to --database-url")?;
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await?;
+        let mut url = url::Url::parse(server)?;
+        url.set_path(&name);
+        Ok(ScratchDatabase { server: server.to_string(), name, url: url.to_string() })
+    }
+
+    async fn drop_database(self) -> anyhow::Result<()> {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&self.server).await?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).execute(&mut conn).await?;
+        Ok(())
+    }
 }
 
 async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> anyhow::Result<()> {

@@ -18,7 +18,8 @@ struct Args {
     /// Write the results as a JSON array to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
-    /// Run the control plane on this PostgreSQL database instead of a temporary SQLite file.
+    /// Run the control plane on PostgreSQL: each scenario creates (and drops) a scratch
+    /// database on the server this URL names, instead of using a temporary SQLite file.
     #[arg(long)]
     database_url: Option<String>,
 }
