@@ -14,6 +14,8 @@ use reflow_common::crypto::DeterministicSealer;
 use reflow_proto::resources::{self, Credential, Settings, SETTINGS_ID};
 use reflow_proto::snapshot::v1::{Resource, ResourceType, SnapshotUpdate};
 
+use crate::policy::CompiledPolicy;
+
 /// Resources keyed by (type, id).
 pub type ResourceMap = BTreeMap<(i32, String), Arc<Resource>>;
 
@@ -65,8 +67,8 @@ pub struct View {
     pub tokens_by_hash: HashMap<String, resources::ApiToken>,
     /// Targets by name.
     pub targets: BTreeMap<String, resources::Target>,
-    /// Enabled policies, highest priority first.
-    pub policies: Vec<resources::Policy>,
+    /// Enabled policies with compiled patterns, highest priority first.
+    pub policies: Vec<CompiledPolicy>,
     /// Sealed credentials; opened when a request needs them.
     pub credentials: Vec<Credential>,
 }
@@ -213,10 +215,13 @@ fn decode(map: &ResourceMap, sealer: &DeterministicSealer) -> Result<View, Vec<S
                 errors.push(format!("policy {:?} names unknown target {target_id:?}", policy.name));
             }
         }
-        if let Some(pattern) = &policy.pattern {
-            if let Err(e) = reflow_common::glob::validate(pattern) {
-                errors.push(format!("policy {:?}: {e}", policy.name));
-            }
+    }
+    let mut compiled = Vec::with_capacity(policies.len());
+    for policy in policies {
+        let name = policy.name.clone();
+        match CompiledPolicy::new(policy) {
+            Ok(policy) => compiled.push(policy),
+            Err(e) => errors.push(format!("policy {name:?}: {e}")),
         }
     }
     for credential in &credentials {
@@ -238,9 +243,11 @@ fn decode(map: &ResourceMap, sealer: &DeterministicSealer) -> Result<View, Vec<S
             errors.push(format!("two targets are named {:?}", previous.name));
         }
     }
-    policies.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.name.cmp(&b.name)));
+    compiled.sort_by(|a, b| b.policy.priority.cmp(&a.policy.priority).then_with(|| a.policy.name.cmp(&b.policy.name)));
     match jwt {
-        Some(jwt) if errors.is_empty() => Ok(View { jwt, users, tokens_by_hash, targets, policies, credentials }),
+        Some(jwt) if errors.is_empty() => {
+            Ok(View { jwt, users, tokens_by_hash, targets, policies: compiled, credentials })
+        }
         _ => Err(errors),
     }
 }
