@@ -258,6 +258,7 @@ both_backends!(
     wrong_token_is_refused,
     rejections_are_recorded_and_answered,
     data_plane_keeps_its_version_when_an_update_is_bad,
+    explain_names_the_deciding_policy,
 );
 
 /// Two replicas on one PostgreSQL learn of each other's writes through LISTEN/NOTIFY and
@@ -350,4 +351,86 @@ async fn mutual_tls_admits_only_data_planes_with_a_trusted_certificate() {
     }
     let planes = cp.control_plane.store().list_data_planes().await.unwrap();
     assert_eq!(planes.iter().map(|p| p.node_id.as_str()).collect::<Vec<_>>(), vec!["trusted"]);
+}
+
+async fn get_json(url: &str, token: &str) -> (u16, Value) {
+    let response = reqwest::Client::new().get(url).bearer_auth(token).send().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
+}
+
+/// The explain endpoint answers from the current snapshot with the deciding policy.
+async fn explain_names_the_deciding_policy(backend: &str) {
+    let db = match backend {
+        "sqlite" => sqlite_db().await,
+        _ => postgres_db().await,
+    };
+    let cp = spawn_control_plane(&db.url(), "cp-a").await;
+    let (_, admin) = post(
+        &format!("{}/api/auth/register", cp.api),
+        None,
+        json!({"email": "a@example.com", "password": "password123"}),
+    )
+    .await;
+    let admin = admin["token"].as_str().unwrap().to_string();
+    let (_, dev) = post(
+        &format!("{}/api/auth/register", cp.api),
+        None,
+        json!({"email": "d@example.com", "password": "password123"}),
+    )
+    .await;
+    let dev_id = dev["user"]["id"].as_str().unwrap().to_string();
+    let (_, ops) = post(
+        &format!("{}/api/auth/register", cp.api),
+        None,
+        json!({"email": "o@example.com", "password": "password123"}),
+    )
+    .await;
+    let ops_id = ops["user"]["id"].as_str().unwrap().to_string();
+    reqwest::Client::new()
+        .put(format!("{}/api/users/{dev_id}", cp.api))
+        .bearer_auth(&admin)
+        .json(&json!({"role": "developer"}))
+        .send()
+        .await
+        .unwrap();
+    let (_, target) = post(
+        &format!("{}/api/targets", cp.api),
+        Some(&admin),
+        json!({"name": "github", "transport_type": "streamable-http", "url": "http://127.0.0.1:9/mcp"}),
+    )
+    .await;
+    let t = target["id"].as_str().unwrap().to_string();
+    for body in [
+        json!({"name": "developers use github", "target_id": t, "effect": "allow", "priority": 10,
+               "subjects": [{"subject_type": "role", "subject_value": "developer"}]}),
+        json!({"name": "nobody deletes", "target_id": t, "resource_type": "tool", "pattern": "delete_*", "effect": "deny",
+               "priority": 10, "subjects": [{"subject_type": "everyone"}]}),
+    ] {
+        assert_eq!(post(&format!("{}/api/policies", cp.api), Some(&admin), body).await.0, 201);
+    }
+    let explain = |user: &str, kind: &str, name: &str| {
+        format!("{}/api/policies/explain?user_id={user}&target_id={t}&kind={kind}&name={name}", cp.api)
+    };
+    eventually(CONVERGE, "the policies are compiled", || async {
+        get_json(&explain(&dev_id, "tool", "read_file"), &admin).await.1["allowed"] == true
+    })
+    .await;
+    let (_, read) = get_json(&explain(&dev_id, "tool", "read_file"), &admin).await;
+    assert_eq!(read["policy_name"], "developers use github");
+    assert_eq!(read["snapshot_version"], cp.control_plane.hub().current().unwrap().version.as_str());
+    let (_, delete) = get_json(&explain(&dev_id, "tool", "delete_repo"), &admin).await;
+    assert_eq!(
+        (delete["allowed"].as_bool(), delete["policy_name"].as_str()),
+        (Some(false), Some("nobody deletes")),
+        "deny wins the tie"
+    );
+    let (_, prompt) = get_json(&explain(&dev_id, "prompt", "delete_repo"), &admin).await;
+    assert_eq!(prompt["allowed"], true, "the deny is for tools only");
+    let (_, other) = get_json(&explain(&ops_id, "tool", "read_file"), &admin).await;
+    assert_eq!((other["allowed"].as_bool(), other["policy_id"].is_null()), (Some(false), true));
+    assert_eq!(other["reason"], "no policy applies: denied by default");
+    assert_eq!(get_json(&explain(&dev_id, "widget", "x"), &admin).await.0, 400);
+    assert_eq!(get_json(&explain(&uuid::Uuid::new_v4().to_string(), "tool", "x"), &admin).await.0, 404);
+    let dev_token = dev["token"].as_str().unwrap();
+    assert_eq!(get_json(&explain(&dev_id, "tool", "x"), dev_token).await.0, 403);
 }

@@ -7,13 +7,11 @@
 //! - [`sync`]: the stream to the control plane: reconnect, apply, acknowledge or reject.
 //! - [`cache`]: the encrypted on-disk copy used to restart while the control plane is away.
 //! - [`auth`]: authenticating clients from the snapshot.
-//! - [`policy`]: default-deny policy decisions (priority, deny wins ties, anchored globs).
 //! - [`http`]: `/ready` and the `/mcp` gate.
 
 pub mod auth;
 pub mod cache;
 pub mod http;
-pub mod policy;
 pub mod snapshot;
 pub mod state;
 pub mod sync;

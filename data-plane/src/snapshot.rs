@@ -14,7 +14,7 @@ use reflow_common::crypto::DeterministicSealer;
 use reflow_proto::resources::{self, Credential, Settings, SETTINGS_ID};
 use reflow_proto::snapshot::v1::{Resource, ResourceType, SnapshotUpdate};
 
-use crate::policy::CompiledPolicy;
+use reflow_proto::policy::CompiledPolicy;
 
 /// Resources keyed by (type, id).
 pub type ResourceMap = BTreeMap<(i32, String), Arc<Resource>>;

@@ -117,6 +117,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(policies::get, policies::update, policies::delete))
         .routes(routes!(policies::add_subject))
         .routes(routes!(policies::remove_subject))
+        .routes(routes!(policies::explain))
         .routes(routes!(data_planes::list))
 }
 

@@ -225,3 +225,93 @@ pub async fn remove_subject(
     state.store.remove_policy_subject(id, subject_id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ExplainQuery {
+    pub user_id: Uuid,
+    pub target_id: Uuid,
+    /// `tool`, `resource` or `prompt`.
+    pub kind: String,
+    /// The unprefixed tool or prompt name, or the resource URI.
+    pub name: String,
+}
+
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub struct Explanation {
+    pub allowed: bool,
+    /// The policy that decided; `null` when none applies (default deny) or the user is
+    /// deactivated.
+    pub policy_id: Option<String>,
+    pub policy_name: Option<String>,
+    /// Why, in words.
+    pub reason: String,
+    /// The snapshot version the answer was computed on; data planes at this version
+    /// enforce exactly this answer.
+    pub snapshot_version: String,
+}
+
+/// Why a user may or may not use a tool, resource or prompt of a target, and which policy
+/// decided, computed by the same function data planes enforce, on the current snapshot.
+#[utoipa::path(get, path = "/api/policies/explain", tag = "policies", security(("bearer" = [])),
+    params(ExplainQuery),
+    responses((status = 200, body = Explanation), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn explain(
+    State(state): State<AppState>,
+    caller: Caller,
+    super::extract::ApiQuery(query): super::extract::ApiQuery<ExplainQuery>,
+) -> ApiResult<Json<Explanation>> {
+    use reflow_proto::policy::{decide, CompiledPolicy, Kind};
+    use reflow_proto::resources;
+    use reflow_proto::snapshot::v1::ResourceType as Type;
+    caller.require_admin()?;
+    let kind = match query.kind.as_str() {
+        "tool" => Kind::Tool,
+        "resource" => Kind::Resource,
+        "prompt" => Kind::Prompt,
+        other => return Err(ApiError::bad_request(format!("kind: {other:?} is not one of tool, resource, prompt"))),
+    };
+    let snapshot = state.hub.current().ok_or_else(|| {
+        ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "unavailable", "no snapshot has been compiled yet")
+    })?;
+    let payload =
+        |kind: Type, id: &str| snapshot.resources.get(&(kind as i32, id.to_string())).map(|r| r.payload.clone());
+    let decode_error =
+        |_| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal", "snapshot does not decode");
+    let user: resources::User = serde_json::from_slice(
+        &payload(Type::User, &query.user_id.to_string()).ok_or_else(|| ApiError::not_found("user"))?,
+    )
+    .map_err(decode_error)?;
+    if payload(Type::Target, &query.target_id.to_string()).is_none() {
+        return Err(ApiError::not_found("target"));
+    }
+    let mut policies = Vec::new();
+    for resource in snapshot.resources.values().filter(|r| r.r#type == Type::Policy as i32) {
+        let policy: resources::Policy = serde_json::from_slice(&resource.payload).map_err(decode_error)?;
+        policies.push(CompiledPolicy::new(policy).map_err(ApiError::bad_request)?);
+    }
+    policies.sort_by_key(|p| std::cmp::Reverse(p.policy.priority));
+    let snapshot_version = snapshot.version.clone();
+    if !user.active {
+        return Ok(Json(Explanation {
+            allowed: false,
+            policy_id: None,
+            policy_name: None,
+            reason: "the user is deactivated; every request is refused before policies apply".into(),
+            snapshot_version,
+        }));
+    }
+    let decision = decide(&policies, &user, &query.target_id.to_string(), kind, &query.name);
+    let reason = match (&decision.policy_name, decision.allowed) {
+        (None, _) => "no policy applies: denied by default".to_string(),
+        (Some(name), true) => format!("allowed by policy {name:?}"),
+        (Some(name), false) => format!("denied by policy {name:?}"),
+    };
+    Ok(Json(Explanation {
+        allowed: decision.allowed,
+        policy_id: decision.policy_id,
+        policy_name: decision.policy_name,
+        reason,
+        snapshot_version,
+    }))
+}

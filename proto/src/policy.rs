@@ -9,9 +9,9 @@
 //! The same function answers listing and calling, so what a list shows is exactly what a call
 //! allows.
 
+use crate::resources::{Policy, User};
 use reflow_common::glob::Glob;
 use reflow_common::model::{Effect, ResourceType, SubjectType};
-use reflow_proto::resources::{Policy, User};
 
 /// What a request asks to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +102,7 @@ pub fn decide(policies: &[CompiledPolicy], user: &User, target_id: &str, kind: K
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reflow_proto::resources::Subject;
+    use crate::resources::Subject;
 
     fn user(role: &str, groups: &[&str]) -> User {
         User {

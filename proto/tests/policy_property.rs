@@ -5,7 +5,7 @@
 
 use proptest::prelude::*;
 use reflow_common::model::{Effect, ResourceType, SubjectType};
-use reflow_data_plane::policy::{decide, CompiledPolicy, Kind};
+use reflow_proto::policy::{decide, CompiledPolicy, Kind};
 use reflow_proto::resources::{Policy, Subject, User};
 
 const ALPHABET: &[char] = &['a', 'b', 'A', '_', '.', '-', '\u{430}', '\u{200b}'];
