@@ -434,3 +434,96 @@ async fn explain_names_the_deciding_policy(backend: &str) {
     let dev_token = dev["token"].as_str().unwrap();
     assert_eq!(get_json(&explain(&dev_id, "tool", "x"), dev_token).await.0, 403);
 }
+
+/// A TCP proxy in front of PostgreSQL that the test can cut and restore: fault injection
+/// for a database outage.
+struct DatabaseProxy {
+    port: u16,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl DatabaseProxy {
+    async fn start(upstream: String) -> DatabaseProxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let connections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (flag, tasks) = (up.clone(), connections.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !flag.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let upstream = upstream.clone();
+                tasks.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                }));
+            }
+        });
+        DatabaseProxy { port, up, connections }
+    }
+
+    /// Refuses new connections and drops the open ones.
+    fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        for task in self.connections.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// PostgreSQL goes away: admin writes answer 503 within about a second, data planes keep
+/// serving, nothing is half-written; when it returns, writes and propagation resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_fails_writes_fast_and_spares_data_planes() {
+    let db = postgres_db().await;
+    let direct = url::Url::parse(&db.url()).unwrap();
+    let proxy = DatabaseProxy::start(format!("{}:{}", direct.host_str().unwrap(), direct.port().unwrap_or(5432))).await;
+    let mut through_proxy = direct.clone();
+    through_proxy.set_port(Some(proxy.port)).unwrap();
+    let cp = spawn_control_plane(through_proxy.as_str(), "cp-a").await;
+    let dp = spawn_data_plane(&cp.grpc, DATA_PLANE_TOKEN, "dp").await;
+    let (_, admin) = post(
+        &format!("{}/api/auth/register", cp.api),
+        None,
+        json!({"email": "a@example.com", "password": "password123"}),
+    )
+    .await;
+    let admin = admin["token"].as_str().unwrap().to_string();
+    eventually(CONVERGE, "the admin reaches the data plane", || async { mcp_status(&dp, &admin).await == 501 }).await;
+
+    proxy.cut();
+    let target = json!({"name": "web", "transport_type": "streamable-http", "url": "http://127.0.0.1:9/mcp"});
+    let started = std::time::Instant::now();
+    let (status, body) = post(&format!("{}/api/targets", cp.api), Some(&admin), target.clone()).await;
+    let elapsed = started.elapsed();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], "unavailable");
+    assert!(elapsed < Duration::from_millis(2500), "the write took {elapsed:?} to fail");
+    let health = reqwest::get(format!("{}/health", cp.api)).await.unwrap();
+    assert_eq!(health.status().as_u16(), 503);
+    for _ in 0..20 {
+        assert_eq!(mcp_status(&dp, &admin).await, 501, "the data plane keeps serving");
+    }
+
+    proxy.restore();
+    eventually(CONVERGE, "writes resume", || async {
+        post(&format!("{}/api/targets", cp.api), Some(&admin), target.clone()).await.0 == 201
+    })
+    .await;
+    let all = [&dp];
+    eventually(CONVERGE, "the new target reaches the data plane", || async {
+        converged(&cp, &all).await && dp.data_plane.state().load().is_some_and(|s| s.view.targets.contains_key("web"))
+    })
+    .await;
+    let targets = cp.control_plane.store().list_targets().await.unwrap();
+    assert_eq!(targets.len(), 1, "the failed write left nothing behind");
+}

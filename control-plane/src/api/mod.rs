@@ -181,7 +181,7 @@ pub struct Health {
 #[utoipa::path(get, path = "/health", tag = "health",
     responses((status = 200, body = Health), (status = 503, body = Health)))]
 pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
-    let ping = tokio::time::timeout(std::time::Duration::from_secs(2), state.store.ping()).await;
+    let ping = tokio::time::timeout(crate::store::ACQUIRE_TIMEOUT, state.store.ping()).await;
     let database_ok = matches!(ping, Ok(Ok(())));
     let status = if database_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = Health {

@@ -117,6 +117,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn listen_for_changes(&self, notify: Arc<tokio::sync::Notify>, shutdown: tokio_util::sync::CancellationToken);
 }
 
+/// How long a request waits for a database connection before it answers 503. Short on
+/// purpose: with the database down, admin writes fail fast and clearly instead of hanging.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Connects to `url` (`postgres://…` or `sqlite:…`) and applies pending migrations.
 pub async fn connect(url: &str, max_connections: u32) -> StoreResult<DynStore> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -126,7 +130,7 @@ pub async fn connect(url: &str, max_connections: u32) -> StoreResult<DynStore> {
         options.connect().await.map_err(StoreError::Unavailable)?.close().await.map_err(StoreError::Unavailable)?;
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await
             .map_err(StoreError::Unavailable)?;
@@ -142,7 +146,7 @@ pub async fn connect(url: &str, max_connections: u32) -> StoreResult<DynStore> {
             .busy_timeout(Duration::from_secs(10));
         let pool = sqlx::sqlite::SqlitePoolOptions::new()
             .max_connections(max_connections.clamp(1, 8))
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await
             .map_err(StoreError::Unavailable)?;
