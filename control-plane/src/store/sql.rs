@@ -40,9 +40,13 @@ fn classify(error: sqlx::Error, conflict: &str) -> StoreError {
         {
             StoreError::Unavailable(error)
         }
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
-            StoreError::Unavailable(error)
-        }
+        // Connection-level failures: the database went away (or the link to it), not bad data.
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(error),
         _ => StoreError::Database(error),
     }
 }
