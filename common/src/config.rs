@@ -325,11 +325,15 @@ impl EncryptionConfig {
 pub struct AuthConfig {
     /// Whether anyone may register after the first user (who always can, and becomes admin).
     pub allow_registration: bool,
+    /// Failed logins for one account before it is locked for `login_lockout`.
+    pub login_max_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub login_lockout: Duration,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        AuthConfig { allow_registration: true }
+        AuthConfig { allow_registration: true, login_max_failures: 10, login_lockout: Duration::from_secs(300) }
     }
 }
 
@@ -520,6 +524,9 @@ impl Config {
         {
             return Err(ConfigError::new("database.sslmode", format!("unknown mode {:?}", self.database.sslmode)));
         }
+        if self.auth.login_max_failures == 0 {
+            return Err(ConfigError::new("auth.login_max_failures", "must be at least 1"));
+        }
         if self.database.max_connections == 0 {
             return Err(ConfigError::new("database.max_connections", "must be at least 1"));
         }
@@ -558,6 +565,7 @@ impl Config {
             }
         }
         for (key, value) in [
+            ("auth.login_lockout", self.auth.login_lockout),
             ("session.timeout", self.session.timeout),
             ("session.cleanup_interval", self.session.cleanup_interval),
             ("stdio.idle_ttl", self.stdio.idle_ttl),
@@ -691,6 +699,10 @@ telemetry:    { enabled: false, endpoint: "otel-collector:4317" }
             ("session: { timeout: 0s }", "session.timeout"),
             ("stdio: { allowed_commands: [bash] }", "stdio.allowed_commands[0]"),
             ("session: { timeout: soon }", "session.timeout"),
+            ("auth: { login_max_failures: 0 }", "auth.login_max_failures"),
+            ("control_plane: { data_plane_token: short }", "control_plane.data_plane_token"),
+            ("data_plane: { control_plane: 'https://cp:50051' }", "data_plane.tls.ca"),
+            ("control_plane: { tls: { cert: a.pem } }", "control_plane.tls.key"),
         ];
         for (text, key) in cases {
             let err = Config::from_yaml(text, &HashMap::new()).unwrap_err();

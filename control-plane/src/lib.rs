@@ -84,6 +84,8 @@ impl ControlPlane {
         let jwt = JwtKeys::new(secret.as_bytes(), config.jwt.expiry, &config.jwt.issuer, &config.jwt.audience);
         let settings = ApiSettings {
             allow_registration: config.auth.allow_registration,
+            login_max_failures: config.auth.login_max_failures,
+            login_lockout: config.auth.login_lockout,
             stdio: config.stdio.clone(),
             max_body_bytes: config.server.max_body_bytes,
             cors_allowed_origins: config.cors.allowed_origins.clone(),
@@ -105,6 +107,7 @@ impl ControlPlane {
                 jwt: Arc::new(jwt),
                 settings: Arc::new(settings),
                 hub: sync::SnapshotHub::new(id),
+                login_throttle: Arc::default(),
             },
             secrets,
             data_plane_token,

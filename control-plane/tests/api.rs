@@ -553,7 +553,39 @@ async fn health_and_docs(backend: &str) {
     assert!(docs.text().await.unwrap().contains("openapi"));
 }
 
+async fn repeated_failed_logins_lock_the_account(backend: &str) {
+    let api = spawn_api(backend, |config| {
+        config.auth.login_max_failures = 3;
+        config.auth.login_lockout = std::time::Duration::from_secs(60);
+    })
+    .await;
+    api.register("admin@example.com").await;
+    api.register("other@example.com").await;
+    for _ in 0..3 {
+        let (status, _) = api
+            .post("/api/auth/login", None, json!({"email": "admin@example.com", "password": "wrong-password"}))
+            .await;
+        assert_eq!(status, 401);
+    }
+    let response = api
+        .http
+        .post(format!("{}/api/auth/login", api.base))
+        .json(&json!({"email": "admin@example.com", "password": "password123"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 429, "locked even with the right password");
+    let retry_after: u64 = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after));
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "too_many_requests");
+    let (status, _) =
+        api.post("/api/auth/login", None, json!({"email": "other@example.com", "password": "password123"})).await;
+    assert_eq!(status, 200, "other accounts are unaffected");
+}
+
 both_backends!(
+    repeated_failed_logins_lock_the_account,
     register_login_me,
     unauthenticated_requests_get_a_challenge,
     api_tokens_authenticate_and_revoke,

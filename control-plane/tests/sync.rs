@@ -411,8 +411,13 @@ async fn explain_names_the_deciding_policy(backend: &str) {
     let explain = |user: &str, kind: &str, name: &str| {
         format!("{}/api/policies/explain?user_id={user}&target_id={t}&kind={kind}&name={name}", cp.api)
     };
-    eventually(CONVERGE, "the policies are compiled", || async {
-        get_json(&explain(&dev_id, "tool", "read_file"), &admin).await.1["allowed"] == true
+    eventually(CONVERGE, "both policies are compiled", || async {
+        let version = cp.control_plane.hub().current().map(|s| s.version.clone()).unwrap_or_default();
+        let (_, read) = get_json(&explain(&dev_id, "tool", "read_file"), &admin).await;
+        let (_, delete) = get_json(&explain(&dev_id, "tool", "delete_repo"), &admin).await;
+        read["allowed"] == true
+            && delete["policy_name"] == "nobody deletes"
+            && read["snapshot_version"] == version.as_str()
     })
     .await;
     let (_, read) = get_json(&explain(&dev_id, "tool", "read_file"), &admin).await;

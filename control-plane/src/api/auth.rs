@@ -2,6 +2,7 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -86,26 +87,82 @@ pub async fn register(
     Ok((StatusCode::CREATED, Json(AuthResponse { token, expires_at, user })))
 }
 
-/// Exchange email and password for a JWT.
+/// Failed logins per account. Bounded: past [`LoginThrottle::MAX_ENTRIES`] accounts, expired
+/// entries are dropped, then the oldest.
+#[derive(Debug, Default)]
+pub struct LoginThrottle {
+    failures: std::sync::Mutex<std::collections::HashMap<String, (u32, std::time::Instant)>>,
+}
+
+impl LoginThrottle {
+    const MAX_ENTRIES: usize = 100_000;
+
+    /// Seconds until `email` may try again, when it is locked out.
+    fn locked_for(&self, email: &str, max: u32, lockout: std::time::Duration) -> Option<u64> {
+        let failures = self.failures.lock().expect("throttle lock");
+        let (count, since) = failures.get(email)?;
+        let elapsed = since.elapsed();
+        (*count >= max && elapsed < lockout).then(|| (lockout - elapsed).as_secs().max(1))
+    }
+
+    fn failed(&self, email: &str, lockout: std::time::Duration) {
+        let mut failures = self.failures.lock().expect("throttle lock");
+        if failures.len() >= Self::MAX_ENTRIES {
+            failures.retain(|_, (_, since)| since.elapsed() < lockout);
+            if failures.len() >= Self::MAX_ENTRIES {
+                if let Some(oldest) = failures.iter().min_by_key(|(_, (_, since))| *since).map(|(k, _)| k.clone()) {
+                    failures.remove(&oldest);
+                }
+            }
+        }
+        let now = std::time::Instant::now();
+        let entry = failures.entry(email.to_string()).or_insert((0, now));
+        if entry.1.elapsed() >= lockout {
+            *entry = (0, now);
+        }
+        entry.0 += 1;
+        entry.1 = now;
+    }
+
+    fn succeeded(&self, email: &str) {
+        self.failures.lock().expect("throttle lock").remove(email);
+    }
+}
+
+/// Exchange email and password for a JWT. After `auth.login_max_failures` failed attempts an
+/// account is locked for `auth.login_lockout` (429 with `Retry-After`).
 #[utoipa::path(post, path = "/api/auth/login", tag = "auth", request_body = Credentials,
-    responses((status = 200, body = AuthResponse), (status = 401, body = ErrorBody)))]
+    responses((status = 200, body = AuthResponse), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn login(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Credentials>,
-) -> ApiResult<Json<AuthResponse>> {
-    let invalid = || ApiError::unauthorized("invalid email or password");
+) -> Result<Json<AuthResponse>, Response> {
+    let invalid = || ApiError::unauthorized("invalid email or password").into_response();
     let email = normalize_email(&body.email).map_err(|_| invalid())?;
+    let (max, lockout) = (state.settings.login_max_failures, state.settings.login_lockout);
+    if let Some(seconds) = state.login_throttle.locked_for(&email, max, lockout) {
+        let error = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            format!("too many failed logins for this account; try again in {seconds} s"),
+        );
+        let mut response = error.into_response();
+        response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(seconds));
+        return Err(response);
+    }
     if body.password.len() > MAX_PASSWORD_LEN {
         return Err(invalid());
     }
-    let found = state.store.user_by_email(&email).await?;
+    let found = state.store.user_by_email(&email).await.map_err(|e| ApiError::from(e).into_response())?;
     let hash = found.as_ref().map(|(_, hash)| hash.clone());
     if !verify_password(body.password, hash).await {
+        state.login_throttle.failed(&email, lockout);
         return Err(invalid());
     }
+    state.login_throttle.succeeded(&email);
     let (user, _) = found.ok_or_else(invalid)?;
     if !user.active {
-        return Err(ApiError::unauthorized("account is deactivated"));
+        return Err(ApiError::unauthorized("account is deactivated").into_response());
     }
     let (token, expires_at) = state.jwt.issue(&user);
     Ok(Json(AuthResponse { token, expires_at, user }))

@@ -46,12 +46,17 @@ pub struct AppState {
     pub settings: Arc<ApiSettings>,
     /// Told after every successful write, so the snapshot is recompiled and pushed.
     pub hub: Arc<SnapshotHub>,
+    /// Counts failed logins per account (per replica) to slow password guessing.
+    pub login_throttle: Arc<auth::LoginThrottle>,
 }
 
 /// The parts of the configuration the API consults per request.
 #[derive(Debug, Clone)]
 pub struct ApiSettings {
     pub allow_registration: bool,
+    /// Failed logins per account before a lockout, and its length.
+    pub login_max_failures: u32,
+    pub login_lockout: std::time::Duration,
     pub stdio: StdioConfig,
     pub max_body_bytes: usize,
     pub cors_allowed_origins: Vec<String>,
