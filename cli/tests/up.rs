@@ -87,7 +87,17 @@ fn readme_usage_works_against_reflow_up_and_survives_a_restart() {
         get(&running.base, &format!("/api/targets/{target}/env/resolve?user_id={user_id}&reveal=true"), &token);
     assert_eq!(resolved["env"][0]["value"], "ghp_xxxx");
     assert_eq!(resolved["env"][0]["scope_type"], "user");
+    let logs = running.stderr();
+    assert!(logs.contains("credential values revealed"), "revealing is logged");
     assert!(running.stop().success());
+    for log in
+        std::fs::read_dir(work.path()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+    {
+        let text = std::fs::read_to_string(log.path()).unwrap();
+        for secret in ["ghp_xxxx", "secure123"] {
+            assert!(!text.contains(secret), "{} contains {secret}", log.path().display());
+        }
+    }
 }
 
 fn run_expecting_failure(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
