@@ -67,7 +67,7 @@ fn secret_file(path: &Path, generate: impl FnOnce() -> String) -> anyhow::Result
 fn random_hex() -> String {
     let mut bytes = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    reflow_common::crypto::to_hex(&bytes)
 }
 
 pub async fn run(args: UpArgs) -> Result<(), Failure> {

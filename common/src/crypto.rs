@@ -92,7 +92,7 @@ impl Key {
 
     /// The key as 64 hex digits, for writing a generated key to a file.
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        to_hex(&self.0)
     }
 }
 
@@ -220,6 +220,16 @@ impl Keyring {
         let bytes = self.open(sealed, aad)?;
         String::from_utf8(bytes.to_vec()).map(Zeroizing::new).map_err(|_| CryptoError::Authentication)
     }
+}
+
+/// Lowercase hex of `bytes`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        let _ = write!(out, "{byte:02x}");
+    }
+    out
 }
 
 /// Derives a 256-bit key from a shared secret (a data-plane token) with HKDF-SHA256.

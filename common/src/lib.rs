@@ -6,6 +6,7 @@
 //! map), so every function is testable with plain values.
 //!
 //! # Layout
+//! - [`bearer`]: reading `Authorization: Bearer` (and refusing tokens in query strings).
 //! - [`crypto`]: AES-256-GCM envelope with key versions and associated data.
 //! - [`config`]: the YAML config, `${ENV}` expansion, defaults and validation.
 //! - [`credentials`]: which scope's value a caller receives (user > group > role > default,
@@ -14,6 +15,7 @@
 //! - [`glob`]: the anchored glob used by policy patterns.
 //! - [`model`]: the fixed vocabularies (transport types, effects, subject types, …).
 
+pub mod bearer;
 pub mod config;
 pub mod credentials;
 pub mod crypto;

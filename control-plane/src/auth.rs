@@ -22,9 +22,7 @@ use crate::store::User;
 /// Prefix of every API token, so a token is recognisable in a leak scanner and is never
 /// mistaken for a JWT.
 pub const API_TOKEN_PREFIX: &str = "rfl_";
-/// Longest bearer credential examined at all; anything longer is refused before parsing.
-pub const MAX_BEARER_LEN: usize = 8 * 1024;
-const LEEWAY_SECS: u64 = 5;
+pub use reflow_common::bearer::MAX_BEARER_LEN;
 
 /// Hashes a password with Argon2id and a random salt.
 pub async fn hash_password(password: String) -> String {
@@ -114,14 +112,7 @@ pub enum TokenError {
 
 impl JwtKeys {
     pub fn new(secret: &[u8], expiry: Duration, issuer: &str, audience: &str) -> Self {
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.algorithms = vec![Algorithm::HS256];
-        validation.leeway = LEEWAY_SECS;
-        validation.validate_exp = true;
-        validation.validate_nbf = true;
-        validation.set_issuer(&[issuer]);
-        validation.set_audience(&[audience]);
-        validation.set_required_spec_claims(&["exp", "nbf", "iat", "iss", "aud", "sub"]);
+        let validation = reflow_common::bearer::jwt_validation(issuer, audience);
         JwtKeys {
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),

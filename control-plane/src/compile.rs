@@ -114,7 +114,7 @@ pub fn compile(state: &StoreState, keys: CompileKeys<'_>) -> Result<Snapshot, Co
         let payload = resources::ApiToken {
             id: token.id.to_string(),
             user_id: token.user_id.to_string(),
-            hash: hash.iter().map(|b| format!("{b:02x}")).collect(),
+            hash: reflow_common::crypto::to_hex(hash),
             expires_at: token.expires_at.map(|at| at.timestamp()),
         };
         insert(&mut map, ResourceType::ApiToken, payload.id.clone(), &payload);

@@ -40,10 +40,7 @@ async fn converged(cp: &TestControlPlane, dps: &[&TestDataPlane]) -> bool {
 }
 
 async fn changes_reach_every_data_plane(backend: &str) {
-    let db = match backend {
-        "sqlite" => sqlite_db().await,
-        _ => postgres_db().await,
-    };
+    let db = test_db(backend).await;
     let cp = spawn_control_plane(&db.url(), "cp-a").await;
     let dps = [
         spawn_data_plane(&cp.grpc, DATA_PLANE_TOKEN, "dp-1").await,
@@ -120,10 +117,7 @@ async fn changes_reach_every_data_plane(backend: &str) {
 }
 
 async fn wrong_token_is_refused(backend: &str) {
-    let db = match backend {
-        "sqlite" => sqlite_db().await,
-        _ => postgres_db().await,
-    };
+    let db = test_db(backend).await;
     let cp = spawn_control_plane(&db.url(), "cp-a").await;
     let intruder = spawn_data_plane(&cp.grpc, "not-the-data-plane-token", "intruder").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -166,10 +160,7 @@ impl RawPeer {
 }
 
 async fn rejections_are_recorded_and_answered(backend: &str) {
-    let db = match backend {
-        "sqlite" => sqlite_db().await,
-        _ => postgres_db().await,
-    };
+    let db = test_db(backend).await;
     let cp = spawn_control_plane(&db.url(), "cp-a").await;
     let mut peer = RawPeer::connect(&cp.grpc, "raw", "").await;
     let first = peer.next(CONVERGE).await.expect("full state");
@@ -192,10 +183,7 @@ async fn data_plane_keeps_its_version_when_an_update_is_bad(backend: &str) {
     // A fake control plane: a real gRPC server that sends a good full state and then an
     // update with a corrupted payload.
     use reflow_proto::snapshot::v1::snapshot_service_server::{SnapshotService, SnapshotServiceServer};
-    let db = match backend {
-        "sqlite" => sqlite_db().await,
-        _ => postgres_db().await,
-    };
+    let db = test_db(backend).await;
     let real = spawn_control_plane(&db.url(), "cp-real").await;
     let good = real.control_plane.hub().current().unwrap();
     let full = SnapshotUpdate { version: good.version.clone(), upserts: good.full(), ..Default::default() };
@@ -360,10 +348,7 @@ async fn get_json(url: &str, token: &str) -> (u16, Value) {
 
 /// The explain endpoint answers from the current snapshot with the deciding policy.
 async fn explain_names_the_deciding_policy(backend: &str) {
-    let db = match backend {
-        "sqlite" => sqlite_db().await,
-        _ => postgres_db().await,
-    };
+    let db = test_db(backend).await;
     let cp = spawn_control_plane(&db.url(), "cp-a").await;
     let (_, admin) = post(
         &format!("{}/api/auth/register", cp.api),

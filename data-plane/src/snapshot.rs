@@ -47,6 +47,8 @@ pub struct JwtSettings {
     pub issuer: String,
     pub audience: String,
     pub key: jsonwebtoken::DecodingKey,
+    /// Built once per snapshot, not per request.
+    pub validation: jsonwebtoken::Validation,
 }
 
 impl std::fmt::Debug for JwtSettings {
@@ -191,6 +193,7 @@ fn decode(map: &ResourceMap, sealer: &DeterministicSealer) -> Result<View, Vec<S
                 .and_then(|sealed| sealer.open(&sealed, &resources::jwt_secret_aad()).ok());
             match secret {
                 Some(secret) => Some(JwtSettings {
+                    validation: reflow_common::bearer::jwt_validation(&settings.jwt_issuer, &settings.jwt_audience),
                     issuer: settings.jwt_issuer,
                     audience: settings.jwt_audience,
                     key: jsonwebtoken::DecodingKey::from_secret(&secret),

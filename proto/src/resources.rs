@@ -7,7 +7,7 @@
 //! bytes on every control-plane replica, and the snapshot version is a content hash.
 
 use reflow_common::credentials::{Isolation, Scope};
-use reflow_common::crypto::{Aad, DeterministicSealer};
+use reflow_common::crypto::{to_hex, Aad, DeterministicSealer};
 use reflow_common::model::{
     AuthType, Effect, ResourceType as PolicyResourceType, SecretKind, Statefulness, SubjectType, TransportType,
 };
@@ -130,7 +130,7 @@ impl Credential {
 
 /// The hash of one payload: hex SHA-256.
 pub fn resource_version(payload: &[u8]) -> String {
-    hex(&Sha256::digest(payload))
+    to_hex(&Sha256::digest(payload))
 }
 
 /// Builds a resource from its payload.
@@ -152,11 +152,7 @@ pub fn snapshot_version<'a>(resources: impl IntoIterator<Item = (i32, &'a str, &
         hasher.update(id.as_bytes());
         hasher.update(version.as_bytes());
     }
-    hex(&hasher.finalize())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    to_hex(&hasher.finalize())
 }
 
 #[cfg(test)]

@@ -11,7 +11,9 @@ use serde::{Deserialize, Deserializer};
 
 use super::error::ApiError;
 use super::AppState;
-use crate::auth::{hash_api_token, API_TOKEN_PREFIX, MAX_BEARER_LEN};
+use reflow_common::bearer::bearer_token;
+
+use crate::auth::{hash_api_token, API_TOKEN_PREFIX};
 use crate::store::User;
 
 /// A JSON body. Unknown fields, wrong types, bad syntax, a missing content type and an
@@ -113,30 +115,8 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        if let Some(query) = parts.uri.query() {
-            if query.split('&').any(|pair| {
-                let name = pair.split('=').next().unwrap_or("");
-                name.eq_ignore_ascii_case("token") || name.eq_ignore_ascii_case("access_token")
-            }) {
-                return Err(ApiError::unauthorized(
-                    "tokens in the query string are refused; send Authorization: Bearer <token>",
-                ));
-            }
-        }
-        let header = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token> header"))?;
-        if header.len() > MAX_BEARER_LEN + 16 {
-            return Err(ApiError::unauthorized("token is too long"));
-        }
-        let value = header.to_str().map_err(|_| ApiError::unauthorized("malformed Authorization header"))?;
-        let token = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| ApiError::unauthorized("Authorization header must be: Bearer <token>"))?;
+        let authorization = parts.headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+        let token = bearer_token(authorization, parts.uri.query()).map_err(ApiError::unauthorized)?;
 
         let user = if token.starts_with(API_TOKEN_PREFIX) {
             let (api_token, user) = state

@@ -74,13 +74,18 @@ pub async fn postgres_db() -> TestDb {
     TestDb::Postgres { admin_url, name }
 }
 
-/// A fresh database of the named backend with migrations applied.
-pub async fn store(backend: &str) -> (DynStore, TestDb) {
-    let db = match backend {
+/// A fresh, empty database of the named backend.
+pub async fn test_db(backend: &str) -> TestDb {
+    match backend {
         "sqlite" => sqlite_db().await,
         "postgres" => postgres_db().await,
         other => panic!("unknown backend {other}"),
-    };
+    }
+}
+
+/// A fresh database of the named backend with migrations applied.
+pub async fn store(backend: &str) -> (DynStore, TestDb) {
+    let db = test_db(backend).await;
     let store = store::connect(&db.url(), 5).await.expect("connect and migrate");
     (store, db)
 }
