@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use reflow_common::crypto::{DeterministicSealer, Keyring};
-use reflow_common::model::Effect;
 use reflow_proto::resources::{self, Credential, Settings, SETTINGS_ID};
 use reflow_proto::snapshot::v1::{Resource, ResourceRef, ResourceType};
 
@@ -153,7 +152,6 @@ pub fn compile(state: &StoreState, keys: CompileKeys<'_>) -> Result<Snapshot, Co
                 .map(|s| resources::Subject { subject_type: s.subject_type, subject_value: s.subject_value.clone() })
                 .collect(),
         };
-        debug_assert!(matches!(payload.effect, Effect::Allow | Effect::Deny));
         insert(&mut map, ResourceType::Policy, payload.id.clone(), &payload);
     }
     for secret in &state.secrets {
