@@ -40,6 +40,7 @@ pub struct Config {
     pub cors: CorsConfig,
     pub logging: LoggingConfig,
     pub session: SessionConfig,
+    pub mcp: McpConfig,
     pub stdio: StdioConfig,
     pub kubernetes: KubernetesConfig,
     pub telemetry: TelemetryConfig,
@@ -381,6 +382,44 @@ impl Default for SessionConfig {
     }
 }
 
+/// The data plane's MCP endpoint and its upstream requests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct McpConfig {
+    /// Largest MCP request body, in bytes; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// How long one upstream request may take (a target's `TIMEOUT` env overrides it).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// How long connecting and initialising an upstream may take.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long an aggregated list waits for the slowest upstream before answering without it.
+    #[serde(with = "humantime_serde")]
+    pub list_timeout: Duration,
+    /// Items per page of the lists the gateway serves.
+    pub page_size: usize,
+    /// Host names (without port) the MCP endpoint answers to; empty: any. Guards against DNS
+    /// rebinding when the gateway listens on a private address.
+    pub allowed_hosts: Vec<String>,
+    /// Most client sessions one data plane holds; beyond it new sessions get 503.
+    pub max_sessions: usize,
+}
+
+impl Default for McpConfig {
+    fn default() -> Self {
+        McpConfig {
+            max_body_bytes: 4 * 1024 * 1024,
+            request_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+            list_timeout: Duration::from_secs(10),
+            page_size: 100,
+            allowed_hosts: Vec::new(),
+            max_sessions: 100_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StdioConfig {
@@ -555,6 +594,15 @@ impl Config {
         if self.control_plane.tls.ca.is_some() && self.control_plane.tls.cert.is_none() {
             return Err(ConfigError::new("control_plane.tls.cert", "client certificates (ca) need TLS (cert and key)"));
         }
+        for (key, value) in [
+            ("mcp.max_body_bytes", self.mcp.max_body_bytes),
+            ("mcp.page_size", self.mcp.page_size),
+            ("mcp.max_sessions", self.mcp.max_sessions),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(key, "must be greater than zero"));
+            }
+        }
         for (i, command) in self.stdio.allowed_commands.iter().enumerate() {
             let base = command.rsplit('/').next().unwrap_or(command);
             if command.is_empty() || SHELLS.contains(&base) {
@@ -568,6 +616,9 @@ impl Config {
             ("auth.login_lockout", self.auth.login_lockout),
             ("session.timeout", self.session.timeout),
             ("session.cleanup_interval", self.session.cleanup_interval),
+            ("mcp.request_timeout", self.mcp.request_timeout),
+            ("mcp.connect_timeout", self.mcp.connect_timeout),
+            ("mcp.list_timeout", self.mcp.list_timeout),
             ("stdio.idle_ttl", self.stdio.idle_ttl),
             ("stdio.max_lifetime", self.stdio.max_lifetime),
             ("stdio.gc_interval", self.stdio.gc_interval),

@@ -7,14 +7,20 @@
 //! - [`sync`]: the stream to the control plane: reconnect, apply, acknowledge or reject.
 //! - [`cache`]: the encrypted on-disk copy used to restart while the control plane is away.
 //! - [`auth`]: authenticating clients from the snapshot.
-//! - [`http`]: `/ready` and the `/mcp` gate.
+//! - [`mcp`]: the client-facing MCP gateway (`/mcp`, `/mcp/{target}`, legacy SSE).
+//! - [`upstream`]: sessions with upstream MCP servers over Streamable HTTP and legacy SSE.
+//! - [`credentials`]: what is injected into upstream requests, resolved per user.
+//! - [`http`]: `/ready` and the MCP routes.
 
 pub mod auth;
 pub mod cache;
+pub mod credentials;
 pub mod http;
+pub mod mcp;
 pub mod snapshot;
 pub mod state;
 pub mod sync;
+pub mod upstream;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,6 +29,8 @@ use reflow_common::crypto::DeterministicSealer;
 use tokio_util::sync::CancellationToken;
 
 use cache::Cache;
+use mcp::gateway::Gateway;
+use mcp::McpSettings;
 use state::SnapshotState;
 use sync::SyncConfig;
 
@@ -33,6 +41,7 @@ pub struct DataPlane {
     sealer: DeterministicSealer,
     cache: Option<Cache>,
     sync: SyncConfig,
+    gateway: Arc<Gateway>,
 }
 
 impl DataPlane {
@@ -55,20 +64,49 @@ impl DataPlane {
                 }
             }
         }
-        DataPlane { state, sealer, cache, sync }
+        let gateway = Gateway::new(state.clone(), sealer.clone(), McpSettings::default());
+        DataPlane { state, sealer, cache, sync, gateway }
+    }
+
+    /// Replaces the MCP endpoint's settings (before serving).
+    pub fn with_mcp(mut self, settings: McpSettings) -> Self {
+        self.gateway = Gateway::new(self.state.clone(), self.sealer.clone(), settings);
+        self
+    }
+
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
     }
 
     pub fn state(&self) -> &Arc<SnapshotState> {
         &self.state
     }
 
-    /// `/ready` and `/mcp`.
+    /// `/ready`, `/mcp` and `/mcp/{target}`.
     pub fn router(&self) -> axum::Router {
-        http::router(self.state.clone())
+        http::router(self.gateway.clone())
     }
 
-    /// Keeps the snapshot in sync until `shutdown`.
+    /// Keeps the snapshot in sync until `shutdown`, and runs the gateway's housekeeping:
+    /// session expiry, and list-change notifications when a snapshot changes what a session's
+    /// user may see. The returned handle is the sync task's.
     pub fn start_sync(&self, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let gateway = self.gateway.clone();
+        let every = gateway.settings.cleanup_interval;
+        tokio::spawn(gateway.clone().expire_sessions(every, shutdown.clone()));
+        let mut changes = self.state.subscribe();
+        let watch_shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = watch_shutdown.cancelled() => return,
+                    changed = changes.changed() => if changed.is_err() { return },
+                }
+                if let Some(snapshot) = gateway.state.load() {
+                    gateway.snapshot_changed(&snapshot);
+                }
+            }
+        });
         tokio::spawn(sync::run(
             self.sync.clone(),
             self.state.clone(),

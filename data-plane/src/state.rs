@@ -4,17 +4,20 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
+use tokio::sync::watch;
 
 use crate::snapshot::DataSnapshot;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SnapshotState {
     current: ArcSwapOption<DataSnapshot>,
+    /// Tells watchers (the gateway's list-change notifier) that a new snapshot is active.
+    changed: watch::Sender<u64>,
 }
 
 impl SnapshotState {
     pub fn new() -> Arc<Self> {
-        Arc::new(SnapshotState::default())
+        Arc::new(SnapshotState { current: ArcSwapOption::empty(), changed: watch::Sender::new(0) })
     }
 
     /// The snapshot to serve from, or `None` before the first one is accepted.
@@ -32,5 +35,11 @@ impl SnapshotState {
 
     pub fn store_arc(&self, snapshot: Arc<DataSnapshot>) {
         self.current.store(Some(snapshot));
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// A receiver that wakes after each swap.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 }

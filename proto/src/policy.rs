@@ -51,12 +51,16 @@ impl CompiledPolicy {
         policy.target_id.as_deref().is_none_or(|t| t == target_id)
             && kind.admitted_by(policy.resource_type)
             && self.glob.as_ref().is_none_or(|g| g.matches(name))
-            && policy.subjects.iter().any(|s| match s.subject_type {
-                SubjectType::Everyone => true,
-                SubjectType::User => s.subject_value == user.id,
-                SubjectType::Role => s.subject_value == user.role,
-                SubjectType::Group => user.groups.contains(&s.subject_value),
-            })
+            && self.names(user)
+    }
+
+    fn names(&self, user: &User) -> bool {
+        self.policy.subjects.iter().any(|s| match s.subject_type {
+            SubjectType::Everyone => true,
+            SubjectType::User => s.subject_value == user.id,
+            SubjectType::Role => s.subject_value == user.role,
+            SubjectType::Group => user.groups.contains(&s.subject_value),
+        })
     }
 }
 
@@ -66,6 +70,16 @@ pub struct Decision {
     pub allowed: bool,
     pub policy_id: Option<String>,
     pub policy_name: Option<String>,
+}
+
+/// Whether any policy could allow `user` something on `target_id`. When none can, every
+/// decision there is deny, so the gateway need not contact the target at all.
+pub fn may_allow_any(policies: &[CompiledPolicy], user: &User, target_id: &str) -> bool {
+    policies.iter().any(|p| {
+        p.policy.effect == Effect::Allow
+            && p.policy.target_id.as_deref().is_none_or(|t| t == target_id)
+            && p.names(user)
+    })
 }
 
 /// Decides for `user` using `name` of `kind` on `target_id`. `policies` must be sorted by

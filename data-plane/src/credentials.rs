@@ -1,0 +1,148 @@
+//! What the gateway adds to requests for an HTTP or SSE upstream, from the snapshot's sealed
+//! credentials.
+//!
+//! One rule for tokens and env alike: user > group > role > target default (several groups:
+//! group name order). An HTTP upstream request is made for one user, so every scope applies;
+//! isolation boundaries limit what shared processes receive (STDIO and Kubernetes targets).
+//! As in the original gateway, env keys `AUTH_TOKEN` (the token, overriding the one set through
+//! the token endpoints), `AUTH_HEADER` (the header carrying it), `BASE_URL` (overrides the
+//! target URL) and `TIMEOUT` (seconds, or a duration such as `90s`) are reserved; every other
+//! key travels as an `X-Env-<KEY>` header. Values are opened only here, and never logged.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::http::{HeaderName, HeaderValue};
+use base64::Engine as _;
+use reflow_common::credentials::{resolve, Isolation, Principal, Scope};
+use reflow_common::crypto::DeterministicSealer;
+use reflow_common::model::{AuthType, SecretKind};
+use reflow_proto::resources::{Credential, Target, User};
+
+use crate::snapshot::View;
+
+/// Credentials resolved for one user and target.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Injection {
+    pub base_url: Option<String>,
+    pub timeout: Option<Duration>,
+    /// Marked sensitive, so they are never printed.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Where the token came from (`user`, `group:ops`, `role:developer`, `default`), for
+    /// audit records; never the value.
+    pub token_source: Option<String>,
+}
+
+impl std::fmt::Debug for Injection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Injection")
+            .field("base_url", &self.base_url.as_ref().map(|_| "<set>"))
+            .field("timeout", &self.timeout)
+            .field("headers", &self.headers.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>())
+            .field("token_source", &self.token_source)
+            .finish()
+    }
+}
+
+fn source(scope: &Scope) -> String {
+    match scope {
+        Scope::Default => "default".into(),
+        Scope::User(_) => "user".into(),
+        Scope::Group(group) => format!("group:{group}"),
+        Scope::Role(role) => format!("role:{role}"),
+    }
+}
+
+fn parse_timeout(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    text.parse::<u64>().ok().map(Duration::from_secs).or_else(|| humantime::parse_duration(text).ok())
+}
+
+/// Resolves what `user` sends to `target`. An entry that does not open (it cannot: the
+/// snapshot was validated) or does not fit in a header is left out, with a warning naming
+/// the key only.
+pub fn resolve_injection(view: &View, sealer: &DeterministicSealer, target: &Target, user: &User) -> Injection {
+    let principal = Principal { user_id: &user.id, role: &user.role, groups: &user.groups };
+    let mut tokens = Vec::new();
+    let mut env: BTreeMap<&str, Vec<&Credential>> = BTreeMap::new();
+    for credential in view.credentials.iter().filter(|c| c.target_id == target.id) {
+        match credential.kind {
+            SecretKind::Token => tokens.push(credential),
+            SecretKind::Env => env.entry(credential.name.as_str()).or_default().push(credential),
+        }
+    }
+    let open = |credential: &Credential| -> Option<String> {
+        let aad = Credential::aad(&credential.target_id, credential.kind, &credential.scope, &credential.name);
+        let sealed = base64::engine::general_purpose::STANDARD.decode(&credential.sealed).ok()?;
+        let value = sealer.open(&sealed, &aad).ok()?;
+        String::from_utf8(value.to_vec()).ok()
+    };
+    let pick = |entries: &[&Credential]| -> Option<(String, String)> {
+        let (scope, credential) = resolve(entries.iter().map(|c| (&c.scope, *c)), &principal, Isolation::PerUser)?;
+        Some((source(scope), open(credential)?))
+    };
+
+    let mut injection = Injection::default();
+    let mut token = pick(&tokens);
+    let mut header_name = target.auth_header_name.clone();
+    for (key, entries) in &env {
+        let Some((scope, value)) = pick(entries) else { continue };
+        match *key {
+            "AUTH_TOKEN" => {
+                token = Some((scope, value));
+            }
+            "AUTH_HEADER" => {
+                header_name = Some(value);
+            }
+            "BASE_URL" => {
+                injection.base_url = Some(value);
+            }
+            "TIMEOUT" => match parse_timeout(&value) {
+                Some(timeout) => injection.timeout = Some(timeout),
+                None => tracing::warn!(target = %target.name, "env TIMEOUT is neither seconds nor a duration; ignored"),
+            },
+            _ => {
+                push_header(&mut injection.headers, &format!("X-Env-{key}"), &value, &target.name);
+            }
+        }
+    }
+    if let Some((scope, value)) = token {
+        let header = match target.auth_type {
+            AuthType::None => None,
+            AuthType::Bearer => Some(("authorization".to_string(), format!("Bearer {value}"))),
+            AuthType::Header => Some((header_name.unwrap_or_else(|| "authorization".into()), value)),
+        };
+        if let Some((name, value)) = header {
+            if push_header(&mut injection.headers, &name, &value, &target.name) {
+                injection.token_source = Some(scope);
+            }
+        }
+    }
+    injection
+}
+
+fn push_header(headers: &mut Vec<(HeaderName, HeaderValue)>, name: &str, value: &str, target: &str) -> bool {
+    match (HeaderName::try_from(name), HeaderValue::try_from(value)) {
+        (Ok(name), Ok(mut value)) => {
+            value.set_sensitive(true);
+            headers.push((name, value));
+            true
+        }
+        _ => {
+            tracing::warn!(%target, header = %name, "a credential does not fit in an HTTP header; not sent");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_accept_seconds_and_durations() {
+        assert_eq!(parse_timeout("30"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_timeout("1m 30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_timeout("soon"), None);
+    }
+}

@@ -1,0 +1,851 @@
+//! The MCP methods: what the gateway answers itself, what it merges from every reachable
+//! target, and what it routes to one target after a policy decision.
+//!
+//! Every request runs against one snapshot (taken once by the HTTP layer), so listing and
+//! calling decide with the same policies and the same function.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use reflow_common::crypto::DeterministicSealer;
+use reflow_common::model::TransportType;
+use reflow_proto::policy::{decide, may_allow_any, Kind};
+use reflow_proto::resources::{Target, User};
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::jsonrpc::{self, Message, FORBIDDEN, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, SERVER_ERROR};
+use super::names;
+use super::session::{short, CachedList, ClientSession, Negotiated, Scope, Sessions, UpstreamEntry};
+use super::McpSettings;
+use crate::credentials::resolve_injection;
+use crate::snapshot::DataSnapshot;
+use crate::state::SnapshotState;
+use crate::upstream::{Upstream, UpstreamError, UpstreamSettings};
+
+/// Protocol versions of the session era this gateway speaks, newest first.
+pub const SUPPORTED_VERSIONS: [&str; 4] = ["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
+pub const LATEST_VERSION: &str = SUPPORTED_VERSIONS[0];
+/// Upstream list pages fetched at most, against an upstream whose cursors never end.
+const MAX_UPSTREAM_PAGES: usize = 1000;
+
+/// Who is asking, and the snapshot the whole request is decided with.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub snapshot: Arc<DataSnapshot>,
+    pub user: User,
+}
+
+/// How a message is answered.
+#[derive(Debug)]
+pub enum Reply {
+    /// A notification or response was taken: 202.
+    Accepted,
+    /// A response known at once.
+    Now(Value),
+    /// Messages for the client, the last of which is the response.
+    Stream(mpsc::UnboundedReceiver<Value>),
+    /// The message cannot be accepted: 400 with this JSON-RPC error.
+    Invalid(Value),
+}
+
+/// A list method and how its items are named.
+#[derive(Debug)]
+struct ListSpec {
+    method: &'static str,
+    field: &'static str,
+    /// The item field that names it: what policies match and what gets prefixed or mapped.
+    key: &'static str,
+    capability: &'static str,
+    kind: Kind,
+    changed: &'static str,
+}
+
+const LISTS: [ListSpec; 4] = [
+    ListSpec {
+        method: "tools/list",
+        field: "tools",
+        key: "name",
+        capability: "tools",
+        kind: Kind::Tool,
+        changed: "notifications/tools/list_changed",
+    },
+    ListSpec {
+        method: "prompts/list",
+        field: "prompts",
+        key: "name",
+        capability: "prompts",
+        kind: Kind::Prompt,
+        changed: "notifications/prompts/list_changed",
+    },
+    ListSpec {
+        method: "resources/list",
+        field: "resources",
+        key: "uri",
+        capability: "resources",
+        kind: Kind::Resource,
+        changed: "notifications/resources/list_changed",
+    },
+    ListSpec {
+        method: "resources/templates/list",
+        field: "resourceTemplates",
+        key: "uriTemplate",
+        capability: "resources",
+        kind: Kind::Resource,
+        changed: "notifications/resources/list_changed",
+    },
+];
+
+fn kind_word(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Tool => "tool",
+        Kind::Prompt => "prompt",
+        Kind::Resource => "resource",
+    }
+}
+
+/// The gateway: sessions, the upstream HTTP client, and the snapshot they are served from.
+#[derive(Debug)]
+pub struct Gateway {
+    pub state: Arc<SnapshotState>,
+    sealer: DeterministicSealer,
+    pub sessions: Sessions,
+    /// One pooled client for every upstream.
+    http: reqwest::Client,
+    pub settings: McpSettings,
+    upstream: UpstreamSettings,
+    /// Failed upstream exchanges by target name, for `/ready` and operators.
+    pub upstream_failures: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Gateway {
+    pub fn new(state: Arc<SnapshotState>, sealer: DeterministicSealer, settings: McpSettings) -> Arc<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(settings.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            // An upstream's redirect could carry injected credentials elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("the HTTP client builds");
+        let upstream = UpstreamSettings {
+            request_timeout: settings.request_timeout,
+            connect_timeout: settings.connect_timeout,
+            max_event_bytes: settings.max_body_bytes.max(16 * 1024 * 1024),
+        };
+        Arc::new(Gateway {
+            state,
+            sealer,
+            sessions: Sessions::default(),
+            http,
+            settings,
+            upstream,
+            upstream_failures: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Whether `name` is a target this gateway serves over HTTP.
+    pub fn servable<'s>(snapshot: &'s DataSnapshot, name: &str) -> Option<&'s Target> {
+        snapshot
+            .view
+            .targets
+            .get(name)
+            .filter(|t| t.enabled && matches!(t.transport_type, TransportType::StreamableHttp | TransportType::Sse))
+    }
+
+    fn count_failure(&self, target: &str, error: &UpstreamError) {
+        tracing::warn!(%target, %error, "upstream request failed");
+        *self.upstream_failures.lock().unwrap().entry(target.to_string()).or_default() += 1;
+    }
+
+    /// Answers one message from the client.
+    pub async fn handle(self: &Arc<Self>, session: &Arc<ClientSession>, caller: &Caller, message: Message) -> Reply {
+        session.touch();
+        match message {
+            Message::Request { id, method, params } => self.request(session, caller, id, &method, params).await,
+            Message::Notification { method, params } => {
+                self.notification(session, &method, params).await;
+                Reply::Accepted
+            }
+            Message::Response { id, body } => self.client_response(session, id, body).await,
+        }
+    }
+
+    async fn request(
+        self: &Arc<Self>,
+        session: &Arc<ClientSession>,
+        caller: &Caller,
+        id: Value,
+        method: &str,
+        params: Option<Value>,
+    ) -> Reply {
+        if method == "initialize" {
+            return Reply::Now(self.initialize(session, caller, id, params).await);
+        }
+        if method == "ping" {
+            return Reply::Now(jsonrpc::result(id, json!({})));
+        }
+        if session.negotiated.get().is_none() {
+            return Reply::Now(jsonrpc::error(
+                id,
+                INVALID_REQUEST,
+                "the session is not initialised: send initialize first",
+            ));
+        }
+        if let Some(spec) = LISTS.iter().find(|s| s.method == method) {
+            return Reply::Now(self.list(session, caller, spec, id, params.as_ref()).await);
+        }
+        let routed = match method {
+            "tools/call" => self.route_named(session, caller, &id, params, Kind::Tool, "name"),
+            "prompts/get" => self.route_named(session, caller, &id, params, Kind::Prompt, "name"),
+            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
+                self.route_named(session, caller, &id, params, Kind::Resource, "uri")
+            }
+            "completion/complete" => self.route_completion(session, caller, &id, params),
+            "logging/setLevel" => return Reply::Now(self.set_level(session, id, params).await),
+            _ => {
+                return Reply::Now(jsonrpc::error(
+                    id,
+                    METHOD_NOT_FOUND,
+                    format!("method {method:?} is not supported by this gateway"),
+                ))
+            }
+        };
+        match routed {
+            Ok((target, params)) => {
+                let message = jsonrpc::request(id, method, Some(params));
+                self.forward(session, caller, &target, method, message).await
+            }
+            Err(error) => Reply::Now(error),
+        }
+    }
+
+    async fn initialize(
+        self: &Arc<Self>,
+        session: &Arc<ClientSession>,
+        caller: &Caller,
+        id: Value,
+        params: Option<Value>,
+    ) -> Value {
+        if session.negotiated.get().is_some() {
+            return jsonrpc::error(id, INVALID_REQUEST, "the session is already initialised");
+        }
+        let params = params.unwrap_or_default();
+        let Some(requested) = params.get("protocolVersion").and_then(Value::as_str) else {
+            return jsonrpc::error(id, INVALID_PARAMS, "initialize needs params.protocolVersion");
+        };
+        let mut version = if SUPPORTED_VERSIONS.contains(&requested) { requested } else { LATEST_VERSION }.to_string();
+        let capabilities = params.get("capabilities").cloned().filter(Value::is_object).unwrap_or_else(|| json!({}));
+        *session.upstream_params.lock().unwrap() = Some(json!({
+            "protocolVersion": version,
+            "capabilities": capabilities,
+            "clientInfo": {"name": "reflow-gateway", "version": env!("CARGO_PKG_VERSION")},
+        }));
+        let result = match &session.scope {
+            Scope::Aggregate => json!({
+                "protocolVersion": version,
+                "capabilities": {
+                    "tools": {"listChanged": true},
+                    "prompts": {"listChanged": true},
+                    "resources": {"subscribe": true, "listChanged": true},
+                    "completions": {},
+                    "logging": {},
+                },
+                "serverInfo": {"name": "reflow-gateway", "title": "Reflow Gateway", "version": env!("CARGO_PKG_VERSION")},
+                "instructions": "Tools, prompts and resources of every MCP server you may use, through Reflow Gateway. \
+                    Names are prefixed with the server's name: <server>_<name>.",
+            }),
+            Scope::Target(name) => {
+                let Some(target) = Gateway::servable(&caller.snapshot, name) else {
+                    return jsonrpc::error(id, INVALID_PARAMS, format!("unknown target {name:?}"));
+                };
+                let upstream = self.upstream(session, caller, target).await;
+                match upstream.initialize_result().await {
+                    Ok(mut result) => {
+                        // The client talks to the upstream through us: it gets the upstream's
+                        // version when we speak it too.
+                        match result.get("protocolVersion").and_then(Value::as_str) {
+                            Some(v) if SUPPORTED_VERSIONS.contains(&v) => version = v.to_string(),
+                            _ => result["protocolVersion"] = json!(version),
+                        }
+                        result
+                    }
+                    Err(error) => {
+                        self.count_failure(name, &error);
+                        return jsonrpc::error(id, SERVER_ERROR, format!("target {name:?} is unavailable: {error}"));
+                    }
+                }
+            }
+        };
+        tracing::info!(session = %short(&session.id), user = %caller.user.id, %version, "MCP session initialised");
+        let _ = session.negotiated.set(Negotiated { protocol_version: version, capabilities });
+        jsonrpc::result(id, result)
+    }
+
+    /// Params for `initialize` upstream: the client's version and capabilities, our identity.
+    fn upstream_initialize_params(session: &ClientSession) -> Value {
+        session.upstream_params.lock().unwrap().clone().unwrap_or_else(|| {
+            json!({
+                "protocolVersion": LATEST_VERSION,
+                "capabilities": {},
+                "clientInfo": {"name": "reflow-gateway", "version": env!("CARGO_PKG_VERSION")},
+            })
+        })
+    }
+
+    /// The session's upstream for `target`, created (or replaced, when the target's definition
+    /// or the user's credentials changed in the snapshot) as needed.
+    pub async fn upstream(
+        self: &Arc<Self>,
+        session: &Arc<ClientSession>,
+        caller: &Caller,
+        target: &Target,
+    ) -> Arc<Upstream> {
+        let mut upstreams = session.upstreams.lock().await;
+        if let Some(entry) = upstreams.get_mut(&target.name) {
+            if entry.version == caller.snapshot.version {
+                return entry.upstream.clone();
+            }
+            let injection = resolve_injection(&caller.snapshot.view, &self.sealer, target, &caller.user);
+            if entry.upstream.target == *target && entry.upstream.injection == injection {
+                entry.version = caller.snapshot.version.clone();
+                return entry.upstream.clone();
+            }
+            if let Some(stale) = upstreams.remove(&target.name) {
+                tracing::info!(target = %target.name, "target or credentials changed; opening a new upstream session");
+                tokio::spawn(async move { stale.upstream.close().await });
+            }
+        }
+        let injection = resolve_injection(&caller.snapshot.view, &self.sealer, target, &caller.user);
+        let (inbox, mut unrelated) = mpsc::channel::<Value>(64);
+        let cancel = session.cancel.child_token();
+        let upstream = Arc::new(Upstream::new(
+            target.clone(),
+            injection,
+            self.http.clone(),
+            self.upstream.clone(),
+            Gateway::upstream_initialize_params(session),
+            inbox,
+            cancel.clone(),
+        ));
+        let gateway = self.clone();
+        let owner = Arc::downgrade(session);
+        let target_name = target.name.clone();
+        tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    message = unrelated.recv() => message,
+                };
+                let (Some(message), Some(session)) = (message, owner.upgrade()) else { return };
+                if let Some(message) = gateway.relay(&session, &target_name, message) {
+                    session.push(message);
+                }
+            }
+        });
+        upstreams.insert(
+            target.name.clone(),
+            UpstreamEntry { version: caller.snapshot.version.clone(), upstream: upstream.clone() },
+        );
+        upstream
+    }
+
+    /// Resolves `params[field]` to a target and an allowed, unprefixed name.
+    fn route_named(
+        &self,
+        session: &ClientSession,
+        caller: &Caller,
+        id: &Value,
+        params: Option<Value>,
+        kind: Kind,
+        field: &str,
+    ) -> Result<(Target, Value), Value> {
+        let Some(Value::Object(mut params)) = params else {
+            return Err(jsonrpc::error(id.clone(), INVALID_PARAMS, "params must be an object"));
+        };
+        let Some(key) = params.get(field).and_then(Value::as_str).map(str::to_string) else {
+            return Err(jsonrpc::error(id.clone(), INVALID_PARAMS, format!("params.{field} must be a string")));
+        };
+        let (target, inner) = self.route(session, caller, id, kind, &key)?;
+        params.insert(field.to_string(), Value::String(inner));
+        Ok((target, Value::Object(params)))
+    }
+
+    fn route_completion(
+        &self,
+        session: &ClientSession,
+        caller: &Caller,
+        id: &Value,
+        params: Option<Value>,
+    ) -> Result<(Target, Value), Value> {
+        let mut params = params.unwrap_or_default();
+        let reference = params.get("ref").cloned().unwrap_or_default();
+        let (kind, field) = match reference.get("type").and_then(Value::as_str) {
+            Some("ref/prompt") => (Kind::Prompt, "name"),
+            Some("ref/resource") => (Kind::Resource, "uri"),
+            _ => {
+                return Err(jsonrpc::error(
+                    id.clone(),
+                    INVALID_PARAMS,
+                    "params.ref.type must be ref/prompt or ref/resource",
+                ))
+            }
+        };
+        let Some(key) = reference.get(field).and_then(Value::as_str) else {
+            return Err(jsonrpc::error(id.clone(), INVALID_PARAMS, format!("params.ref.{field} must be a string")));
+        };
+        let (target, inner) = self.route(session, caller, id, kind, key)?;
+        params["ref"][field] = Value::String(inner);
+        Ok((target, params))
+    }
+
+    /// Finds the target of `key` and decides. Unknown and denied are told apart so users can
+    /// tell a typo from a missing grant; the explain endpoint says which policy decided.
+    fn route(
+        &self,
+        session: &ClientSession,
+        caller: &Caller,
+        id: &Value,
+        kind: Kind,
+        key: &str,
+    ) -> Result<(Target, String), Value> {
+        let unknown = || jsonrpc::error(id.clone(), INVALID_PARAMS, format!("unknown {} {key:?}", kind_word(kind)));
+        let (target_name, inner) = match &session.scope {
+            Scope::Target(name) => (name.as_str(), key),
+            Scope::Aggregate if kind == Kind::Resource => names::unmap_uri(key).ok_or_else(unknown)?,
+            Scope::Aggregate => names::split(key).ok_or_else(unknown)?,
+        };
+        let target = Gateway::servable(&caller.snapshot, target_name).ok_or_else(unknown)?;
+        let decision = decide(&caller.snapshot.view.policies, &caller.user, &target.id, kind, inner);
+        tracing::info!(
+            target: "reflow::audit",
+            user = %caller.user.id,
+            target = %target.name,
+            kind = kind_word(kind),
+            name = %inner,
+            allowed = decision.allowed,
+            policy = decision.policy_name.as_deref().unwrap_or("(none: default deny)"),
+            "policy decision"
+        );
+        if !decision.allowed {
+            return Err(jsonrpc::error(
+                id.clone(),
+                FORBIDDEN,
+                format!("{} {key:?} is not allowed for this user", kind_word(kind)),
+            ));
+        }
+        Ok((target.clone(), inner.to_string()))
+    }
+
+    /// Sends `message` to `target` and streams back what it relays, ending with its response.
+    async fn forward(
+        self: &Arc<Self>,
+        session: &Arc<ClientSession>,
+        caller: &Caller,
+        target: &Target,
+        method: &str,
+        message: Value,
+    ) -> Reply {
+        let upstream = self.upstream(session, caller, target).await;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let id = message["id"].clone();
+        let key = jsonrpc::id_key(&id);
+        session.inflight.lock().unwrap().insert(key.clone(), target.name.clone());
+        let gateway = self.clone();
+        let session = session.clone();
+        let target_name = target.name.clone();
+        let method = method.to_string();
+        tokio::spawn(async move {
+            let (sink, mut relayed) = mpsc::unbounded_channel();
+            let result = {
+                let request = upstream.request(&message, Some(&sink));
+                tokio::pin!(request);
+                loop {
+                    tokio::select! {
+                        biased;
+                        Some(message) = relayed.recv() => {
+                            if let Some(message) = gateway.relay(&session, &target_name, message) {
+                                let _ = tx.send(message);
+                            }
+                        }
+                        result = &mut request => break result,
+                    }
+                }
+            };
+            drop(sink);
+            while let Ok(message) = relayed.try_recv() {
+                if let Some(message) = gateway.relay(&session, &target_name, message) {
+                    let _ = tx.send(message);
+                }
+            }
+            session.inflight.lock().unwrap().remove(&key);
+            let reply = match result {
+                Ok(mut reply) => {
+                    reply["id"] = id;
+                    if session.scope == Scope::Aggregate {
+                        map_result_uris(&target_name, &method, &mut reply);
+                    }
+                    reply
+                }
+                Err(error) => {
+                    gateway.count_failure(&target_name, &error);
+                    jsonrpc::error(id, SERVER_ERROR, format!("target {target_name:?}: {error}"))
+                }
+            };
+            let _ = tx.send(reply);
+        });
+        Reply::Stream(rx)
+    }
+
+    /// Prepares a message an upstream sent for the client: server→client requests get a
+    /// gateway id (and are remembered so the answer finds its way back), URIs are mapped,
+    /// and list changes drop the merged list they affect.
+    fn relay(&self, session: &ClientSession, target: &str, mut message: Value) -> Option<Value> {
+        let method = message.get("method").and_then(Value::as_str).map(str::to_string);
+        let Some(method) = method else {
+            return None; // a stray response: nothing waits for it
+        };
+        if let Some(upstream_id) = message.get("id").cloned() {
+            let gateway_id = session.next_id("srv");
+            session.pending.lock().unwrap().insert(gateway_id.clone(), (target.to_string(), upstream_id));
+            message["id"] = Value::String(gateway_id);
+            return Some(message);
+        }
+        match method.as_str() {
+            "notifications/tools/list_changed" => invalidate(session, &["tools/list"]),
+            "notifications/prompts/list_changed" => invalidate(session, &["prompts/list"]),
+            "notifications/resources/list_changed" => {
+                invalidate(session, &["resources/list", "resources/templates/list"])
+            }
+            "notifications/resources/updated" if session.scope == Scope::Aggregate => {
+                if let Some(uri) = message.pointer("/params/uri").and_then(Value::as_str) {
+                    message["params"]["uri"] = Value::String(names::map_uri(target, uri));
+                }
+            }
+            "notifications/cancelled" => {
+                // The upstream withdraws a request it made of the client.
+                let upstream_id = message.pointer("/params/requestId").cloned()?;
+                let mut pending = session.pending.lock().unwrap();
+                let gateway_id =
+                    pending.iter().find(|(_, (t, id))| t == target && *id == upstream_id).map(|(g, _)| g.clone())?;
+                pending.remove(&gateway_id);
+                message["params"]["requestId"] = Value::String(gateway_id);
+            }
+            _ => {}
+        }
+        Some(message)
+    }
+
+    async fn client_response(&self, session: &Arc<ClientSession>, id: Value, mut body: Map<String, Value>) -> Reply {
+        let entry = id.as_str().and_then(|gateway_id| session.pending.lock().unwrap().remove(gateway_id));
+        let Some((target, upstream_id)) = entry else {
+            return Reply::Invalid(jsonrpc::error(
+                id,
+                INVALID_REQUEST,
+                "no request of this session is waiting for this response",
+            ));
+        };
+        body.insert("id".into(), upstream_id);
+        body.insert("jsonrpc".into(), json!("2.0"));
+        let upstream = session.upstreams.lock().await.get(&target).map(|e| e.upstream.clone());
+        if let Some(upstream) = upstream {
+            let message = Value::Object(body);
+            tokio::spawn(async move {
+                if let Err(error) = upstream.send(&message).await {
+                    tracing::warn!(target = %upstream.target.name, %error, "could not pass the client's answer upstream");
+                }
+            });
+        }
+        Reply::Accepted
+    }
+
+    async fn notification(&self, session: &Arc<ClientSession>, method: &str, params: Option<Value>) {
+        let targets: Vec<String> = match method {
+            "notifications/cancelled" => {
+                let Some(request_id) = params.as_ref().and_then(|p| p.get("requestId")) else { return };
+                let target = session.inflight.lock().unwrap().get(&jsonrpc::id_key(request_id)).cloned();
+                target.into_iter().collect()
+            }
+            "notifications/roots/list_changed" => session.upstreams.lock().await.keys().cloned().collect(),
+            _ => return,
+        };
+        let message = jsonrpc::notification(method, params);
+        for target in targets {
+            let upstream = session.upstreams.lock().await.get(&target).map(|e| e.upstream.clone());
+            if let Some(upstream) = upstream {
+                let message = message.clone();
+                tokio::spawn(async move {
+                    let _ = upstream.send(&message).await;
+                });
+            }
+        }
+    }
+
+    /// `logging/setLevel` reaches every upstream the session has opened.
+    async fn set_level(&self, session: &Arc<ClientSession>, id: Value, params: Option<Value>) -> Value {
+        if params.as_ref().and_then(|p| p.get("level")).and_then(Value::as_str).is_none() {
+            return jsonrpc::error(id, INVALID_PARAMS, "params.level must be a string");
+        }
+        let upstreams: Vec<Arc<Upstream>> =
+            session.upstreams.lock().await.values().map(|e| e.upstream.clone()).collect();
+        let requests = upstreams.iter().map(|upstream| {
+            let message = jsonrpc::request(json!(session.next_id("level")), "logging/setLevel", params.clone());
+            async move {
+                let supports =
+                    upstream.initialize_result().await.is_ok_and(|r| r.pointer("/capabilities/logging").is_some());
+                if supports {
+                    let _ = upstream.request(&message, None).await;
+                }
+            }
+        });
+        futures::future::join_all(requests).await;
+        jsonrpc::result(id, json!({}))
+    }
+
+    fn reachable<'s>(session: &ClientSession, caller: &'s Caller) -> Vec<&'s Target> {
+        let view = &caller.snapshot.view;
+        let candidates: Vec<&Target> = match &session.scope {
+            Scope::Aggregate => {
+                view.targets.keys().filter_map(|name| Gateway::servable(&caller.snapshot, name)).collect()
+            }
+            Scope::Target(name) => Gateway::servable(&caller.snapshot, name).into_iter().collect(),
+        };
+        candidates.into_iter().filter(|t| may_allow_any(&view.policies, &caller.user, &t.id)).collect()
+    }
+
+    async fn list(
+        self: &Arc<Self>,
+        session: &Arc<ClientSession>,
+        caller: &Caller,
+        spec: &'static ListSpec,
+        id: Value,
+        params: Option<&Value>,
+    ) -> Value {
+        if let Some(cursor) = params.and_then(|p| p.get("cursor")).filter(|c| !c.is_null()) {
+            let lists = session.lists.lock().unwrap();
+            let page = cursor.as_str().and_then(decode_cursor).and_then(|(generation, offset)| {
+                lists
+                    .get(spec.method)
+                    .filter(|l| l.generation == generation && offset <= l.items.len())
+                    .map(|l| (l, offset))
+            });
+            return match page {
+                Some((list, offset)) => jsonrpc::result(id, self.page(spec, list, offset)),
+                None => {
+                    jsonrpc::error(id, INVALID_PARAMS, "the cursor is invalid or has expired; list again without one")
+                }
+            };
+        }
+        let targets = Gateway::reachable(session, caller);
+        let fetches = targets.iter().map(|target| async move {
+            let fetched =
+                tokio::time::timeout(self.settings.list_timeout, self.fetch_all(session, caller, target, spec)).await;
+            (*target, fetched.unwrap_or(Err(UpstreamError::Timeout(self.settings.list_timeout))))
+        });
+        let results = futures::future::join_all(fetches).await;
+        let aggregate = session.scope == Scope::Aggregate;
+        let mut items = Vec::new();
+        let mut offered = Vec::new();
+        for (target, result) in results {
+            let raw = match result {
+                Ok(raw) => raw,
+                Err(error) => {
+                    self.count_failure(&target.name, &error);
+                    continue;
+                }
+            };
+            for mut item in raw {
+                let Some(key) = item.get(spec.key).and_then(Value::as_str).map(str::to_string) else { continue };
+                let allowed = decide(&caller.snapshot.view.policies, &caller.user, &target.id, spec.kind, &key).allowed;
+                offered.push((target.id.clone(), key.clone(), allowed));
+                if !allowed {
+                    continue;
+                }
+                if aggregate {
+                    item[spec.key] = Value::String(match spec.kind {
+                        Kind::Resource => names::map_uri(&target.name, &key),
+                        _ => names::prefixed(&target.name, &key),
+                    });
+                }
+                items.push(item);
+            }
+        }
+        let generation = session.next_number();
+        let list = CachedList { generation, items: Arc::new(items), offered };
+        let result = self.page(spec, &list, 0);
+        session.lists.lock().unwrap().insert(spec.method, list);
+        jsonrpc::result(id, result)
+    }
+
+    fn page(&self, spec: &ListSpec, list: &CachedList, offset: usize) -> Value {
+        let end = (offset + self.settings.page_size).min(list.items.len());
+        let mut result = json!({ spec.field: list.items[offset..end] });
+        if end < list.items.len() {
+            result["nextCursor"] = Value::String(encode_cursor(list.generation, end));
+        }
+        result
+    }
+
+    /// Every page of one upstream list (empty when the upstream lacks the capability).
+    async fn fetch_all(
+        self: &Arc<Self>,
+        session: &Arc<ClientSession>,
+        caller: &Caller,
+        target: &Target,
+        spec: &ListSpec,
+    ) -> Result<Vec<Value>, UpstreamError> {
+        let upstream = self.upstream(session, caller, target).await;
+        let initialized = upstream.initialize_result().await?;
+        if initialized.pointer(&format!("/capabilities/{}", spec.capability)).is_none() {
+            return Ok(Vec::new());
+        }
+        let mut items = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..MAX_UPSTREAM_PAGES {
+            let params = cursor.as_ref().map(|c| json!({"cursor": c}));
+            let reply =
+                upstream.request(&jsonrpc::request(json!(session.next_id("list")), spec.method, params), None).await?;
+            let Some(result) = reply.get("result") else {
+                return Err(UpstreamError::Refused(format!("{} failed: {}", spec.method, reply["error"]["message"])));
+            };
+            if let Some(page) = result.get(spec.field).and_then(Value::as_array) {
+                items.extend(page.iter().cloned());
+            }
+            match result.get("nextCursor").and_then(Value::as_str) {
+                Some(next) if !next.is_empty() && Some(next) != cursor.as_deref() => cursor = Some(next.to_string()),
+                _ => break,
+            }
+        }
+        Ok(items)
+    }
+
+    /// Called when a new snapshot is active: closes sessions of users who may no longer
+    /// connect, and tells the others which of their lists changed.
+    pub fn snapshot_changed(&self, snapshot: &DataSnapshot) {
+        for session in self.sessions.all() {
+            let user = snapshot.view.users.get(&session.user_id).filter(|u| u.active);
+            let Some(user) = user else {
+                if let Some(session) = self.sessions.remove(&session.id) {
+                    tracing::info!(session = %short(&session.id), "the session's user is gone or deactivated; closing it");
+                    tokio::spawn(async move { session.close().await });
+                }
+                continue;
+            };
+            let mut changed = Vec::new();
+            {
+                let mut lists = session.lists.lock().unwrap();
+                lists.retain(|method, list| {
+                    let spec = LISTS.iter().find(|s| s.method == *method).expect("cached lists are of known methods");
+                    let same = list.offered.iter().all(|(target_id, key, allowed)| {
+                        let target = snapshot.view.targets.values().find(|t| t.id == *target_id);
+                        let servable = target.is_some_and(|t| Gateway::servable(snapshot, &t.name).is_some());
+                        let now = servable && decide(&snapshot.view.policies, user, target_id, spec.kind, key).allowed;
+                        now == *allowed
+                    });
+                    if !same && !changed.contains(&spec.changed) {
+                        changed.push(spec.changed);
+                    }
+                    same
+                });
+            }
+            for method in changed {
+                session.push(jsonrpc::notification(method, None));
+            }
+        }
+    }
+
+    /// Ends sessions idle longer than the session timeout, until `shutdown`.
+    pub async fn expire_sessions(self: Arc<Self>, every: Duration, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(every) => {}
+            }
+            for session in self.sessions.expire(self.settings.session_timeout) {
+                tracing::info!(session = %short(&session.id), "session expired");
+                session.close().await;
+            }
+        }
+        for session in self.sessions.all() {
+            self.sessions.remove(&session.id);
+            session.close().await;
+        }
+    }
+}
+
+fn invalidate(session: &ClientSession, methods: &[&str]) {
+    session.lists.lock().unwrap().retain(|method, _| !methods.contains(method));
+}
+
+fn encode_cursor(generation: u64, offset: usize) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{generation}:{offset}"))
+}
+
+fn decode_cursor(cursor: &str) -> Option<(u64, usize)> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(cursor).ok()?;
+    let text = String::from_utf8(bytes).ok()?;
+    let (generation, offset) = text.split_once(':')?;
+    Some((generation.parse().ok()?, offset.parse().ok()?))
+}
+
+/// Maps the URIs a result carries (read contents, resource links, embedded resources) so the
+/// client can use them through the aggregated endpoint.
+fn map_result_uris(target: &str, method: &str, reply: &mut Value) {
+    let Some(result) = reply.get_mut("result") else { return };
+    let map = |value: &mut Value| {
+        if let Some(uri) = value.get("uri").and_then(Value::as_str) {
+            value["uri"] = Value::String(names::map_uri(target, uri));
+        }
+    };
+    let map_content = |content: &mut Value| match content.get("type").and_then(Value::as_str) {
+        Some("resource_link") => map(content),
+        Some("resource") => {
+            if let Some(resource) = content.get_mut("resource") {
+                map(resource)
+            }
+        }
+        _ => {}
+    };
+    match method {
+        "resources/read" => {
+            result.get_mut("contents").and_then(Value::as_array_mut).into_iter().flatten().for_each(map)
+        }
+        "tools/call" => {
+            result.get_mut("content").and_then(Value::as_array_mut).into_iter().flatten().for_each(map_content)
+        }
+        "prompts/get" => result
+            .get_mut("messages")
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m.get_mut("content"))
+            .for_each(map_content),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_garbage_is_refused() {
+        assert_eq!(decode_cursor(&encode_cursor(7, 100)), Some((7, 100)));
+        assert_eq!(decode_cursor("not base64!"), None);
+        assert_eq!(decode_cursor(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("x:1")), None);
+    }
+
+    #[test]
+    fn result_uris_are_mapped() {
+        let mut reply = json!({"result": {"content": [
+            {"type": "text", "text": "hi"},
+            {"type": "resource_link", "uri": "test://a"},
+            {"type": "resource", "resource": {"uri": "test://b", "text": "x"}},
+        ]}});
+        map_result_uris("t", "tools/call", &mut reply);
+        assert_eq!(reply["result"]["content"][1]["uri"], "reflow+t+test://a");
+        assert_eq!(reply["result"]["content"][2]["resource"]["uri"], "reflow+t+test://b");
+    }
+}

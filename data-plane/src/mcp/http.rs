@@ -1,0 +1,401 @@
+//! The MCP endpoints over HTTP: Streamable HTTP (session era) and the legacy HTTP+SSE
+//! transport, on `/mcp` (every target) and `/mcp/{target}` (one target).
+//!
+//! The request path, in order: edge checks (Host, Origin, content type, body size) →
+//! snapshot present → authenticate → session → [`Gateway::handle`] → JSON, SSE or 202.
+//! Every refusal carries a JSON-RPC error body with the status the specification prescribes.
+//!
+//! Legacy clients `GET` the same URL without a session header: they receive an `endpoint`
+//! event naming `?sessionId=…` on the same path, POST there, and read every reply from the
+//! stream. The session ends when that stream closes.
+
+// The error side of these functions is the HTTP response that refuses the request, returned
+// at once; boxing it would only add an allocation to the refusal path.
+#![allow(clippy::result_large_err)]
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, request::Parts, HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use futures::Stream;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::gateway::{Caller, Gateway, Reply, SUPPORTED_VERSIONS};
+use super::jsonrpc::{self, Message, INVALID_REQUEST, PARSE_ERROR, SERVER_ERROR, UNAUTHORIZED};
+use super::session::{ClientSession, Scope};
+use crate::auth::authenticate;
+
+const SESSION_HEADER: &str = "mcp-session-id";
+const VERSION_HEADER: &str = "mcp-protocol-version";
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+pub fn routes(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/mcp", post(post_all).get(get_all).delete(delete_all))
+        .route("/mcp/{target}", post(post_one).get(get_one).delete(delete_one))
+        .with_state(gateway)
+}
+
+async fn post_all(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    post_mcp(gateway, Scope::Aggregate, request).await.unwrap_or_else(|refusal| refusal)
+}
+
+async fn post_one(State(gateway): State<Arc<Gateway>>, Path(target): Path<String>, request: Request) -> Response {
+    post_mcp(gateway, Scope::Target(target), request).await.unwrap_or_else(|refusal| refusal)
+}
+
+async fn get_all(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    get_mcp(gateway, Scope::Aggregate, request).unwrap_or_else(|refusal| refusal)
+}
+
+async fn get_one(State(gateway): State<Arc<Gateway>>, Path(target): Path<String>, request: Request) -> Response {
+    get_mcp(gateway, Scope::Target(target), request).unwrap_or_else(|refusal| refusal)
+}
+
+async fn delete_all(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    delete_mcp(gateway, Scope::Aggregate, request).await.unwrap_or_else(|refusal| refusal)
+}
+
+async fn delete_one(State(gateway): State<Arc<Gateway>>, Path(target): Path<String>, request: Request) -> Response {
+    delete_mcp(gateway, Scope::Target(target), request).await.unwrap_or_else(|refusal| refusal)
+}
+
+/// A refusal: `status` with a JSON-RPC error body.
+pub fn refuse(status: StatusCode, code: i64, message: &str) -> Response {
+    (status, Json(jsonrpc::error(Value::Null, code, message))).into_response()
+}
+
+/// Edge checks, snapshot and authentication: the caller, or the response refusing them.
+fn admit(gateway: &Gateway, parts: &Parts) -> Result<Caller, Response> {
+    check_host_and_origin(gateway, &parts.headers)?;
+    let Some(snapshot) = gateway.state.load() else {
+        let mut response = refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            SERVER_ERROR,
+            "this gateway has no configuration snapshot yet; try again shortly",
+        );
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return Err(response);
+    };
+    let user = match authenticate(&snapshot.view, &parts.headers, parts.uri.query()) {
+        Ok(user) => user.clone(),
+        Err(failure) => {
+            let mut response = refuse(StatusCode::UNAUTHORIZED, UNAUTHORIZED, failure.0);
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"reflow\", error=\"invalid_token\""),
+            );
+            return Err(response);
+        }
+    };
+    Ok(Caller { snapshot, user })
+}
+
+/// DNS-rebinding and cross-origin protection: a browser page may only reach the endpoint from
+/// the gateway's own origin or a configured one, and only under an allowed host name.
+fn check_host_and_origin(gateway: &Gateway, headers: &HeaderMap) -> Result<(), Response> {
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let allowed = &gateway.settings.allowed_hosts;
+    if !allowed.is_empty() {
+        let name = host.map(strip_port).unwrap_or_default();
+        if !allowed.iter().any(|a| a.eq_ignore_ascii_case(name)) {
+            return Err(refuse(StatusCode::FORBIDDEN, INVALID_REQUEST, "this host name is not served here"));
+        }
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("null");
+        let same_origin = origin.split_once("://").map(|(_, authority)| authority).is_some_and(|a| Some(a) == host);
+        if !same_origin && !gateway.settings.allowed_origins.iter().any(|o| o == origin) {
+            return Err(refuse(StatusCode::FORBIDDEN, INVALID_REQUEST, "requests from this Origin are not allowed"));
+        }
+    }
+    Ok(())
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split_once(']').map_or(host, |(h, _)| &h[1..]);
+    }
+    host.rsplit_once(':').map_or(host, |(name, _)| name)
+}
+
+fn header_has(headers: &HeaderMap, name: header::HeaderName, needle: &str) -> bool {
+    headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).any(|v| v.to_ascii_lowercase().contains(needle))
+}
+
+fn session_of(
+    gateway: &Gateway,
+    scope: &Scope,
+    caller: &Caller,
+    parts: &Parts,
+) -> Result<Option<Arc<ClientSession>>, Response> {
+    let from_header = parts.headers.get(SESSION_HEADER).map(|v| v.to_str().unwrap_or_default().to_string());
+    let from_query = legacy_session_id(parts);
+    let Some(id) = from_header.or(from_query) else { return Ok(None) };
+    match gateway.sessions.get(&id, &caller.user.id).filter(|s| s.scope == *scope) {
+        Some(session) => Ok(Some(session)),
+        None => Err(refuse(
+            StatusCode::NOT_FOUND,
+            INVALID_REQUEST,
+            "session not found: it ended or never existed; initialize a new one",
+        )),
+    }
+}
+
+fn legacy_session_id(parts: &Parts) -> Option<String> {
+    parts.uri.query()?.split('&').find_map(|pair| pair.strip_prefix("sessionId=")).map(str::to_string)
+}
+
+async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Result<Response, Response> {
+    let (parts, body) = request.into_parts();
+    let caller = admit(&gateway, &parts)?;
+    if !header_has(&parts.headers, header::CONTENT_TYPE, "application/json") {
+        return Err(refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            INVALID_REQUEST,
+            "Content-Type must be application/json",
+        ));
+    }
+    let accept_any = !parts.headers.contains_key(header::ACCEPT) || header_has(&parts.headers, header::ACCEPT, "*/*");
+    let accepts_sse = accept_any || header_has(&parts.headers, header::ACCEPT, "text/event-stream");
+    let accepts_json = accept_any || header_has(&parts.headers, header::ACCEPT, "application/json");
+    if !accepts_sse && !accepts_json {
+        return Err(refuse(
+            StatusCode::NOT_ACCEPTABLE,
+            INVALID_REQUEST,
+            "Accept must include application/json and text/event-stream",
+        ));
+    }
+    if let Some(version) = parts.headers.get(VERSION_HEADER) {
+        if !version.to_str().is_ok_and(|v| SUPPORTED_VERSIONS.contains(&v)) {
+            return Err(refuse(StatusCode::BAD_REQUEST, INVALID_REQUEST, "unsupported MCP-Protocol-Version"));
+        }
+    }
+    let limit = gateway.settings.max_body_bytes;
+    let too_large =
+        || refuse(StatusCode::PAYLOAD_TOO_LARGE, INVALID_REQUEST, &format!("the request body exceeds {limit} bytes"));
+    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(too_large());
+    }
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| too_large())?;
+    let value: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| refuse(StatusCode::BAD_REQUEST, PARSE_ERROR, &format!("the body is not valid JSON: {e}")))?;
+    let message = Message::classify(value).map_err(|why| refuse(StatusCode::BAD_REQUEST, INVALID_REQUEST, why))?;
+
+    let session = match session_of(&gateway, &scope, &caller, &parts)? {
+        Some(session) => session,
+        None => {
+            let Message::Request { method, .. } = &message else {
+                return Err(refuse(StatusCode::BAD_REQUEST, INVALID_REQUEST, "Mcp-Session-Id header is required"));
+            };
+            if method != "initialize" {
+                return Err(refuse(StatusCode::BAD_REQUEST, INVALID_REQUEST, "Mcp-Session-Id header is required"));
+            }
+            return Ok(open_session(gateway, scope, caller, message).await);
+        }
+    };
+    let reply = gateway.handle(&session, &caller, message).await;
+    if session.legacy {
+        // Every reply of a legacy session travels on its SSE stream.
+        match reply {
+            Reply::Now(message) | Reply::Invalid(message) => session.push(message),
+            Reply::Stream(mut messages) => {
+                tokio::spawn(async move {
+                    while let Some(message) = messages.recv().await {
+                        session.push(message);
+                    }
+                });
+            }
+            Reply::Accepted => {}
+        }
+        return Ok((StatusCode::ACCEPTED, "Accepted").into_response());
+    }
+    Ok(match reply {
+        Reply::Accepted => StatusCode::ACCEPTED.into_response(),
+        Reply::Invalid(message) => (StatusCode::BAD_REQUEST, Json(message)).into_response(),
+        Reply::Now(message) => Json(message).into_response(),
+        Reply::Stream(messages) => stream_reply(session, messages, accepts_sse, accepts_json).await,
+    })
+}
+
+/// `initialize` without a session: a new session, kept only when initialisation succeeds.
+async fn open_session(gateway: Arc<Gateway>, scope: Scope, caller: Caller, message: Message) -> Response {
+    if let Scope::Target(name) = &scope {
+        if Gateway::servable(&caller.snapshot, name).is_none() {
+            return refuse(StatusCode::NOT_FOUND, INVALID_REQUEST, &format!("no target named {name:?} is served here"));
+        }
+    }
+    if gateway.sessions.len() >= gateway.settings.max_sessions {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            SERVER_ERROR,
+            "this gateway holds its maximum of sessions; retry later",
+        );
+    }
+    let session = Arc::new(ClientSession::new(caller.user.id.clone(), scope, false, Default::default()));
+    let reply = match gateway.handle(&session, &caller, message).await {
+        Reply::Now(reply) => reply,
+        _ => unreachable!("initialize is answered at once"),
+    };
+    if reply.get("result").is_none() {
+        session.close().await;
+        return Json(reply).into_response();
+    }
+    gateway.sessions.insert(session.clone());
+    let mut response = Json(reply).into_response();
+    response
+        .headers_mut()
+        .insert(SESSION_HEADER, HeaderValue::from_str(&session.id).expect("session ids are header-safe"));
+    response
+}
+
+/// Answers with JSON when the response comes first (the common case, and the cheaper one),
+/// and switches to SSE when the request relays messages first and the client accepts SSE.
+async fn stream_reply(
+    session: Arc<ClientSession>,
+    mut messages: mpsc::UnboundedReceiver<Value>,
+    accepts_sse: bool,
+    accepts_json: bool,
+) -> Response {
+    let Some(first) = messages.recv().await else {
+        return refuse(StatusCode::INTERNAL_SERVER_ERROR, SERVER_ERROR, "the request ended without a response");
+    };
+    if jsonrpc::is_response(&first) && accepts_json {
+        return Json(first).into_response();
+    }
+    if accepts_sse {
+        let rest = futures::stream::unfold(messages, |mut messages| async move {
+            messages.recv().await.map(|message| (message, messages))
+        });
+        let events =
+            futures::StreamExt::map(futures::StreamExt::chain(futures::stream::once(async { first }), rest), |m| {
+                Ok::<_, Infallible>(event(&m))
+            });
+        return sse(events);
+    }
+    // JSON only: what comes before the response goes to the session's stream.
+    let mut next = Some(first);
+    while let Some(message) = next {
+        if jsonrpc::is_response(&message) {
+            return Json(message).into_response();
+        }
+        session.push(message);
+        next = messages.recv().await;
+    }
+    refuse(StatusCode::INTERNAL_SERVER_ERROR, SERVER_ERROR, "the request ended without a response")
+}
+
+fn event(message: &Value) -> Event {
+    Event::default().event("message").data(message.to_string())
+}
+
+fn sse(events: impl Stream<Item = Result<Event, Infallible>> + Send + 'static) -> Response {
+    Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response()
+}
+
+/// Holds a session's outbound receiver while a stream reads it, and gives it back (or ends a
+/// legacy session) when the stream is dropped.
+struct Lease {
+    session: Arc<ClientSession>,
+    messages: Option<mpsc::Receiver<Value>>,
+    /// Set for legacy sessions, which live exactly as long as their stream.
+    ends: Option<Arc<Gateway>>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(messages) = self.messages.take() {
+            *self.session.outbound_rx.lock().unwrap() = Some(messages);
+        }
+        if let Some(gateway) = self.ends.take() {
+            gateway.sessions.remove(&self.session.id);
+            let session = self.session.clone();
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move { session.close().await });
+            }
+        }
+    }
+}
+
+fn lease_stream(lease: Lease, first: Option<Event>) -> impl Stream<Item = Result<Event, Infallible>> + Send {
+    let rest = futures::stream::unfold(lease, |mut lease| async move {
+        let cancelled = lease.session.cancel.clone();
+        let message = tokio::select! {
+            _ = cancelled.cancelled() => None,
+            message = lease.messages.as_mut()?.recv() => message,
+        }?;
+        lease.session.touch();
+        Some((Ok(event(&message)), lease))
+    });
+    futures::StreamExt::chain(futures::stream::iter(first.map(Ok)), rest)
+}
+
+fn get_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Result<Response, Response> {
+    let (parts, _) = request.into_parts();
+    let caller = admit(&gateway, &parts)?;
+    if !header_has(&parts.headers, header::ACCEPT, "text/event-stream") {
+        return Err(refuse(StatusCode::NOT_ACCEPTABLE, INVALID_REQUEST, "Accept must include text/event-stream"));
+    }
+    if let Some(session) = session_of(&gateway, &scope, &caller, &parts)? {
+        let Some(messages) = session.outbound_rx.lock().unwrap().take() else {
+            return Err(refuse(StatusCode::CONFLICT, INVALID_REQUEST, "this session already has an open stream"));
+        };
+        session.touch();
+        return Ok(sse(lease_stream(Lease { session, messages: Some(messages), ends: None }, None)));
+    }
+    // The legacy HTTP+SSE transport.
+    if let Scope::Target(name) = &scope {
+        if Gateway::servable(&caller.snapshot, name).is_none() {
+            return Err(refuse(
+                StatusCode::NOT_FOUND,
+                INVALID_REQUEST,
+                &format!("no target named {name:?} is served here"),
+            ));
+        }
+    }
+    if gateway.sessions.len() >= gateway.settings.max_sessions {
+        return Err(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            SERVER_ERROR,
+            "this gateway holds its maximum of sessions",
+        ));
+    }
+    let session = Arc::new(ClientSession::new(caller.user.id.clone(), scope, true, Default::default()));
+    let messages = session.outbound_rx.lock().unwrap().take();
+    gateway.sessions.insert(session.clone());
+    let endpoint = Event::default().event("endpoint").data(format!("{}?sessionId={}", parts.uri.path(), session.id));
+    Ok(sse(lease_stream(Lease { session, messages, ends: Some(gateway) }, Some(endpoint))))
+}
+
+async fn delete_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Result<Response, Response> {
+    let (parts, _) = request.into_parts();
+    let caller = admit(&gateway, &parts)?;
+    let Some(session) = session_of(&gateway, &scope, &caller, &parts)? else {
+        return Err(refuse(StatusCode::BAD_REQUEST, INVALID_REQUEST, "Mcp-Session-Id header is required"));
+    };
+    gateway.sessions.remove(&session.id);
+    session.close().await;
+    Ok(Response::builder().status(StatusCode::NO_CONTENT).body(Body::empty()).expect("a static response builds"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_stripped_from_hosts() {
+        assert_eq!(strip_port("example.com:8080"), "example.com");
+        assert_eq!(strip_port("example.com"), "example.com");
+        assert_eq!(strip_port("[::1]:3000"), "::1");
+        assert_eq!(strip_port("[::1]"), "::1");
+    }
+}

@@ -1,0 +1,62 @@
+//! The client-facing MCP gateway.
+//!
+//! # Layout
+//! - [`http`]: the endpoints (`/mcp`, `/mcp/{target}`): edge checks, authentication, session
+//!   headers, JSON or SSE replies, and the legacy HTTP+SSE transport.
+//! - [`gateway`]: the methods: initialize, lists merged over targets, routed calls with the
+//!   policy decision, relaying of notifications and server→client requests.
+//! - [`session`]: client sessions and the upstream sessions they own.
+//! - [`names`]: prefixed names and mapped URIs on the aggregated endpoint.
+//! - [`jsonrpc`]: message classification and error codes.
+
+pub mod gateway;
+pub mod http;
+pub mod jsonrpc;
+pub mod names;
+pub mod session;
+
+use std::time::Duration;
+
+use reflow_common::config::Config;
+
+/// How the MCP endpoint behaves; from the `mcp`, `session` and `cors` config sections.
+#[derive(Debug, Clone)]
+pub struct McpSettings {
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub list_timeout: Duration,
+    pub page_size: usize,
+    /// Host names the endpoint answers to; empty: any.
+    pub allowed_hosts: Vec<String>,
+    /// Browser origins allowed besides the gateway's own.
+    pub allowed_origins: Vec<String>,
+    pub max_sessions: usize,
+    /// Idle time after which a session ends.
+    pub session_timeout: Duration,
+    pub cleanup_interval: Duration,
+}
+
+impl McpSettings {
+    pub fn from_config(config: &Config) -> Self {
+        let mcp = &config.mcp;
+        McpSettings {
+            max_body_bytes: mcp.max_body_bytes,
+            request_timeout: mcp.request_timeout,
+            connect_timeout: mcp.connect_timeout,
+            list_timeout: mcp.list_timeout,
+            page_size: mcp.page_size,
+            allowed_hosts: mcp.allowed_hosts.clone(),
+            allowed_origins: config.cors.allowed_origins.clone(),
+            max_sessions: mcp.max_sessions,
+            session_timeout: config.session.timeout,
+            cleanup_interval: config.session.cleanup_interval,
+        }
+    }
+}
+
+impl Default for McpSettings {
+    fn default() -> Self {
+        McpSettings::from_config(&Config::default())
+    }
+}

@@ -1,0 +1,222 @@
+//! Client sessions: who owns them, what they negotiated, and the upstream sessions opened on
+//! their behalf.
+//!
+//! A session id is 256 random bits (base64url) and is not a credential: every request still
+//! authenticates, and a session answers only to the user who created it (anyone else gets the
+//! same 404 as for an unknown id).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use base64::Engine as _;
+use rand::RngCore;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::upstream::Upstream;
+
+/// Messages the client has not yet taken from its GET (or legacy SSE) stream. When full, the
+/// oldest unrelated messages are the ones that wait: senders drop new ones with a warning
+/// rather than grow without bound.
+pub const OUTBOUND_CAPACITY: usize = 256;
+
+/// Which endpoint a session was opened on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// `/mcp`: every reachable target, names prefixed.
+    Aggregate,
+    /// `/mcp/{target}`: one target, names as the upstream gives them.
+    Target(String),
+}
+
+/// What `initialize` settled.
+#[derive(Debug, Clone)]
+pub struct Negotiated {
+    pub protocol_version: String,
+    pub capabilities: Value,
+}
+
+/// One merged list, kept so cursors page over a stable result.
+#[derive(Debug)]
+pub struct CachedList {
+    pub generation: u64,
+    pub items: Arc<Vec<Value>>,
+    /// What each upstream offered (target id, the name or URI policies match), allowed or
+    /// not: re-evaluated when the snapshot changes, to tell the client its list changed.
+    pub offered: Vec<(String, String, bool)>,
+}
+
+#[derive(Debug)]
+pub struct UpstreamEntry {
+    /// The snapshot version the entry was checked against.
+    pub version: String,
+    pub upstream: Arc<Upstream>,
+}
+
+#[derive(Debug)]
+pub struct ClientSession {
+    pub id: String,
+    pub user_id: String,
+    pub scope: Scope,
+    /// Opened through the legacy HTTP+SSE transport: every reply goes to the stream.
+    pub legacy: bool,
+    pub negotiated: OnceLock<Negotiated>,
+    /// The `initialize` params upstream sessions are opened with (the client's requested
+    /// version and capabilities); set when the client's `initialize` arrives.
+    pub upstream_params: Mutex<Option<Value>>,
+    last_used: Mutex<Instant>,
+    /// Messages for the client outside any POST stream.
+    pub outbound: mpsc::Sender<Value>,
+    /// The receiving end, leased by the one open GET stream and returned when it closes.
+    pub outbound_rx: Mutex<Option<mpsc::Receiver<Value>>>,
+    /// Upstream sessions by target name. An async lock: creating one may close another.
+    pub upstreams: tokio::sync::Mutex<HashMap<String, UpstreamEntry>>,
+    /// Server→client requests awaiting the client's answer: gateway id → (target, upstream id).
+    pub pending: Mutex<HashMap<String, (String, Value)>>,
+    /// Client requests in flight: id key → target name, to route cancellations.
+    pub inflight: Mutex<HashMap<String, String>>,
+    /// Merged lists by method.
+    pub lists: Mutex<HashMap<&'static str, CachedList>>,
+    next_id: AtomicU64,
+    /// Ends the session's upstream sessions and relay tasks.
+    pub cancel: CancellationToken,
+}
+
+pub fn new_session_id() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+impl ClientSession {
+    pub fn new(user_id: String, scope: Scope, legacy: bool, cancel: CancellationToken) -> Self {
+        let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_CAPACITY);
+        ClientSession {
+            id: new_session_id(),
+            user_id,
+            scope,
+            legacy,
+            negotiated: OnceLock::new(),
+            upstream_params: Mutex::new(None),
+            last_used: Mutex::new(Instant::now()),
+            outbound,
+            outbound_rx: Mutex::new(Some(outbound_rx)),
+            upstreams: tokio::sync::Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+            lists: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            cancel,
+        }
+    }
+
+    pub fn touch(&self) {
+        *self.last_used.lock().unwrap() = Instant::now();
+    }
+
+    pub fn idle_for(&self) -> std::time::Duration {
+        self.last_used.lock().unwrap().elapsed()
+    }
+
+    /// A fresh id for a request the gateway itself makes.
+    pub fn next_id(&self, prefix: &str) -> String {
+        format!("reflow-{prefix}-{}", self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    pub fn next_number(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Queues a message for the client's stream; drops it (with a warning) when the client
+    /// is not reading.
+    pub fn push(&self, message: Value) {
+        if self.outbound.try_send(message).is_err() {
+            tracing::warn!(session = %short(&self.id), "the client is not reading its stream; a message was dropped");
+        }
+    }
+
+    /// Ends the session: background tasks stop and upstream sessions are closed.
+    pub async fn close(&self) {
+        self.cancel.cancel();
+        let upstreams: Vec<_> = self.upstreams.lock().await.drain().map(|(_, e)| e.upstream).collect();
+        for upstream in upstreams {
+            upstream.close().await;
+        }
+    }
+}
+
+/// The first characters of a session id, enough to correlate logs without logging the id.
+pub fn short(id: &str) -> &str {
+    &id[..id.len().min(8)]
+}
+
+/// The sessions this data plane holds.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    map: Mutex<HashMap<String, Arc<ClientSession>>>,
+}
+
+impl Sessions {
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn insert(&self, session: Arc<ClientSession>) {
+        self.map.lock().unwrap().insert(session.id.clone(), session);
+    }
+
+    /// The session with `id` if `user_id` owns it.
+    pub fn get(&self, id: &str, user_id: &str) -> Option<Arc<ClientSession>> {
+        let session = self.map.lock().unwrap().get(id).cloned()?;
+        (session.user_id == user_id).then_some(session)
+    }
+
+    pub fn remove(&self, id: &str) -> Option<Arc<ClientSession>> {
+        self.map.lock().unwrap().remove(id)
+    }
+
+    pub fn all(&self) -> Vec<Arc<ClientSession>> {
+        self.map.lock().unwrap().values().cloned().collect()
+    }
+
+    /// Removes and returns sessions idle longer than `timeout` (a session with an open stream
+    /// is not idle).
+    pub fn expire(&self, timeout: std::time::Duration) -> Vec<Arc<ClientSession>> {
+        let mut map = self.map.lock().unwrap();
+        let expired: Vec<String> = map
+            .iter()
+            .filter(|(_, s)| s.idle_for() > timeout && s.outbound_rx.lock().unwrap().is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
+        expired.into_iter().filter_map(|id| map.remove(&id)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_are_long_random_and_unique() {
+        let ids: std::collections::HashSet<String> = (0..100_000).map(|_| new_session_id()).collect();
+        assert_eq!(ids.len(), 100_000);
+        assert!(ids.iter().all(|id| id.len() == 43));
+    }
+
+    #[test]
+    fn a_session_answers_only_to_its_owner() {
+        let sessions = Sessions::default();
+        let session = Arc::new(ClientSession::new("alice".into(), Scope::Aggregate, false, CancellationToken::new()));
+        sessions.insert(session.clone());
+        assert!(sessions.get(&session.id, "alice").is_some());
+        assert!(sessions.get(&session.id, "bob").is_none());
+        assert!(sessions.get("unknown", "alice").is_none());
+    }
+}

@@ -1,0 +1,297 @@
+//! Upstream MCP servers, one enum over transports.
+//!
+//! An [`Upstream`] is the gateway's session with one target on behalf of one client session:
+//! initialised lazily on first use with the client's capabilities, re-initialised when the
+//! upstream forgets the session (404), and reconnected after the connection is lost. HTTP
+//! connections are pooled by the shared `reqwest::Client`.
+//!
+//! # Layout
+//! - [`streamable`]: Streamable HTTP (POST per message, JSON or SSE replies, GET stream).
+//! - [`sse`]: the legacy HTTP+SSE transport.
+//! - [`event_stream`]: the incremental `text/event-stream` parser both use.
+
+pub mod event_stream;
+pub mod sse;
+pub mod streamable;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, StatusCode};
+use reflow_common::model::TransportType;
+use reflow_proto::resources::Target;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::credentials::Injection;
+use crate::mcp::jsonrpc;
+
+/// Where a request's intermediate messages (its progress, its server→client requests) go.
+pub type Sink = mpsc::UnboundedSender<Value>;
+
+/// Why an upstream exchange failed. Messages never carry URLs or credentials.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("the upstream session expired")]
+    SessionExpired,
+    #[error("could not reach the upstream ({0})")]
+    Unreachable(String),
+    #[error("the upstream answered HTTP {0}")]
+    Status(u16),
+    #[error("the upstream did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the upstream closed the connection before answering")]
+    Disconnected,
+    #[error("the upstream sent an invalid message: {0}")]
+    Protocol(String),
+    #[error("the upstream refused to initialise: {0}")]
+    Refused(String),
+    #[error("the target's URL is invalid")]
+    BadUrl,
+}
+
+/// A reqwest error without its URL (which may carry a `BASE_URL` credential).
+fn describe(error: &reqwest::Error) -> String {
+    let kind = if error.is_timeout() {
+        "timed out"
+    } else if error.is_connect() {
+        "connection refused or unreachable"
+    } else if error.is_body() || error.is_decode() {
+        "the response body broke off"
+    } else {
+        "request failed"
+    };
+    kind.to_string()
+}
+
+/// Settings shared by every upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_event_bytes: usize,
+}
+
+/// A connected transport.
+#[derive(Debug, Clone)]
+enum Transport {
+    Streamable(streamable::Connection),
+    Sse(sse::Connection),
+}
+
+#[derive(Debug)]
+struct Live {
+    transport: Transport,
+    initialize_result: Value,
+}
+
+/// The gateway's session with one target for one client session.
+#[derive(Debug)]
+pub struct Upstream {
+    pub target: Target,
+    pub injection: Injection,
+    http: reqwest::Client,
+    settings: UpstreamSettings,
+    /// `initialize` params sent upstream: the client's protocol version and capabilities.
+    initialize_params: Value,
+    /// Messages unrelated to a request go here (the client session's inbox).
+    inbox: mpsc::Sender<Value>,
+    /// The connection once initialised. The lock is held while connecting, so concurrent
+    /// first requests share one `initialize`.
+    live: tokio::sync::Mutex<Option<Arc<Live>>>,
+    /// Ends this upstream's background tasks (GET listener, SSE reader); a child of the
+    /// client session's token.
+    cancel: CancellationToken,
+}
+
+impl Upstream {
+    pub fn new(
+        target: Target,
+        injection: Injection,
+        http: reqwest::Client,
+        settings: UpstreamSettings,
+        initialize_params: Value,
+        inbox: mpsc::Sender<Value>,
+        cancel: CancellationToken,
+    ) -> Self {
+        Upstream {
+            target,
+            injection,
+            http,
+            settings,
+            initialize_params,
+            inbox,
+            live: tokio::sync::Mutex::new(None),
+            cancel,
+        }
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.injection.timeout.unwrap_or(self.settings.request_timeout)
+    }
+
+    fn url(&self) -> Result<reqwest::Url, UpstreamError> {
+        let url = self.injection.base_url.as_deref().or(self.target.url.as_deref()).ok_or(UpstreamError::BadUrl)?;
+        reqwest::Url::parse(url).map_err(|_| UpstreamError::BadUrl)
+    }
+
+    fn headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in &self.injection.headers {
+            headers.append(name.clone(), value.clone());
+        }
+        headers
+    }
+
+    /// The upstream's `initialize` result, connecting first if needed.
+    pub async fn initialize_result(&self) -> Result<Value, UpstreamError> {
+        Ok(self.connect().await?.initialize_result.clone())
+    }
+
+    async fn connect(&self) -> Result<Arc<Live>, UpstreamError> {
+        let mut live = self.live.lock().await;
+        if let Some(current) = live.as_ref() {
+            let usable = match &current.transport {
+                Transport::Sse(connection) => !connection.is_closed(),
+                Transport::Streamable(_) => true,
+            };
+            if usable {
+                return Ok(current.clone());
+            }
+        }
+        let connected = tokio::time::timeout(self.settings.connect_timeout + self.timeout(), self.handshake())
+            .await
+            .map_err(|_| UpstreamError::Timeout(self.settings.connect_timeout + self.timeout()))??;
+        let connected = Arc::new(connected);
+        *live = Some(connected.clone());
+        Ok(connected)
+    }
+
+    async fn handshake(&self) -> Result<Live, UpstreamError> {
+        let url = self.url()?;
+        let initialize =
+            jsonrpc::request(json!("reflow-initialize"), "initialize", Some(self.initialize_params.clone()));
+        if self.target.transport_type != TransportType::Sse {
+            let connection = streamable::Connection::new(
+                self.http.clone(),
+                url.clone(),
+                self.headers(),
+                self.settings.max_event_bytes,
+            );
+            match connection.initialize(initialize.clone()).await {
+                Ok((connection, initialize_result)) => {
+                    tokio::spawn(connection.clone().listen(self.inbox.clone(), self.cancel.child_token()));
+                    return Ok(Live { transport: Transport::Streamable(connection), initialize_result });
+                }
+                // A server that only speaks the legacy transport refuses the POST: fall back,
+                // as the specification's backwards-compatibility section describes.
+                Err(UpstreamError::Status(400 | 404 | 405)) => {
+                    tracing::info!(target = %self.target.name, "upstream refused streamable HTTP; trying the legacy SSE transport");
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        let connection = sse::Connection::open(
+            self.http.clone(),
+            url,
+            self.headers(),
+            self.inbox.clone(),
+            self.cancel.clone(),
+            self.settings.max_event_bytes,
+            self.settings.connect_timeout,
+        )
+        .await?;
+        let reply = connection.request(&initialize, None).await?;
+        let initialize_result =
+            reply.get("result").cloned().ok_or_else(|| UpstreamError::Refused(streamable::error_text(&reply)))?;
+        connection.send(&jsonrpc::notification("notifications/initialized", None)).await?;
+        Ok(Live { transport: Transport::Sse(connection), initialize_result })
+    }
+
+    async fn forget(&self, stale: &Arc<Live>) {
+        let mut live = self.live.lock().await;
+        if live.as_ref().is_some_and(|current| Arc::ptr_eq(current, stale)) {
+            *live = None;
+        }
+    }
+
+    /// Sends a request and returns its response; intermediate messages go to `sink`. A
+    /// forgotten session is re-initialised and the request retried once. Bounded by the
+    /// target's timeout; on timeout the upstream is told the request is cancelled.
+    pub async fn request(&self, message: &Value, sink: Option<&Sink>) -> Result<Value, UpstreamError> {
+        let timeout = self.timeout();
+        match tokio::time::timeout(timeout, self.request_once(message, sink, true)).await {
+            Ok(result) => result,
+            Err(_) => {
+                if let Some(id) = message.get("id") {
+                    let reason = format!("the gateway gave up after {timeout:?}");
+                    let cancel = jsonrpc::notification(
+                        "notifications/cancelled",
+                        Some(json!({"requestId": id, "reason": reason})),
+                    );
+                    let _ = tokio::time::timeout(Duration::from_secs(1), self.send(&cancel)).await;
+                }
+                Err(UpstreamError::Timeout(timeout))
+            }
+        }
+    }
+
+    async fn request_once(&self, message: &Value, sink: Option<&Sink>, retry: bool) -> Result<Value, UpstreamError> {
+        let live = self.connect().await?;
+        let result = match &live.transport {
+            Transport::Streamable(connection) => connection.request(message, sink).await,
+            Transport::Sse(connection) => connection.request(message, sink).await,
+        };
+        match result {
+            Err(UpstreamError::SessionExpired) if retry => {
+                tracing::info!(target = %self.target.name, "upstream session expired; initialising a new one");
+                self.forget(&live).await;
+                Box::pin(self.request_once(message, sink, false)).await
+            }
+            Err(
+                error @ (UpstreamError::Unreachable(_) | UpstreamError::Disconnected | UpstreamError::SessionExpired),
+            ) => {
+                self.forget(&live).await;
+                Err(error)
+            }
+            other => other,
+        }
+    }
+
+    /// Sends a notification or a response, if connected (nothing to tell an upstream that was
+    /// never initialised).
+    pub async fn send(&self, message: &Value) -> Result<(), UpstreamError> {
+        let Some(live) = self.live.lock().await.clone() else { return Ok(()) };
+        match &live.transport {
+            Transport::Streamable(connection) => connection.send(message).await,
+            Transport::Sse(connection) => connection.send(message).await,
+        }
+    }
+
+    pub async fn is_connected(&self) -> bool {
+        self.live.lock().await.is_some()
+    }
+
+    /// Ends the upstream session and its background tasks.
+    pub async fn close(&self) {
+        self.cancel.cancel();
+        let live = self.live.lock().await.take();
+        if let Some(live) = live {
+            match &live.transport {
+                Transport::Streamable(connection) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), connection.close()).await;
+                }
+                Transport::Sse(connection) => connection.close(),
+            }
+        }
+    }
+}
+
+/// Maps an upstream failure to the HTTP status a client-facing error implies.
+pub fn status_of(error: &UpstreamError) -> StatusCode {
+    match error {
+        UpstreamError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::BAD_GATEWAY,
+    }
+}

@@ -1,0 +1,222 @@
+//! Streamable HTTP upstreams: one POST per message, replies as JSON or as an SSE stream that
+//! may carry the request's notifications and server→client requests before its response, and
+//! an optional GET stream for messages unrelated to any request.
+
+use std::time::Duration;
+
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::event_stream::EventParser;
+use super::{describe, Sink, UpstreamError};
+use crate::mcp::jsonrpc;
+
+const SESSION_HEADER: &str = "mcp-session-id";
+const VERSION_HEADER: &str = "mcp-protocol-version";
+const ACCEPT_BOTH: &str = "application/json, text/event-stream";
+
+/// A live upstream session (or a session-less server when it issued no id).
+#[derive(Debug, Clone)]
+pub struct Connection {
+    http: reqwest::Client,
+    url: reqwest::Url,
+    /// Injected credentials plus the session and version headers.
+    headers: HeaderMap,
+    max_event_bytes: usize,
+}
+
+/// What a POST produced.
+struct Posted {
+    session_id: Option<String>,
+    reply: Option<Value>,
+}
+
+impl Connection {
+    pub fn new(http: reqwest::Client, url: reqwest::Url, headers: HeaderMap, max_event_bytes: usize) -> Self {
+        Connection { http, url, headers, max_event_bytes }
+    }
+
+    /// Runs `initialize` + `notifications/initialized` and returns the session's connection
+    /// with the initialize result.
+    pub async fn initialize(mut self, initialize: Value) -> Result<(Connection, Value), UpstreamError> {
+        let posted = self.post(&initialize, None).await?;
+        let reply = posted.reply.ok_or_else(|| UpstreamError::Protocol("initialize got no response".into()))?;
+        let result = reply.get("result").cloned().ok_or_else(|| UpstreamError::Refused(error_text(&reply)))?;
+        if let Some(id) = posted.session_id {
+            let value = HeaderValue::from_str(&id)
+                .map_err(|_| UpstreamError::Protocol("the session id is not a valid header value".into()))?;
+            self.headers.insert(SESSION_HEADER, value);
+        }
+        if let Some(version) = result.get("protocolVersion").and_then(Value::as_str) {
+            if let Ok(value) = HeaderValue::from_str(version) {
+                self.headers.insert(VERSION_HEADER, value);
+            }
+        }
+        self.post(&jsonrpc::notification("notifications/initialized", None), None).await?;
+        Ok((self, result))
+    }
+
+    /// Sends a request; intermediate messages go to `sink`; returns the response.
+    pub async fn request(&self, message: &Value, sink: Option<&Sink>) -> Result<Value, UpstreamError> {
+        self.post(message, sink).await?.reply.ok_or(UpstreamError::Disconnected)
+    }
+
+    /// Sends a notification or a response to a server→client request.
+    pub async fn send(&self, message: &Value) -> Result<(), UpstreamError> {
+        self.post(message, None).await.map(|_| ())
+    }
+
+    /// Ends the upstream session (best effort).
+    pub async fn close(&self) {
+        if self.headers.contains_key(SESSION_HEADER) {
+            let _ = self.http.delete(self.url.clone()).headers(self.headers.clone()).send().await;
+        }
+    }
+
+    async fn post(&self, message: &Value, sink: Option<&Sink>) -> Result<Posted, UpstreamError> {
+        let body = serde_json::to_vec(message).expect("a JSON value serialises");
+        let response = self
+            .http
+            .post(self.url.clone())
+            .headers(self.headers.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, ACCEPT_BOTH)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| UpstreamError::Unreachable(describe(&e)))?;
+        let status = response.status();
+        if status == StatusCode::NOT_FOUND && self.headers.contains_key(SESSION_HEADER) {
+            return Err(UpstreamError::SessionExpired);
+        }
+        let session_id = response.headers().get(SESSION_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+        if status == StatusCode::ACCEPTED || (status.is_success() && message.get("id").is_none()) {
+            return Ok(Posted { session_id, reply: None });
+        }
+        let is_sse = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if !status.is_success() {
+            let bytes = response.bytes().await.unwrap_or_default();
+            // Some servers answer a forgotten session with 400 instead of the 404 the
+            // specification prescribes; a 400 that names the session is treated alike.
+            if status == StatusCode::BAD_REQUEST
+                && self.headers.contains_key(SESSION_HEADER)
+                && String::from_utf8_lossy(&bytes).to_ascii_lowercase().contains("session")
+            {
+                return Err(UpstreamError::SessionExpired);
+            }
+            // A JSON-RPC error answering our request is passed on as the response.
+            return match serde_json::from_slice::<Value>(&bytes) {
+                Ok(reply) if reply.get("error").is_some() && message.get("id").is_some() => {
+                    Ok(Posted { session_id, reply: Some(with_id(reply, message)) })
+                }
+                _ => Err(UpstreamError::Status(status.as_u16())),
+            };
+        }
+        if !is_sse {
+            let bytes = response.bytes().await.map_err(|e| UpstreamError::Unreachable(describe(&e)))?;
+            let reply: Value = serde_json::from_slice(&bytes)
+                .map_err(|e| UpstreamError::Protocol(format!("the reply is not JSON: {e}")))?;
+            return Ok(Posted { session_id, reply: Some(reply) });
+        }
+        let id = message.get("id");
+        let mut parser = EventParser::new(self.max_event_bytes);
+        let mut events = Vec::new();
+        let mut body = response.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| UpstreamError::Unreachable(describe(&e)))?;
+            parser.feed(&chunk, &mut events).map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+            for event in events.drain(..) {
+                let Some(relayed) = parse_event_data(&event.data) else { continue };
+                if jsonrpc::is_response(&relayed) && relayed.get("id") == id {
+                    return Ok(Posted { session_id, reply: Some(relayed) });
+                }
+                if let Some(sink) = sink {
+                    let _ = sink.send(relayed);
+                }
+            }
+        }
+        Err(UpstreamError::Disconnected)
+    }
+
+    /// Relays messages from the session's GET stream to `out` until `cancel`, reopening it when
+    /// it ends. Returns when the upstream offers no such stream.
+    pub async fn listen(self, out: mpsc::Sender<Value>, cancel: CancellationToken) {
+        let mut failures = 0u32;
+        loop {
+            let response = tokio::select! {
+                _ = cancel.cancelled() => return,
+                response = self.http.get(self.url.clone()).headers(self.headers.clone()).header(header::ACCEPT, "text/event-stream").send() => response,
+            };
+            match response {
+                Ok(response) if response.status().is_success() => {
+                    failures = 0;
+                    let mut parser = EventParser::new(self.max_event_bytes);
+                    let mut events = Vec::new();
+                    let mut body = response.bytes_stream();
+                    loop {
+                        let chunk = tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            chunk = body.next() => chunk,
+                        };
+                        let Some(Ok(chunk)) = chunk else { break };
+                        if parser.feed(&chunk, &mut events).is_err() {
+                            break;
+                        }
+                        for event in events.drain(..) {
+                            if let Some(message) = parse_event_data(&event.data) {
+                                if out.send(message).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                }
+                // 405: no GET stream offered; 404: the session is gone (the next request
+                // re-initialises and starts a new listener).
+                Ok(response) if response.status().is_client_error() => return,
+                _ => failures += 1,
+            }
+            let delay = Duration::from_millis(250 * u64::from(failures.min(20) + 1));
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+}
+
+/// A JSON-RPC message from an event's data; other data (keep-alives, garbage) is skipped.
+pub(super) fn parse_event_data(data: &str) -> Option<Value> {
+    if data.trim().is_empty() {
+        return None;
+    }
+    match serde_json::from_str::<Value>(data) {
+        Ok(message) if message.is_object() => Some(message),
+        _ => {
+            tracing::debug!("skipping an upstream event that is not a JSON-RPC message");
+            None
+        }
+    }
+}
+
+fn with_id(mut reply: Value, request: &Value) -> Value {
+    if reply.get("id").is_none_or(Value::is_null) {
+        reply["id"] = request["id"].clone();
+    }
+    reply
+}
+
+pub(super) fn error_text(reply: &Value) -> String {
+    reply
+        .pointer("/error/message")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| "the upstream answered without a result".into())
+}
