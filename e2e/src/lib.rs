@@ -1,11 +1,16 @@
 //! Reflow's end-to-end harness and benchmarks.
 //!
 //! # Layout
+//! - [`client`]: a raw Streamable HTTP MCP client for exact status and header checks.
+//! - [`harness`]: a gateway in this process plus real MCP peers as child processes, for the
+//!   end-to-end tests in `tests/`.
 //! - [`snapshot`]: snapshot distribution benchmarks (propagation time to N data planes,
 //!   bytes of a one-policy change on a large snapshot).
 //!
 //! The `reflow-bench` binary runs the scenarios and prints a table and a JSON report.
 
+pub mod client;
+pub mod harness;
 pub mod snapshot;
 
 /// Percentile of sorted samples (nearest rank).

