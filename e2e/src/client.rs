@@ -83,7 +83,8 @@ impl McpClient {
         loop {
             let params = cursor.as_ref().map_or_else(|| json!({}), |c| json!({"cursor": c}));
             let answer = self.request("tools/list", params).await?;
-            let result = answer.message().get("result").with_context(|| format!("tools/list: {:?}", answer.messages))?;
+            let result =
+                answer.message().get("result").with_context(|| format!("tools/list: {:?}", answer.messages))?;
             for tool in result["tools"].as_array().into_iter().flatten() {
                 names.push(tool["name"].as_str().unwrap_or_default().to_string());
             }
@@ -118,7 +119,10 @@ impl McpClient {
         let response = request.send().await?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let is_sse = headers.get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/event-stream"));
+        let is_sse = headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
         let mut messages = Vec::new();
         if is_sse {
             let mut parser = EventParser::new(64 << 20);
@@ -131,7 +135,9 @@ impl McpClient {
         } else {
             let bytes = response.bytes().await?;
             if !bytes.is_empty() {
-                messages.push(serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into())));
+                messages.push(
+                    serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into())),
+                );
             }
         }
         Ok(Answer { status, headers, messages })

@@ -184,11 +184,9 @@ pub async fn run(command: &mut Command, timeout: Duration) -> anyhow::Result<(i3
 /// Runs `e2e/peers/client.py` (the official Python SDK client) and returns its JSON report.
 pub async fn python_client(args: &[&str]) -> anyhow::Result<Value> {
     ensure_peers();
-    let (code, stdout, stderr) = run(
-        Command::new(python()).arg(workspace().join("e2e/peers/client.py")).args(args),
-        Duration::from_secs(120),
-    )
-    .await?;
+    let (code, stdout, stderr) =
+        run(Command::new(python()).arg(workspace().join("e2e/peers/client.py")).args(args), Duration::from_secs(120))
+            .await?;
     anyhow::ensure!(code == 0, "the Python client failed ({code}):\n{stderr}");
     serde_json::from_str(stdout.lines().last().unwrap_or_default())
         .with_context(|| format!("the Python client's report is not JSON: {stdout}"))
@@ -285,6 +283,7 @@ impl Gateway {
         data_plane.start_sync(shutdown.clone());
         let mcp = serve(data_plane.router(), &shutdown).await?;
         let http = reqwest::Client::new();
+        let before = control_plane.hub().current().map(|s| s.version.clone());
         let registered: Value = http
             .post(format!("{api}/api/auth/register"))
             .json(&json!({"email": "admin@example.com", "password": "e2e-admin-password"}))
@@ -293,14 +292,28 @@ impl Gateway {
             .json()
             .await?;
         let admin_token = registered["token"].as_str().context("register the admin")?.to_string();
-        let gateway =
-            Gateway { api, mcp, admin_token, http, control_plane, data_plane, shutdown, scratch, _dir: dir };
-        gateway.converged().await?;
+        let gateway = Gateway { api, mcp, admin_token, http, control_plane, data_plane, shutdown, scratch, _dir: dir };
+        gateway.settled(before).await?;
         Ok(gateway)
     }
 
     pub fn data_plane(&self) -> &DataPlane {
         &self.data_plane
+    }
+
+    fn hub_version(&self) -> Option<String> {
+        self.control_plane.hub().current().map(|s| s.version.clone())
+    }
+
+    /// After a write: waits for the compiler to publish a snapshot other than `before` (a write
+    /// that changes nothing publishes none: give up waiting after two seconds), then for the
+    /// data plane to hold it.
+    pub async fn settled(&self, before: Option<String>) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.hub_version() == before && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.converged().await
     }
 
     /// Waits until the data plane serves the control plane's current snapshot.
@@ -322,13 +335,12 @@ impl Gateway {
         if let Some(body) = body {
             request = request.json(&body);
         }
+        let before = self.hub_version();
         let response = request.send().await?;
         let status = response.status();
         let text = response.text().await?;
         anyhow::ensure!(status.is_success(), "{path}: {status}: {text}");
-        // Let the compiler pick the write up before waiting for convergence.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        self.converged().await?;
+        self.settled(before).await?;
         Ok(if text.is_empty() { Value::Null } else { serde_json::from_str(&text)? })
     }
 
@@ -355,6 +367,7 @@ impl Gateway {
 
     /// Registers a user and returns (id, token).
     pub async fn user(&self, email: &str) -> anyhow::Result<(String, String)> {
+        let before = self.hub_version();
         let registered: Value = self
             .http
             .post(format!("{}/api/auth/register", self.api))
@@ -366,8 +379,7 @@ impl Gateway {
         let token = registered["token"].as_str().context("register")?.to_string();
         let me: Value =
             self.http.get(format!("{}/api/auth/me", self.api)).bearer_auth(&token).send().await?.json().await?;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        self.converged().await?;
+        self.settled(before).await?;
         Ok((me["id"].as_str().context("user id")?.to_string(), token))
     }
 

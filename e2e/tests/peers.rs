@@ -19,7 +19,9 @@ fn strings(value: &Value) -> Vec<String> {
 /// names prefixed by `prefix` and URIs by `uri_prefix`.
 fn check_everything_report(report: &Value, prefix: &str, uri_prefix: &str) {
     let tools = strings(&report["tools"]);
-    for tool in ["echo", "get-sum", "trigger-long-running-operation", "trigger-elicitation-request", "trigger-sampling-request"] {
+    for tool in
+        ["echo", "get-sum", "trigger-long-running-operation", "trigger-elicitation-request", "trigger-sampling-request"]
+    {
         assert!(tools.contains(&format!("{prefix}{tool}")), "{tool} missing from {tools:?}");
     }
     assert_eq!(report["echo_schema"]["required"], json!(["message"]), "the input schema passes unchanged");
@@ -29,7 +31,10 @@ fn check_everything_report(report: &Value, prefix: &str, uri_prefix: &str) {
     assert_eq!(report["elicitations"], json!(["Please provide inputs for the following fields:"]));
     assert!(report["elicitation_result"].as_str().unwrap().contains("provided the requested information"));
     assert_eq!(report["samplings"], json!(["Resource trigger-sampling-request context: Say hi"]));
-    assert!(report["sampling_result"].as_str().unwrap().contains("sampled reply"), "the client's answer reached the upstream");
+    assert!(
+        report["sampling_result"].as_str().unwrap().contains("sampled reply"),
+        "the client's answer reached the upstream"
+    );
     let resources = strings(&report["resources"]);
     let mine: Vec<&String> = resources.iter().filter(|r| r.starts_with(uri_prefix)).collect();
     assert_eq!(mine.len(), 7, "{resources:?}");
@@ -60,7 +65,9 @@ async fn python_sdk_client_through_the_aggregated_endpoint() {
     let url = format!("{}/mcp", gateway.mcp);
     // A Streamable HTTP client, and a client of the legacy HTTP+SSE transport, each using the
     // tools of the upstream of the other transport too.
-    for (transport, target) in [(None, "everything"), (None, "legacy"), (Some("--sse"), "legacy"), (Some("--sse"), "everything")] {
+    for (transport, target) in
+        [(None, "everything"), (None, "legacy"), (Some("--sse"), "legacy"), (Some("--sse"), "everything")]
+    {
         let (prefix, uri_prefix) = (format!("{target}_"), format!("reflow+{target}+"));
         let mut args = vec![url.as_str(), &gateway.admin_token, "--prefix", &prefix, "--uri-prefix", &uri_prefix];
         args.extend(transport);
@@ -152,12 +159,10 @@ async fn inspector_cli_lists_and_calls() {
     let called: Value = serde_json::from_str(&stdout).unwrap();
     assert!(called["content"][0]["text"].as_str().unwrap().contains('5'), "{called}");
     // Without a token the Inspector is refused.
-    let (code, _, _) = run(
-        Command::new(node()).arg(&inspector).arg(&url).args(["--method", "tools/list"]),
-        Duration::from_secs(60),
-    )
-    .await
-    .unwrap();
+    let (code, _, _) =
+        run(Command::new(node()).arg(&inspector).arg(&url).args(["--method", "tools/list"]), Duration::from_secs(60))
+            .await
+            .unwrap();
     assert_ne!(code, 0);
     gateway.stop().await;
 }
@@ -174,7 +179,8 @@ fn conformance_results(dir: &std::path::Path) -> std::collections::BTreeMap<Stri
         let passed = checks.as_array().unwrap().iter().all(|c| c["status"] != "FAILURE");
         let name = folder.strip_prefix("server-").unwrap_or(&folder);
         // Strip the timestamp: the scenario name is what precedes the first digit-led part.
-        let scenario: Vec<&str> = name.split('-').take_while(|part| !part.starts_with(|c: char| c.is_ascii_digit())).collect();
+        let scenario: Vec<&str> =
+            name.split('-').take_while(|part| !part.starts_with(|c: char| c.is_ascii_digit())).collect();
         results.insert(scenario.join("-"), passed);
     }
     results
@@ -184,7 +190,10 @@ async fn run_conformance(url: &str) -> std::collections::BTreeMap<String, bool> 
     let out = tempfile::tempdir().unwrap();
     let suite = node_package("@modelcontextprotocol/conformance/dist/index.js");
     let (_, stdout, stderr) = run(
-        Command::new(node22()).arg(suite).args(["server", "--url", url, "--requirements", "2025-11-25", "-o"]).arg(out.path()),
+        Command::new(node22())
+            .arg(suite)
+            .args(["server", "--url", url, "--requirements", "2025-11-25", "-o"])
+            .arg(out.path()),
         Duration::from_secs(300),
     )
     .await
@@ -204,7 +213,8 @@ async fn conformance_suite_passes_through_the_gateway_what_it_passes_alone() {
     // The suite sends no Authorization header: a forwarder adds the user's token, as a
     // configured client would. Host and Origin pass through, so the DNS-rebinding scenario
     // meets the gateway's own checks.
-    let settings = McpSettings { allowed_hosts: vec!["127.0.0.1".into(), "localhost".into()], ..McpSettings::default() };
+    let settings =
+        McpSettings { allowed_hosts: vec!["127.0.0.1".into(), "localhost".into()], ..McpSettings::default() };
     let gateway = Gateway::start_with(settings).await.unwrap();
     let upstream = everything(Mode::StreamableHttp, None).await.unwrap();
     gateway.target("everything", "streamable-http", &upstream.url).await.unwrap();
@@ -217,7 +227,10 @@ async fn conformance_suite_passes_through_the_gateway_what_it_passes_alone() {
     let passed_alone: Vec<&String> = direct.iter().filter(|(_, ok)| **ok).map(|(name, _)| name).collect();
     assert!(passed_alone.len() >= 8, "server-everything alone passes too little to compare: {direct:?}");
     let lost: Vec<&&String> = passed_alone.iter().filter(|name| through.get(**name) != Some(&true)).collect();
-    assert!(lost.is_empty(), "scenarios that pass alone but fail through the gateway: {lost:?}\nalone: {direct:?}\nthrough: {through:?}");
+    assert!(
+        lost.is_empty(),
+        "scenarios that pass alone but fail through the gateway: {lost:?}\nalone: {direct:?}\nthrough: {through:?}"
+    );
     assert_eq!(through.get("dns-rebinding-protection"), Some(&true), "{through:?}");
     gateway.stop().await;
 }

@@ -174,10 +174,9 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
             "Accept must include application/json and text/event-stream",
         ));
     }
-    if let Some(version) = parts.headers.get(VERSION_HEADER) {
-        if !version.to_str().is_ok_and(|v| SUPPORTED_VERSIONS.contains(&v)) {
-            return Err(refuse(StatusCode::BAD_REQUEST, INVALID_REQUEST, "unsupported MCP-Protocol-Version"));
-        }
+    if !parts.headers.get_all(VERSION_HEADER).iter().all(|v| v.to_str().is_ok_and(|v| SUPPORTED_VERSIONS.contains(&v)))
+    {
+        return Err(refuse(StatusCode::BAD_REQUEST, INVALID_REQUEST, "unsupported MCP-Protocol-Version"));
     }
     let limit = gateway.settings.max_body_bytes;
     let too_large =
