@@ -141,7 +141,10 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
          \n    -d '{{\"email\":\"admin@example.com\",\"password\":\"change-me-please\"}}' | jq -r .token)\
          \nCreate an API token for an MCP client (shown once):\
          \n  curl -s -X POST {base}/api/auth/tokens -H \"Authorization: Bearer $TOKEN\" \\\
-         \n    -H \"Content-Type: application/json\" -d '{{\"name\":\"my-laptop\"}}' | jq -r .token\n",
+         \n    -H \"Content-Type: application/json\" -d '{{\"name\":\"my-laptop\"}}' | jq -r .token\
+         \nConnect an MCP client (after adding a target and a policy that allows it):\
+         \n  URL {base}/mcp   (a single target: {base}/mcp/<target>)\
+         \n  Header Authorization: Bearer <the API token>\n",
         dir = dir.display()
     );
     tracing::info!(address = %local, "listening");

@@ -2,8 +2,9 @@
 //! credentials.
 //!
 //! One rule for tokens and env alike: user > group > role > target default (several groups:
-//! group name order). An HTTP upstream request is made for one user, so every scope applies;
-//! isolation boundaries limit what shared processes receive (STDIO and Kubernetes targets).
+//! group name order), limited by the target's isolation boundary (`shared` → default only,
+//! `per_role` → + role, `per_group` → + group, `per_user` → all) exactly as the control plane's
+//! `env/resolve` view reports it, so what an admin is shown is what is sent.
 //! As in the original gateway, env keys `AUTH_TOKEN` (the token, overriding the one set through
 //! the token endpoints), `AUTH_HEADER` (the header carrying it), `BASE_URL` (overrides the
 //! target URL) and `TIMEOUT` (seconds, or a duration such as `90s`) are reserved; every other
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use axum::http::{HeaderName, HeaderValue};
 use base64::Engine as _;
-use reflow_common::credentials::{resolve, Isolation, Principal, Scope};
+use reflow_common::credentials::{resolve, Principal, Scope};
 use reflow_common::crypto::DeterministicSealer;
 use reflow_common::model::{AuthType, SecretKind};
 use reflow_proto::resources::{Credential, Target, User};
@@ -78,7 +79,8 @@ pub fn resolve_injection(view: &View, sealer: &DeterministicSealer, target: &Tar
         String::from_utf8(value.to_vec()).ok()
     };
     let pick = |entries: &[&Credential]| -> Option<(String, String)> {
-        let (scope, credential) = resolve(entries.iter().map(|c| (&c.scope, *c)), &principal, Isolation::PerUser)?;
+        let (scope, credential) =
+            resolve(entries.iter().map(|c| (&c.scope, *c)), &principal, target.isolation_boundary)?;
         Some((source(scope), open(credential)?))
     };
 

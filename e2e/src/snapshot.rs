@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::harness::ScratchDatabase;
 use crate::percentile;
 
 const TOKEN: &str = "benchmark-data-plane-token-0123";
@@ -131,32 +132,6 @@ pub async fn propagation(data_planes: usize, iterations: usize, database_url: Op
         "p99_ms": percentile(&samples, 99.0),
         "max_ms": samples.last().copied().unwrap_or(f64::NAN),
     }))
-}
-
-/// A database created for one run on the PostgreSQL server the user named.
-struct ScratchDatabase {
-    server: String,
-    name: String,
-    url: String,
-}
-
-impl ScratchDatabase {
-    async fn create(server: &str) -> anyhow::Result<Self> {
-        use sqlx::Connection;
-        let name = format!("reflow_bench_{}", Uuid::new_v4().simple());
-        let mut conn = sqlx::PgConnection::connect(server).await.context("connect to --database-url")?;
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await?;
-        let mut url = url::Url::parse(server)?;
-        url.set_path(&name);
-        Ok(ScratchDatabase { server: server.to_string(), name, url: url.to_string() })
-    }
-
-    async fn drop_database(self) -> anyhow::Result<()> {
-        use sqlx::Connection;
-        let mut conn = sqlx::PgConnection::connect(&self.server).await?;
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).execute(&mut conn).await?;
-        Ok(())
-    }
 }
 
 async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> anyhow::Result<()> {

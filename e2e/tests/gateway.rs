@@ -96,27 +96,19 @@ async fn a_snapshot_change_tells_open_sessions_their_list_changed() {
     let mut client = McpClient::new(&format!("{}/mcp", gateway.mcp), &gateway.admin_token);
     client.initialize().await.unwrap();
     assert!(client.tool_names().await.unwrap().contains(&"everything_get-sum".to_string()));
-    let stream = client
-        .http
-        .get(&client.url)
-        .bearer_auth(&client.token)
-        .header("accept", "text/event-stream")
-        .header("mcp-session-id", client.session.clone().unwrap())
-        .send()
-        .await
-        .unwrap();
+    let open_stream = || {
+        client
+            .http
+            .get(&client.url)
+            .bearer_auth(&client.token)
+            .header("accept", "text/event-stream")
+            .header("mcp-session-id", client.session.clone().unwrap())
+            .send()
+    };
+    let stream = open_stream().await.unwrap();
     assert_eq!(stream.status(), 200);
     // A second GET stream on the same session is refused while the first is open.
-    let second = client
-        .http
-        .get(&client.url)
-        .bearer_auth(&client.token)
-        .header("accept", "text/event-stream")
-        .header("mcp-session-id", client.session.clone().unwrap())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(second.status(), 409);
+    assert_eq!(open_stream().await.unwrap().status(), 409);
     gateway
         .post(
             "/api/policies",
@@ -163,7 +155,16 @@ async fn credentials_are_injected_by_precedence_and_never_leak() {
     let gateway = Gateway::start().await.unwrap();
     let headers = python_server("headers_server.py", &[]).await.unwrap();
     let echo = everything(Mode::StreamableHttp, None).await.unwrap();
-    let target = gateway.target("hdr", "streamable-http", &headers.url).await.unwrap();
+    let target = gateway
+        .post(
+            "/api/targets",
+            json!({"name": "hdr", "transport_type": "streamable-http", "url": headers.url, "isolation_boundary": "per_user"}),
+        )
+        .await
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let other = gateway.target("other", "streamable-http", &echo.url).await.unwrap();
     gateway.allow_everyone().await.unwrap();
     let (bob, bob_token) = gateway.user("bob@example.com").await.unwrap();
@@ -250,9 +251,25 @@ async fn an_upstream_going_down_mid_session_fails_its_calls_only_and_recovers() 
     let steady = everything(Mode::Sse, None).await.unwrap();
     gateway.target("flaky", "streamable-http", &flaky.url).await.unwrap();
     gateway.target("steady", "sse", &steady.url).await.unwrap();
+    // An upstream that accepts connections and never answers.
+    let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hanging_url = format!("http://{}/mcp", hanging.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hanging.accept().await {
+            held.push(socket);
+        }
+    });
+    gateway.target("hanging", "streamable-http", &hanging_url).await.unwrap();
     gateway.allow_everyone().await.unwrap();
     let mut client = McpClient::new(&format!("{}/mcp", gateway.mcp), &gateway.admin_token);
     client.initialize().await.unwrap();
+    // The hanging upstream costs the list its time bound, not its answer.
+    let started = Instant::now();
+    let names = client.tool_names().await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(6), "listing waited {:?}", started.elapsed());
+    assert!(names.contains(&"flaky_echo".to_string()) && names.contains(&"steady_echo".to_string()), "{names:?}");
+    assert!(!names.iter().any(|n| n.starts_with("hanging_")));
     assert_eq!(text(&client.call("flaky_echo", json!({"message": "up"})).await.unwrap()), "Echo: up");
 
     flaky.process.kill();

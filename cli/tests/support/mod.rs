@@ -166,12 +166,14 @@ pub fn eventually(timeout: Duration, what: &str, mut condition: impl FnMut() -> 
     }
 }
 
-/// The status of `POST {base}/mcp` with `token`.
+/// The status of an MCP `initialize` at `{base}/mcp` with `token` (200 when it is accepted).
 pub fn mcp_status(base: &str, token: &str) -> u16 {
     reqwest::blocking::Client::new()
         .post(format!("{base}/mcp"))
         .bearer_auth(token)
-        .json(&json!({}))
+        .header("accept", "application/json, text/event-stream")
+        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                      "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "test", "version": "0"}}}))
         .timeout(Duration::from_secs(5))
         .send()
         .map(|r| r.status().as_u16())

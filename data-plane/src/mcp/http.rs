@@ -204,13 +204,19 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
     };
     let reply = gateway.handle(&session, &caller, message).await;
     if session.legacy {
-        // Every reply of a legacy session travels on its SSE stream.
+        // Every reply of a legacy session travels on its SSE stream; a response waits for room
+        // there rather than being dropped (the stream's end closes the channel).
+        let outbound = session.outbound.clone();
         match reply {
-            Reply::Now(message) | Reply::Invalid(message) => session.push(message),
+            Reply::Now(message) | Reply::Invalid(message) => {
+                tokio::spawn(async move { outbound.send(message).await });
+            }
             Reply::Stream(mut messages) => {
                 tokio::spawn(async move {
                     while let Some(message) = messages.recv().await {
-                        session.push(message);
+                        if outbound.send(message).await.is_err() {
+                            break;
+                        }
                     }
                 });
             }
