@@ -91,10 +91,11 @@ impl Process {
         self.child.id()
     }
 
-    /// Kills the process group now.
+    /// Kills the process group now (the child leads its own group, so this reaches the
+    /// grandchildren a wrapper such as `npx` starts, and nothing else).
     pub fn kill(&mut self) {
-        if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill").args(["-KILL", &format!("-{pid}")]).status();
+        if let Some(pid) = self.child.id().and_then(|pid| i32::try_from(pid).ok()).filter(|pid| *pid > 1) {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
         let _ = self.child.start_kill();
     }
