@@ -293,6 +293,46 @@ async fn an_upstream_going_down_mid_session_fails_its_calls_only_and_recovers() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_request_stops_at_once() {
+    let gateway = Gateway::start().await.unwrap();
+    let upstream = everything(Mode::StreamableHttp, None).await.unwrap();
+    gateway.target("everything", "streamable-http", &upstream.url).await.unwrap();
+    gateway.allow_everyone().await.unwrap();
+    let mut client = McpClient::new(&format!("{}/mcp", gateway.mcp), &gateway.admin_token);
+    client.initialize().await.unwrap();
+    let long = json!({"jsonrpc": "2.0", "id": "slow-1", "method": "tools/call",
+                      "params": {"name": "everything_trigger-long-running-operation", "arguments": {"duration": 30, "steps": 30},
+                                 "_meta": {"progressToken": "p-1"}}});
+    let pending =
+        tokio::spawn(McpClient::read(client.post().header("content-type", "application/json").body(long.to_string())));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let started = Instant::now();
+    let cancel = client
+        .notify("notifications/cancelled", json!({"requestId": "slow-1", "reason": "changed my mind"}))
+        .await
+        .unwrap();
+    assert_eq!(cancel.status, 202);
+    let answer = tokio::time::timeout(Duration::from_secs(5), pending)
+        .await
+        .expect("the reply ends soon after the cancellation")
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(
+        answer.messages.iter().any(|m| m["method"] == "notifications/progress"),
+        "progress came first: {:?}",
+        answer.messages
+    );
+    assert!(!answer.messages.iter().any(|m| m.pointer("/result/content").is_some()), "no result after cancelling");
+    // The session goes on.
+    assert_eq!(
+        text(&client.call("everything_echo", json!({"message": "still here"})).await.unwrap()),
+        "Echo: still here"
+    );
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_the_status_the_specification_prescribes() {
     let settings =
         McpSettings { max_body_bytes: 2048, allowed_hosts: vec!["127.0.0.1".into()], ..McpSettings::default() };

@@ -234,3 +234,34 @@ async fn conformance_suite_passes_through_the_gateway_what_it_passes_alone() {
     assert_eq!(through.get("dns-rebinding-protection"), Some(&true), "{through:?}");
     gateway.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_sdk_client_and_server_through_the_gateway() {
+    let gateway = Gateway::start().await.unwrap();
+    let server = python_server("example_server.py", &[]).await.unwrap();
+    gateway.target("py", "streamable-http", &server.url).await.unwrap();
+    gateway.allow_everyone().await.unwrap();
+    let url = format!("{}/mcp", gateway.mcp);
+    let report = python_client(&[
+        &url,
+        &gateway.admin_token,
+        "--python-server",
+        "--prefix",
+        "py_",
+        "--uri-prefix",
+        "reflow+py+",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(report["tools"], json!(["py_add", "py_ask", "py_echo", "py_sample", "py_slow"]));
+    assert_eq!(report["add"], "5");
+    assert_eq!(report["slow"], "done 3 steps");
+    assert_eq!(report["progress"], json!([[1.0, 3.0], [2.0, 3.0], [3.0, 3.0]]));
+    assert_eq!(report["elicitations"], json!(["What is your name?"]));
+    assert_eq!(report["ask"], "accept: Ada Lovelace");
+    assert_eq!(report["sample"], "sampled: sampled reply");
+    assert_eq!(report["greeting"], "Hello from the example server");
+    assert_eq!(report["item"], "item 42");
+    assert!(report["prompt"].as_str().unwrap().contains("x = 1"));
+    gateway.stop().await;
+}

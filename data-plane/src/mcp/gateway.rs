@@ -452,12 +452,14 @@ impl Gateway {
         let (tx, rx) = mpsc::unbounded_channel();
         let id = message["id"].clone();
         let key = jsonrpc::id_key(&id);
-        session.inflight.lock().unwrap().insert(key.clone(), target.name.clone());
         let gateway = self.clone();
+        let owner = session.clone();
         let session = session.clone();
         let target_name = target.name.clone();
         let method = method.to_string();
-        tokio::spawn(async move {
+        let task_key = key.clone();
+        let forwarding = tokio::spawn(async move {
+            let key = task_key;
             let (sink, mut relayed) = mpsc::unbounded_channel();
             let result = {
                 let request = upstream.request(&message, Some(&sink));
@@ -496,6 +498,12 @@ impl Gateway {
             };
             let _ = tx.send(reply);
         });
+        // Registered after the spawn (the handle is needed); a task that already finished
+        // leaves no entry behind.
+        owner.inflight.lock().unwrap().insert(key.clone(), (target.name.clone(), forwarding.abort_handle()));
+        if forwarding.is_finished() {
+            owner.inflight.lock().unwrap().remove(&key);
+        }
         Reply::Stream(rx)
     }
 
@@ -564,9 +572,17 @@ impl Gateway {
     async fn notification(&self, session: &Arc<ClientSession>, method: &str, params: Option<Value>) {
         let targets: Vec<String> = match method {
             "notifications/cancelled" => {
+                // The upstream is told, and the gateway stops waiting for it: the client will
+                // ignore any late response, and its reply stream ends now.
                 let Some(request_id) = params.as_ref().and_then(|p| p.get("requestId")) else { return };
-                let target = session.inflight.lock().unwrap().get(&jsonrpc::id_key(request_id)).cloned();
-                target.into_iter().collect()
+                let entry = session.inflight.lock().unwrap().remove(&jsonrpc::id_key(request_id));
+                entry
+                    .map(|(target, forwarding)| {
+                        forwarding.abort();
+                        target
+                    })
+                    .into_iter()
+                    .collect()
             }
             "notifications/roots/list_changed" => session.upstreams.lock().await.keys().cloned().collect(),
             _ => return,

@@ -202,6 +202,10 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
             return Ok(open_session(gateway, scope, caller, message).await);
         }
     };
+    let request_id = match &message {
+        Message::Request { id, .. } => id.clone(),
+        _ => Value::Null,
+    };
     let reply = gateway.handle(&session, &caller, message).await;
     if session.legacy {
         // Every reply of a legacy session travels on its SSE stream; a response waits for room
@@ -228,7 +232,7 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
         Reply::Accepted => StatusCode::ACCEPTED.into_response(),
         Reply::Invalid(message) => (StatusCode::BAD_REQUEST, Json(message)).into_response(),
         Reply::Now(message) => Json(message).into_response(),
-        Reply::Stream(messages) => stream_reply(session, messages, accepts_sse, accepts_json).await,
+        Reply::Stream(messages) => stream_reply(session, request_id, messages, accepts_sse, accepts_json).await,
     })
 }
 
@@ -265,14 +269,21 @@ async fn open_session(gateway: Arc<Gateway>, scope: Scope, caller: Caller, messa
 
 /// Answers with JSON when the response comes first (the common case, and the cheaper one),
 /// and switches to SSE when the request relays messages first and the client accepts SSE.
+/// A request the client cancelled ends without an upstream response; a JSON reply still needs a
+/// body, so it gets an error the client will ignore.
+fn cancelled(id: Value) -> Response {
+    Json(jsonrpc::error(id, SERVER_ERROR, "the request was cancelled")).into_response()
+}
+
 async fn stream_reply(
     session: Arc<ClientSession>,
+    id: Value,
     mut messages: mpsc::UnboundedReceiver<Value>,
     accepts_sse: bool,
     accepts_json: bool,
 ) -> Response {
     let Some(first) = messages.recv().await else {
-        return refuse(StatusCode::INTERNAL_SERVER_ERROR, SERVER_ERROR, "the request ended without a response");
+        return cancelled(id);
     };
     if jsonrpc::is_response(&first) && accepts_json {
         return Json(first).into_response();
@@ -296,7 +307,7 @@ async fn stream_reply(
         session.push(message);
         next = messages.recv().await;
     }
-    refuse(StatusCode::INTERNAL_SERVER_ERROR, SERVER_ERROR, "the request ended without a response")
+    cancelled(id)
 }
 
 fn event(message: &Value) -> Event {

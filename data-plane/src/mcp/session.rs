@@ -76,8 +76,9 @@ pub struct ClientSession {
     pub upstreams: tokio::sync::Mutex<HashMap<String, UpstreamEntry>>,
     /// Server→client requests awaiting the client's answer: gateway id → (target, upstream id).
     pub pending: Mutex<HashMap<String, (String, Value)>>,
-    /// Client requests in flight: id key → target name, to route cancellations.
-    pub inflight: Mutex<HashMap<String, String>>,
+    /// Client requests in flight: id key → (target name, the forwarding task), to route a
+    /// cancellation upstream and stop waiting.
+    pub inflight: Mutex<HashMap<String, (String, tokio::task::AbortHandle)>>,
     /// Merged lists by method.
     pub lists: Mutex<HashMap<&'static str, CachedList>>,
     next_id: AtomicU64,
