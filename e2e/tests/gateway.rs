@@ -117,17 +117,7 @@ async fn a_snapshot_change_tells_open_sessions_their_list_changed() {
         )
         .await
         .unwrap();
-    let mut body = stream.bytes_stream();
-    let mut seen = String::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !seen.contains("notifications/tools/list_changed") {
-        let chunk = tokio::time::timeout_at(deadline.into(), futures::StreamExt::next(&mut body))
-            .await
-            .expect("no list_changed within 10 s")
-            .unwrap()
-            .unwrap();
-        seen.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    wait_for_event(stream, "notifications/tools/list_changed", Duration::from_secs(10)).await;
     assert!(!client.tool_names().await.unwrap().contains(&"everything_get-sum".to_string()));
     gateway.stop().await;
 }
@@ -289,6 +279,51 @@ async fn an_upstream_going_down_mid_session_fails_its_calls_only_and_recovers() 
     assert_eq!(text(&client.call("flaky_echo", json!({"message": "again"})).await.unwrap()), "Echo: again");
     let ready: Value = reqwest::get(format!("{}/ready", gateway.mcp)).await.unwrap().json().await.unwrap();
     assert!(ready["upstream_failures"]["flaky"].as_u64().unwrap() >= 1, "failures are counted: {ready}");
+    gateway.stop().await;
+}
+
+/// Reads an SSE response until `needle` appears, within `limit`.
+async fn wait_for_event(response: reqwest::Response, needle: &str, limit: Duration) -> String {
+    let mut body = response.bytes_stream();
+    let mut seen = String::new();
+    let deadline = Instant::now() + limit;
+    while !seen.contains(needle) {
+        let chunk = tokio::time::timeout_at(deadline.into(), futures::StreamExt::next(&mut body))
+            .await
+            .unwrap_or_else(|_| panic!("no {needle} within {limit:?}; saw {seen}"))
+            .unwrap()
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_an_upstream_sends_on_its_own_reach_the_client_stream() {
+    let gateway = Gateway::start().await.unwrap();
+    let upstream = everything(Mode::StreamableHttp, None).await.unwrap();
+    gateway.target("everything", "streamable-http", &upstream.url).await.unwrap();
+    gateway.allow_everyone().await.unwrap();
+    let mut client = McpClient::new(&format!("{}/mcp", gateway.mcp), &gateway.admin_token);
+    client.initialize().await.unwrap();
+    assert!(!client.tool_names().await.unwrap().is_empty());
+    let level = client.request("logging/setLevel", json!({"level": "debug"})).await.unwrap();
+    assert_eq!(level.message()["result"], json!({}), "{:?}", level.messages);
+    let toggled = client.call("everything_toggle-simulated-logging", json!({})).await.unwrap();
+    assert!(toggled.get("result").is_some(), "{toggled}");
+    let stream = client
+        .http
+        .get(&client.url)
+        .bearer_auth(&client.token)
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", client.session.clone().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    // server-everything logs every 5 s on its own stream; the gateway relays it.
+    let seen = wait_for_event(stream, "notifications/message", Duration::from_secs(15)).await;
+    assert!(seen.contains("\"level\""), "{seen}");
     gateway.stop().await;
 }
 

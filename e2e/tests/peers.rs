@@ -224,6 +224,7 @@ async fn conformance_suite_passes_through_the_gateway_what_it_passes_alone() {
     let through = run_conformance(&format!("{forwarder}/mcp/everything")).await;
     shutdown.cancel();
 
+    eprintln!("conformance, server-everything alone: {direct:?}\nthrough the gateway: {through:?}");
     let passed_alone: Vec<&String> = direct.iter().filter(|(_, ok)| **ok).map(|(name, _)| name).collect();
     assert!(passed_alone.len() >= 8, "server-everything alone passes too little to compare: {direct:?}");
     let lost: Vec<&&String> = passed_alone.iter().filter(|name| through.get(**name) != Some(&true)).collect();

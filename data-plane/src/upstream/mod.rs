@@ -17,7 +17,7 @@ pub mod streamable;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use reflow_common::model::TransportType;
 use reflow_proto::resources::Target;
 use serde_json::{json, Value};
@@ -269,10 +269,6 @@ impl Upstream {
         }
     }
 
-    pub async fn is_connected(&self) -> bool {
-        self.live.lock().await.is_some()
-    }
-
     /// Ends the upstream session and its background tasks.
     pub async fn close(&self) {
         self.cancel.cancel();
@@ -285,13 +281,5 @@ impl Upstream {
                 Transport::Sse(connection) => connection.close(),
             }
         }
-    }
-}
-
-/// Maps an upstream failure to the HTTP status a client-facing error implies.
-pub fn status_of(error: &UpstreamError) -> StatusCode {
-    match error {
-        UpstreamError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-        _ => StatusCode::BAD_GATEWAY,
     }
 }
