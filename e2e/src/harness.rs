@@ -257,21 +257,9 @@ impl Gateway {
             Some(db) => db.url.clone(),
             None => format!("sqlite://{}", dir.path().join("e2e.db").display()),
         };
-        let store = reflow_control_plane::store::connect(&url, 5).await.context("connect the store")?;
-        let mut config = reflow_common::config::Config::default();
-        config.jwt.secret = Some("e2e-jwt-secret-e2e-jwt-secret-e2e!".into());
-        config.encryption.key = Some(Key::generate().to_hex());
-        config.control_plane.data_plane_token = Some(DATA_PLANE_TOKEN.into());
-        let control_plane = reflow_control_plane::ControlPlane::new(&config, store)?;
         let shutdown = CancellationToken::new();
-        control_plane.start_compiler(shutdown.clone()).await;
-        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let grpc_address = format!("http://{}", grpc.local_addr()?);
-        {
-            let (cp, shutdown) = (control_plane.clone(), shutdown.clone());
-            tokio::spawn(async move { cp.serve_grpc(grpc, shutdown).await });
-        }
-        let api = serve(control_plane.router(), &shutdown).await?;
+        let (control_plane, grpc_address, api) =
+            start_control_plane(&url, "e2e-jwt-secret-e2e-jwt-secret-e2e!", DATA_PLANE_TOKEN, &shutdown).await?;
         let sync = SyncConfig {
             control_plane: grpc_address,
             token: DATA_PLANE_TOKEN.into(),
@@ -366,6 +354,16 @@ impl Gateway {
         Ok(policy["id"].as_str().context("policy id")?.to_string())
     }
 
+    /// A deny policy for tools matching `pattern` on `target`, above [`Gateway::allow_everyone`].
+    pub async fn deny_tools(&self, target: &str, pattern: &str) -> anyhow::Result<Value> {
+        self.post(
+            "/api/policies",
+            json!({"name": format!("deny {pattern}"), "target_id": target, "resource_type": "tool", "pattern": pattern,
+                   "effect": "deny", "priority": 20, "subjects": [{"subject_type": "everyone"}]}),
+        )
+        .await
+    }
+
     /// Registers a user and returns (id, token).
     pub async fn user(&self, email: &str) -> anyhow::Result<(String, String)> {
         let before = self.hub_version();
@@ -397,6 +395,31 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// A control plane on the store at `url` with its compiler running, its gRPC snapshot service
+/// and its admin API each on a loopback port: (control plane, gRPC address, API address).
+pub async fn start_control_plane(
+    url: &str,
+    jwt_secret: &str,
+    data_plane_token: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(reflow_control_plane::ControlPlane, String, String)> {
+    let store = reflow_control_plane::store::connect(url, 10).await.context("connect the store")?;
+    let mut config = reflow_common::config::Config::default();
+    config.jwt.secret = Some(jwt_secret.into());
+    config.encryption.key = Some(Key::generate().to_hex());
+    config.control_plane.data_plane_token = Some(data_plane_token.into());
+    let control_plane = reflow_control_plane::ControlPlane::new(&config, store)?;
+    control_plane.start_compiler(shutdown.clone()).await;
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let grpc_address = format!("http://{}", grpc.local_addr()?);
+    {
+        let (cp, shutdown) = (control_plane.clone(), shutdown.clone());
+        tokio::spawn(async move { cp.serve_grpc(grpc, shutdown).await });
+    }
+    let api = serve(control_plane.router(), shutdown).await?;
+    Ok((control_plane, grpc_address, api))
 }
 
 async fn serve(router: axum::Router, shutdown: &CancellationToken) -> anyhow::Result<String> {

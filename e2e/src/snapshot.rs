@@ -35,26 +35,9 @@ pub async fn propagation(data_planes: usize, iterations: usize, database_url: Op
         Some(db) => db.url.clone(),
         None => format!("sqlite://{}", dir.path().join("bench.db").display()),
     };
-    let store = connect(&url, 10).await.context("connect the store")?;
-    let mut config = reflow_common::config::Config::default();
-    config.jwt.secret = Some("benchmark-secret-benchmark-secret!".into());
-    config.encryption.key = Some(Key::generate().to_hex());
-    config.control_plane.data_plane_token = Some(TOKEN.into());
-    let control_plane = reflow_control_plane::ControlPlane::new(&config, store)?;
     let shutdown = CancellationToken::new();
-    control_plane.start_compiler(shutdown.clone()).await;
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let grpc_address = format!("http://{}", grpc.local_addr()?);
-    {
-        let (cp, shutdown) = (control_plane.clone(), shutdown.clone());
-        tokio::spawn(async move { cp.serve_grpc(grpc, shutdown).await });
-    }
-    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", api.local_addr()?);
-    {
-        let (router, shutdown) = (control_plane.router(), shutdown.clone());
-        tokio::spawn(async move { axum::serve(api, router).with_graceful_shutdown(shutdown.cancelled_owned()).await });
-    }
+    let (control_plane, grpc_address, base) =
+        crate::harness::start_control_plane(&url, "benchmark-secret-benchmark-secret!", TOKEN, &shutdown).await?;
     let mut planes = Vec::with_capacity(data_planes);
     for i in 0..data_planes {
         let cache = dir.path().join(format!("cache-{i}"));

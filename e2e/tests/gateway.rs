@@ -29,14 +29,7 @@ async fn policies_decide_listing_and_calling_alike_and_crafted_names_do_not_bypa
     assert_eq!(denied["error"]["code"], -32003, "{denied}");
 
     gateway.allow_everyone().await.unwrap();
-    gateway
-        .post(
-            "/api/policies",
-            json!({"name": "no echo", "target_id": target, "resource_type": "tool", "pattern": "echo",
-                   "effect": "deny", "priority": 20, "subjects": [{"subject_type": "everyone"}]}),
-        )
-        .await
-        .unwrap();
+    gateway.deny_tools(&target, "echo").await.unwrap();
     let names = client.tool_names().await.unwrap();
     assert!(names.contains(&"everything_get-sum".to_string()), "{names:?}");
     assert!(!names.contains(&"everything_echo".to_string()), "a denied tool is not listed: {names:?}");
@@ -109,14 +102,7 @@ async fn a_snapshot_change_tells_open_sessions_their_list_changed() {
     assert_eq!(stream.status(), 200);
     // A second GET stream on the same session is refused while the first is open.
     assert_eq!(open_stream().await.unwrap().status(), 409);
-    gateway
-        .post(
-            "/api/policies",
-            json!({"name": "no sums", "target_id": target, "resource_type": "tool", "pattern": "get-sum",
-                   "effect": "deny", "priority": 20, "subjects": [{"subject_type": "everyone"}]}),
-        )
-        .await
-        .unwrap();
+    gateway.deny_tools(&target, "get-sum").await.unwrap();
     wait_for_event(stream, "notifications/tools/list_changed", Duration::from_secs(10)).await;
     assert!(!client.tool_names().await.unwrap().contains(&"everything_get-sum".to_string()));
     gateway.stop().await;
