@@ -187,6 +187,27 @@ async fn credentials_are_injected_by_precedence_and_never_leak() {
     );
     assert!(!everything_seen.contains("canary-other"), "another target's credential was sent");
 
+    // A target whose token goes in a header of its own.
+    let keyed = gateway
+        .post(
+            "/api/targets",
+            json!({"name": "keyed", "transport_type": "streamable-http", "url": headers.url,
+                   "auth_type": "header", "auth_header_name": "X-Api-Key"}),
+        )
+        .await
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    gateway.post(&format!("/api/targets/{keyed}/tokens/default"), json!({"token": "canary-keyed-2b2b"})).await.unwrap();
+    let answer = bob_client.call("keyed_headers", json!({})).await.unwrap();
+    let keyed_seen: Value = serde_json::from_str(&text(&answer)).unwrap_or_else(|_| panic!("{answer}"));
+    assert_eq!(keyed_seen["x-api-key"], "canary-keyed-2b2b", "{keyed_seen}");
+    assert!(
+        keyed_seen.get("authorization").is_none(),
+        "no Authorization when the token has its own header: {keyed_seen}"
+    );
+
     // A credential change reaches the open session's next call.
     gateway
         .post(&format!("/api/targets/{target}/tokens/user/{bob}"), json!({"token": "canary-bob-rotated"}))
@@ -310,6 +331,21 @@ async fn messages_an_upstream_sends_on_its_own_reach_the_client_stream() {
     // server-everything logs every 5 s on its own stream; the gateway relays it.
     let seen = wait_for_event(stream, "notifications/message", Duration::from_secs(15)).await;
     assert!(seen.contains("\"level\""), "{seen}");
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamable_target_that_only_speaks_legacy_sse_is_detected() {
+    let gateway = Gateway::start().await.unwrap();
+    let sse = everything(Mode::Sse, None).await.unwrap();
+    // Declared as Streamable HTTP, but the server only has the legacy transport: its refusal of
+    // the POST makes the gateway fall back to SSE.
+    gateway.target("old", "streamable-http", &sse.url).await.unwrap();
+    gateway.allow_everyone().await.unwrap();
+    let mut client = McpClient::new(&format!("{}/mcp", gateway.mcp), &gateway.admin_token);
+    client.initialize().await.unwrap();
+    assert!(client.tool_names().await.unwrap().contains(&"old_echo".to_string()));
+    assert_eq!(text(&client.call("old_echo", json!({"message": "detected"})).await.unwrap()), "Echo: detected");
     gateway.stop().await;
 }
 
