@@ -1,6 +1,7 @@
 //! Reflow's end-to-end harness and benchmarks.
 //!
 //! # Layout
+//! - [`calls`]: `tools/call` through the gateway vs directly, against server-everything.
 //! - [`client`]: a raw Streamable HTTP MCP client for exact status and header checks.
 //! - [`harness`]: a gateway in this process plus real MCP peers as child processes, for the
 //!   end-to-end tests in `tests/`.
@@ -9,6 +10,7 @@
 //!
 //! The `reflow-bench` binary runs the scenarios and prints a table and a JSON report.
 
+pub mod calls;
 pub mod client;
 pub mod harness;
 pub mod snapshot;

@@ -56,6 +56,27 @@ async fn main() -> anyhow::Result<()> {
     );
     results.push(result);
 
+    println!("\ntools/call through the gateway vs directly (server-everything, Streamable HTTP, one process)");
+    println!(
+        "{:>12} {:>12} {:>12} {:>8} {:>10} {:>10} {:>14}",
+        "concurrency", "gateway/s", "direct/s", "ratio", "p50 ms", "p99 ms", "added p50 ms"
+    );
+    let duration = std::time::Duration::from_secs(if args.quick { 3 } else { 10 });
+    for result in reflow_e2e::calls::tools_call(&[1, 8, 32], duration).await? {
+        let f = |key: &str| result[key].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{:>12} {:>12.0} {:>12.0} {:>8.2} {:>10.2} {:>10.2} {:>14.3}",
+            result["concurrency"].as_u64().unwrap_or(0),
+            f("gateway_rps"),
+            f("direct_rps"),
+            f("ratio_vs_direct"),
+            f("p50_ms"),
+            f("p99_ms"),
+            f("added_p50_ms")
+        );
+        results.push(result);
+    }
+
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
         println!("\nwrote {}", path.display());
