@@ -72,16 +72,10 @@ pub fn resolve_injection(view: &View, sealer: &DeterministicSealer, target: &Tar
             SecretKind::Env => env.entry(credential.name.as_str()).or_default().push(credential),
         }
     }
-    let open = |credential: &Credential| -> Option<String> {
-        let aad = Credential::aad(&credential.target_id, credential.kind, &credential.scope, &credential.name);
-        let sealed = base64::engine::general_purpose::STANDARD.decode(&credential.sealed).ok()?;
-        let value = sealer.open(&sealed, &aad).ok()?;
-        String::from_utf8(value.to_vec()).ok()
-    };
     let pick = |entries: &[&Credential]| -> Option<(String, String)> {
         let (scope, credential) =
             resolve(entries.iter().map(|c| (&c.scope, *c)), &principal, target.isolation_boundary)?;
-        Some((source(scope), open(credential)?))
+        Some((source(scope), open(sealer, credential)?))
     };
 
     let mut injection = Injection::default();
@@ -121,6 +115,45 @@ pub fn resolve_injection(view: &View, sealer: &DeterministicSealer, target: &Tar
         }
     }
     injection
+}
+
+/// The environment a STDIO or Kubernetes target's process gets for `user`: every env key
+/// resolved under the target's isolation boundary, and the token as `AUTH_TOKEN` unless an env
+/// `AUTH_TOKEN` resolved.
+pub fn resolve_env(
+    view: &View,
+    sealer: &DeterministicSealer,
+    target: &Target,
+    user: &User,
+) -> BTreeMap<String, String> {
+    let principal = Principal { user_id: &user.id, role: &user.role, groups: &user.groups };
+    let mut tokens = Vec::new();
+    let mut keyed: BTreeMap<&str, Vec<&Credential>> = BTreeMap::new();
+    for credential in view.credentials.iter().filter(|c| c.target_id == target.id) {
+        match credential.kind {
+            SecretKind::Token => tokens.push(credential),
+            SecretKind::Env => keyed.entry(credential.name.as_str()).or_default().push(credential),
+        }
+    }
+    let pick = |entries: &[&Credential]| {
+        let (_, credential) = resolve(entries.iter().map(|c| (&c.scope, *c)), &principal, target.isolation_boundary)?;
+        open(sealer, credential)
+    };
+    let mut env: BTreeMap<String, String> =
+        keyed.iter().filter_map(|(key, entries)| Some((key.to_string(), pick(entries)?))).collect();
+    if !env.contains_key("AUTH_TOKEN") {
+        if let Some(token) = pick(&tokens) {
+            env.insert("AUTH_TOKEN".into(), token);
+        }
+    }
+    env
+}
+
+fn open(sealer: &DeterministicSealer, credential: &Credential) -> Option<String> {
+    let aad = Credential::aad(&credential.target_id, credential.kind, &credential.scope, &credential.name);
+    let sealed = base64::engine::general_purpose::STANDARD.decode(&credential.sealed).ok()?;
+    let value = sealer.open(&sealed, &aad).ok()?;
+    String::from_utf8(value.to_vec()).ok()
 }
 
 fn push_header(headers: &mut Vec<(HeaderName, HeaderValue)>, name: &str, value: &str, target: &str) -> bool {

@@ -21,10 +21,11 @@ use super::jsonrpc::{self, Message, FORBIDDEN, INVALID_PARAMS, INVALID_REQUEST, 
 use super::names;
 use super::session::{short, CachedList, ClientSession, Negotiated, Scope, Sessions, UpstreamEntry};
 use super::McpSettings;
-use crate::credentials::resolve_injection;
+use crate::credentials::{resolve_env, resolve_injection};
 use crate::snapshot::DataSnapshot;
 use crate::state::SnapshotState;
-use crate::upstream::{Upstream, UpstreamError, UpstreamSettings};
+use crate::upstream::stdio::{Pool, ProcessKey};
+use crate::upstream::{StdioBinding, Upstream, UpstreamError, UpstreamSettings};
 
 /// Protocol versions of the session era this gateway speaks, newest first.
 pub const SUPPORTED_VERSIONS: [&str; 4] = ["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
@@ -117,6 +118,8 @@ pub struct Gateway {
     http: reqwest::Client,
     pub settings: McpSettings,
     upstream: UpstreamSettings,
+    /// STDIO processes, shared across sessions by target and isolation key.
+    pub pool: Arc<Pool>,
     /// Failed upstream exchanges by target name, for `/ready` and operators.
     pub upstream_failures: Mutex<BTreeMap<String, u64>>,
 }
@@ -135,6 +138,7 @@ impl Gateway {
             connect_timeout: settings.connect_timeout,
             max_event_bytes: settings.max_body_bytes.max(16 * 1024 * 1024),
         };
+        let pool = Arc::new(Pool::new(settings.stdio.clone()));
         Arc::new(Gateway {
             state,
             sealer,
@@ -142,17 +146,25 @@ impl Gateway {
             http,
             settings,
             upstream,
+            pool,
             upstream_failures: Mutex::new(BTreeMap::new()),
         })
     }
 
-    /// Whether `name` is a target this gateway serves over HTTP.
+    /// Whether `name` is a target this gateway serves (HTTP, SSE or STDIO).
     pub fn servable<'s>(snapshot: &'s DataSnapshot, name: &str) -> Option<&'s Target> {
-        snapshot
-            .view
-            .targets
-            .get(name)
-            .filter(|t| t.enabled && matches!(t.transport_type, TransportType::StreamableHttp | TransportType::Sse))
+        snapshot.view.targets.get(name).filter(|t| {
+            t.enabled
+                && matches!(t.transport_type, TransportType::StreamableHttp | TransportType::Sse | TransportType::Stdio)
+        })
+    }
+
+    fn stdio_binding(&self, caller: &Caller, target: &Target) -> Option<StdioBinding> {
+        (target.transport_type == TransportType::Stdio).then(|| StdioBinding {
+            pool: self.pool.clone(),
+            key: ProcessKey::new(target, &caller.user),
+            env: resolve_env(&caller.snapshot.view, &self.sealer, target, &caller.user),
+        })
     }
 
     fn count_failure(&self, target: &str, error: &UpstreamError) {
@@ -309,7 +321,11 @@ impl Gateway {
                 return entry.upstream.clone();
             }
             let injection = resolve_injection(&caller.snapshot.view, &self.sealer, target, &caller.user);
-            if entry.upstream.target == *target && entry.upstream.injection == injection {
+            let stdio = self.stdio_binding(caller, target);
+            if entry.upstream.target == *target
+                && entry.upstream.injection == injection
+                && entry.upstream.stdio == stdio
+            {
                 entry.version = caller.snapshot.version.clone();
                 return entry.upstream.clone();
             }
@@ -324,6 +340,7 @@ impl Gateway {
         let upstream = Arc::new(Upstream::new(
             target.clone(),
             injection,
+            self.stdio_binding(caller, target),
             self.http.clone(),
             self.upstream.clone(),
             Gateway::upstream_initialize_params(session),
@@ -787,6 +804,17 @@ impl Gateway {
         for session in self.sessions.all() {
             self.sessions.remove(&session.id);
             session.close().await;
+        }
+        self.pool.stop_all();
+    }
+
+    /// Stops idle and expired STDIO processes every `every`, until `shutdown`.
+    pub async fn collect_processes(self: Arc<Self>, every: Duration, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => self.pool.collect(),
+            }
         }
     }
 }

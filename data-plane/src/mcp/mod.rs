@@ -17,7 +17,7 @@ pub mod session;
 
 use std::time::Duration;
 
-use reflow_common::config::Config;
+use reflow_common::config::{Config, StdioConfig};
 
 /// How the MCP endpoint behaves; from the `mcp`, `session` and `cors` config sections.
 #[derive(Debug, Clone)]
@@ -35,6 +35,8 @@ pub struct McpSettings {
     /// Idle time after which a session ends.
     pub session_timeout: Duration,
     pub cleanup_interval: Duration,
+    /// The STDIO process pool's limits and command allowlist.
+    pub stdio: StdioConfig,
 }
 
 impl McpSettings {
@@ -51,6 +53,7 @@ impl McpSettings {
             max_sessions: mcp.max_sessions,
             session_timeout: config.session.timeout,
             cleanup_interval: config.session.cleanup_interval,
+            stdio: config.stdio.clone(),
         }
     }
 }

@@ -8,10 +8,12 @@
 //! # Layout
 //! - [`streamable`]: Streamable HTTP (POST per message, JSON or SSE replies, GET stream).
 //! - [`sse`]: the legacy HTTP+SSE transport.
+//! - [`stdio`]: child processes, pooled by target and isolation key.
 //! - [`event_stream`]: the incremental `text/event-stream` parser both use.
 
 pub mod event_stream;
 pub mod sse;
+pub mod stdio;
 pub mod streamable;
 
 use std::sync::Arc;
@@ -78,6 +80,22 @@ pub struct UpstreamSettings {
 enum Transport {
     Streamable(streamable::Connection),
     Sse(sse::Connection),
+    Stdio(Arc<stdio::Process>),
+}
+
+/// Where a STDIO target's process comes from: the pool, the key it is shared under, and the
+/// env it gets.
+#[derive(Debug, Clone)]
+pub struct StdioBinding {
+    pub pool: Arc<stdio::Pool>,
+    pub key: stdio::ProcessKey,
+    pub env: std::collections::BTreeMap<String, String>,
+}
+
+impl PartialEq for StdioBinding {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.pool, &other.pool) && self.key == other.key && self.env == other.env
+    }
 }
 
 #[derive(Debug)]
@@ -91,6 +109,8 @@ struct Live {
 pub struct Upstream {
     pub target: Target,
     pub injection: Injection,
+    /// Set for STDIO targets.
+    pub stdio: Option<StdioBinding>,
     http: reqwest::Client,
     settings: UpstreamSettings,
     /// `initialize` params sent upstream: the client's protocol version and capabilities.
@@ -106,9 +126,11 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    #[allow(clippy::too_many_arguments)] // one constructor, called from one place
     pub fn new(
         target: Target,
         injection: Injection,
+        stdio: Option<StdioBinding>,
         http: reqwest::Client,
         settings: UpstreamSettings,
         initialize_params: Value,
@@ -118,6 +140,7 @@ impl Upstream {
         Upstream {
             target,
             injection,
+            stdio,
             http,
             settings,
             initialize_params,
@@ -154,6 +177,7 @@ impl Upstream {
         if let Some(current) = live.as_ref() {
             let usable = match &current.transport {
                 Transport::Sse(connection) => !connection.is_closed(),
+                Transport::Stdio(process) => !process.closed.is_cancelled(),
                 Transport::Streamable(_) => true,
             };
             if usable {
@@ -169,9 +193,25 @@ impl Upstream {
     }
 
     async fn handshake(&self) -> Result<Live, UpstreamError> {
-        let url = self.url()?;
         let initialize =
             jsonrpc::request(json!("reflow-initialize"), "initialize", Some(self.initialize_params.clone()));
+        if let Some(binding) = &self.stdio {
+            // One initialize per process: a shared process keeps the first session's result.
+            let process = binding
+                .pool
+                .get(
+                    &self.target,
+                    binding.key.clone(),
+                    binding.env.clone(),
+                    &initialize,
+                    self.settings.connect_timeout + self.timeout(),
+                )
+                .await?;
+            process.subscribe(self.inbox.clone());
+            let initialize_result = process.initialize_result.lock().unwrap().clone().unwrap_or_default();
+            return Ok(Live { transport: Transport::Stdio(process), initialize_result });
+        }
+        let url = self.url()?;
         if self.target.transport_type != TransportType::Sse {
             let connection = streamable::Connection::new(
                 self.http.clone(),
@@ -242,6 +282,7 @@ impl Upstream {
         let result = match &live.transport {
             Transport::Streamable(connection) => connection.request(message, sink).await,
             Transport::Sse(connection) => connection.request(message, sink).await,
+            Transport::Stdio(process) => process.request(message, sink).await,
         };
         match result {
             Err(UpstreamError::SessionExpired) if retry => {
@@ -266,6 +307,7 @@ impl Upstream {
         match &live.transport {
             Transport::Streamable(connection) => connection.send(message).await,
             Transport::Sse(connection) => connection.send(message).await,
+            Transport::Stdio(process) => process.send(message).await,
         }
     }
 
@@ -279,6 +321,8 @@ impl Upstream {
                     let _ = tokio::time::timeout(Duration::from_secs(2), connection.close()).await;
                 }
                 Transport::Sse(connection) => connection.close(),
+                // Shared by other sessions: the pool stops it when idle or expired.
+                Transport::Stdio(_) => {}
             }
         }
     }

@@ -1,0 +1,147 @@
+//! STDIO targets: server-everything run as a child of the data plane, shared or isolated per
+//! user, with a cleared environment, multiplexing concurrent sessions on one process.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use reflow_e2e::client::McpClient;
+use reflow_e2e::harness::*;
+use serde_json::{json, Value};
+
+fn text(response: &Value) -> String {
+    response.pointer("/result/content/0/text").and_then(Value::as_str).unwrap_or_default().to_string()
+}
+
+fn env_of(response: &Value) -> Value {
+    serde_json::from_str(&text(response)).unwrap_or_else(|_| panic!("get-env answered {response}"))
+}
+
+async fn stdio_target(gateway: &Gateway, name: &str, isolation: &str) -> String {
+    let script = node_package("@modelcontextprotocol/server-everything/dist/index.js");
+    let target = gateway
+        .post(
+            "/api/targets",
+            json!({"name": name, "transport_type": "stdio", "command": "node",
+                   "args": [script.to_string_lossy(), "stdio"], "isolation_boundary": isolation}),
+        )
+        .await
+        .unwrap();
+    target["id"].as_str().unwrap().to_string()
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| stat.contains(") Z "))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdio_processes_are_shared_or_isolated_with_their_own_env() {
+    ensure_peers();
+    // Something the data plane's own environment holds must never reach a child.
+    std::env::set_var("REFLOW_PARENT_CANARY", "parent-secret-5e5e");
+    let gateway = Gateway::start().await.unwrap();
+    let shared = stdio_target(&gateway, "shared", "shared").await;
+    let own = stdio_target(&gateway, "own", "per_user").await;
+    gateway.allow_everyone().await.unwrap();
+    let (bob, bob_token) = gateway.user("bob@example.com").await.unwrap();
+    for target in [&shared, &own] {
+        gateway
+            .post(&format!("/api/targets/{target}/env/default"), json!({"key": "GREETING", "value": "default"}))
+            .await
+            .unwrap();
+        gateway
+            .post(&format!("/api/targets/{target}/env/user/{bob}"), json!({"key": "GREETING", "value": "bob's"}))
+            .await
+            .unwrap();
+        gateway
+            .post(&format!("/api/targets/{target}/env/default"), json!({"key": "LD_PRELOAD", "value": "/tmp/evil.so"}))
+            .await
+            .unwrap_or_default();
+    }
+    let url = format!("{}/mcp", gateway.mcp);
+    let mut admin = McpClient::new(&url, &gateway.admin_token);
+    admin.initialize().await.unwrap();
+    let mut bobs = McpClient::new(&url, &bob_token);
+    bobs.initialize().await.unwrap();
+
+    let names = admin.tool_names().await.unwrap();
+    assert!(names.contains(&"shared_echo".to_string()) && names.contains(&"own_get-env".to_string()), "{names:?}");
+    let admin_shared = env_of(&admin.call("shared_get-env", json!({})).await.unwrap());
+    let bob_shared = env_of(&bobs.call("shared_get-env", json!({})).await.unwrap());
+    assert_eq!(admin_shared["GREETING"], "default");
+    assert_eq!(bob_shared["GREETING"], "default", "a shared process gets default values only");
+    let admin_own = env_of(&admin.call("own_get-env", json!({})).await.unwrap());
+    let bob_own = env_of(&bobs.call("own_get-env", json!({})).await.unwrap());
+    assert_eq!(admin_own["GREETING"], "default");
+    assert_eq!(bob_own["GREETING"], "bob's", "per_user: bob's own value");
+    for env in [&admin_shared, &bob_own] {
+        let keys: BTreeSet<&str> = env.as_object().unwrap().keys().map(String::as_str).collect();
+        assert!(
+            env.get("REFLOW_PARENT_CANARY").is_none() && env.get("DATABASE_URL").is_none(),
+            "the environment is cleared: {keys:?}"
+        );
+        assert!(env.get("LD_PRELOAD").is_none(), "LD_PRELOAD cannot be set through env config");
+        assert!(env.get("PATH").is_some() && env.get("HOME").is_some());
+    }
+
+    let processes = gateway.data_plane().gateway().pool.processes();
+    let by_target = |id: &str| processes.iter().filter(|p| p.key.target_id == id).count();
+    assert_eq!(by_target(&shared), 1, "one shared process for both users");
+    assert_eq!(by_target(&own), 2, "one process per user");
+
+    // Concurrent calls from two sessions on the shared process come back to their callers.
+    let calls = (0..20).map(|i| {
+        let (mut a, mut b) = (admin.clone(), bobs.clone());
+        async move {
+            let (x, y) = tokio::join!(
+                a.call("shared_echo", json!({"message": format!("admin-{i}")})),
+                b.call("shared_echo", json!({"message": format!("bob-{i}")}))
+            );
+            (i, text(&x.unwrap()), text(&y.unwrap()))
+        }
+    });
+    for (i, from_admin, from_bob) in futures::future::join_all(calls).await {
+        assert_eq!(from_admin, format!("Echo: admin-{i}"));
+        assert_eq!(from_bob, format!("Echo: bob-{i}"));
+    }
+    assert_eq!(gateway.data_plane().gateway().pool.processes().iter().filter(|p| p.key.target_id == shared).count(), 1);
+
+    // On shutdown every child (and its group) is stopped.
+    let pids: Vec<u32> = gateway.data_plane().gateway().pool.processes().iter().map(|p| p.pid).collect();
+    assert_eq!(pids.len(), 3);
+    gateway.stop().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|pid| alive(*pid)) {
+        assert!(Instant::now() < deadline, "STDIO servers outlived the gateway: {pids:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_stdio_server_fails_its_call_and_restarts_on_next_use() {
+    ensure_peers();
+    let gateway = Gateway::start().await.unwrap();
+    stdio_target(&gateway, "ev", "shared").await;
+    gateway.allow_everyone().await.unwrap();
+    let mut client = McpClient::new(&format!("{}/mcp", gateway.mcp), &gateway.admin_token);
+    client.initialize().await.unwrap();
+    assert_eq!(text(&client.call("ev_echo", json!({"message": "one"})).await.unwrap()), "Echo: one");
+    let first = gateway.data_plane().gateway().pool.processes()[0].pid;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(first) {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The next call finds the process gone and starts a new one.
+    let started = Instant::now();
+    let mut answer = client.call("ev_echo", json!({"message": "two"})).await.unwrap();
+    if answer.get("error").is_some() {
+        answer = client.call("ev_echo", json!({"message": "two"})).await.unwrap();
+    }
+    assert_eq!(text(&answer), "Echo: two", "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let second = gateway.data_plane().gateway().pool.processes()[0].pid;
+    assert_ne!(first, second);
+    gateway.stop().await;
+}
