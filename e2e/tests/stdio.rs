@@ -145,3 +145,156 @@ async fn a_crashed_stdio_server_fails_its_call_and_restarts_on_next_use() {
     assert_ne!(first, second);
     gateway.stop().await;
 }
+
+async fn python_target(gateway: &Gateway, name: &str) {
+    let script = workspace().join("e2e/peers/stdio_server.py");
+    gateway
+        .post(
+            "/api/targets",
+            json!({"name": name, "transport_type": "stdio", "command": "python3", "args": [script.to_string_lossy()]}),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misbehaving_stdio_server_gets_clear_errors_and_spares_the_others() {
+    let settings = reflow_data_plane::mcp::McpSettings {
+        request_timeout: Duration::from_secs(3),
+        ..reflow_data_plane::mcp::McpSettings::default()
+    };
+    let gateway = Gateway::start_with(settings).await.unwrap();
+    python_target(&gateway, "bad").await;
+    python_target(&gateway, "good").await;
+    gateway.allow_everyone().await.unwrap();
+    let mut client = McpClient::new(&format!("{}/mcp", gateway.mcp), &gateway.admin_token);
+    client.initialize().await.unwrap();
+
+    assert_eq!(
+        text(&client.call("bad_garbage", json!({})).await.unwrap()),
+        "after garbage",
+        "garbage lines are skipped"
+    );
+    assert_eq!(
+        text(&client.call("bad_flood", json!({})).await.unwrap()),
+        "after flood",
+        "a flood does not wedge the process"
+    );
+
+    let started = Instant::now();
+    let hung = client.call("bad_hang", json!({})).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5), "answered within the timeout + 1 s");
+    assert_eq!(hung["error"]["code"], -32000, "{hung}");
+    assert!(hung["error"]["message"].as_str().unwrap().contains("did not answer"), "{hung}");
+
+    let mut other = client.clone();
+    let pending = tokio::spawn(async move { other.call("bad_hang", json!({})).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let exited = client.call("bad_exit", json!({})).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2), "a child that exits fails its request at once");
+    assert!(exited["error"]["message"].as_str().unwrap().contains("\"bad\""), "{exited}");
+    let pending = pending.await.unwrap().unwrap();
+    assert_eq!(pending["error"]["code"], -32000, "every request pending on the dead child fails: {pending}");
+
+    assert_eq!(text(&client.call("good_echo", json!({"message": "fine"})).await.unwrap()), "Echo: fine");
+    assert_eq!(
+        text(&client.call("bad_echo", json!({"message": "back"})).await.unwrap()),
+        "Echo: back",
+        "restarted on next use"
+    );
+    gateway.stop().await;
+}
+
+/// Processes left behind: any whose command line holds `marker`, and zombies of this process.
+fn leftovers(marker: &str) -> Vec<String> {
+    let me = std::process::id().to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let after_name = stat.rsplit_once(") ").map(|(_, rest)| rest).unwrap_or_default();
+        let mut fields = after_name.split(' ');
+        let (state, parent) = (fields.next().unwrap_or_default(), fields.next().unwrap_or_default());
+        if String::from_utf8_lossy(&cmdline).contains(marker) || (state == "Z" && parent == me) {
+            found.push(format!("{name}: {stat}"));
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdio_spawn_teardown_and_crash_cycles_leave_no_process_behind() {
+    use reflow_data_plane::upstream::stdio::{Pool, ProcessKey};
+    let marker = format!("reflow-leak-{}", std::process::id());
+    let script = workspace().join("e2e/peers/stdio_server.py");
+    let target = reflow_proto::resources::Target {
+        id: "leak".into(),
+        name: "leak".into(),
+        transport_type: reflow_common::model::TransportType::Stdio,
+        url: None,
+        command: Some("python3".into()),
+        args: vec![script.to_string_lossy().into_owned(), "--grandchild".into(), marker.clone()],
+        image: None,
+        port: None,
+        health_path: None,
+        statefulness: reflow_common::model::Statefulness::Stateful,
+        isolation_boundary: reflow_common::credentials::Isolation::PerUser,
+        auth_type: reflow_common::model::AuthType::None,
+        auth_header_name: None,
+        enabled: true,
+    };
+    let settings = reflow_common::config::StdioConfig { max_processes: 64, ..Default::default() };
+    let pool = std::sync::Arc::new(Pool::new(settings));
+    let initialize = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize",
+                            "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}});
+    let cycles = |from: usize, to: usize, crash: bool| {
+        let (pool, target, initialize) = (pool.clone(), target.clone(), initialize.clone());
+        async move {
+            for i in from..to {
+                let key = ProcessKey { target_id: target.id.clone(), scope: format!("user:{i}") };
+                let process =
+                    pool.get(&target, key, Default::default(), &initialize, Duration::from_secs(20)).await.unwrap();
+                if crash {
+                    nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(process.pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    )
+                    .unwrap();
+                    process.closed.cancelled().await;
+                } else {
+                    process.stop();
+                    process.closed.cancelled().await;
+                }
+                pool.collect();
+            }
+        }
+    };
+    // 1,000 start/initialize/stop cycles and 100 children killed outright, four at a time.
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        workers.push(tokio::spawn(cycles(w * 250, (w + 1) * 250, false)));
+        workers.push(tokio::spawn(cycles(1000 + w * 25, 1000 + (w + 1) * 25, true)));
+    }
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = leftovers(&marker);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} processes left behind, e.g. {:?}",
+            left.len(),
+            &left[..left.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
