@@ -364,6 +364,13 @@ impl Gateway {
         .await
     }
 
+    /// The id of the user `token` belongs to.
+    pub async fn user_id(&self, token: &str) -> anyhow::Result<String> {
+        let me: Value =
+            self.http.get(format!("{}/api/auth/me", self.api)).bearer_auth(token).send().await?.json().await?;
+        Ok(me["id"].as_str().context("user id")?.to_string())
+    }
+
     /// Registers a user and returns (id, token).
     pub async fn user(&self, email: &str) -> anyhow::Result<(String, String)> {
         let before = self.hub_version();

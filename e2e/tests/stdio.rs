@@ -106,9 +106,31 @@ async fn stdio_processes_are_shared_or_isolated_with_their_own_env() {
     }
     assert_eq!(gateway.data_plane().gateway().pool.processes().iter().filter(|p| p.key.target_id == shared).count(), 1);
 
+    // An env change for bob's key recycles bob's process only.
+    let pid_of = |user: &str| {
+        gateway
+            .data_plane()
+            .gateway()
+            .pool
+            .processes()
+            .iter()
+            .find(|p| p.key.target_id == own && p.key.scope == format!("user:{user}") && !p.closed.is_cancelled())
+            .map(|p| p.pid)
+    };
+    let admin_id = gateway.user_id(&gateway.admin_token).await.unwrap();
+    let (bob_before, admin_before) = (pid_of(&bob).unwrap(), pid_of(&admin_id).unwrap());
+    gateway
+        .post(&format!("/api/targets/{own}/env/user/{bob}"), json!({"key": "GREETING", "value": "bob's new"}))
+        .await
+        .unwrap();
+    assert_eq!(env_of(&bobs.call("own_get-env", json!({})).await.unwrap())["GREETING"], "bob's new");
+    assert_eq!(env_of(&admin.call("own_get-env", json!({})).await.unwrap())["GREETING"], "default");
+    assert_ne!(pid_of(&bob).unwrap(), bob_before, "bob's process was recycled");
+    assert_eq!(pid_of(&admin_id).unwrap(), admin_before, "the admin's process was not");
+
     // On shutdown every child (and its group) is stopped.
     let pids: Vec<u32> = gateway.data_plane().gateway().pool.processes().iter().map(|p| p.pid).collect();
-    assert_eq!(pids.len(), 3);
+    assert!(pids.len() >= 3);
     gateway.stop().await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while pids.iter().any(|pid| alive(*pid)) {
@@ -146,12 +168,13 @@ async fn a_crashed_stdio_server_fails_its_call_and_restarts_on_next_use() {
     gateway.stop().await;
 }
 
-async fn python_target(gateway: &Gateway, name: &str) {
+async fn python_target(gateway: &Gateway, name: &str, isolation: &str) {
     let script = workspace().join("e2e/peers/stdio_server.py");
     gateway
         .post(
             "/api/targets",
-            json!({"name": name, "transport_type": "stdio", "command": "python3", "args": [script.to_string_lossy()]}),
+            json!({"name": name, "transport_type": "stdio", "command": "python3", "args": [script.to_string_lossy()],
+                   "isolation_boundary": isolation}),
         )
         .await
         .unwrap();
@@ -159,13 +182,16 @@ async fn python_target(gateway: &Gateway, name: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_misbehaving_stdio_server_gets_clear_errors_and_spares_the_others() {
-    let settings = reflow_data_plane::mcp::McpSettings {
+    let mut settings = reflow_data_plane::mcp::McpSettings {
         request_timeout: Duration::from_secs(3),
         ..reflow_data_plane::mcp::McpSettings::default()
     };
+    // bad and good, and one more: carol's per-user process is one too many.
+    settings.stdio.max_processes = 2;
     let gateway = Gateway::start_with(settings).await.unwrap();
-    python_target(&gateway, "bad").await;
-    python_target(&gateway, "good").await;
+    python_target(&gateway, "bad", "shared").await;
+    python_target(&gateway, "good", "shared").await;
+    python_target(&gateway, "solo", "per_user").await;
     gateway.allow_everyone().await.unwrap();
     let mut client = McpClient::new(&format!("{}/mcp", gateway.mcp), &gateway.admin_token);
     client.initialize().await.unwrap();
@@ -203,6 +229,14 @@ async fn a_misbehaving_stdio_server_gets_clear_errors_and_spares_the_others() {
         "Echo: back",
         "restarted on next use"
     );
+    // Over the process limit: a clear error, not a hang.
+    let (_, carol) = gateway.user("carol@example.com").await.unwrap();
+    let mut carols = McpClient::new(&format!("{}/mcp", gateway.mcp), &carol);
+    carols.initialize().await.unwrap();
+    let started = Instant::now();
+    let refused = carols.call("solo_echo", json!({"message": "x"})).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(refused["error"]["message"].as_str().is_some_and(|m| m.contains("maximum")), "{refused}");
     gateway.stop().await;
 }
 
