@@ -5,6 +5,7 @@
 //! - [`client`]: a raw Streamable HTTP MCP client for exact status and header checks.
 //! - [`harness`]: a gateway in this process plus real MCP peers as child processes, for the
 //!   end-to-end tests in `tests/`.
+//! - [`stdio_bench`]: calls through a warm shared STDIO process vs the same server driven directly.
 //! - [`snapshot`]: snapshot distribution benchmarks (propagation time to N data planes,
 //!   bytes of a one-policy change on a large snapshot).
 //!
@@ -14,6 +15,7 @@ pub mod calls;
 pub mod client;
 pub mod harness;
 pub mod snapshot;
+pub mod stdio_bench;
 
 /// Percentile of sorted samples (nearest rank).
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {

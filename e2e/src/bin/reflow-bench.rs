@@ -77,6 +77,25 @@ async fn main() -> anyhow::Result<()> {
         results.push(result);
     }
 
+    println!("\ntools/call through the gateway to a warm shared STDIO process vs the same server driven directly");
+    println!(
+        "{:>12} {:>12} {:>12} {:>8} {:>10} {:>10}",
+        "concurrency", "gateway/s", "direct/s", "ratio", "p50 ms", "p99 ms"
+    );
+    for result in reflow_e2e::stdio_bench::stdio_warm_call(&[1, 8], duration).await? {
+        let f = |key: &str| result[key].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{:>12} {:>12.0} {:>12.0} {:>8.2} {:>10.2} {:>10.2}",
+            result["concurrency"].as_u64().unwrap_or(0),
+            f("gateway_rps"),
+            f("direct_rps"),
+            f("ratio_vs_direct"),
+            f("p50_ms"),
+            f("p99_ms")
+        );
+        results.push(result);
+    }
+
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
         println!("\nwrote {}", path.display());
