@@ -134,6 +134,7 @@ pub fn compile(state: &StoreState, keys: CompileKeys<'_>) -> Result<Snapshot, Co
             auth_type: target.auth_type,
             auth_header_name: target.auth_header_name.clone(),
             enabled: target.enabled,
+            restart_generation: target.restart_generation,
         };
         insert(&mut map, ResourceType::Target, payload.id.clone(), &payload);
     }
@@ -230,6 +231,7 @@ mod tests {
                 auth_type: AuthType::Bearer,
                 auth_header_name: None,
                 enabled: true,
+                restart_generation: 0,
                 created_at: at(),
                 updated_at: at(),
             };

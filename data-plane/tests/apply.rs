@@ -54,6 +54,7 @@ fn target(id: &str, name: &str) -> Resource {
         auth_type: AuthType::Bearer,
         auth_header_name: None,
         enabled: true,
+        restart_generation: 0,
     };
     resources::resource(ResourceType::Target, id, &payload)
 }

@@ -159,6 +159,7 @@ fn large_state(users: usize, targets: usize, policies: usize, keyring: &Keyring)
             auth_type: AuthType::Bearer,
             auth_header_name: None,
             enabled: true,
+            restart_generation: 0,
             created_at: at,
             updated_at: at,
         })

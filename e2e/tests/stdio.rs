@@ -128,6 +128,27 @@ async fn stdio_processes_are_shared_or_isolated_with_their_own_env() {
     assert_ne!(pid_of(&bob).unwrap(), bob_before, "bob's process was recycled");
     assert_eq!(pid_of(&admin_id).unwrap(), admin_before, "the admin's process was not");
 
+    // restart-instances reaches the running processes through the snapshot.
+    let before: Vec<u32> = gateway
+        .data_plane()
+        .gateway()
+        .pool
+        .processes()
+        .iter()
+        .filter(|p| p.key.target_id == shared)
+        .map(|p| p.pid)
+        .collect();
+    let restarted = gateway.post(&format!("/api/targets/{shared}/restart-instances"), json!({})).await.unwrap();
+    assert_eq!(restarted["restart_generation"], 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while before.iter().any(|pid| alive(*pid)) {
+        assert!(Instant::now() < deadline, "restarted processes still run: {before:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(text(&admin.call("shared_echo", json!({"message": "fresh"})).await.unwrap()), "Echo: fresh");
+    let after = gateway.data_plane().gateway().pool.processes();
+    assert!(after.iter().any(|p| p.key.target_id == shared && !before.contains(&p.pid)), "a new process serves");
+
     // On shutdown every child (and its group) is stopped.
     let pids: Vec<u32> = gateway.data_plane().gateway().pool.processes().iter().map(|p| p.pid).collect();
     assert!(pids.len() >= 3);
@@ -281,6 +302,7 @@ async fn stdio_spawn_teardown_and_crash_cycles_leave_no_process_behind() {
         auth_type: reflow_common::model::AuthType::None,
         auth_header_name: None,
         enabled: true,
+        restart_generation: 0,
     };
     let settings = reflow_common::config::StdioConfig { max_processes: 64, ..Default::default() };
     let pool = std::sync::Arc::new(Pool::new(settings));

@@ -82,6 +82,9 @@ pub struct Target {
     pub auth_type: AuthType,
     pub auth_header_name: Option<String>,
     pub enabled: bool,
+    /// Changes when an admin asks for the target's processes to be restarted.
+    #[serde(default)]
+    pub restart_generation: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

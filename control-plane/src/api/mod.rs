@@ -109,6 +109,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(users::get, users::update, users::delete))
         .routes(routes!(targets::list, targets::create))
         .routes(routes!(targets::get, targets::update, targets::delete))
+        .routes(routes!(targets::restart_instances))
         .routes(routes!(credentials::list_tokens))
         .routes(routes!(credentials::get_own_token, credentials::set_own_token, credentials::delete_own_token))
         .routes(routes!(credentials::set_token, credentials::delete_token))

@@ -8,7 +8,7 @@ use axum::Json;
 use reflow_common::config::StdioConfig;
 use reflow_common::credentials::Isolation;
 use reflow_common::names::{validate_header_name, validate_target_name};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -249,6 +249,30 @@ pub async fn update(
     let current = find(&state, id).await?;
     let spec = build_spec(input, Some(&current.spec()), &state.settings.stdio)?;
     Ok(Json(state.store.update_target(id, spec).await?))
+}
+
+/// What `restart-instances` did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Restarted {
+    /// The target's new restart generation; data planes stop its running processes when their
+    /// snapshot carries it, and start fresh ones on next use.
+    pub restart_generation: i64,
+}
+
+/// Restart every running process (STDIO, and Kubernetes instances) of a target, on every data
+/// plane. Relayed through the snapshot: each data plane acts when it receives the new version.
+#[utoipa::path(post, path = "/api/targets/{id}/restart-instances", tag = "targets", security(("bearer" = [])),
+    params(("id" = Uuid, Path)),
+    responses((status = 202, body = Restarted), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn restart_instances(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<(StatusCode, Json<Restarted>)> {
+    caller.require_admin()?;
+    let restart_generation = state.store.restart_target(id).await?;
+    tracing::info!(target_id = %id, restart_generation, "restart of a target's instances requested");
+    Ok((StatusCode::ACCEPTED, Json(Restarted { restart_generation })))
 }
 
 /// Delete a target with its credentials and the policies scoped to it.

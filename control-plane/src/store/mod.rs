@@ -79,6 +79,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn get_target(&self, id: Uuid) -> StoreResult<Option<Target>>;
     async fn update_target(&self, id: Uuid, spec: TargetSpec) -> StoreResult<Target>;
     async fn delete_target(&self, id: Uuid) -> StoreResult<()>;
+    /// Bumps the target's restart generation (data planes restart its processes); returns it.
+    async fn restart_target(&self, id: Uuid) -> StoreResult<i64>;
 
     /// Inserts or replaces a sealed secret. The ciphertext must already be bound to
     /// `(target, kind, scope, name)` by its associated data.

@@ -110,6 +110,8 @@ pub struct Target {
     pub auth_type: AuthType,
     pub auth_header_name: Option<String>,
     pub enabled: bool,
+    /// Bumped by `restart-instances`: data planes restart the target's processes.
+    pub restart_generation: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

@@ -124,6 +124,7 @@ macro_rules! sql_store {
                     auth_type: parse_text("auth type", row.try_get("auth_type").map_err(db)?, AuthType::parse)?,
                     auth_header_name: row.try_get("auth_header_name").map_err(db)?,
                     enabled: row.try_get("enabled").map_err(db)?,
+                    restart_generation: row.try_get("restart_generation").map_err(db)?,
                     created_at: row.try_get("created_at").map_err(db)?,
                     updated_at: row.try_get("updated_at").map_err(db)?,
                 })
@@ -583,7 +584,7 @@ macro_rules! sql_store {
             }
 
             async fn list_targets(&self) -> StoreResult<Vec<Target>> {
-                let rows = sqlx::query(&format!("SELECT {TARGET_COLUMNS} FROM targets ORDER BY name"))
+                let rows = sqlx::query(&format!("SELECT {TARGET_COLUMNS}, restart_generation FROM targets ORDER BY name"))
                     .fetch_all(&self.pool)
                     .await
                     .map_err(db)?;
@@ -591,7 +592,7 @@ macro_rules! sql_store {
             }
 
             async fn get_target(&self, id: Uuid) -> StoreResult<Option<Target>> {
-                let row = sqlx::query(&format!("SELECT {TARGET_COLUMNS} FROM targets WHERE id = $1"))
+                let row = sqlx::query(&format!("SELECT {TARGET_COLUMNS}, restart_generation FROM targets WHERE id = $1"))
                     .bind(id)
                     .fetch_optional(&self.pool)
                     .await
@@ -613,6 +614,18 @@ macro_rules! sql_store {
                     return Err(StoreError::NotFound("target".into()));
                 }
                 self.get_target(id).await?.ok_or_else(|| StoreError::NotFound("target".into()))
+            }
+
+            async fn restart_target(&self, id: Uuid) -> StoreResult<i64> {
+                let row = sqlx::query(
+                    "UPDATE targets SET restart_generation = restart_generation + 1 WHERE id = $1 RETURNING restart_generation",
+                )
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+                let row = row.ok_or_else(|| StoreError::NotFound("target".into()))?;
+                row.try_get("restart_generation").map_err(db)
             }
 
             async fn delete_target(&self, id: Uuid) -> StoreResult<()> {
@@ -831,7 +844,7 @@ macro_rules! sql_store {
                         Self::user_from_row(row, groups.remove(&id).unwrap_or_default())
                     })
                     .collect::<StoreResult<Vec<_>>>()?;
-                let targets = sqlx::query(&format!("SELECT {TARGET_COLUMNS} FROM targets ORDER BY id"))
+                let targets = sqlx::query(&format!("SELECT {TARGET_COLUMNS}, restart_generation FROM targets ORDER BY id"))
                     .fetch_all(&mut *tx)
                     .await
                     .map_err(db)?

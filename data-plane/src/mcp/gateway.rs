@@ -754,9 +754,11 @@ impl Gateway {
         Ok(items)
     }
 
-    /// Called when a new snapshot is active: closes sessions of users who may no longer
-    /// connect, and tells the others which of their lists changed.
+    /// Called when a new snapshot is active: stops STDIO processes of restarted, changed or
+    /// removed targets, closes sessions of users who may no longer connect, and tells the
+    /// others which of their lists changed.
     pub fn snapshot_changed(&self, snapshot: &DataSnapshot) {
+        self.pool.retire(snapshot.view.targets.values());
         for session in self.sessions.all() {
             let user = snapshot.view.users.get(&session.user_id).filter(|u| u.active);
             let Some(user) = user else {

@@ -87,6 +87,8 @@ struct Waiter {
 /// One running child.
 pub struct Process {
     pub key: ProcessKey,
+    /// The target as it was when the process started.
+    pub target: Target,
     pub target_name: String,
     pub pid: u32,
     pub started: Instant,
@@ -114,7 +116,8 @@ impl std::fmt::Debug for Process {
 
 fn fingerprint(target: &Target, env: &BTreeMap<String, String>) -> String {
     let mut hasher = Sha256::new();
-    hasher.update(serde_json::to_vec(&(&target.command, &target.args, env)).unwrap_or_default());
+    let what = (&target.command, &target.args, target.restart_generation, env);
+    hasher.update(serde_json::to_vec(&what).unwrap_or_default());
     reflow_common::crypto::to_hex(&hasher.finalize())
 }
 
@@ -161,6 +164,7 @@ impl Process {
         tracing::info!(target = %name, pid, scope = %key.scope, "started a STDIO server");
         Ok(Arc::new(Process {
             key,
+            target: target.clone(),
             target_name: name,
             pid,
             started: Instant::now(),
@@ -452,6 +456,25 @@ impl Pool {
                 process.stop();
             }
             !expired && !process.closed.is_cancelled()
+        });
+    }
+
+    /// Stops the processes of targets that are gone, disabled, or changed in `targets` (a new
+    /// command, arguments or restart generation): a new snapshot applies to running processes.
+    pub fn retire<'t>(&self, targets: impl IntoIterator<Item = &'t Target>) {
+        let current: HashMap<&str, &Target> = targets.into_iter().map(|t| (t.id.as_str(), t)).collect();
+        self.processes.lock().unwrap().retain(|_, process| {
+            let keep = current.get(process.key.target_id.as_str()).is_some_and(|t| {
+                t.enabled
+                    && t.command == process.target.command
+                    && t.args == process.target.args
+                    && t.restart_generation == process.target.restart_generation
+            });
+            if !keep {
+                tracing::info!(target = %process.target_name, pid = process.pid, "stopping a STDIO server: its target was restarted, changed or removed");
+                process.stop();
+            }
+            keep
         });
     }
 
