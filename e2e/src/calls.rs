@@ -8,7 +8,6 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use serde_json::{json, Value};
 
 use crate::client::McpClient;
@@ -41,14 +40,7 @@ async fn drive(
             Ok::<_, anyhow::Error>(latencies)
         }));
     }
-    let started = Instant::now();
-    let mut all = Vec::new();
-    for worker in workers {
-        all.extend(worker.await.context("worker")??);
-    }
-    let elapsed = started.elapsed().as_secs_f64().max(duration.as_secs_f64());
-    all.sort_by(|a, b| a.total_cmp(b));
-    Ok((all.len() as f64 / elapsed, all))
+    crate::gather(workers, duration).await
 }
 
 /// One JSON object per concurrency level.

@@ -25,3 +25,19 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
+
+/// Waits for load workers (each returning its latencies in ms) and returns (calls per second
+/// over at least `duration`, the sorted latencies).
+pub async fn gather(
+    workers: Vec<tokio::task::JoinHandle<anyhow::Result<Vec<f64>>>>,
+    duration: std::time::Duration,
+) -> anyhow::Result<(f64, Vec<f64>)> {
+    let started = std::time::Instant::now();
+    let mut all = Vec::new();
+    for worker in workers {
+        all.extend(worker.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64().max(duration.as_secs_f64());
+    all.sort_by(|a, b| a.total_cmp(b));
+    Ok((all.len() as f64 / elapsed, all))
+}

@@ -78,21 +78,7 @@ async fn direct(concurrency: usize, duration: Duration) -> anyhow::Result<(f64, 
             anyhow::Ok(latencies)
         }));
     }
-    collect(workers, duration).await
-}
-
-async fn collect(
-    workers: Vec<tokio::task::JoinHandle<anyhow::Result<Vec<f64>>>>,
-    duration: Duration,
-) -> anyhow::Result<(f64, Vec<f64>)> {
-    let started = Instant::now();
-    let mut all = Vec::new();
-    for worker in workers {
-        all.extend(worker.await.context("worker")??);
-    }
-    let elapsed = started.elapsed().as_secs_f64().max(duration.as_secs_f64());
-    all.sort_by(|a, b| a.total_cmp(b));
-    Ok((all.len() as f64 / elapsed, all))
+    crate::gather(workers, duration).await
 }
 
 /// Sessions through the gateway, all on one warm shared process.
@@ -114,7 +100,7 @@ async fn through(gateway: &Gateway, concurrency: usize, duration: Duration) -> a
             anyhow::Ok(latencies)
         }));
     }
-    collect(workers, duration).await
+    crate::gather(workers, duration).await
 }
 
 /// One JSON object per concurrency level.

@@ -15,6 +15,18 @@ fn text(response: &Value) -> String {
     response.pointer("/result/content/0/text").and_then(Value::as_str).unwrap_or_default().to_string()
 }
 
+/// A gateway in front of server-everything (target `everything`, `mode`), everyone allowed,
+/// and an initialised admin session on `/mcp`.
+async fn everything_session(mode: Mode) -> (Gateway, Upstream, String, McpClient) {
+    let gateway = Gateway::start().await.unwrap();
+    let upstream = everything(mode, None).await.unwrap();
+    let target = gateway.target("everything", "streamable-http", &upstream.url).await.unwrap();
+    gateway.allow_everyone().await.unwrap();
+    let mut client = McpClient::new(&format!("{}/mcp", gateway.mcp), &gateway.admin_token);
+    client.initialize().await.unwrap();
+    (gateway, upstream, target, client)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policies_decide_listing_and_calling_alike_and_crafted_names_do_not_bypass_a_deny() {
     let gateway = Gateway::start().await.unwrap();
@@ -82,12 +94,7 @@ async fn policies_decide_listing_and_calling_alike_and_crafted_names_do_not_bypa
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_change_tells_open_sessions_their_list_changed() {
-    let gateway = Gateway::start().await.unwrap();
-    let upstream = everything(Mode::StreamableHttp, None).await.unwrap();
-    let target = gateway.target("everything", "streamable-http", &upstream.url).await.unwrap();
-    gateway.allow_everyone().await.unwrap();
-    let mut client = McpClient::new(&format!("{}/mcp", gateway.mcp), &gateway.admin_token);
-    client.initialize().await.unwrap();
+    let (gateway, _upstream, target, mut client) = everything_session(Mode::StreamableHttp).await;
     assert!(client.tool_names().await.unwrap().contains(&"everything_get-sum".to_string()));
     let open_stream = || {
         client
@@ -307,12 +314,7 @@ async fn wait_for_event(response: reqwest::Response, needle: &str, limit: Durati
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_an_upstream_sends_on_its_own_reach_the_client_stream() {
-    let gateway = Gateway::start().await.unwrap();
-    let upstream = everything(Mode::StreamableHttp, None).await.unwrap();
-    gateway.target("everything", "streamable-http", &upstream.url).await.unwrap();
-    gateway.allow_everyone().await.unwrap();
-    let mut client = McpClient::new(&format!("{}/mcp", gateway.mcp), &gateway.admin_token);
-    client.initialize().await.unwrap();
+    let (gateway, _upstream, _, mut client) = everything_session(Mode::StreamableHttp).await;
     assert!(!client.tool_names().await.unwrap().is_empty());
     let level = client.request("logging/setLevel", json!({"level": "debug"})).await.unwrap();
     assert_eq!(level.message()["result"], json!({}), "{:?}", level.messages);
@@ -336,27 +338,17 @@ async fn messages_an_upstream_sends_on_its_own_reach_the_client_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamable_target_that_only_speaks_legacy_sse_is_detected() {
-    let gateway = Gateway::start().await.unwrap();
-    let sse = everything(Mode::Sse, None).await.unwrap();
     // Declared as Streamable HTTP, but the server only has the legacy transport: its refusal of
     // the POST makes the gateway fall back to SSE.
-    gateway.target("old", "streamable-http", &sse.url).await.unwrap();
-    gateway.allow_everyone().await.unwrap();
-    let mut client = McpClient::new(&format!("{}/mcp", gateway.mcp), &gateway.admin_token);
-    client.initialize().await.unwrap();
-    assert!(client.tool_names().await.unwrap().contains(&"old_echo".to_string()));
-    assert_eq!(text(&client.call("old_echo", json!({"message": "detected"})).await.unwrap()), "Echo: detected");
+    let (gateway, _sse, _, mut client) = everything_session(Mode::Sse).await;
+    assert!(client.tool_names().await.unwrap().contains(&"everything_echo".to_string()));
+    assert_eq!(text(&client.call("everything_echo", json!({"message": "detected"})).await.unwrap()), "Echo: detected");
     gateway.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_request_stops_at_once() {
-    let gateway = Gateway::start().await.unwrap();
-    let upstream = everything(Mode::StreamableHttp, None).await.unwrap();
-    gateway.target("everything", "streamable-http", &upstream.url).await.unwrap();
-    gateway.allow_everyone().await.unwrap();
-    let mut client = McpClient::new(&format!("{}/mcp", gateway.mcp), &gateway.admin_token);
-    client.initialize().await.unwrap();
+    let (gateway, _upstream, _, mut client) = everything_session(Mode::StreamableHttp).await;
     let long = json!({"jsonrpc": "2.0", "id": "slow-1", "method": "tools/call",
                       "params": {"name": "everything_trigger-long-running-operation", "arguments": {"duration": 30, "steps": 30},
                                  "_meta": {"progressToken": "p-1"}}});

@@ -53,6 +53,26 @@ pub enum UpstreamError {
     BadUrl,
 }
 
+/// Which waiting request a message from an upstream that is not a reply belongs to, given each
+/// waiting request's progress token and sink. Progress goes to the request holding its token. A
+/// server→client request (sampling, elicitation) made while exactly one request is in flight
+/// belongs to that request, so the client sees it on the same stream. Anything else is
+/// unrelated to a request (`None`).
+pub(crate) fn owner_of<'w>(
+    message: &Value,
+    waiting: impl ExactSizeIterator<Item = (Option<&'w Value>, Option<&'w Sink>)>,
+) -> Option<Sink> {
+    let mut waiting = waiting;
+    if message.get("method").and_then(Value::as_str) == Some("notifications/progress") {
+        let token = message.pointer("/params/progressToken");
+        return waiting.find(|(t, _)| t.is_some() && *t == token).and_then(|(_, sink)| sink.cloned());
+    }
+    if message.get("id").is_some() && waiting.len() == 1 {
+        return waiting.next().and_then(|(_, sink)| sink.cloned());
+    }
+    None
+}
+
 /// A reqwest error without its URL (which may carry a `BASE_URL` credential).
 fn describe(error: &reqwest::Error) -> String {
     let kind = if error.is_timeout() {

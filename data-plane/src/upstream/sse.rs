@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::event_stream::EventParser;
 use super::streamable::parse_event_data;
-use super::{describe, Sink, UpstreamError};
+use super::{describe, owner_of, Sink, UpstreamError};
 use crate::mcp::jsonrpc;
 
 struct Waiter {
@@ -167,22 +167,9 @@ async fn dispatch(waiters: &Waiters, inbox: &mpsc::Sender<Value>, message: Value
         }
         return;
     }
-    // Progress goes to the request holding its token. A server→client request (sampling,
-    // elicitation) made while exactly one request is in flight belongs to that request: the
-    // client sees it on the same stream. Anything else is unrelated to a request.
     let sink = {
         let waiters = waiters.lock().unwrap();
-        if message.get("method").and_then(Value::as_str) == Some("notifications/progress") {
-            let token = message.pointer("/params/progressToken");
-            waiters
-                .values()
-                .find(|w| w.progress_token.as_ref().is_some_and(|t| Some(t) == token))
-                .and_then(|w| w.sink.clone())
-        } else if message.get("id").is_some() && waiters.len() == 1 {
-            waiters.values().next().and_then(|w| w.sink.clone())
-        } else {
-            None
-        }
+        owner_of(&message, waiters.values().map(|w| (w.progress_token.as_ref(), w.sink.as_ref())))
     };
     if let Some(sink) = sink {
         let _ = sink.send(message);

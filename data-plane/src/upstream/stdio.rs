@@ -29,7 +29,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{Sink, UpstreamError};
+use super::{owner_of, Sink, UpstreamError};
 use crate::mcp::jsonrpc;
 
 /// Env keys a target's configuration may not set: they would change what the child runs.
@@ -281,21 +281,9 @@ async fn read_stdout(
             }
             continue;
         }
-        // Progress goes to the request holding its token; a server→client request made while
-        // exactly one request is in flight belongs to it; anything else to every session.
         let sink = {
             let waiters = waiters.lock().unwrap();
-            if message.get("method").and_then(Value::as_str) == Some("notifications/progress") {
-                let token = message.pointer("/params/progressToken");
-                waiters
-                    .values()
-                    .find(|w| w.progress_token.as_ref().is_some_and(|t| Some(t) == token))
-                    .and_then(|w| w.sink.clone())
-            } else if message.get("id").is_some() && waiters.len() == 1 {
-                waiters.values().next().and_then(|w| w.sink.clone())
-            } else {
-                None
-            }
+            owner_of(&message, waiters.values().map(|w| (w.progress_token.as_ref(), w.sink.as_ref())))
         };
         match sink {
             Some(sink) => {
