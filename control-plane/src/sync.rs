@@ -290,6 +290,7 @@ impl Session {
             acked_version: None,
             acked_at: None,
             last_rejection: None,
+            instances: Vec::new(),
         };
         let (status, mut updates) = watch::channel(status);
         let writer = tokio::spawn(async move {
@@ -405,6 +406,13 @@ impl Session {
                             }
                         }
                     }
+                    Ok(Some(SyncRequest { kind: Some(sync_request::Kind::Status(report)) })) => {
+                        let instances = report.instances.iter().map(instance_status).collect();
+                        self.status.send_modify(|s| {
+                            s.instances = instances;
+                            s.last_seen = now();
+                        });
+                    }
                     Ok(Some(_)) => break "unexpected message",
                     Ok(None) => break "data plane closed the stream",
                     Err(_) => break "stream error",
@@ -420,5 +428,16 @@ impl Session {
             s.connected = false;
             s.last_seen = now();
         });
+    }
+}
+
+fn instance_status(instance: &reflow_proto::snapshot::v1::Instance) -> crate::store::InstanceStatus {
+    let at = |secs: i64| chrono::DateTime::from_timestamp(secs, 0).unwrap_or_default();
+    crate::store::InstanceStatus {
+        target_id: instance.target_id.clone(),
+        scope: instance.scope.clone(),
+        pid: instance.pid,
+        started_at: at(instance.started_at_unix),
+        last_used_at: at(instance.last_used_unix),
     }
 }

@@ -108,11 +108,14 @@ impl DataPlane {
                 }
             }
         });
+        let pool = self.gateway.pool.clone();
+        let report: sync::InstanceReport = Arc::new(move || pool.instances());
         tokio::spawn(sync::run(
             self.sync.clone(),
             self.state.clone(),
             self.sealer.clone(),
             self.cache.clone(),
+            Some(report),
             shutdown,
         ))
     }

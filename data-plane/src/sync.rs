@@ -11,7 +11,7 @@ use std::time::Duration;
 use rand::Rng;
 use reflow_common::crypto::DeterministicSealer;
 use reflow_proto::snapshot::v1::snapshot_service_client::SnapshotServiceClient;
-use reflow_proto::snapshot::v1::{sync_request, Ack, Hello, Nack, SyncRequest};
+use reflow_proto::snapshot::v1::{sync_request, Ack, Hello, Instance, Nack, Status, SyncRequest};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -68,16 +68,23 @@ fn jittered(delay: Duration) -> Duration {
 }
 
 /// Runs until `shutdown`: connect, stream, apply, reconnect.
+/// Lists what this data plane runs, for the control plane's status view.
+pub type InstanceReport = Arc<dyn Fn() -> Vec<Instance> + Send + Sync>;
+
+/// How often the instance list is compared with what was last reported.
+const STATUS_EVERY: Duration = Duration::from_secs(2);
+
 pub async fn run(
     config: SyncConfig,
     state: Arc<SnapshotState>,
     sealer: DeterministicSealer,
     cache: Option<Cache>,
+    report: Option<InstanceReport>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = BACKOFF_START;
     while !shutdown.is_cancelled() {
-        match stream_once(&config, &state, &sealer, cache.as_ref(), &shutdown).await {
+        match stream_once(&config, &state, &sealer, cache.as_ref(), report.as_ref(), &shutdown).await {
             Ok(()) => backoff = BACKOFF_START,
             Err(StreamEnd::Refused(message)) => {
                 tracing::error!(control_plane = %config.control_plane, %message, "the control plane refused this data plane's token; check --token");
@@ -106,6 +113,7 @@ async fn stream_once(
     state: &SnapshotState,
     sealer: &DeterministicSealer,
     cache: Option<&Cache>,
+    report: Option<&InstanceReport>,
     shutdown: &CancellationToken,
 ) -> Result<(), StreamEnd> {
     let endpoint = Endpoint::from_shared(config.control_plane.clone())
@@ -149,6 +157,24 @@ async fn stream_once(
         Err(status) => return Err(StreamEnd::Failed(format!("{}: {}", status.code(), status.message()))),
     };
     tracing::info!(control_plane = %config.control_plane, "snapshot stream open");
+    // Reports the running instances when they change, for as long as this stream lives.
+    let _reporter = report.map(|report| {
+        let (report, tx) = (report.clone(), tx.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            let mut last: Option<Vec<Instance>> = None;
+            loop {
+                let now = report();
+                if last.as_ref() != Some(&now) {
+                    let status = Status { instances: now.clone() };
+                    if tx.send(SyncRequest { kind: Some(sync_request::Kind::Status(status)) }).await.is_err() {
+                        return;
+                    }
+                    last = Some(now);
+                }
+                tokio::time::sleep(STATUS_EVERY).await;
+            }
+        }))
+    });
     loop {
         let message = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -196,5 +222,14 @@ async fn stream_once(
         if tx.send(SyncRequest { kind: Some(reply) }).await.is_err() {
             return Err(StreamEnd::Failed("stream closed".into()));
         }
+    }
+}
+
+/// Aborts a task when dropped: the status reporter ends with its stream.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -333,6 +333,13 @@ impl Gateway {
         Ok(if text.is_empty() { Value::Null } else { serde_json::from_str(&text)? })
     }
 
+    /// An admin API read (no waiting for snapshots).
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let response = self.http.get(format!("{}{path}", self.api)).bearer_auth(&self.admin_token).send().await?;
+        anyhow::ensure!(response.status().is_success(), "{path}: {}", response.status());
+        Ok(response.json().await?)
+    }
+
     pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
         self.admin(reqwest::Method::POST, path, Some(body)).await
     }

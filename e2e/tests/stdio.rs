@@ -88,6 +88,24 @@ async fn stdio_processes_are_shared_or_isolated_with_their_own_env() {
     let by_target = |id: &str| processes.iter().filter(|p| p.key.target_id == id).count();
     assert_eq!(by_target(&shared), 1, "one shared process for both users");
     assert_eq!(by_target(&own), 2, "one process per user");
+    // The control plane lists them, as the data plane reports them over its sync stream.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed = gateway.get(&format!("/api/targets/{own}/instances")).await.unwrap();
+        let listed = listed.as_array().unwrap().clone();
+        let pids: BTreeSet<u64> = listed.iter().filter_map(|i| i["pid"].as_u64()).collect();
+        let expected: BTreeSet<u64> =
+            processes.iter().filter(|p| p.key.target_id == own).map(|p| u64::from(p.pid)).collect();
+        if pids == expected {
+            assert!(listed
+                .iter()
+                .all(|i| i["data_plane"] == "e2e" && i["connected"] == true && i["started_at"].is_string()));
+            assert!(listed.iter().any(|i| i["scope"] == format!("user:{bob}")), "{listed:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "instances listed {listed:?}, running {expected:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Concurrent calls from two sessions on the shared process come back to their callers.
     let calls = (0..20).map(|i| {

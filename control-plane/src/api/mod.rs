@@ -110,6 +110,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(targets::list, targets::create))
         .routes(routes!(targets::get, targets::update, targets::delete))
         .routes(routes!(targets::restart_instances))
+        .routes(routes!(targets::instances))
         .routes(routes!(credentials::list_tokens))
         .routes(routes!(credentials::get_own_token, credentials::set_own_token, credentials::delete_own_token))
         .routes(routes!(credentials::set_token, credentials::delete_token))

@@ -275,6 +275,46 @@ pub async fn restart_instances(
     Ok((StatusCode::ACCEPTED, Json(Restarted { restart_generation })))
 }
 
+/// One running process of a target on a data plane.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TargetInstance {
+    /// The data plane that runs it.
+    pub data_plane: String,
+    /// Whether that data plane is connected now (otherwise this is its last report).
+    pub connected: bool,
+    #[serde(flatten)]
+    pub instance: crate::store::InstanceStatus,
+}
+
+/// The target's running processes on every data plane, as each last reported them.
+#[utoipa::path(get, path = "/api/targets/{id}/instances", tag = "targets", security(("bearer" = [])),
+    params(("id" = Uuid, Path)),
+    responses((status = 200, body = [TargetInstance]), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn instances(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<Vec<TargetInstance>>> {
+    caller.require_admin()?;
+    find(&state, id).await?;
+    let id = id.to_string();
+    let instances = state
+        .store
+        .list_data_planes()
+        .await?
+        .into_iter()
+        .flat_map(|plane| {
+            let (node, connected) = (plane.node_id, plane.connected);
+            plane.instances.into_iter().filter(|i| i.target_id == id).map(move |instance| TargetInstance {
+                data_plane: node.clone(),
+                connected,
+                instance,
+            })
+        })
+        .collect();
+    Ok(Json(instances))
+}
+
 /// Delete a target with its credentials and the policies scoped to it.
 #[utoipa::path(delete, path = "/api/targets/{id}", tag = "targets", security(("bearer" = [])), params(("id" = Uuid, Path)),
     responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]

@@ -230,6 +230,20 @@ pub struct DataPlaneStatus {
     pub acked_version: Option<String>,
     pub acked_at: Option<DateTime<Utc>>,
     pub last_rejection: Option<Rejection>,
+    /// The upstream processes it runs, as it last reported them.
+    pub instances: Vec<InstanceStatus>,
+}
+
+/// One upstream process a data plane runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct InstanceStatus {
+    pub target_id: String,
+    /// The isolation scope it serves: empty (shared), `role:…`, `groups:…` or `user:…`.
+    pub scope: String,
+    pub pid: u32,
+    pub started_at: DateTime<Utc>,
+    /// To the minute.
+    pub last_used_at: DateTime<Utc>,
 }
 
 /// A control-plane replica and the snapshot version it serves.

@@ -92,6 +92,8 @@ pub struct Process {
     pub target_name: String,
     pub pid: u32,
     pub started: Instant,
+    /// When it started, by the wall clock (for status reports).
+    pub started_wall: std::time::SystemTime,
     last_used: Mutex<Instant>,
     /// A hash of the command, arguments and env: a change in the snapshot recycles the process.
     pub fingerprint: String,
@@ -168,6 +170,7 @@ impl Process {
             target_name: name,
             pid,
             started: Instant::now(),
+            started_wall: std::time::SystemTime::now(),
             last_used: Mutex::new(Instant::now()),
             fingerprint,
             stdin: tokio::sync::Mutex::new(stdin),
@@ -375,6 +378,28 @@ impl Pool {
 
     pub fn processes(&self) -> Vec<Arc<Process>> {
         self.processes.lock().unwrap().values().cloned().collect()
+    }
+
+    /// The running processes, for status reports (sorted, so equal sets compare equal).
+    pub fn instances(&self) -> Vec<reflow_proto::snapshot::v1::Instance> {
+        let wall =
+            |at: std::time::SystemTime| at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        let unix = |at: Instant| std::time::SystemTime::now().checked_sub(at.elapsed()).map_or(0, wall);
+        let mut instances: Vec<_> = self
+            .processes()
+            .iter()
+            .filter(|p| !p.closed.is_cancelled())
+            .map(|p| reflow_proto::snapshot::v1::Instance {
+                target_id: p.key.target_id.clone(),
+                scope: p.key.scope.clone(),
+                pid: p.pid,
+                started_at_unix: wall(p.started_wall),
+                // Whole minutes: a report is not sent for every call.
+                last_used_unix: unix(p.last_used()) / 60 * 60,
+            })
+            .collect();
+        instances.sort_by(|a, b| (&a.target_id, &a.scope, a.pid).cmp(&(&b.target_id, &b.scope, b.pid)));
+        instances
     }
 
     /// The initialised process for `key`, started (and initialised once) when missing, or
