@@ -161,7 +161,8 @@ async fn stream_once(
     let _reporter = report.map(|report| {
         let (report, tx) = (report.clone(), tx.clone());
         AbortOnDrop(tokio::spawn(async move {
-            let mut last: Option<Vec<Instance>> = None;
+            // A new stream starts with no instances on the control plane's side.
+            let mut last: Option<Vec<Instance>> = Some(Vec::new());
             loop {
                 let now = report();
                 if last.as_ref() != Some(&now) {

@@ -258,8 +258,14 @@ impl Gateway {
             None => format!("sqlite://{}", dir.path().join("e2e.db").display()),
         };
         let shutdown = CancellationToken::new();
-        let (control_plane, grpc_address, api) =
-            start_control_plane(&url, "e2e-jwt-secret-e2e-jwt-secret-e2e!", DATA_PLANE_TOKEN, &shutdown).await?;
+        let (control_plane, grpc_address, api) = start_control_plane(
+            &url,
+            "e2e-jwt-secret-e2e-jwt-secret-e2e!",
+            DATA_PLANE_TOKEN,
+            &settings.stdio,
+            &shutdown,
+        )
+        .await?;
         let sync = SyncConfig {
             control_plane: grpc_address,
             token: DATA_PLANE_TOKEN.into(),
@@ -417,10 +423,11 @@ pub async fn start_control_plane(
     url: &str,
     jwt_secret: &str,
     data_plane_token: &str,
+    stdio: &reflow_common::config::StdioConfig,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(reflow_control_plane::ControlPlane, String, String)> {
     let store = reflow_control_plane::store::connect(url, 10).await.context("connect the store")?;
-    let mut config = reflow_common::config::Config::default();
+    let mut config = reflow_common::config::Config { stdio: stdio.clone(), ..Default::default() };
     config.jwt.secret = Some(jwt_secret.into());
     config.encryption.key = Some(Key::generate().to_hex());
     config.control_plane.data_plane_token = Some(data_plane_token.into());

@@ -36,8 +36,14 @@ pub async fn propagation(data_planes: usize, iterations: usize, database_url: Op
         None => format!("sqlite://{}", dir.path().join("bench.db").display()),
     };
     let shutdown = CancellationToken::new();
-    let (control_plane, grpc_address, base) =
-        crate::harness::start_control_plane(&url, "benchmark-secret-benchmark-secret!", TOKEN, &shutdown).await?;
+    let (control_plane, grpc_address, base) = crate::harness::start_control_plane(
+        &url,
+        "benchmark-secret-benchmark-secret!",
+        TOKEN,
+        &Default::default(),
+        &shutdown,
+    )
+    .await?;
     let mut planes = Vec::with_capacity(data_planes);
     for i in 0..data_planes {
         let cache = dir.path().join(format!("cache-{i}"));

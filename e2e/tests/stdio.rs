@@ -372,3 +372,51 @@ async fn stdio_spawn_teardown_and_crash_cycles_leave_no_process_behind() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_stdio_servers_work_through_the_gateway() {
+    ensure_peers();
+    // The venv's Python runs mcp-server-time (a Python SDK server): allow it by absolute path.
+    let python = python().to_string_lossy().into_owned();
+    let mut settings = reflow_data_plane::mcp::McpSettings::default();
+    settings.stdio.allowed_commands.push(python.clone());
+    let gateway = Gateway::start_with(settings).await.unwrap();
+    let files = tempfile::tempdir().unwrap();
+    std::fs::write(files.path().join("hello.txt"), "hello from a file").unwrap();
+    let filesystem = node_package("@modelcontextprotocol/server-filesystem/dist/index.js");
+    gateway
+        .post(
+            "/api/targets",
+            json!({"name": "fs", "transport_type": "stdio", "command": "node",
+                   "args": [filesystem.to_string_lossy(), files.path().to_string_lossy()]}),
+        )
+        .await
+        .unwrap();
+    gateway
+        .post(
+            "/api/targets",
+            json!({"name": "time", "transport_type": "stdio", "command": python,
+                   "args": ["-m", "mcp_server_time", "--local-timezone", "UTC"]}),
+        )
+        .await
+        .unwrap();
+    gateway.allow_everyone().await.unwrap();
+    let mut client = McpClient::new(&format!("{}/mcp", gateway.mcp), &gateway.admin_token);
+    client.initialize().await.unwrap();
+    let names = client.tool_names().await.unwrap();
+    assert!(names.contains(&"time_get_current_time".to_string()), "{names:?}");
+    let now = client.call("time_get_current_time", json!({"timezone": "UTC"})).await.unwrap();
+    assert!(text(&now).contains("UTC"), "{now}");
+    let read_tool = ["fs_read_text_file", "fs_read_file"].into_iter().find(|t| names.contains(&t.to_string()));
+    let read_tool = read_tool.unwrap_or_else(|| panic!("no read tool in {names:?}"));
+    let path = files.path().join("hello.txt");
+    let read = client.call(read_tool, json!({"path": path.to_string_lossy()})).await.unwrap();
+    assert!(text(&read).contains("hello from a file"), "{read}");
+    // Outside its allowed directory the server itself refuses.
+    let outside = client.call(read_tool, json!({"path": "/etc/hostname"})).await.unwrap();
+    assert!(
+        !text(&outside).is_empty() && (outside.get("error").is_some() || outside["result"]["isError"] == true),
+        "{outside}"
+    );
+    gateway.stop().await;
+}
