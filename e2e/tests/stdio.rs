@@ -304,24 +304,7 @@ fn leftovers(marker: &str) -> Vec<String> {
 async fn stdio_spawn_teardown_and_crash_cycles_leave_no_process_behind() {
     use reflow_data_plane::upstream::stdio::{Pool, ProcessKey};
     let marker = format!("reflow-leak-{}", std::process::id());
-    let script = workspace().join("e2e/peers/stdio_server.py");
-    let target = reflow_proto::resources::Target {
-        id: "leak".into(),
-        name: "leak".into(),
-        transport_type: reflow_common::model::TransportType::Stdio,
-        url: None,
-        command: Some("python3".into()),
-        args: vec![script.to_string_lossy().into_owned(), "--grandchild".into(), marker.clone()],
-        image: None,
-        port: None,
-        health_path: None,
-        statefulness: reflow_common::model::Statefulness::Stateful,
-        isolation_boundary: reflow_common::credentials::Isolation::PerUser,
-        auth_type: reflow_common::model::AuthType::None,
-        auth_header_name: None,
-        enabled: true,
-        restart_generation: 0,
-    };
+    let target = raw_target("leak", &["--grandchild", &marker], reflow_common::credentials::Isolation::PerUser);
     let settings = reflow_common::config::StdioConfig { max_processes: 64, ..Default::default() };
     let pool = std::sync::Arc::new(Pool::new(settings));
     let initialize = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize",
@@ -419,4 +402,97 @@ async fn real_stdio_servers_work_through_the_gateway() {
         "{outside}"
     );
     gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stdio_server_that_keeps_crashing_restarts_with_backoff() {
+    use reflow_data_plane::upstream::stdio::{Pool, ProcessKey};
+    let script = workspace().join("e2e/peers/stdio_server.py");
+    let target = raw_target("crashy", &[], reflow_common::credentials::Isolation::Shared);
+    let pool = Pool::new(Default::default());
+    let key = ProcessKey { target_id: "crashy".into(), scope: String::new() };
+    let initialize = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize",
+                            "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}});
+    let start = || pool.get(&target, key.clone(), Default::default(), &initialize, Duration::from_secs(20));
+    let crash = |pid: u32| async move {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    };
+    let first = start().await.unwrap();
+    crash(first.pid).await;
+    first.closed.cancelled().await;
+    let second = start().await.expect("the first crash restarts at once");
+    crash(second.pid).await;
+    second.closed.cancelled().await;
+    let refused = start().await.expect_err("a second crash in a row waits");
+    assert!(refused.to_string().contains("restarts in"), "{refused}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let third = start().await.expect("after the backoff it starts again");
+    assert!(third.pid != first.pid && third.pid != second.pid);
+    pool.stop_all();
+}
+
+/// A STDIO target running `e2e/peers/stdio_server.py` with `extra` arguments.
+fn raw_target(
+    name: &str,
+    extra: &[&str],
+    isolation: reflow_common::credentials::Isolation,
+) -> reflow_proto::resources::Target {
+    let script = workspace().join("e2e/peers/stdio_server.py");
+    let mut args = vec![script.to_string_lossy().into_owned()];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    reflow_proto::resources::Target {
+        id: name.into(),
+        name: name.into(),
+        transport_type: reflow_common::model::TransportType::Stdio,
+        url: None,
+        command: Some("python3".into()),
+        args,
+        image: None,
+        port: None,
+        health_path: None,
+        statefulness: reflow_common::model::Statefulness::Stateful,
+        isolation_boundary: isolation,
+        auth_type: reflow_common::model::AuthType::None,
+        auth_header_name: None,
+        enabled: true,
+        restart_generation: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_old_stdio_servers_are_stopped() {
+    use reflow_data_plane::upstream::stdio::{Pool, ProcessKey};
+    let initialize = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize",
+                            "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}});
+    let target = raw_target("aging", &[], reflow_common::credentials::Isolation::PerUser);
+    let key = |user: &str| ProcessKey { target_id: "aging".into(), scope: format!("user:{user}") };
+    // idle_ttl: unused for longer than it → stopped; in use → kept.
+    let idle =
+        Pool::new(reflow_common::config::StdioConfig { idle_ttl: Duration::from_millis(800), ..Default::default() });
+    let quiet =
+        idle.get(&target, key("quiet"), Default::default(), &initialize, Duration::from_secs(20)).await.unwrap();
+    let busy = idle.get(&target, key("busy"), Default::default(), &initialize, Duration::from_secs(20)).await.unwrap();
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        busy.request(&json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}), None).await.unwrap();
+    }
+    idle.collect();
+    tokio::time::timeout(Duration::from_secs(10), quiet.closed.cancelled()).await.expect("the idle process is stopped");
+    assert!(!busy.closed.is_cancelled(), "a process in use is kept");
+    // max_lifetime: older than it → stopped, however busy.
+    let aging = Pool::new(reflow_common::config::StdioConfig {
+        max_lifetime: Duration::from_millis(500),
+        ..Default::default()
+    });
+    let old = aging.get(&target, key("old"), Default::default(), &initialize, Duration::from_secs(20)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    old.request(&json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}), None).await.unwrap();
+    aging.collect();
+    tokio::time::timeout(Duration::from_secs(10), old.closed.cancelled()).await.expect("the old process is stopped");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(quiet.pid) || alive(old.pid) {
+        assert!(Instant::now() < deadline, "stopped processes still run");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    idle.stop_all();
 }

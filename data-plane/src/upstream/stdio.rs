@@ -106,6 +106,8 @@ pub struct Process {
     pub initialize_result: Mutex<Option<Value>>,
     /// Cancelled when the child is gone or being stopped.
     pub closed: CancellationToken,
+    /// Set when the gateway stops the process; a process closed without it crashed.
+    stopping: std::sync::atomic::AtomicBool,
     /// Messages unrelated to a request, for every session using the process.
     subscribers: Arc<Mutex<Vec<mpsc::Sender<Value>>>>,
 }
@@ -178,8 +180,14 @@ impl Process {
             next_id: AtomicU64::new(1),
             initialize_result: Mutex::new(None),
             closed,
+            stopping: std::sync::atomic::AtomicBool::new(false),
             subscribers,
         }))
+    }
+
+    /// Whether the process ended without the gateway stopping it (exit, crash, closed stdout).
+    pub fn crashed(&self) -> bool {
+        self.closed.is_cancelled() && !self.stopping.load(Ordering::Relaxed)
     }
 
     pub fn last_used(&self) -> Instant {
@@ -234,6 +242,7 @@ impl Process {
     /// Stops the process: close its stdin (a well-behaved server exits), then SIGTERM, then
     /// SIGKILL to the whole group (see [`supervise`]).
     pub fn stop(self: &Arc<Self>) {
+        self.stopping.store(true, Ordering::Relaxed);
         let process = self.clone();
         tokio::spawn(async move {
             let _ = tokio::time::timeout(GRACE, async { process.stdin.lock().await.shutdown().await }).await;
@@ -330,8 +339,8 @@ async fn read_line(reader: &mut BufReader<tokio::process::ChildStdout>, line: &m
     }
 }
 
-/// Waits for the child to exit or to be stopped; stopping closes stdin (by the process being
-/// dropped), then signals the process group.
+/// Waits for the child to exit or to be stopped. Stopping ([`Process::stop`]) has closed its
+/// stdin; after a grace period the group gets SIGTERM, then SIGKILL.
 async fn supervise(mut child: Child, name: String, pid: u32, closed: CancellationToken) {
     tokio::select! {
         status = child.wait() => {
@@ -362,18 +371,37 @@ fn signal_group(pid: u32, signal: nix::sys::signal::Signal) {
     }
 }
 
+/// A crash this long after the start is not counted with earlier ones.
+const CRASH_MEMORY: Duration = Duration::from_secs(30);
+
+/// How long a key waits before its next start after `crashes` crashes in a row: the first
+/// restart is immediate, then 1 s, 2 s, 4 s … up to 30 s.
+fn restart_backoff(crashes: u32) -> Duration {
+    match crashes {
+        0 | 1 => Duration::ZERO,
+        n => Duration::from_secs(1u64 << (n - 2).min(5)).min(Duration::from_secs(30)),
+    }
+}
+
 /// The running processes, by key.
 #[derive(Debug)]
 pub struct Pool {
     settings: StdioConfig,
     processes: Mutex<HashMap<ProcessKey, Arc<Process>>>,
+    /// Recent crashes by key (count, when): a key that keeps crashing restarts with backoff.
+    crashes: Mutex<HashMap<ProcessKey, (u32, Instant)>>,
     /// Serialises starting processes, so two sessions arriving together share one.
     starting: tokio::sync::Mutex<()>,
 }
 
 impl Pool {
     pub fn new(settings: StdioConfig) -> Self {
-        Pool { settings, processes: Mutex::new(HashMap::new()), starting: tokio::sync::Mutex::new(()) }
+        Pool {
+            settings,
+            processes: Mutex::new(HashMap::new()),
+            crashes: Mutex::new(HashMap::new()),
+            starting: tokio::sync::Mutex::new(()),
+        }
     }
 
     pub fn processes(&self) -> Vec<Arc<Process>> {
@@ -425,6 +453,25 @@ impl Pool {
                 return Ok(existing);
             }
         }
+        let gone = self.processes.lock().unwrap().get(&key).filter(|p| p.closed.is_cancelled()).cloned();
+        if let Some(gone) = gone.filter(|p| p.crashed()) {
+            // A process that ran a while before crashing starts the count again.
+            let mut crashes = self.crashes.lock().unwrap();
+            let entry = crashes.entry(key.clone()).or_insert((0, Instant::now()));
+            *entry = (if gone.started.elapsed() > CRASH_MEMORY { 1 } else { entry.0 + 1 }, Instant::now());
+            drop(crashes);
+            // Counted once: the dead process leaves the pool now.
+            self.processes.lock().unwrap().remove(&key);
+        }
+        if let Some(&(count, at)) = self.crashes.lock().unwrap().get(&key) {
+            let wait = restart_backoff(count);
+            if at.elapsed() < wait {
+                let left = (wait - at.elapsed()).as_secs_f64();
+                return Err(UpstreamError::Refused(format!(
+                    "the STDIO server crashed {count} times in a row; it restarts in {left:.1} s"
+                )));
+            }
+        }
         if let Some(stale) = self.processes.lock().unwrap().remove(&key) {
             tracing::info!(target = %target.name, pid = stale.pid, "recycling a STDIO server (gone, or its command or env changed)");
             stale.stop();
@@ -468,7 +515,8 @@ impl Pool {
                 tracing::info!(target = %process.target_name, pid = process.pid, "stopping an idle or expired STDIO server");
                 process.stop();
             }
-            !expired && !process.closed.is_cancelled()
+            // Crashed processes stay until the next start looks at them (to count the crash).
+            !expired && (!process.closed.is_cancelled() || process.crashed())
         });
     }
 
@@ -496,5 +544,18 @@ impl Pool {
         for (_, process) in self.processes.lock().unwrap().drain() {
             process.stop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_back_off_after_repeated_crashes() {
+        assert_eq!(restart_backoff(1), Duration::ZERO);
+        assert_eq!(restart_backoff(2), Duration::from_secs(1));
+        assert_eq!(restart_backoff(4), Duration::from_secs(4));
+        assert_eq!(restart_backoff(40), Duration::from_secs(30));
     }
 }
