@@ -407,7 +407,6 @@ async fn real_stdio_servers_work_through_the_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stdio_server_that_keeps_crashing_restarts_with_backoff() {
     use reflow_data_plane::upstream::stdio::{Pool, ProcessKey};
-    let script = workspace().join("e2e/peers/stdio_server.py");
     let target = raw_target("crashy", &[], reflow_common::credentials::Isolation::Shared);
     let pool = Pool::new(Default::default());
     let key = ProcessKey { target_id: "crashy".into(), scope: String::new() };
