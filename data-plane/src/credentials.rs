@@ -64,14 +64,7 @@ fn parse_timeout(text: &str) -> Option<Duration> {
 /// the key only.
 pub fn resolve_injection(view: &View, sealer: &DeterministicSealer, target: &Target, user: &User) -> Injection {
     let principal = Principal { user_id: &user.id, role: &user.role, groups: &user.groups };
-    let mut tokens = Vec::new();
-    let mut env: BTreeMap<&str, Vec<&Credential>> = BTreeMap::new();
-    for credential in view.credentials.iter().filter(|c| c.target_id == target.id) {
-        match credential.kind {
-            SecretKind::Token => tokens.push(credential),
-            SecretKind::Env => env.entry(credential.name.as_str()).or_default().push(credential),
-        }
-    }
+    let (tokens, env) = entries(view, target);
     let pick = |entries: &[&Credential]| -> Option<(String, String)> {
         let (scope, credential) =
             resolve(entries.iter().map(|c| (&c.scope, *c)), &principal, target.isolation_boundary)?;
@@ -127,14 +120,7 @@ pub fn resolve_env(
     user: &User,
 ) -> BTreeMap<String, String> {
     let principal = Principal { user_id: &user.id, role: &user.role, groups: &user.groups };
-    let mut tokens = Vec::new();
-    let mut keyed: BTreeMap<&str, Vec<&Credential>> = BTreeMap::new();
-    for credential in view.credentials.iter().filter(|c| c.target_id == target.id) {
-        match credential.kind {
-            SecretKind::Token => tokens.push(credential),
-            SecretKind::Env => keyed.entry(credential.name.as_str()).or_default().push(credential),
-        }
-    }
+    let (tokens, keyed) = entries(view, target);
     let pick = |entries: &[&Credential]| {
         let (_, credential) = resolve(entries.iter().map(|c| (&c.scope, *c)), &principal, target.isolation_boundary)?;
         open(sealer, credential)
@@ -147,6 +133,21 @@ pub fn resolve_env(
         }
     }
     env
+}
+
+/// A target's stored values at every scope: its tokens, and its env entries by key.
+type Entries<'v> = (Vec<&'v Credential>, BTreeMap<&'v str, Vec<&'v Credential>>);
+
+fn entries<'v>(view: &'v View, target: &Target) -> Entries<'v> {
+    let mut tokens = Vec::new();
+    let mut env: BTreeMap<&str, Vec<&Credential>> = BTreeMap::new();
+    for credential in view.credentials.iter().filter(|c| c.target_id == target.id) {
+        match credential.kind {
+            SecretKind::Token => tokens.push(credential),
+            SecretKind::Env => env.entry(credential.name.as_str()).or_default().push(credential),
+        }
+    }
+    (tokens, env)
 }
 
 fn open(sealer: &DeterministicSealer, credential: &Credential) -> Option<String> {

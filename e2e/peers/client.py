@@ -87,18 +87,23 @@ async def python_server(client, prefix, uri_prefix, report, on_progress) -> None
     report["prompt"] = prompt.messages[0].content.text
 
 
+async def every_page(list_method, field: str) -> tuple[list, int]:
+    """Follows cursors to the end: (every item, number of pages)."""
+    items, cursor, pages = [], None, 0
+    while True:
+        page = await list_method(cursor=cursor)
+        pages += 1
+        items += getattr(page, field)
+        cursor = page.next_cursor
+        if cursor is None:
+            return items, pages
+
+
 async def everything(client, prefix, uri_prefix, report, on_progress) -> None:
     """server-everything."""
     report["protocol_version"] = client.protocol_version
     report["server"] = client.server_info.name if client.server_info else None
-    tools, cursor, pages = [], None, 0
-    while True:
-        page = await client.list_tools(cursor=cursor)
-        pages += 1
-        tools += page.tools
-        cursor = page.next_cursor
-        if cursor is None:
-            break
+    tools, pages = await every_page(client.list_tools, "tools")
     report["tools"] = sorted(t.name for t in tools)
     report["tool_pages"] = pages
     echo = next((t for t in tools if t.name == f"{prefix}echo"), None)
@@ -117,14 +122,7 @@ async def everything(client, prefix, uri_prefix, report, on_progress) -> None:
     result = await client.call_tool(f"{prefix}get-resource-links", {"count": 1})
     report["resource_links"] = [str(c.uri) for c in result.content if getattr(c, "type", "") == "resource_link"]
 
-    resources, cursor, pages = [], None, 0
-    while True:
-        page = await client.list_resources(cursor=cursor)
-        pages += 1
-        resources += page.resources
-        cursor = page.next_cursor
-        if cursor is None:
-            break
+    resources, _ = await every_page(client.list_resources, "resources")
     report["resources"] = sorted(str(r.uri) for r in resources)
     templates = await client.list_resource_templates()
     report["templates"] = sorted(t.uri_template for t in templates.resource_templates)
