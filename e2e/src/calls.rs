@@ -16,7 +16,7 @@ use crate::percentile;
 
 /// Runs `concurrency` sessions against `url`, each calling `tool` back to back for `duration`.
 /// Returns (calls per second, sorted latencies in ms).
-async fn drive(
+pub async fn drive(
     url: &str,
     token: &str,
     tool: &str,

@@ -81,26 +81,13 @@ async fn direct(concurrency: usize, duration: Duration) -> anyhow::Result<(f64, 
     crate::gather(workers, duration).await
 }
 
-/// Sessions through the gateway, all on one warm shared process.
+/// Sessions through the gateway, all on one shared process, warmed first.
 async fn through(gateway: &Gateway, concurrency: usize, duration: Duration) -> anyhow::Result<(f64, Vec<f64>)> {
-    let mut workers = Vec::new();
-    for _ in 0..concurrency {
-        let mut client = McpClient::new(&format!("{}/mcp", gateway.mcp), &gateway.admin_token);
-        client.initialize().await?;
-        client.call("fast_echo", json!({"message": "warm"})).await?;
-        workers.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let started = Instant::now();
-            while started.elapsed() < duration {
-                let at = Instant::now();
-                let reply = client.call("fast_echo", json!({"message": "bench"})).await?;
-                anyhow::ensure!(reply.get("result").is_some(), "call failed: {reply}");
-                latencies.push(at.elapsed().as_secs_f64() * 1000.0);
-            }
-            anyhow::Ok(latencies)
-        }));
-    }
-    crate::gather(workers, duration).await
+    let url = format!("{}/mcp", gateway.mcp);
+    let mut warm = McpClient::new(&url, &gateway.admin_token);
+    warm.initialize().await?;
+    warm.call("fast_echo", json!({"message": "warm"})).await?;
+    crate::calls::drive(&url, &gateway.admin_token, "fast_echo", concurrency, duration).await
 }
 
 /// One JSON object per concurrency level.

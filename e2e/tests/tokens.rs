@@ -56,17 +56,7 @@ fn hs(alg: &str, claims: Value, secret: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_tokens_are_all_refused_with_a_challenge() {
     let gateway = Gateway::start().await.unwrap();
-    let me: Value = gateway
-        .http
-        .get(format!("{}/api/auth/me", gateway.api))
-        .bearer_auth(&gateway.admin_token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let admin = me["id"].as_str().unwrap().to_string();
+    let admin = gateway.user_id(&gateway.admin_token).await.unwrap();
     let (gone_id, _) = gateway.user("gone@example.com").await.unwrap();
     gateway
         .admin(reqwest::Method::PUT, &format!("/api/users/{gone_id}"), Some(json!({"active": false})))

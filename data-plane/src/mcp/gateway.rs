@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::jsonrpc::{self, Message, FORBIDDEN, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, SERVER_ERROR};
 use super::names;
-use super::session::{short, CachedList, ClientSession, Negotiated, Scope, Sessions, UpstreamEntry};
+use super::session::{short, CachedList, ClientSession, Scope, Sessions, UpstreamEntry};
 use super::McpSettings;
 use crate::credentials::{resolve_env, resolve_injection};
 use crate::snapshot::DataSnapshot;
@@ -199,7 +199,7 @@ impl Gateway {
         if method == "ping" {
             return Reply::Now(jsonrpc::result(id, json!({})));
         }
-        if session.negotiated.get().is_none() {
+        if session.protocol_version.get().is_none() {
             return Reply::Now(jsonrpc::error(
                 id,
                 INVALID_REQUEST,
@@ -241,7 +241,7 @@ impl Gateway {
         id: Value,
         params: Option<Value>,
     ) -> Value {
-        if session.negotiated.get().is_some() {
+        if session.protocol_version.get().is_some() {
             return jsonrpc::error(id, INVALID_REQUEST, "the session is already initialised");
         }
         let params = params.unwrap_or_default();
@@ -292,7 +292,7 @@ impl Gateway {
             }
         };
         tracing::info!(session = %short(&session.id), user = %caller.user.id, %version, "MCP session initialised");
-        let _ = session.negotiated.set(Negotiated { protocol_version: version, capabilities });
+        let _ = session.protocol_version.set(version);
         jsonrpc::result(id, result)
     }
 
@@ -335,6 +335,14 @@ impl Gateway {
             }
         }
         let injection = resolve_injection(&caller.snapshot.view, &self.sealer, target, &caller.user);
+        tracing::info!(
+            target: "reflow::audit",
+            session = %short(&session.id),
+            user = %caller.user.id,
+            target = %target.name,
+            credential = injection.token_source.as_deref().unwrap_or("none"),
+            "upstream session opened"
+        );
         let (inbox, mut unrelated) = mpsc::channel::<Value>(64);
         let cancel = session.cancel.child_token();
         let upstream = Arc::new(Upstream::new(

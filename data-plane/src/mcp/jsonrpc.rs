@@ -12,7 +12,6 @@ pub const PARSE_ERROR: i64 = -32700;
 pub const INVALID_REQUEST: i64 = -32600;
 pub const METHOD_NOT_FOUND: i64 = -32601;
 pub const INVALID_PARAMS: i64 = -32602;
-pub const INTERNAL_ERROR: i64 = -32603;
 /// The gateway could not serve the request (no snapshot, upstream down or slow).
 pub const SERVER_ERROR: i64 = -32000;
 pub const UNAUTHORIZED: i64 = -32001;

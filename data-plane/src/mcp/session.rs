@@ -32,13 +32,6 @@ pub enum Scope {
     Target(String),
 }
 
-/// What `initialize` settled.
-#[derive(Debug, Clone)]
-pub struct Negotiated {
-    pub protocol_version: String,
-    pub capabilities: Value,
-}
-
 /// One merged list, kept so cursors page over a stable result.
 #[derive(Debug)]
 pub struct CachedList {
@@ -63,7 +56,8 @@ pub struct ClientSession {
     pub scope: Scope,
     /// Opened through the legacy HTTP+SSE transport: every reply goes to the stream.
     pub legacy: bool,
-    pub negotiated: OnceLock<Negotiated>,
+    /// The protocol version `initialize` settled; unset until the session is initialised.
+    pub protocol_version: OnceLock<String>,
     /// The `initialize` params upstream sessions are opened with (the client's requested
     /// version and capabilities); set when the client's `initialize` arrives.
     pub upstream_params: Mutex<Option<Value>>,
@@ -100,7 +94,7 @@ impl ClientSession {
             user_id,
             scope,
             legacy,
-            negotiated: OnceLock::new(),
+            protocol_version: OnceLock::new(),
             upstream_params: Mutex::new(None),
             last_used: Mutex::new(Instant::now()),
             outbound,

@@ -49,7 +49,7 @@ pub enum UpstreamError {
     Protocol(String),
     #[error("the upstream refused to initialise: {0}")]
     Refused(String),
-    #[error("the target's URL is invalid")]
+    #[error("the target's URL or command is missing or invalid")]
     BadUrl,
 }
 
