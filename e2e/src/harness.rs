@@ -230,7 +230,7 @@ pub struct Gateway {
     pub admin_token: String,
     pub http: reqwest::Client,
     control_plane: reflow_control_plane::ControlPlane,
-    data_plane: DataPlane,
+    data_plane: DataPlaneRun,
     shutdown: CancellationToken,
     scratch: Option<ScratchDatabase>,
     _dir: tempfile::TempDir,
@@ -242,12 +242,29 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
+/// Where the data plane runs.
+enum DataPlaneRun {
+    InProcess(DataPlane),
+    /// A separate process (see [`run_data_plane`]), so its CPU and memory can be measured alone.
+    Child(Process),
+}
+
 impl Gateway {
     pub async fn start() -> anyhow::Result<Gateway> {
         Gateway::start_with(McpSettings::default()).await
     }
 
     pub async fn start_with(settings: McpSettings) -> anyhow::Result<Gateway> {
+        Gateway::launch(settings, None).await
+    }
+
+    /// A gateway whose data plane is a separate process: `program serve-data-plane …` (the
+    /// benchmark's own binary, which runs [`run_data_plane`]). The control plane stays here.
+    pub async fn start_external(program: &Path) -> anyhow::Result<Gateway> {
+        Gateway::launch(McpSettings::default(), Some(program)).await
+    }
+
+    async fn launch(settings: McpSettings, external: Option<&Path>) -> anyhow::Result<Gateway> {
         let dir = tempfile::tempdir()?;
         let scratch = match std::env::var("DATABASE_URL") {
             Ok(server) if !server.is_empty() => Some(ScratchDatabase::create(&server).await?),
@@ -274,9 +291,26 @@ impl Gateway {
             labels: Default::default(),
             tls: None,
         };
-        let data_plane = DataPlane::new(sync, Some(dir.path().join("cache"))).with_mcp(settings);
-        data_plane.start_sync(shutdown.clone());
-        let mcp = serve(data_plane.router(), &shutdown).await?;
+        let (data_plane, mcp) = match external {
+            None => {
+                let data_plane = DataPlane::new(sync, Some(dir.path().join("cache"))).with_mcp(settings);
+                data_plane.start_sync(shutdown.clone());
+                let mcp = serve(data_plane.router(), &shutdown).await?;
+                (DataPlaneRun::InProcess(data_plane), mcp)
+            }
+            Some(program) => {
+                let port = free_port();
+                let mut process = Process::spawn(
+                    "data plane",
+                    Command::new(program)
+                        .arg("serve-data-plane")
+                        .args(["--control-plane", &sync.control_plane, "--token", DATA_PLANE_TOKEN])
+                        .args(["--listen", &format!("127.0.0.1:{port}")]),
+                )?;
+                process.wait_for_port(port, Duration::from_secs(30)).await?;
+                (DataPlaneRun::Child(process), format!("http://127.0.0.1:{port}"))
+            }
+        };
         let http = reqwest::Client::new();
         let before = control_plane.hub().current().map(|s| s.version.clone());
         let registered: Value = http
@@ -292,8 +326,31 @@ impl Gateway {
         Ok(gateway)
     }
 
+    /// The data plane, when it runs in this process.
     pub fn data_plane(&self) -> &DataPlane {
-        &self.data_plane
+        match &self.data_plane {
+            DataPlaneRun::InProcess(data_plane) => data_plane,
+            DataPlaneRun::Child(_) => panic!("the data plane runs in a separate process"),
+        }
+    }
+
+    /// The data plane's process id, when it runs in a separate process.
+    pub fn data_plane_pid(&self) -> Option<u32> {
+        match &self.data_plane {
+            DataPlaneRun::InProcess(_) => None,
+            DataPlaneRun::Child(process) => process.pid(),
+        }
+    }
+
+    /// The snapshot version the data plane serves.
+    async fn data_plane_version(&self) -> Option<String> {
+        match &self.data_plane {
+            DataPlaneRun::InProcess(data_plane) => data_plane.state().version(),
+            DataPlaneRun::Child(_) => {
+                let ready: Value = self.http.get(format!("{}/ready", self.mcp)).send().await.ok()?.json().await.ok()?;
+                ready["version"].as_str().map(str::to_string)
+            }
+        }
     }
 
     fn hub_version(&self) -> Option<String> {
@@ -316,7 +373,7 @@ impl Gateway {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let hub = self.control_plane.hub().current().map(|s| s.version.clone());
-            if hub.is_some() && hub == self.data_plane.state().version() {
+            if hub.is_some() && hub == self.data_plane_version().await {
                 return Ok(());
             }
             anyhow::ensure!(Instant::now() < deadline, "the data plane did not converge");
@@ -415,6 +472,30 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// A data plane serving on `listen`, synced from `control_plane`, logging like `reflow
+/// data-plane` does (info to stderr): the body of the benchmark's separate data-plane process.
+pub async fn run_data_plane(control_plane: &str, token: &str, listen: &str) -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_writer(std::io::stderr)
+        .try_init();
+    let dir = tempfile::tempdir()?;
+    let sync = SyncConfig {
+        control_plane: control_plane.into(),
+        token: token.into(),
+        node_id: "bench".into(),
+        group: "bench".into(),
+        labels: Default::default(),
+        tls: None,
+    };
+    let data_plane = DataPlane::new(sync, Some(dir.path().join("cache"))).with_mcp(McpSettings::default());
+    let shutdown = CancellationToken::new();
+    data_plane.start_sync(shutdown.clone());
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    axum::serve(listener, data_plane.router()).await?;
+    Ok(())
 }
 
 /// A control plane on the store at `url` with its compiler running, its gRPC snapshot service

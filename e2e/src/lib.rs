@@ -1,7 +1,11 @@
 //! Reflow's end-to-end harness and benchmarks.
 //!
 //! # Layout
-//! - [`calls`]: `tools/call` through the gateway vs directly, against server-everything.
+//! - [`calls`]: `tools/call` through the gateway vs a bare proxy vs directly, against the fast
+//!   upstream and server-everything.
+//! - [`fast_upstream`]: a minimal Streamable HTTP MCP server built for speed.
+//! - [`proxy`]: a bare pass-through HTTP proxy (the limit of one extra hop).
+//! - [`measure`]: a process's CPU time and resident memory, from `/proc`.
 //! - [`client`]: a raw Streamable HTTP MCP client for exact status and header checks.
 //! - [`harness`]: a gateway in this process plus real MCP peers as child processes, for the
 //!   end-to-end tests in `tests/`.
@@ -13,7 +17,10 @@
 
 pub mod calls;
 pub mod client;
+pub mod fast_upstream;
 pub mod harness;
+pub mod measure;
+pub mod proxy;
 pub mod snapshot;
 pub mod stdio_bench;
 

@@ -6,12 +6,15 @@
 //!
 //! Prints a table and, with `--json`, writes one JSON object per scenario.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use serde_json::Value;
 
 #[derive(Debug, Parser)]
 #[command(name = "reflow-bench", about = "Reflow's benchmarks")]
 struct Args {
+    /// The benchmark starts its separate server processes from its own binary.
+    #[command(subcommand)]
+    serve: Option<Server>,
     /// Fewer iterations: finishes in well under two minutes.
     #[arg(long)]
     quick: bool,
@@ -22,78 +25,167 @@ struct Args {
     /// database on the server this URL names, instead of using a temporary SQLite file.
     #[arg(long)]
     database_url: Option<String>,
+    /// Run only these scenarios (repeatable): propagation, policy-change, calls, stdio, lists,
+    /// sessions.
+    #[arg(long, value_parser = ["propagation", "policy-change", "calls", "stdio", "lists", "sessions"])]
+    only: Vec<String>,
+}
+
+/// The processes the benchmark measures, each started from this binary.
+#[derive(Debug, Subcommand)]
+#[allow(clippy::enum_variant_names)] // the variants are the subcommands `serve-…`
+enum Server {
+    /// A data plane synced from a control plane (the gateway under measurement).
+    #[command(hide = true)]
+    ServeDataPlane {
+        #[arg(long)]
+        control_plane: String,
+        #[arg(long)]
+        token: String,
+        #[arg(long)]
+        listen: String,
+    },
+    /// The in-repo fast MCP upstream.
+    #[command(hide = true)]
+    ServeFastUpstream {
+        #[arg(long)]
+        listen: String,
+        #[arg(long, default_value_t = 1)]
+        tools: usize,
+        #[arg(long)]
+        authorization: Option<String>,
+    },
+    /// The bare pass-through proxy.
+    #[command(hide = true)]
+    ServeProxy {
+        #[arg(long)]
+        listen: String,
+        #[arg(long)]
+        upstream: String,
+    },
+}
+
+async fn serve(server: Server) -> anyhow::Result<()> {
+    match server {
+        Server::ServeDataPlane { control_plane, token, listen } => {
+            reflow_e2e::harness::run_data_plane(&control_plane, &token, &listen).await
+        }
+        Server::ServeFastUpstream { listen, tools, authorization } => {
+            let listener = tokio::net::TcpListener::bind(&listen).await?;
+            reflow_e2e::fast_upstream::FastUpstream { tools, authorization }.serve(listener).await
+        }
+        Server::ServeProxy { listen, upstream } => {
+            reflow_e2e::proxy::serve(tokio::net::TcpListener::bind(&listen).await?, upstream).await
+        }
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(command) = args.serve {
+        return serve(command).await;
+    }
+    let program = std::env::current_exe()?;
+    let want = |scenario: &str| args.only.is_empty() || args.only.iter().any(|o| o == scenario);
+    let duration = std::time::Duration::from_secs(if args.quick { 2 } else { 10 });
     let iterations = if args.quick { 30 } else { 200 };
     let mut results: Vec<Value> = Vec::new();
 
-    println!("snapshot propagation: admin write returned -> every data plane holds the new version");
-    println!("{:>12} {:>10} {:>10} {:>10}", "data planes", "p50 ms", "p99 ms", "max ms");
-    for data_planes in [1, 10, 100] {
-        let result = reflow_e2e::snapshot::propagation(data_planes, iterations, args.database_url.as_deref()).await?;
+    if want("propagation") {
+        println!("snapshot propagation: admin write returned -> every data plane holds the new version");
+        println!("{:>12} {:>10} {:>10} {:>10}", "data planes", "p50 ms", "p99 ms", "max ms");
+        for data_planes in [1, 10, 100] {
+            let result =
+                reflow_e2e::snapshot::propagation(data_planes, iterations, args.database_url.as_deref()).await?;
+            println!(
+                "{:>12} {:>10.2} {:>10.2} {:>10.2}",
+                data_planes,
+                result["p50_ms"].as_f64().unwrap_or(f64::NAN),
+                result["p99_ms"].as_f64().unwrap_or(f64::NAN),
+                result["max_ms"].as_f64().unwrap_or(f64::NAN)
+            );
+            results.push(result);
+        }
+    }
+
+    if want("policy-change") {
+        let result = reflow_e2e::snapshot::one_policy_change(10_000, 1_000, 5_000)?;
         println!(
-            "{:>12} {:>10.2} {:>10.2} {:>10.2}",
-            data_planes,
-            result["p50_ms"].as_f64().unwrap_or(f64::NAN),
-            result["p99_ms"].as_f64().unwrap_or(f64::NAN),
-            result["max_ms"].as_f64().unwrap_or(f64::NAN)
+            "\none-policy change on {} resources (10,000 users, 1,000 targets, 5,000 policies):\n  \
+             full snapshot {} bytes, incremental update {} bytes ({} upsert), compile {:.1} ms",
+            result["resources"],
+            result["full_bytes"],
+            result["update_bytes"],
+            result["upserts"],
+            result["compile_ms"].as_f64().unwrap_or(f64::NAN)
         );
         results.push(result);
     }
 
-    let result = reflow_e2e::snapshot::one_policy_change(10_000, 1_000, 5_000)?;
-    println!(
-        "\none-policy change on {} resources (10,000 users, 1,000 targets, 5,000 policies):\n  \
-         full snapshot {} bytes, incremental update {} bytes ({} upsert), compile {:.1} ms",
-        result["resources"],
-        result["full_bytes"],
-        result["update_bytes"],
-        result["upserts"],
-        result["compile_ms"].as_f64().unwrap_or(f64::NAN)
-    );
-    results.push(result);
-
-    println!("\ntools/call through the gateway vs directly (server-everything, Streamable HTTP, one process)");
-    println!(
-        "{:>12} {:>12} {:>12} {:>8} {:>10} {:>10} {:>14}",
-        "concurrency", "gateway/s", "direct/s", "ratio", "p50 ms", "p99 ms", "added p50 ms"
-    );
-    let duration = std::time::Duration::from_secs(if args.quick { 3 } else { 10 });
-    for result in reflow_e2e::calls::tools_call(&[1, 8, 32], duration).await? {
-        let f = |key: &str| result[key].as_f64().unwrap_or(f64::NAN);
+    if want("calls") {
+        println!("\ntools/call: gateway (JWT, policy, session, credential injection) vs bare proxy vs direct");
         println!(
-            "{:>12} {:>12.0} {:>12.0} {:>8.2} {:>10.2} {:>10.2} {:>14.3}",
-            result["concurrency"].as_u64().unwrap_or(0),
-            f("gateway_rps"),
-            f("direct_rps"),
-            f("ratio_vs_direct"),
-            f("p50_ms"),
-            f("p99_ms"),
-            f("added_p50_ms")
+            "{:>18} {:>6} {:>10} {:>10} {:>10} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8} {:>9}",
+            "upstream",
+            "conc",
+            "gateway/s",
+            "proxy/s",
+            "direct/s",
+            "/proxy",
+            "/direct",
+            "gw us/call",
+            "px us/call",
+            "p50 ms",
+            "p99 ms",
+            "+p50 ms"
         );
-        results.push(result);
+        for result in reflow_e2e::calls::tools_call(&program, &[1, 8, 32], duration).await? {
+            let f = |key: &str| result[key].as_f64().unwrap_or(f64::NAN);
+            let label = match result["scenario"].as_str() {
+                Some("tools_call_fixed_rate") => {
+                    format!("{} @{:.0}/s", result["upstream"].as_str().unwrap_or(""), f("rate"))
+                }
+                _ => result["upstream"].as_str().unwrap_or("").to_string(),
+            };
+            println!(
+                "{:>18} {:>6} {:>10.0} {:>10.0} {:>10.0} {:>8.2} {:>8.2} {:>9.1} {:>9.1} {:>8.3} {:>8.3} {:>9.3}",
+                label,
+                result["concurrency"].as_u64().unwrap_or(0),
+                f("gateway_rps"),
+                f("proxy_rps"),
+                f("direct_rps"),
+                f("ratio_vs_proxy"),
+                f("ratio_vs_direct"),
+                f("gateway_cpu_us_per_call"),
+                f("proxy_cpu_us_per_call"),
+                f("p50_ms"),
+                f("p99_ms"),
+                f("added_p50_ms")
+            );
+            results.push(result);
+        }
     }
 
-    println!("\ntools/call through the gateway to a warm shared STDIO process vs the same server driven directly");
-    println!(
-        "{:>12} {:>12} {:>12} {:>8} {:>10} {:>10}",
-        "concurrency", "gateway/s", "direct/s", "ratio", "p50 ms", "p99 ms"
-    );
-    for result in reflow_e2e::stdio_bench::stdio_warm_call(&[1, 8], duration).await? {
-        let f = |key: &str| result[key].as_f64().unwrap_or(f64::NAN);
+    if want("stdio") {
+        println!("\ntools/call through the gateway to a warm shared STDIO process vs the same server driven directly");
         println!(
-            "{:>12} {:>12.0} {:>12.0} {:>8.2} {:>10.2} {:>10.2}",
-            result["concurrency"].as_u64().unwrap_or(0),
-            f("gateway_rps"),
-            f("direct_rps"),
-            f("ratio_vs_direct"),
-            f("p50_ms"),
-            f("p99_ms")
+            "{:>12} {:>12} {:>12} {:>8} {:>10} {:>10}",
+            "concurrency", "gateway/s", "direct/s", "ratio", "p50 ms", "p99 ms"
         );
-        results.push(result);
+        for result in reflow_e2e::stdio_bench::stdio_warm_call(&[1, 8], duration).await? {
+            let f = |key: &str| result[key].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "{:>12} {:>12.0} {:>12.0} {:>8.2} {:>10.2} {:>10.2}",
+                result["concurrency"].as_u64().unwrap_or(0),
+                f("gateway_rps"),
+                f("direct_rps"),
+                f("ratio_vs_direct"),
+                f("p50_ms"),
+                f("p99_ms")
+            );
+            results.push(result);
+        }
     }
 
     if let Some(path) = args.json {
