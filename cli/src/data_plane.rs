@@ -87,7 +87,7 @@ pub async fn run(args: DataPlaneArgs) -> Result<(), Failure> {
         ConfigError::new("data_plane.control_plane", "required: pass --control-plane http://HOST:50051")
     })?;
     let token = dp.token.ok_or_else(|| ConfigError::new("data_plane.token", "required: pass --token"))?;
-    init_logging(&config)?;
+    let _logs = init_logging(&config)?;
     let sync = SyncConfig {
         control_plane,
         token,

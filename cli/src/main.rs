@@ -11,6 +11,11 @@
 mod data_plane;
 mod up;
 
+/// The allocator: glibc's malloc spends more on the data plane's many small, short-lived
+/// allocations (JSON values, headers) across threads than mimalloc does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -171,21 +176,9 @@ pub fn load_config(common: &CommonArgs) -> Result<Config, ConfigError> {
     Ok(config)
 }
 
-/// Starts logging to stderr; `RUST_LOG` wins over `logging.level`.
-pub fn init_logging(config: &Config) -> Result<(), ConfigError> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(filter) if !filter.is_empty() => {
-            tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| ConfigError::new("RUST_LOG", e.to_string()))?
-        }
-        _ => tracing_subscriber::EnvFilter::try_new(&config.logging.level)
-            .map_err(|e| ConfigError::new("logging.level", e.to_string()))?,
-    };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let result = match config.logging.format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
-    result.map_err(|e| ConfigError::new("logging", e.to_string()))
+/// Starts logging to stderr (see [`reflow_common::logging`]); keep the guard until exit.
+pub fn init_logging(config: &Config) -> Result<reflow_common::logging::LogGuard, ConfigError> {
+    reflow_common::logging::init(config)
 }
 
 /// A token cancelled on Ctrl-C or SIGTERM; every long-lived task takes a clone.
@@ -272,7 +265,7 @@ async fn control_plane(args: ControlPlaneArgs) -> Result<(), Failure> {
         )
         .into());
     }
-    init_logging(&config)?;
+    let _logs = init_logging(&config)?;
     let url = config.database.connection_url().ok_or_else(|| {
         ConfigError::new("database.url", "required: pass --database-url, set DATABASE_URL, or configure database.host")
     })?;

@@ -77,7 +77,7 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
         // Zero setup listens on loopback only; pass --host 0.0.0.0 to expose it.
         config.server.host = "127.0.0.1".into();
     }
-    init_logging(&config)?;
+    let _logs = init_logging(&config)?;
     let dir = &args.data_dir;
     create_private_dir(dir)?;
     if config.jwt.secret.is_none() {

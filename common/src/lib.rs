@@ -20,5 +20,6 @@ pub mod config;
 pub mod credentials;
 pub mod crypto;
 pub mod glob;
+pub mod logging;
 pub mod model;
 pub mod names;

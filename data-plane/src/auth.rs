@@ -16,6 +16,71 @@ use crate::snapshot::View;
 #[derive(Debug, Deserialize)]
 struct Claims {
     sub: String,
+    exp: i64,
+    nbf: i64,
+}
+
+/// At most this many verified JWTs are remembered per snapshot; the memory is cleared when full.
+const VERIFIED_CAPACITY: usize = 65_536;
+
+/// JWTs already verified under one snapshot's key (a new snapshot starts empty): verifying
+/// (an HMAC and two JSON decodes) is most of what authenticating a request costs, and a client
+/// sends the same token with every request. A remembered token still has its time bounds
+/// checked at every use, and its user looked up in the snapshot. Only tokens that verified are
+/// remembered, so a client cannot fill this with garbage.
+#[derive(Debug, Default)]
+pub struct VerifiedTokens(std::sync::RwLock<std::collections::HashMap<String, Verified>>);
+
+#[derive(Debug, Clone)]
+struct Verified {
+    sub: String,
+    not_before: i64,
+    expires: i64,
+}
+
+impl VerifiedTokens {
+    fn get(&self, token: &str) -> Option<Verified> {
+        self.0.read().unwrap().get(token).cloned()
+    }
+
+    fn remember(&self, token: &str, verified: Verified) {
+        let mut tokens = self.0.write().unwrap();
+        if tokens.len() >= VERIFIED_CAPACITY {
+            tokens.clear();
+        }
+        tokens.insert(token.to_string(), verified);
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// A JWT's subject: from the remembered verification when there is one (time bounds checked
+/// as jsonwebtoken checks them, with the same leeway), verified and remembered otherwise.
+fn jwt_subject(view: &View, token: &str) -> Result<String, AuthFailure> {
+    let leeway = view.jwt.validation.leeway as i64;
+    if let Some(known) = view.jwt.verified.get(token) {
+        let now = unix_now();
+        if known.expires < now - leeway {
+            return Err(AuthFailure("token has expired"));
+        }
+        if known.not_before > now + leeway {
+            return Err(AuthFailure("token is not yet valid"));
+        }
+        return Ok(known.sub);
+    }
+    let claims = jsonwebtoken::decode::<Claims>(token, &view.jwt.key, &view.jwt.validation)
+        .map_err(|e| match e.kind() {
+            jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthFailure("token has expired"),
+            jsonwebtoken::errors::ErrorKind::ImmatureSignature => AuthFailure("token is not yet valid"),
+            _ => AuthFailure("token is invalid"),
+        })?
+        .claims;
+    view.jwt
+        .verified
+        .remember(token, Verified { sub: claims.sub.clone(), not_before: claims.nbf, expires: claims.exp });
+    Ok(claims.sub)
 }
 
 /// Why a request was not authenticated; the message is safe to return.
@@ -34,20 +99,12 @@ pub fn authenticate<'v>(
     let user_id = if token.starts_with("rfl_") {
         let hash = to_hex(&Sha256::digest(token.as_bytes()));
         let api_token = view.tokens_by_hash.get(&hash).ok_or(AuthFailure("API token is invalid or revoked"))?;
-        let now =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-        if api_token.expires_at.is_some_and(|at| at <= now) {
+        if api_token.expires_at.is_some_and(|at| at <= unix_now()) {
             return Err(AuthFailure("API token has expired"));
         }
         api_token.user_id.as_str()
     } else {
-        let claims =
-            jsonwebtoken::decode::<Claims>(token, &view.jwt.key, &view.jwt.validation).map_err(|e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthFailure("token has expired"),
-                jsonwebtoken::errors::ErrorKind::ImmatureSignature => AuthFailure("token is not yet valid"),
-                _ => AuthFailure("token is invalid"),
-            })?;
-        return lookup(view, &claims.claims.sub);
+        return lookup(view, &jwt_subject(view, token)?);
     };
     lookup(view, user_id)
 }

@@ -49,6 +49,8 @@ pub struct JwtSettings {
     pub key: jsonwebtoken::DecodingKey,
     /// Built once per snapshot, not per request.
     pub validation: jsonwebtoken::Validation,
+    /// Tokens verified under this key.
+    pub verified: crate::auth::VerifiedTokens,
 }
 
 impl std::fmt::Debug for JwtSettings {
@@ -197,6 +199,7 @@ fn decode(map: &ResourceMap, sealer: &DeterministicSealer) -> Result<View, Vec<S
                     issuer: settings.jwt_issuer,
                     audience: settings.jwt_audience,
                     key: jsonwebtoken::DecodingKey::from_secret(&secret),
+                    verified: Default::default(),
                 }),
                 None => {
                     errors.push("settings: the JWT secret does not open with this data plane's token".into());

@@ -221,3 +221,41 @@ fn cache_round_trips_and_refuses_tampering() {
     std::fs::write(cache.path(), &on_disk[..on_disk.len() / 3]).unwrap();
     assert!(cache.load(&sealer).is_err());
 }
+
+fn jwt(secret: &[u8], sub: &str, expires_in: i64) -> String {
+    let now = chrono::Utc::now().timestamp();
+    let claims = serde_json::json!({
+        "sub": sub, "iss": "reflow", "aud": "reflow", "iat": now, "nbf": now, "exp": now + expires_in,
+    });
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(secret))
+        .unwrap()
+}
+
+fn authenticated(snapshot: &DataSnapshot, token: &str) -> Result<String, &'static str> {
+    let mut headers = axum::http::HeaderMap::new();
+    headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
+    reflow_data_plane::auth::authenticate(&snapshot.view, &headers, None).map(|u| u.id.clone()).map_err(|f| f.0)
+}
+
+#[test]
+fn a_remembered_token_still_expires_and_a_forgery_of_it_is_refused() {
+    let snapshot = applied(&full(base()));
+    let secret = b"jwt-secret-jwt-secret-jwt-secret";
+    let token = jwt(secret, "u1", 1);
+    assert_eq!(authenticated(&snapshot, &token), Ok("u1".into()));
+    assert_eq!(authenticated(&snapshot, &token), Ok("u1".into()), "served again from the verified tokens");
+    // The same claims under another key: a different token, verified on its own and refused.
+    let forged = jwt(b"another-secret-another-secret-00", "u1", 1);
+    assert_eq!(authenticated(&snapshot, &forged), Err("token is invalid"));
+    // Past its expiry plus the leeway, the remembered token is refused as well.
+    std::thread::sleep(std::time::Duration::from_secs(reflow_common::bearer::JWT_LEEWAY_SECS + 2));
+    assert_eq!(authenticated(&snapshot, &token), Err("token has expired"));
+    // A user deactivated in a later snapshot is refused even with a remembered token.
+    let token = jwt(secret, "u1", 3600);
+    assert_eq!(authenticated(&snapshot, &token), Ok("u1".into()));
+    let mut resources = base();
+    resources.retain(|r| r.id != "u1");
+    resources.push(user("u1", false));
+    let later = applied(&full(resources));
+    assert_eq!(authenticated(&later, &token), Err("account is deactivated"));
+}

@@ -477,10 +477,7 @@ impl Drop for Gateway {
 /// A data plane serving on `listen`, synced from `control_plane`, logging like `reflow
 /// data-plane` does (info to stderr): the body of the benchmark's separate data-plane process.
 pub async fn run_data_plane(control_plane: &str, token: &str, listen: &str) -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _logs = reflow_common::logging::init(&reflow_common::config::Config::default())?;
     let dir = tempfile::tempdir()?;
     let sync = SyncConfig {
         control_plane: control_plane.into(),

@@ -48,9 +48,62 @@ pub enum Reply {
     /// A response known at once.
     Now(Value),
     /// Messages for the client, the last of which is the response.
-    Stream(mpsc::UnboundedReceiver<Value>),
+    Stream(Forwarding),
     /// The message cannot be accepted: 400 with this JSON-RPC error.
     Invalid(Value),
+}
+
+/// A request on its way to an upstream: the exchange itself, and the messages it produces for
+/// the client (relayed notifications and requests, then the response).
+///
+/// Whoever reads the messages drives the exchange, so the common case (a JSON answer) runs
+/// in the HTTP request's own task. Dropped before the response (the client went away), the
+/// exchange is left to finish on its own: a disconnection is not a cancellation, only
+/// `notifications/cancelled` is.
+pub struct Forwarding {
+    work: Option<futures::future::BoxFuture<'static, ()>>,
+    messages: mpsc::UnboundedReceiver<Value>,
+}
+
+impl std::fmt::Debug for Forwarding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwarding").field("running", &self.work.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl Forwarding {
+    /// The next message for the client; `None` once the exchange ended (after the response,
+    /// or without one when it was cancelled).
+    pub async fn next(&mut self) -> Option<Value> {
+        let message = match self.work.as_mut() {
+            Some(work) => {
+                tokio::select! {
+                    biased;
+                    message = self.messages.recv() => message,
+                    () = work => {
+                        self.work = None;
+                        self.messages.recv().await
+                    }
+                }
+            }
+            None => self.messages.recv().await,
+        };
+        if message.as_ref().is_none_or(jsonrpc::is_response) {
+            // The response is the exchange's last act: nothing is left to run.
+            self.work = None;
+        }
+        message
+    }
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        if let Some(work) = self.work.take() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(work);
+            }
+        }
+    }
 }
 
 /// A list method and how its items are named.
@@ -465,6 +518,9 @@ impl Gateway {
     }
 
     /// Sends `message` to `target` and streams back what it relays, ending with its response.
+    ///
+    /// The exchange is not a task of its own: the HTTP layer drives it while waiting for the
+    /// reply (see [`Forwarding`]), which spares a spawn and two cross-thread wake-ups per call.
     async fn forward(
         self: &Arc<Self>,
         session: &Arc<ClientSession>,
@@ -478,13 +534,12 @@ impl Gateway {
         let id = message["id"].clone();
         let key = jsonrpc::id_key(&id);
         let gateway = self.clone();
-        let owner = session.clone();
         let session = session.clone();
         let target_name = target.name.clone();
         let method = method.to_string();
-        let task_key = key.clone();
-        let forwarding = tokio::spawn(async move {
-            let key = task_key;
+        let (abort, registration) = futures::future::AbortHandle::new_pair();
+        session.inflight.lock().unwrap().insert(key.clone(), (target.name.clone(), abort));
+        let work = async move {
             let (sink, mut relayed) = mpsc::unbounded_channel();
             let result = {
                 let request = upstream.request(&message, Some(&sink));
@@ -521,15 +576,16 @@ impl Gateway {
                     jsonrpc::error(id, SERVER_ERROR, format!("target {target_name:?}: {error}"))
                 }
             };
+            // The last thing the exchange does: once the response is out, nothing remains.
             let _ = tx.send(reply);
-        });
-        // Registered after the spawn (the handle is needed); a task that already finished
-        // leaves no entry behind.
-        owner.inflight.lock().unwrap().insert(key.clone(), (target.name.clone(), forwarding.abort_handle()));
-        if forwarding.is_finished() {
-            owner.inflight.lock().unwrap().remove(&key);
-        }
-        Reply::Stream(rx)
+        };
+        let work = futures::future::Abortable::new(work, registration);
+        Reply::Stream(Forwarding {
+            work: Some(Box::pin(async move {
+                let _ = work.await;
+            })),
+            messages: rx,
+        })
     }
 
     /// Prepares a message an upstream sent for the client: server→client requests get a
@@ -602,8 +658,8 @@ impl Gateway {
                 let Some(request_id) = params.as_ref().and_then(|p| p.get("requestId")) else { return };
                 let entry = session.inflight.lock().unwrap().remove(&jsonrpc::id_key(request_id));
                 entry
-                    .map(|(target, forwarding)| {
-                        forwarding.abort();
+                    .map(|(target, exchange)| {
+                        exchange.abort();
                         target
                     })
                     .into_iter()

@@ -28,7 +28,7 @@ use futures::Stream;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::gateway::{Caller, Gateway, Reply, SUPPORTED_VERSIONS};
+use super::gateway::{Caller, Forwarding, Gateway, Reply, SUPPORTED_VERSIONS};
 use super::jsonrpc::{self, Message, INVALID_REQUEST, PARSE_ERROR, SERVER_ERROR, UNAUTHORIZED};
 use super::session::{ClientSession, Scope};
 use crate::auth::authenticate;
@@ -215,9 +215,9 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
             Reply::Now(message) | Reply::Invalid(message) => {
                 tokio::spawn(async move { outbound.send(message).await });
             }
-            Reply::Stream(mut messages) => {
+            Reply::Stream(mut forwarding) => {
                 tokio::spawn(async move {
-                    while let Some(message) = messages.recv().await {
+                    while let Some(message) = forwarding.next().await {
                         if outbound.send(message).await.is_err() {
                             break;
                         }
@@ -232,7 +232,7 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
         Reply::Accepted => StatusCode::ACCEPTED.into_response(),
         Reply::Invalid(message) => (StatusCode::BAD_REQUEST, Json(message)).into_response(),
         Reply::Now(message) => Json(message).into_response(),
-        Reply::Stream(messages) => stream_reply(session, request_id, messages, accepts_sse, accepts_json).await,
+        Reply::Stream(forwarding) => stream_reply(session, request_id, forwarding, accepts_sse, accepts_json).await,
     })
 }
 
@@ -278,19 +278,20 @@ fn cancelled(id: Value) -> Response {
 async fn stream_reply(
     session: Arc<ClientSession>,
     id: Value,
-    mut messages: mpsc::UnboundedReceiver<Value>,
+    mut forwarding: Forwarding,
     accepts_sse: bool,
     accepts_json: bool,
 ) -> Response {
-    let Some(first) = messages.recv().await else {
+    let Some(first) = forwarding.next().await else {
         return cancelled(id);
     };
     if jsonrpc::is_response(&first) && accepts_json {
         return Json(first).into_response();
     }
     if accepts_sse {
-        let rest = futures::stream::unfold(messages, |mut messages| async move {
-            messages.recv().await.map(|message| (message, messages))
+        // The response body drives the rest of the exchange.
+        let rest = futures::stream::unfold(forwarding, |mut forwarding| async move {
+            forwarding.next().await.map(|message| (message, forwarding))
         });
         let events =
             futures::StreamExt::map(futures::StreamExt::chain(futures::stream::once(async { first }), rest), |m| {
@@ -305,7 +306,7 @@ async fn stream_reply(
             return Json(message).into_response();
         }
         session.push(message);
-        next = messages.recv().await;
+        next = forwarding.next().await;
     }
     cancelled(id)
 }

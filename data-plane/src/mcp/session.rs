@@ -70,9 +70,9 @@ pub struct ClientSession {
     pub upstreams: tokio::sync::Mutex<HashMap<String, UpstreamEntry>>,
     /// Server→client requests awaiting the client's answer: gateway id → (target, upstream id).
     pub pending: Mutex<HashMap<String, (String, Value)>>,
-    /// Client requests in flight: id key → (target name, the forwarding task), to route a
-    /// cancellation upstream and stop waiting.
-    pub inflight: Mutex<HashMap<String, (String, tokio::task::AbortHandle)>>,
+    /// Client requests in flight: id key → (target name, what aborts the exchange), to route
+    /// a cancellation upstream and stop waiting.
+    pub inflight: Mutex<HashMap<String, (String, futures::future::AbortHandle)>>,
     /// Merged lists by method.
     pub lists: Mutex<HashMap<&'static str, CachedList>>,
     next_id: AtomicU64,

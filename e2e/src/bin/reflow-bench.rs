@@ -7,6 +7,10 @@
 //! Prints a table and, with `--json`, writes one JSON object per scenario.
 
 use clap::{Parser, Subcommand};
+
+/// The allocator `reflow` runs with, so the data plane measured here allocates as it does there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use serde_json::Value;
 
 #[derive(Debug, Parser)]
