@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use reflow_common::config::{Config, ConfigError, LogFormat};
+use reflow_common::config::{Config, ConfigError};
 use reflow_control_plane::{bind, store, ControlPlane, StartError};
 
 #[derive(Debug, Parser)]
