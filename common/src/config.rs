@@ -404,6 +404,11 @@ pub struct McpConfig {
     pub allowed_hosts: Vec<String>,
     /// Most client sessions one data plane holds; beyond it new sessions get 503.
     pub max_sessions: usize,
+    /// How long a merged list (tools, prompts, resources) is reused for the same user, client
+    /// capabilities and snapshot before the upstreams are asked again; a `list_changed` from an
+    /// upstream ends it sooner. 0 asks the upstreams every time.
+    #[serde(with = "humantime_serde")]
+    pub list_cache_ttl: Duration,
 }
 
 impl Default for McpConfig {
@@ -416,6 +421,7 @@ impl Default for McpConfig {
             page_size: 100,
             allowed_hosts: Vec::new(),
             max_sessions: 100_000,
+            list_cache_ttl: Duration::from_secs(60),
         }
     }
 }

@@ -37,6 +37,24 @@ async def slow(steps: int, ctx: Context) -> str:
     return f"done {steps} steps"
 
 
+grown = 0
+
+
+@server.tool()
+async def grow(ctx: Context) -> str:
+    """Add a tool named grown_N and tell the client the tool list changed."""
+    global grown
+    grown += 1
+    name = f"grown_{grown}"
+
+    def grown_tool() -> str:
+        return name
+
+    server.add_tool(grown_tool, name=name, description="Added by grow.")
+    await ctx.session.send_tool_list_changed()
+    return name
+
+
 class Answer(BaseModel):
     name: str
 

@@ -27,12 +27,14 @@ use tokio::net::TcpListener;
 const SESSION_HEADER: &str = "mcp-session-id";
 
 /// What the server offers and expects.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct FastUpstream {
     /// Tools in `tools/list`.
     pub tools: usize,
     /// The `Authorization` value every POST must carry.
     pub authorization: Option<String>,
+    /// Counts the `tools/list` requests answered.
+    pub listed: Arc<AtomicU64>,
 }
 
 #[derive(Debug)]
@@ -41,6 +43,7 @@ struct Shared {
     tools_result: String,
     authorization: Option<HeaderValue>,
     sessions: AtomicU64,
+    listed: Arc<AtomicU64>,
 }
 
 impl FastUpstream {
@@ -60,6 +63,7 @@ impl FastUpstream {
             tools_result: json!({ "tools": tools }).to_string(),
             authorization: self.authorization.as_deref().map(HeaderValue::from_str).transpose()?,
             sessions: AtomicU64::new(0),
+            listed: self.listed.clone(),
         });
         loop {
             let (stream, _) = listener.accept().await?;
@@ -127,6 +131,7 @@ async fn answer(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Respo
     Ok(match method {
         "ping" => reply(StatusCode::OK, format!(r#"{{"jsonrpc":"2.0","id":{id_text},"result":{{}}}}"#)),
         "tools/list" => {
+            shared.listed.fetch_add(1, Ordering::Relaxed);
             reply(StatusCode::OK, format!(r#"{{"jsonrpc":"2.0","id":{id_text},"result":{}}}"#, shared.tools_result))
         }
         "tools/call" => {

@@ -156,6 +156,17 @@ pub async fn everything(mode: Mode, port: Option<u16>) -> anyhow::Result<Upstrea
     Ok(Upstream { process, port, url: format!("http://127.0.0.1:{port}{path}") })
 }
 
+/// The in-repo fast upstream ([`crate::fast_upstream`]) served from this process on a fresh
+/// port: its URL, and the count of `tools/list` requests it answered.
+pub async fn fast_upstream(tools: usize) -> anyhow::Result<(String, std::sync::Arc<std::sync::atomic::AtomicU64>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/mcp", listener.local_addr()?);
+    let server = crate::fast_upstream::FastUpstream { tools, ..Default::default() };
+    let listed = server.listed.clone();
+    tokio::spawn(server.serve(listener));
+    Ok((url, listed))
+}
+
 /// One of the Python SDK servers in `e2e/peers`, serving `/mcp` on a fresh port.
 pub async fn python_server(script: &str, args: &[&str]) -> anyhow::Result<Upstream> {
     ensure_peers();

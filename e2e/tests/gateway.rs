@@ -115,6 +115,59 @@ async fn a_snapshot_change_tells_open_sessions_their_list_changed() {
     gateway.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_lists_are_shared_by_a_users_sessions_until_an_upstream_changes_its_list() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let gateway = Gateway::start().await.unwrap();
+    let (fast_url, fast_listed) = fast_upstream(3).await.unwrap();
+    gateway.target("fast", "streamable-http", &fast_url).await.unwrap();
+    let python = python_server("example_server.py", &[]).await.unwrap();
+    gateway.target("py", "streamable-http", &python.url).await.unwrap();
+    gateway.allow_everyone().await.unwrap();
+    let url = format!("{}/mcp", gateway.mcp);
+    let session = |token: &str| {
+        let mut client = McpClient::new(&url, token);
+        async move {
+            client.initialize().await.unwrap();
+            client
+        }
+    };
+
+    let mut first = session(&gateway.admin_token).await;
+    let names = first.tool_names().await.unwrap();
+    assert!(names.contains(&"fast_tool2".to_string()) && names.contains(&"py_grow".to_string()), "{names:?}");
+    assert_eq!(fast_listed.load(Relaxed), 1);
+    // Warm: the same session and another session of the same user are served the merge.
+    assert_eq!(first.tool_names().await.unwrap(), names);
+    let mut second = session(&gateway.admin_token).await;
+    assert_eq!(second.tool_names().await.unwrap(), names);
+    assert_eq!(fast_listed.load(Relaxed), 1, "no upstream was asked again");
+    // Another user has a merge of their own.
+    let (_, other_token) = gateway.user("lists@example.com").await.unwrap();
+    let mut other = session(&other_token).await;
+    assert_eq!(other.tool_names().await.unwrap(), names);
+    assert_eq!(fast_listed.load(Relaxed), 2);
+
+    // An upstream's list_changed (sent on its own stream of the first session's upstream
+    // session) reaches the sessions of everyone served a merge that included that target, and
+    // ends the merge.
+    let stream = second
+        .http
+        .get(&second.url)
+        .bearer_auth(&second.token)
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", second.session.clone().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(text(&first.call("py_grow", json!({})).await.unwrap()), "grown_1");
+    wait_for_event(stream, "notifications/tools/list_changed", Duration::from_secs(10)).await;
+    let names = second.tool_names().await.unwrap();
+    assert!(names.contains(&"py_grown_1".to_string()), "{names:?}");
+    assert_eq!(fast_listed.load(Relaxed), 3, "the merge was made anew");
+    gateway.stop().await;
+}
+
 /// Collects everything the gateway logs in this test process.
 #[derive(Clone, Default)]
 struct Logs(Arc<Mutex<Vec<u8>>>);

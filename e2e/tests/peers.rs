@@ -254,7 +254,7 @@ async fn python_sdk_client_and_server_through_the_gateway() {
     ])
     .await
     .unwrap();
-    assert_eq!(report["tools"], json!(["py_add", "py_ask", "py_echo", "py_sample", "py_slow"]));
+    assert_eq!(report["tools"], json!(["py_add", "py_ask", "py_echo", "py_grow", "py_sample", "py_slow"]));
     assert_eq!(report["add"], "5");
     assert_eq!(report["slow"], "done 3 steps");
     assert_eq!(report["progress"], json!([[1.0, 3.0], [2.0, 3.0], [3.0, 3.0]]));

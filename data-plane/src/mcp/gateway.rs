@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::jsonrpc::{self, Message, FORBIDDEN, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, SERVER_ERROR};
+use super::merged::{client_hash, ListKey, Merged, MergedLists};
 use super::names;
 use super::session::{short, CachedList, ClientSession, Scope, Sessions, UpstreamEntry};
 use super::McpSettings;
@@ -175,6 +176,8 @@ pub struct Gateway {
     pub pool: Arc<Pool>,
     /// Failed upstream exchanges by target name, for `/ready` and operators.
     pub upstream_failures: Mutex<BTreeMap<String, u64>>,
+    /// Merged lists shared by the sessions of one user.
+    pub merged: MergedLists,
 }
 
 impl Gateway {
@@ -201,6 +204,7 @@ impl Gateway {
             upstream,
             pool,
             upstream_failures: Mutex::new(BTreeMap::new()),
+            merged: MergedLists::default(),
         })
     }
 
@@ -222,6 +226,8 @@ impl Gateway {
 
     fn count_failure(&self, target: &str, error: &UpstreamError) {
         tracing::warn!(%target, %error, "upstream request failed");
+        // A failing upstream may come back with other tools: merges that include it end.
+        self.merged.changed(target);
         *self.upstream_failures.lock().unwrap().entry(target.to_string()).or_default() += 1;
     }
 
@@ -602,12 +608,17 @@ impl Gateway {
             message["id"] = Value::String(gateway_id);
             return Some(message);
         }
+        let changed: &[&str] = match method.as_str() {
+            "notifications/tools/list_changed" => &["tools/list"],
+            "notifications/prompts/list_changed" => &["prompts/list"],
+            "notifications/resources/list_changed" => &["resources/list", "resources/templates/list"],
+            _ => &[],
+        };
+        if !changed.is_empty() {
+            invalidate(session, changed);
+            self.list_changed_elsewhere(session, target, &method, changed);
+        }
         match method.as_str() {
-            "notifications/tools/list_changed" => invalidate(session, &["tools/list"]),
-            "notifications/prompts/list_changed" => invalidate(session, &["prompts/list"]),
-            "notifications/resources/list_changed" => {
-                invalidate(session, &["resources/list", "resources/templates/list"])
-            }
             "notifications/resources/updated" if session.scope == Scope::Aggregate => {
                 if let Some(uri) = message.pointer("/params/uri").and_then(Value::as_str) {
                     message["params"]["uri"] = Value::String(names::map_uri(target, uri));
@@ -625,6 +636,29 @@ impl Gateway {
             _ => {}
         }
         Some(message)
+    }
+
+    /// An upstream told one session its list changed. Merges that include the target are
+    /// stale for everyone, and sessions that were served such a merge without an upstream
+    /// session of their own to that target (so no notification of their own) are told too.
+    fn list_changed_elsewhere(&self, from: &ClientSession, target: &str, notification: &str, methods: &[&str]) {
+        self.merged.changed(target);
+        let Some(target_id) = self.state.load().and_then(|s| s.view.targets.get(target).map(|t| t.id.clone())) else {
+            return;
+        };
+        for session in self.sessions.all() {
+            if session.id == from.id {
+                continue;
+            }
+            let has_own = session.upstreams.try_lock().map(|u| u.contains_key(target)).unwrap_or(false);
+            let listed = session.lists.lock().unwrap().iter().any(|(method, list)| {
+                methods.contains(method) && list.offered.iter().any(|(id, _, _)| *id == target_id)
+            });
+            if listed && !has_own {
+                invalidate(&session, methods);
+                session.push(jsonrpc::notification(notification, None));
+            }
+        }
     }
 
     async fn client_response(&self, session: &Arc<ClientSession>, id: Value, mut body: Map<String, Value>) -> Reply {
@@ -736,6 +770,42 @@ impl Gateway {
             };
         }
         let targets = Gateway::reachable(session, caller);
+        let ttl = self.settings.list_cache_ttl;
+        let key = (!ttl.is_zero()).then(|| ListKey {
+            version: caller.snapshot.version.clone(),
+            user_id: caller.user.id.clone(),
+            scope: session.scope.clone(),
+            method: spec.method,
+            client: client_hash(session.upstream_params.lock().unwrap().as_ref()),
+        });
+        let merged = match key.as_ref().and_then(|key| self.merged.get(key, ttl)) {
+            Some(merged) => merged,
+            None => {
+                let epochs = self.merged.epochs(targets.iter().map(|t| t.name.as_str()));
+                let (merged, complete) = self.merge(session, caller, spec, &targets).await;
+                let merged = Arc::new(merged);
+                if let (Some(key), true) = (key, complete) {
+                    self.merged.keep(key, merged.clone(), epochs);
+                }
+                merged
+            }
+        };
+        let generation = session.next_number();
+        let list = CachedList { generation, items: merged.items.clone(), offered: merged.offered.clone() };
+        let result = self.page(spec, &list, 0);
+        session.lists.lock().unwrap().insert(spec.method, list);
+        jsonrpc::result(id, result)
+    }
+
+    /// Asks every target in parallel and merges what the user may see; `false` with the merge
+    /// when some target failed (its items are missing).
+    async fn merge(
+        self: &Arc<Self>,
+        session: &Arc<ClientSession>,
+        caller: &Caller,
+        spec: &'static ListSpec,
+        targets: &[&Target],
+    ) -> (Merged, bool) {
         let fetches = targets.iter().map(|target| async move {
             let fetched =
                 tokio::time::timeout(self.settings.list_timeout, self.fetch_all(session, caller, target, spec)).await;
@@ -745,11 +815,13 @@ impl Gateway {
         let aggregate = session.scope == Scope::Aggregate;
         let mut items = Vec::new();
         let mut offered = Vec::new();
+        let mut complete = true;
         for (target, result) in results {
             let raw = match result {
                 Ok(raw) => raw,
                 Err(error) => {
                     self.count_failure(&target.name, &error);
+                    complete = false;
                     continue;
                 }
             };
@@ -769,11 +841,7 @@ impl Gateway {
                 items.push(item);
             }
         }
-        let generation = session.next_number();
-        let list = CachedList { generation, items: Arc::new(items), offered };
-        let result = self.page(spec, &list, 0);
-        session.lists.lock().unwrap().insert(spec.method, list);
-        jsonrpc::result(id, result)
+        (Merged { items: Arc::new(items), offered: Arc::new(offered) }, complete)
     }
 
     fn page(&self, spec: &ListSpec, list: &CachedList, offset: usize) -> Value {
@@ -822,6 +890,7 @@ impl Gateway {
     /// removed targets, closes sessions of users who may no longer connect, and tells the
     /// others which of their lists changed.
     pub fn snapshot_changed(&self, snapshot: &DataSnapshot) {
+        self.merged.clear();
         self.pool.retire(snapshot.view.targets.values());
         for session in self.sessions.all() {
             let user = snapshot.view.users.get(&session.user_id).filter(|u| u.active);

@@ -5,6 +5,7 @@
 //!   headers, JSON or SSE replies, and the legacy HTTP+SSE transport.
 //! - [`gateway`]: the methods: initialize, lists merged over targets, routed calls with the
 //!   policy decision, relaying of notifications and server→client requests.
+//! - [`merged`]: merged lists shared by the sessions of one user, per snapshot.
 //! - [`session`]: client sessions and the upstream sessions they own.
 //! - [`names`]: prefixed names and mapped URIs on the aggregated endpoint.
 //! - [`jsonrpc`]: message classification and error codes.
@@ -12,6 +13,7 @@
 pub mod gateway;
 pub mod http;
 pub mod jsonrpc;
+pub mod merged;
 pub mod names;
 pub mod session;
 
@@ -32,6 +34,8 @@ pub struct McpSettings {
     /// Browser origins allowed besides the gateway's own.
     pub allowed_origins: Vec<String>,
     pub max_sessions: usize,
+    /// How long a merged list is reused (0: never).
+    pub list_cache_ttl: Duration,
     /// Idle time after which a session ends.
     pub session_timeout: Duration,
     pub cleanup_interval: Duration,
@@ -51,6 +55,7 @@ impl McpSettings {
             allowed_hosts: mcp.allowed_hosts.clone(),
             allowed_origins: config.cors.allowed_origins.clone(),
             max_sessions: mcp.max_sessions,
+            list_cache_ttl: mcp.list_cache_ttl,
             session_timeout: config.session.timeout,
             cleanup_interval: config.session.cleanup_interval,
             stdio: config.stdio.clone(),

@@ -24,7 +24,7 @@ use crate::upstream::Upstream;
 pub const OUTBOUND_CAPACITY: usize = 256;
 
 /// Which endpoint a session was opened on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Scope {
     /// `/mcp`: every reachable target, names prefixed.
     Aggregate,
@@ -39,7 +39,7 @@ pub struct CachedList {
     pub items: Arc<Vec<Value>>,
     /// What each upstream offered (target id, the name or URI policies match), allowed or
     /// not: re-evaluated when the snapshot changes, to tell the client its list changed.
-    pub offered: Vec<(String, String, bool)>,
+    pub offered: Arc<Vec<(String, String, bool)>>,
 }
 
 #[derive(Debug)]

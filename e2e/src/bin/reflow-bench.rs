@@ -76,7 +76,7 @@ async fn serve(server: Server) -> anyhow::Result<()> {
         }
         Server::ServeFastUpstream { listen, tools, authorization } => {
             let listener = tokio::net::TcpListener::bind(&listen).await?;
-            reflow_e2e::fast_upstream::FastUpstream { tools, authorization }.serve(listener).await
+            reflow_e2e::fast_upstream::FastUpstream { tools, authorization, ..Default::default() }.serve(listener).await
         }
         Server::ServeProxy { listen, upstream } => {
             reflow_e2e::proxy::serve(tokio::net::TcpListener::bind(&listen).await?, upstream).await

@@ -1,0 +1,151 @@
+//! Merged lists shared by the sessions of one identity.
+//!
+//! An aggregated `tools/list` asks every reachable upstream; a client asks it at every start,
+//! and many clients of one user ask the same. A merged list is kept under what decides its
+//! content: the snapshot version (targets, policies, credentials), the user, the endpoint, the
+//! list method, and the client's `initialize` parameters (servers may offer different tools to
+//! different client capabilities). It is reused until
+//! - a `list_changed` notification from any upstream it came from (each target has an epoch,
+//!   bumped by such a notification; an entry holds the epochs it was merged at), or
+//! - the snapshot changes (every entry is dropped), or
+//! - it is older than `mcp.list_cache_ttl` (upstreams that cannot notify still change).
+//!
+//! A merge some upstream failed is not kept: the next request asks again.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::session::Scope;
+
+/// Most entries held; the memory is cleared when full.
+const CAPACITY: usize = 10_000;
+
+/// What a merged list's content depends on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ListKey {
+    pub version: String,
+    pub user_id: String,
+    pub scope: Scope,
+    pub method: &'static str,
+    /// A hash of the client's `initialize` parameters.
+    pub client: u64,
+}
+
+/// A merged list, as a session pages over it.
+#[derive(Debug)]
+pub struct Merged {
+    pub items: Arc<Vec<Value>>,
+    /// What each upstream offered (target id, the name or URI policies match), allowed or not.
+    pub offered: Arc<Vec<(String, String, bool)>>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    merged: Arc<Merged>,
+    /// The epoch of each target it was merged from.
+    epochs: Vec<(String, u64)>,
+    made: Instant,
+}
+
+#[derive(Debug, Default)]
+pub struct MergedLists {
+    entries: Mutex<HashMap<ListKey, Entry>>,
+    /// By target name; bumped by the target's `list_changed`.
+    epochs: Mutex<HashMap<String, u64>>,
+}
+
+/// A hash of a client's `initialize` parameters, for [`ListKey::client`].
+pub fn client_hash(params: Option<&Value>) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    params.map(Value::to_string).unwrap_or_default().hash(&mut hasher);
+    hasher.finish()
+}
+
+impl MergedLists {
+    /// The current epochs of `targets`, to hand to [`MergedLists::keep`] after merging: a
+    /// change notified while the merge runs makes the result stale at once.
+    pub fn epochs<'t>(&self, targets: impl Iterator<Item = &'t str>) -> Vec<(String, u64)> {
+        let epochs = self.epochs.lock().unwrap();
+        targets.map(|t| (t.to_string(), epochs.get(t).copied().unwrap_or(0))).collect()
+    }
+
+    /// The kept merge for `key`, if it is younger than `ttl` and none of its targets changed.
+    pub fn get(&self, key: &ListKey, ttl: Duration) -> Option<Arc<Merged>> {
+        let entries = self.entries.lock().unwrap();
+        let entry = entries.get(key)?;
+        if entry.made.elapsed() >= ttl {
+            return None;
+        }
+        let epochs = self.epochs.lock().unwrap();
+        entry
+            .epochs
+            .iter()
+            .all(|(target, epoch)| epochs.get(target).copied().unwrap_or(0) == *epoch)
+            .then(|| entry.merged.clone())
+    }
+
+    pub fn keep(&self, key: ListKey, merged: Arc<Merged>, epochs: Vec<(String, u64)>) {
+        let mut entries = self.entries.lock().unwrap();
+        if entries.len() >= CAPACITY {
+            entries.clear();
+        }
+        entries.insert(key, Entry { merged, epochs, made: Instant::now() });
+    }
+
+    /// `target` notified a list change: every merge that includes it is stale.
+    pub fn changed(&self, target: &str) {
+        *self.epochs.lock().unwrap().entry(target.to_string()).or_default() += 1;
+    }
+
+    /// A new snapshot: every key names an old version.
+    pub fn clear(&self) {
+        self.entries.lock().unwrap().clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(user: &str) -> ListKey {
+        ListKey { version: "v1".into(), user_id: user.into(), scope: Scope::Aggregate, method: "tools/list", client: 7 }
+    }
+
+    fn merged(n: usize) -> Arc<Merged> {
+        Arc::new(Merged { items: Arc::new(vec![Value::Null; n]), offered: Arc::new(Vec::new()) })
+    }
+
+    #[test]
+    fn a_merge_is_reused_until_a_source_changes_or_it_ages() {
+        let lists = MergedLists::default();
+        let ttl = Duration::from_secs(60);
+        let epochs = lists.epochs(["a", "b"].into_iter());
+        lists.keep(key("u1"), merged(2), epochs);
+        assert_eq!(lists.get(&key("u1"), ttl).unwrap().items.len(), 2);
+        assert!(lists.get(&key("u2"), ttl).is_none(), "another user has a list of their own");
+        lists.changed("c");
+        assert!(lists.get(&key("u1"), ttl).is_some(), "a target it did not come from changed");
+        lists.changed("b");
+        assert!(lists.get(&key("u1"), ttl).is_none(), "one of its targets changed");
+
+        let epochs = lists.epochs(["a", "b"].into_iter());
+        lists.keep(key("u1"), merged(3), epochs);
+        assert_eq!(lists.get(&key("u1"), ttl).unwrap().items.len(), 3);
+        assert!(lists.get(&key("u1"), Duration::ZERO).is_none(), "older than the time to live");
+        lists.clear();
+        assert!(lists.get(&key("u1"), ttl).is_none(), "a new snapshot drops everything");
+    }
+
+    #[test]
+    fn a_change_during_the_merge_makes_it_stale_at_once() {
+        let lists = MergedLists::default();
+        let epochs = lists.epochs(["a"].into_iter());
+        lists.changed("a");
+        lists.keep(key("u1"), merged(1), epochs);
+        assert!(lists.get(&key("u1"), Duration::from_secs(60)).is_none());
+    }
+}
