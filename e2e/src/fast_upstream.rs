@@ -3,7 +3,8 @@
 //!
 //! It speaks just enough of the protocol for a gateway or client to use it: `initialize`
 //! (with an `Mcp-Session-Id`), notifications (202), `ping`, `tools/list` (a fixed list of
-//! `tools` tools, `echo` first) and `tools/call` of any listed tool (echoes
+//! `tools` tools, `echo` first; a `?tools=N` query on the URL asks for N instead, so one
+//! process can serve many targets of different sizes) and `tools/call` of any listed tool (echoes
 //! `arguments.message`). Replies are JSON, never SSE; there is no GET stream (405). When
 //! `authorization` is set, every POST must carry exactly that `Authorization` value (401
 //! otherwise): the benchmark uses it to prove the gateway injected the target's credential.
@@ -49,18 +50,8 @@ struct Shared {
 impl FastUpstream {
     /// Serves on `listener` until the task is dropped.
     pub async fn serve(self, listener: TcpListener) -> anyhow::Result<()> {
-        let tools: Vec<Value> = (0..self.tools.max(1))
-            .map(|i| {
-                let name = if i == 0 { "echo".to_string() } else { format!("tool{i}") };
-                json!({
-                    "name": name,
-                    "description": "Echoes arguments.message back.",
-                    "inputSchema": {"type": "object", "properties": {"message": {"type": "string"}}},
-                })
-            })
-            .collect();
         let shared = Arc::new(Shared {
-            tools_result: json!({ "tools": tools }).to_string(),
+            tools_result: tools_result(self.tools),
             authorization: self.authorization.as_deref().map(HeaderValue::from_str).transpose()?,
             sessions: AtomicU64::new(0),
             listed: self.listed.clone(),
@@ -76,6 +67,20 @@ impl FastUpstream {
             });
         }
     }
+}
+
+fn tools_result(count: usize) -> String {
+    let tools: Vec<Value> = (0..count.max(1))
+        .map(|i| {
+            let name = if i == 0 { "echo".to_string() } else { format!("tool{i}") };
+            json!({
+                "name": name,
+                "description": "Echoes arguments.message back.",
+                "inputSchema": {"type": "object", "properties": {"message": {"type": "string"}}},
+            })
+        })
+        .collect();
+    json!({ "tools": tools }).to_string()
 }
 
 fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -102,6 +107,7 @@ async fn answer(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Respo
         }
     }
     let has_session = request.headers().contains_key(SESSION_HEADER);
+    let tools_asked = request.uri().query().and_then(|q| q.strip_prefix("tools=")).and_then(|n| n.parse().ok());
     let Ok(body) = request.into_body().collect().await else {
         return Ok(error(StatusCode::BAD_REQUEST, &none, -32700, "the body could not be read"));
     };
@@ -132,7 +138,11 @@ async fn answer(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Respo
         "ping" => reply(StatusCode::OK, format!(r#"{{"jsonrpc":"2.0","id":{id_text},"result":{{}}}}"#)),
         "tools/list" => {
             shared.listed.fetch_add(1, Ordering::Relaxed);
-            reply(StatusCode::OK, format!(r#"{{"jsonrpc":"2.0","id":{id_text},"result":{}}}"#, shared.tools_result))
+            let result = match tools_asked {
+                Some(count) => tools_result(count),
+                None => shared.tools_result.clone(),
+            };
+            reply(StatusCode::OK, format!(r#"{{"jsonrpc":"2.0","id":{id_text},"result":{result}}}"#))
         }
         "tools/call" => {
             let text = message.pointer("/params/arguments/message").and_then(Value::as_str).unwrap_or_default();

@@ -5,6 +5,8 @@
 //!   upstream and server-everything.
 //! - [`fast_upstream`]: a minimal Streamable HTTP MCP server built for speed.
 //! - [`proxy`]: a bare pass-through HTTP proxy (the limit of one extra hop).
+//! - [`sessions`]: aggregated lists over 1/10/50 targets, new sessions per second, memory per
+//!   idle session.
 //! - [`measure`]: a process's CPU time and resident memory, from `/proc`.
 //! - [`client`]: a raw Streamable HTTP MCP client for exact status and header checks.
 //! - [`harness`]: a gateway in this process plus real MCP peers as child processes, for the
@@ -21,6 +23,7 @@ pub mod fast_upstream;
 pub mod harness;
 pub mod measure;
 pub mod proxy;
+pub mod sessions;
 pub mod snapshot;
 pub mod stdio_bench;
 

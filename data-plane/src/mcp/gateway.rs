@@ -48,6 +48,8 @@ pub enum Reply {
     Accepted,
     /// A response known at once.
     Now(Value),
+    /// A response known at once, already serialised.
+    Serialized(String),
     /// Messages for the client, the last of which is the response.
     Stream(Forwarding),
     /// The message cannot be accepted: 400 with this JSON-RPC error.
@@ -266,7 +268,7 @@ impl Gateway {
             ));
         }
         if let Some(spec) = LISTS.iter().find(|s| s.method == method) {
-            return Reply::Now(self.list(session, caller, spec, id, params.as_ref()).await);
+            return self.list(session, caller, spec, id, params.as_ref()).await;
         }
         let routed = match method {
             "tools/call" => self.route_named(session, caller, &id, params, Kind::Tool, "name"),
@@ -309,11 +311,14 @@ impl Gateway {
         };
         let mut version = if SUPPORTED_VERSIONS.contains(&requested) { requested } else { LATEST_VERSION }.to_string();
         let capabilities = params.get("capabilities").cloned().filter(Value::is_object).unwrap_or_else(|| json!({}));
-        *session.upstream_params.lock().unwrap() = Some(json!({
+        let upstream_params = json!({
             "protocolVersion": version,
             "capabilities": capabilities,
             "clientInfo": {"name": "reflow-gateway", "version": env!("CARGO_PKG_VERSION")},
-        }));
+        })
+        .to_string();
+        let hash = client_hash(&upstream_params);
+        let _ = session.upstream_params.set((upstream_params.into_boxed_str(), hash));
         let result = match &session.scope {
             Scope::Aggregate => json!({
                 "protocolVersion": version,
@@ -357,7 +362,7 @@ impl Gateway {
 
     /// Params for `initialize` upstream: the client's version and capabilities, our identity.
     fn upstream_initialize_params(session: &ClientSession) -> Value {
-        session.upstream_params.lock().unwrap().clone().unwrap_or_else(|| {
+        session.upstream_params.get().and_then(|(params, _)| serde_json::from_str(params).ok()).unwrap_or_else(|| {
             json!({
                 "protocolVersion": LATEST_VERSION,
                 "capabilities": {},
@@ -753,7 +758,7 @@ impl Gateway {
         spec: &'static ListSpec,
         id: Value,
         params: Option<&Value>,
-    ) -> Value {
+    ) -> Reply {
         if let Some(cursor) = params.and_then(|p| p.get("cursor")).filter(|c| !c.is_null()) {
             let lists = session.lists.lock().unwrap();
             let page = cursor.as_str().and_then(decode_cursor).and_then(|(generation, offset)| {
@@ -763,10 +768,12 @@ impl Gateway {
                     .map(|l| (l, offset))
             });
             return match page {
-                Some((list, offset)) => jsonrpc::result(id, self.page(spec, list, offset)),
-                None => {
-                    jsonrpc::error(id, INVALID_PARAMS, "the cursor is invalid or has expired; list again without one")
-                }
+                Some((list, offset)) => Reply::Serialized(self.page(spec, list, offset, &id)),
+                None => Reply::Now(jsonrpc::error(
+                    id,
+                    INVALID_PARAMS,
+                    "the cursor is invalid or has expired; list again without one",
+                )),
             };
         }
         let targets = Gateway::reachable(session, caller);
@@ -776,7 +783,7 @@ impl Gateway {
             user_id: caller.user.id.clone(),
             scope: session.scope.clone(),
             method: spec.method,
-            client: client_hash(session.upstream_params.lock().unwrap().as_ref()),
+            client: session.upstream_params.get().map_or(0, |(_, hash)| *hash),
         });
         let merged = match key.as_ref().and_then(|key| self.merged.get(key, ttl)) {
             Some(merged) => merged,
@@ -792,9 +799,9 @@ impl Gateway {
         };
         let generation = session.next_number();
         let list = CachedList { generation, items: merged.items.clone(), offered: merged.offered.clone() };
-        let result = self.page(spec, &list, 0);
+        let reply = self.page(spec, &list, 0, &id);
         session.lists.lock().unwrap().insert(spec.method, list);
-        jsonrpc::result(id, result)
+        Reply::Serialized(reply)
     }
 
     /// Asks every target in parallel and merges what the user may see; `false` with the merge
@@ -844,13 +851,17 @@ impl Gateway {
         (Merged { items: Arc::new(items), offered: Arc::new(offered) }, complete)
     }
 
-    fn page(&self, spec: &ListSpec, list: &CachedList, offset: usize) -> Value {
+    /// The response carrying one page of a merged list, serialised straight from the shared
+    /// items (building a JSON tree of the page would copy every item).
+    fn page(&self, spec: &ListSpec, list: &CachedList, offset: usize, id: &Value) -> String {
         let end = (offset + self.settings.page_size).min(list.items.len());
-        let mut result = json!({ spec.field: list.items[offset..end] });
-        if end < list.items.len() {
-            result["nextCursor"] = Value::String(encode_cursor(list.generation, end));
-        }
-        result
+        let items = serde_json::to_string(&list.items[offset..end]).expect("JSON values serialise");
+        let cursor = if end < list.items.len() {
+            format!(r#","nextCursor":"{}""#, encode_cursor(list.generation, end))
+        } else {
+            String::new()
+        };
+        format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{{"{}":{items}{cursor}}}}}"#, spec.field)
     }
 
     /// Every page of one upstream list (empty when the upstream lacks the capability).

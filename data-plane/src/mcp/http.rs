@@ -210,9 +210,13 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
     if session.legacy {
         // Every reply of a legacy session travels on its SSE stream; a response waits for room
         // there rather than being dropped (the stream's end closes the channel).
-        let outbound = session.outbound.clone();
+        let outbound = session.outbound().sender.clone();
         match reply {
             Reply::Now(message) | Reply::Invalid(message) => {
+                tokio::spawn(async move { outbound.send(message).await });
+            }
+            Reply::Serialized(text) => {
+                let message: Value = serde_json::from_str(&text).expect("the gateway's own JSON parses");
                 tokio::spawn(async move { outbound.send(message).await });
             }
             Reply::Stream(mut forwarding) => {
@@ -232,6 +236,9 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
         Reply::Accepted => StatusCode::ACCEPTED.into_response(),
         Reply::Invalid(message) => (StatusCode::BAD_REQUEST, Json(message)).into_response(),
         Reply::Now(message) => Json(message).into_response(),
+        Reply::Serialized(text) => {
+            ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], text).into_response()
+        }
         Reply::Stream(forwarding) => stream_reply(session, request_id, forwarding, accepts_sse, accepts_json).await,
     })
 }
@@ -331,7 +338,7 @@ struct Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(messages) = self.messages.take() {
-            *self.session.outbound_rx.lock().unwrap() = Some(messages);
+            *self.session.outbound().receiver.lock().unwrap() = Some(messages);
         }
         if let Some(gateway) = self.ends.take() {
             gateway.sessions.remove(&self.session.id);
@@ -363,7 +370,7 @@ fn get_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Result<Resp
         return Err(refuse(StatusCode::NOT_ACCEPTABLE, INVALID_REQUEST, "Accept must include text/event-stream"));
     }
     if let Some(session) = session_of(&gateway, &scope, &caller, &parts)? {
-        let Some(messages) = session.outbound_rx.lock().unwrap().take() else {
+        let Some(messages) = session.outbound().receiver.lock().unwrap().take() else {
             return Err(refuse(StatusCode::CONFLICT, INVALID_REQUEST, "this session already has an open stream"));
         };
         session.touch();
@@ -387,7 +394,7 @@ fn get_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Result<Resp
         ));
     }
     let session = Arc::new(ClientSession::new(caller.user.id.clone(), scope, true, Default::default()));
-    let messages = session.outbound_rx.lock().unwrap().take();
+    let messages = session.outbound().receiver.lock().unwrap().take();
     gateway.sessions.insert(session.clone());
     let endpoint = Event::default().event("endpoint").data(format!("{}?sessionId={}", parts.uri.path(), session.id));
     Ok(sse(lease_stream(Lease { session, messages, ends: Some(gateway) }, Some(endpoint))))

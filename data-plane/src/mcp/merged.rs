@@ -58,10 +58,10 @@ pub struct MergedLists {
     epochs: Mutex<HashMap<String, u64>>,
 }
 
-/// A hash of a client's `initialize` parameters, for [`ListKey::client`].
-pub fn client_hash(params: Option<&Value>) -> u64 {
+/// A hash of a client's serialised `initialize` parameters, for [`ListKey::client`].
+pub fn client_hash(params: &str) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    params.map(Value::to_string).unwrap_or_default().hash(&mut hasher);
+    params.hash(&mut hasher);
     hasher.finish()
 }
 

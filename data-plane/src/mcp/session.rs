@@ -49,6 +49,14 @@ pub struct UpstreamEntry {
     pub upstream: Arc<Upstream>,
 }
 
+/// A session's stream to the client: the GET stream, or the legacy SSE stream.
+#[derive(Debug)]
+pub struct Outbound {
+    pub sender: mpsc::Sender<Value>,
+    /// The receiving end, leased by the one open stream and returned when it closes.
+    pub receiver: Mutex<Option<mpsc::Receiver<Value>>>,
+}
+
 #[derive(Debug)]
 pub struct ClientSession {
     pub id: String,
@@ -59,13 +67,14 @@ pub struct ClientSession {
     /// The protocol version `initialize` settled; unset until the session is initialised.
     pub protocol_version: OnceLock<String>,
     /// The `initialize` params upstream sessions are opened with (the client's requested
-    /// version and capabilities); set when the client's `initialize` arrives.
-    pub upstream_params: Mutex<Option<Value>>,
+    /// version and capabilities), set when the client's `initialize` arrives: serialised (a
+    /// JSON tree would cost an idle session more than everything else it holds), with its
+    /// hash for merged-list keys.
+    pub upstream_params: OnceLock<(Box<str>, u64)>,
     last_used: Mutex<Instant>,
-    /// Messages for the client outside any POST stream.
-    pub outbound: mpsc::Sender<Value>,
-    /// The receiving end, leased by the one open GET stream and returned when it closes.
-    pub outbound_rx: Mutex<Option<mpsc::Receiver<Value>>>,
+    /// Messages for the client outside any POST stream; made on first use (most sessions
+    /// never need one, and its buffer is most of an idle session's memory).
+    outbound: OnceLock<Outbound>,
     /// Upstream sessions by target name. An async lock: creating one may close another.
     pub upstreams: tokio::sync::Mutex<HashMap<String, UpstreamEntry>>,
     /// Server→client requests awaiting the client's answer: gateway id → (target, upstream id).
@@ -88,17 +97,15 @@ pub fn new_session_id() -> String {
 
 impl ClientSession {
     pub fn new(user_id: String, scope: Scope, legacy: bool, cancel: CancellationToken) -> Self {
-        let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_CAPACITY);
         ClientSession {
             id: new_session_id(),
             user_id,
             scope,
             legacy,
             protocol_version: OnceLock::new(),
-            upstream_params: Mutex::new(None),
+            upstream_params: OnceLock::new(),
             last_used: Mutex::new(Instant::now()),
-            outbound,
-            outbound_rx: Mutex::new(Some(outbound_rx)),
+            outbound: OnceLock::new(),
             upstreams: tokio::sync::Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
@@ -125,10 +132,22 @@ impl ClientSession {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    pub fn outbound(&self) -> &Outbound {
+        self.outbound.get_or_init(|| {
+            let (sender, receiver) = mpsc::channel(OUTBOUND_CAPACITY);
+            Outbound { sender, receiver: Mutex::new(Some(receiver)) }
+        })
+    }
+
+    /// Whether a client stream is reading the session's messages now.
+    pub fn streaming(&self) -> bool {
+        self.outbound.get().is_some_and(|o| o.receiver.lock().unwrap().is_none())
+    }
+
     /// Queues a message for the client's stream; drops it (with a warning) when the client
     /// is not reading.
     pub fn push(&self, message: Value) {
-        if self.outbound.try_send(message).is_err() {
+        if self.outbound().sender.try_send(message).is_err() {
             tracing::warn!(session = %short(&self.id), "the client is not reading its stream; a message was dropped");
         }
     }
@@ -185,11 +204,8 @@ impl Sessions {
     /// is not idle).
     pub fn expire(&self, timeout: std::time::Duration) -> Vec<Arc<ClientSession>> {
         let mut map = self.map.lock().unwrap();
-        let expired: Vec<String> = map
-            .iter()
-            .filter(|(_, s)| s.idle_for() > timeout && s.outbound_rx.lock().unwrap().is_some())
-            .map(|(id, _)| id.clone())
-            .collect();
+        let expired: Vec<String> =
+            map.iter().filter(|(_, s)| s.idle_for() > timeout && !s.streaming()).map(|(id, _)| id.clone()).collect();
         expired.into_iter().filter_map(|id| map.remove(&id)).collect()
     }
 }

@@ -192,6 +192,61 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
+    if want("lists") {
+        println!("\naggregated tools/list, 100 tools over N targets: cold = a user's first list, warm = listed again");
+        println!(
+            "{:>8} {:>6} {:>12} {:>12} {:>12} {:>12} {:>14}",
+            "targets", "tools", "cold p50 ms", "cold p99 ms", "warm p50 ms", "warm p99 ms", "warm us CPU"
+        );
+        let (cold, warm) = if args.quick { (10, 1000) } else { (30, 5000) };
+        for result in reflow_e2e::sessions::lists(&program, cold, warm).await? {
+            let f = |key: &str| result[key].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "{:>8} {:>6} {:>12.3} {:>12.3} {:>12.3} {:>12.3} {:>14.1}",
+                result["targets"].as_u64().unwrap_or(0),
+                result["tools"].as_u64().unwrap_or(0),
+                f("cold_p50_ms"),
+                f("cold_p99_ms"),
+                f("warm_p50_ms"),
+                f("warm_p99_ms"),
+                f("warm_cpu_us_per_list")
+            );
+            results.push(result);
+        }
+        if let Some(last) = results.last() {
+            println!(
+                "  cold: {:.3} ms per extra target; warm at 50 targets / at 1: {:.2}",
+                last["cold_ms_per_extra_target"].as_f64().unwrap_or(f64::NAN),
+                last["warm_50_vs_1"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+    }
+
+    if want("sessions") {
+        for result in reflow_e2e::sessions::sessions(&program, 8, duration, 10_000).await? {
+            let f = |key: &str| result[key].as_f64().unwrap_or(f64::NAN);
+            match result["scenario"].as_str() {
+                Some("new_sessions") => println!(
+                    "\nnew sessions (initialize + first tools/list), 8 at a time: {:.0}/s, {:.0} per gateway CPU-second \
+                     ({:.1} us CPU each), p50 {:.3} ms, p99 {:.3} ms",
+                    f("sessions_per_s"),
+                    f("sessions_per_cpu_s"),
+                    f("gateway_cpu_us_per_session"),
+                    f("p50_ms"),
+                    f("p99_ms")
+                ),
+                _ => println!(
+                    "idle sessions: {} held, data-plane RSS {:.1} -> {:.1} MiB: {:.0} bytes per session",
+                    result["sessions"],
+                    f("rss_before_bytes") / 1048576.0,
+                    f("rss_after_bytes") / 1048576.0,
+                    f("bytes_per_session")
+                ),
+            }
+            results.push(result);
+        }
+    }
+
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
         println!("\nwrote {}", path.display());
