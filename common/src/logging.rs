@@ -1,15 +1,93 @@
 //! Logging for every role: `RUST_LOG` (or `logging.level`) decides what is written, as text or
 //! JSON, to stderr.
 //!
-//! Lines are handed to a writer thread rather than written by the thread that logs: the data
-//! plane writes an audit line for every call, and a `write` system call per line on the
-//! request path costs more than the rest of the line. The writer never drops a line (when it
-//! falls behind, logging waits), and what is queued is flushed when the returned guard drops.
+//! The data plane writes an audit line for every call, and a `write` system call per line on
+//! the request path costs more than the rest of the line; handing each line to a writer thread
+//! costs as much again in wake-ups. So lines are appended to a shared buffer, and a flusher
+//! thread writes the buffer out every [`FLUSH_EVERY`]. A line is never dropped: a buffer that
+//! grows past [`FLUSH_AT`] is written out by the thread that filled it, and dropping the
+//! returned guard writes what is left. What a crash can lose is at most the last
+//! [`FLUSH_EVERY`] of lines.
+
+use std::io::Write;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use crate::config::{Config, ConfigError, LogFormat};
 
-/// Keeps the writer thread; dropping it flushes what is queued.
-pub type LogGuard = tracing_appender::non_blocking::WorkerGuard;
+/// How often buffered lines are written out.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
+/// A buffer this large is written out at once.
+pub const FLUSH_AT: usize = 64 * 1024;
+
+#[derive(Debug, Default)]
+struct Buffer {
+    lines: Mutex<(Vec<u8>, bool)>,
+    /// Wakes the flusher early to stop.
+    stop: Condvar,
+}
+
+impl Buffer {
+    fn write_out(bytes: &[u8]) {
+        let mut stderr = std::io::stderr().lock();
+        let _ = stderr.write_all(bytes);
+        let _ = stderr.flush();
+    }
+
+    fn flush(&self) {
+        let taken = std::mem::take(&mut self.lines.lock().unwrap().0);
+        if !taken.is_empty() {
+            Buffer::write_out(&taken);
+        }
+    }
+}
+
+/// What `tracing-subscriber` writes each line to.
+#[derive(Debug, Clone)]
+struct BufferedStderr(Arc<Buffer>);
+
+impl Write for BufferedStderr {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let mut lines = self.0.lines.lock().unwrap();
+        lines.0.extend_from_slice(bytes);
+        if lines.0.len() >= FLUSH_AT {
+            let taken = std::mem::take(&mut lines.0);
+            drop(lines);
+            Buffer::write_out(&taken);
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for BufferedStderr {
+    type Writer = BufferedStderr;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// Keeps the flusher running; dropping it writes out what is buffered.
+#[derive(Debug)]
+pub struct LogGuard {
+    buffer: Arc<Buffer>,
+    flusher: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        self.buffer.lines.lock().unwrap().1 = true;
+        self.buffer.stop.notify_all();
+        if let Some(flusher) = self.flusher.take() {
+            let _ = flusher.join();
+        }
+        self.buffer.flush();
+    }
+}
 
 /// Starts logging to stderr.
 pub fn init(config: &Config) -> Result<LogGuard, ConfigError> {
@@ -20,18 +98,48 @@ pub fn init(config: &Config) -> Result<LogGuard, ConfigError> {
         _ => tracing_subscriber::EnvFilter::try_new(&config.logging.level)
             .map_err(|e| ConfigError::new("logging.level", e.to_string()))?,
     };
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("reflow-log")
-        // The writer thread flushes whenever it has drained the queue: under load, many lines
-        // leave in one write.
-        .finish(std::io::BufWriter::new(std::io::stderr()));
+    let buffer = Arc::new(Buffer::default());
     let colours = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(colours);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(BufferedStderr(buffer.clone()))
+        .with_ansi(colours);
     let result = match config.logging.format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
     result.map_err(|e| ConfigError::new("logging", e.to_string()))?;
-    Ok(guard)
+    let flusher = {
+        let buffer = buffer.clone();
+        std::thread::Builder::new()
+            .name("reflow-log".into())
+            .spawn(move || loop {
+                let lines = buffer.lines.lock().unwrap();
+                let (lines, _) = buffer.stop.wait_timeout(lines, FLUSH_EVERY).unwrap();
+                let stopping = lines.1;
+                drop(lines);
+                buffer.flush();
+                if stopping {
+                    return;
+                }
+            })
+            .map_err(|e| ConfigError::new("logging", format!("cannot start the log flusher: {e}")))?
+    };
+    Ok(LogGuard { buffer, flusher: Some(flusher) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_kept_in_order_and_a_full_buffer_is_written_out_by_its_writer() {
+        let buffer = Arc::new(Buffer::default());
+        let mut writer = BufferedStderr(buffer.clone());
+        writer.write_all(b"first\n").unwrap();
+        writer.write_all(b"second\n").unwrap();
+        assert_eq!(buffer.lines.lock().unwrap().0, b"first\nsecond\n");
+        writer.write_all(&vec![b'x'; FLUSH_AT]).unwrap();
+        assert!(buffer.lines.lock().unwrap().0.is_empty(), "written out, not kept growing");
+    }
 }
