@@ -159,6 +159,8 @@ fn data_planes_outlive_the_control_plane_and_converge_when_it_returns() {
     let dp2 = start_data_plane(grpc_port, TOKEN, "dp-2", dp2_port, &cache2, logs);
     assert_eq!(ready_status(&dp2.base), 503);
     assert_eq!(mcp_status(&dp2.base, &api_token), 503);
-    assert!(dp2.stderr().contains("refusing the snapshot cache"), "{}", dp2.stderr());
+    eventually(Duration::from_secs(5), "the refused cache is logged", || {
+        dp2.stderr().contains("refusing the snapshot cache")
+    });
     assert_eq!(mcp_status(&dp1.base, &api_token), 200, "the other data plane is unaffected");
 }

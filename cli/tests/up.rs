@@ -5,6 +5,7 @@
 mod support;
 
 use std::process::Command;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::*;
@@ -87,8 +88,10 @@ fn readme_usage_works_against_reflow_up_and_survives_a_restart() {
         get(&running.base, &format!("/api/targets/{target}/env/resolve?user_id={user_id}&reveal=true"), &token);
     assert_eq!(resolved["env"][0]["value"], "ghp_xxxx");
     assert_eq!(resolved["env"][0]["scope_type"], "user");
-    let logs = running.stderr();
-    assert!(logs.contains("credential values revealed"), "revealing is logged");
+    // Log lines are written out in batches (every 50 ms).
+    eventually(Duration::from_secs(5), "revealing is logged", || {
+        running.stderr().contains("credential values revealed")
+    });
     assert!(running.stop().success());
     for log in
         std::fs::read_dir(work.path()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
