@@ -100,16 +100,19 @@ struct Run {
     cpu_us_per_call: Option<f64>,
 }
 
-async fn run(
-    url: &str,
-    token: &str,
-    tool: &str,
+/// One path's load: where, as whom, which tool, how much.
+struct Load<'a> {
+    url: &'a str,
+    token: &'a str,
+    tool: &'a str,
     concurrency: usize,
     duration: Duration,
     rate: Option<f64>,
-    pid: Option<u32>,
-) -> anyhow::Result<Run> {
-    let work = drive_with(url, token, tool, concurrency, duration, rate);
+}
+
+/// Drives `load`, reading the CPU `pid` (the gateway or proxy) uses meanwhile.
+async fn run(load: Load<'_>, pid: Option<u32>) -> anyhow::Result<Run> {
+    let work = drive_with(load.url, load.token, load.tool, load.concurrency, load.duration, load.rate);
     let ((rps, latencies), cpu) = match pid {
         Some(pid) => {
             let (result, cpu) = cpu_during(pid, work).await?;
@@ -227,9 +230,9 @@ async fn three_ways(
     gateway_pid: u32,
     proxy_pid: Option<u32>,
 ) -> anyhow::Result<(Run, Run, Run)> {
-    let direct = run(&paths.direct, &paths.upstream_token, paths.tool, concurrency, duration, rate, None).await?;
-    let proxy = run(&paths.proxy, &paths.upstream_token, paths.tool, concurrency, duration, rate, proxy_pid).await?;
-    let gateway =
-        run(&paths.gateway, gateway_token, &paths.gateway_tool, concurrency, duration, rate, Some(gateway_pid)).await?;
+    let load = |url, token, tool| Load { url, token, tool, concurrency, duration, rate };
+    let direct = run(load(&paths.direct, &paths.upstream_token, paths.tool), None).await?;
+    let proxy = run(load(&paths.proxy, &paths.upstream_token, paths.tool), proxy_pid).await?;
+    let gateway = run(load(&paths.gateway, gateway_token, &paths.gateway_tool), Some(gateway_pid)).await?;
     Ok((gateway, proxy, direct))
 }

@@ -143,6 +143,15 @@ impl McpClient {
         Ok(Answer { status, headers, messages })
     }
 
+    /// Opens the session's GET stream (the response, to read events from).
+    pub async fn open_stream(&self) -> anyhow::Result<reqwest::Response> {
+        let mut request = self.http.get(&self.url).bearer_auth(&self.token).header("accept", "text/event-stream");
+        if let Some(session) = &self.session {
+            request = request.header("mcp-session-id", session);
+        }
+        Ok(request.send().await?)
+    }
+
     /// Ends the session.
     pub async fn delete(&self) -> anyhow::Result<u16> {
         let mut request = self.http.delete(&self.url).bearer_auth(&self.token);

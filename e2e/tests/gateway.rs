@@ -96,19 +96,10 @@ async fn policies_decide_listing_and_calling_alike_and_crafted_names_do_not_bypa
 async fn a_snapshot_change_tells_open_sessions_their_list_changed() {
     let (gateway, _upstream, target, mut client) = everything_session(Mode::StreamableHttp).await;
     assert!(client.tool_names().await.unwrap().contains(&"everything_get-sum".to_string()));
-    let open_stream = || {
-        client
-            .http
-            .get(&client.url)
-            .bearer_auth(&client.token)
-            .header("accept", "text/event-stream")
-            .header("mcp-session-id", client.session.clone().unwrap())
-            .send()
-    };
-    let stream = open_stream().await.unwrap();
+    let stream = client.open_stream().await.unwrap();
     assert_eq!(stream.status(), 200);
     // A second GET stream on the same session is refused while the first is open.
-    assert_eq!(open_stream().await.unwrap().status(), 409);
+    assert_eq!(client.open_stream().await.unwrap().status(), 409);
     gateway.deny_tools(&target, "get-sum").await.unwrap();
     wait_for_event(stream, "notifications/tools/list_changed", Duration::from_secs(10)).await;
     assert!(!client.tool_names().await.unwrap().contains(&"everything_get-sum".to_string()));
@@ -151,15 +142,7 @@ async fn merged_lists_are_shared_by_a_users_sessions_until_an_upstream_changes_i
     // An upstream's list_changed (sent on its own stream of the first session's upstream
     // session) reaches the sessions of everyone served a merge that included that target, and
     // ends the merge.
-    let stream = second
-        .http
-        .get(&second.url)
-        .bearer_auth(&second.token)
-        .header("accept", "text/event-stream")
-        .header("mcp-session-id", second.session.clone().unwrap())
-        .send()
-        .await
-        .unwrap();
+    let stream = second.open_stream().await.unwrap();
     assert_eq!(text(&first.call("py_grow", json!({})).await.unwrap()), "grown_1");
     wait_for_event(stream, "notifications/tools/list_changed", Duration::from_secs(10)).await;
     let names = second.tool_names().await.unwrap();
@@ -373,15 +356,7 @@ async fn messages_an_upstream_sends_on_its_own_reach_the_client_stream() {
     assert_eq!(level.message()["result"], json!({}), "{:?}", level.messages);
     let toggled = client.call("everything_toggle-simulated-logging", json!({})).await.unwrap();
     assert!(toggled.get("result").is_some(), "{toggled}");
-    let stream = client
-        .http
-        .get(&client.url)
-        .bearer_auth(&client.token)
-        .header("accept", "text/event-stream")
-        .header("mcp-session-id", client.session.clone().unwrap())
-        .send()
-        .await
-        .unwrap();
+    let stream = client.open_stream().await.unwrap();
     assert_eq!(stream.status(), 200);
     // server-everything logs every 5 s on its own stream; the gateway relays it.
     let seen = wait_for_event(stream, "notifications/message", Duration::from_secs(15)).await;
