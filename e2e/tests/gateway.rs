@@ -103,6 +103,16 @@ async fn a_snapshot_change_tells_open_sessions_their_list_changed() {
     gateway.deny_tools(&target, "get-sum").await.unwrap();
     wait_for_event(stream, "notifications/tools/list_changed", Duration::from_secs(10)).await;
     assert!(!client.tool_names().await.unwrap().contains(&"everything_get-sum".to_string()));
+
+    // A target added is a change of the list too, though no item it was shown changed.
+    let mut other = McpClient::new(&client.url, &client.token);
+    other.initialize().await.unwrap();
+    assert!(!other.tool_names().await.unwrap().iter().any(|n| n.starts_with("added_")));
+    let stream = other.open_stream().await.unwrap();
+    let (added, _) = fast_upstream(2).await.unwrap();
+    gateway.target("added", "streamable-http", &added).await.unwrap();
+    wait_for_event(stream, "notifications/tools/list_changed", Duration::from_secs(10)).await;
+    assert!(other.tool_names().await.unwrap().contains(&"added_tool1".to_string()));
     gateway.stop().await;
 }
 

@@ -740,15 +740,14 @@ impl Gateway {
         jsonrpc::result(id, json!({}))
     }
 
-    fn reachable<'s>(session: &ClientSession, caller: &'s Caller) -> Vec<&'s Target> {
-        let view = &caller.snapshot.view;
-        let candidates: Vec<&Target> = match &session.scope {
-            Scope::Aggregate => {
-                view.targets.keys().filter_map(|name| Gateway::servable(&caller.snapshot, name)).collect()
-            }
-            Scope::Target(name) => Gateway::servable(&caller.snapshot, name).into_iter().collect(),
+    /// The targets a list on `scope` asks for `user`: servable, and reachable by some policy.
+    fn reachable<'s>(scope: &Scope, snapshot: &'s DataSnapshot, user: &User) -> Vec<&'s Target> {
+        let view = &snapshot.view;
+        let candidates: Vec<&Target> = match scope {
+            Scope::Aggregate => view.targets.keys().filter_map(|name| Gateway::servable(snapshot, name)).collect(),
+            Scope::Target(name) => Gateway::servable(snapshot, name).into_iter().collect(),
         };
-        candidates.into_iter().filter(|t| may_allow_any(&view.policies, &caller.user, &t.id)).collect()
+        candidates.into_iter().filter(|t| may_allow_any(&view.policies, user, &t.id)).collect()
     }
 
     async fn list(
@@ -776,7 +775,7 @@ impl Gateway {
                 )),
             };
         }
-        let targets = Gateway::reachable(session, caller);
+        let targets = Gateway::reachable(&session.scope, &caller.snapshot, &caller.user);
         let ttl = self.settings.list_cache_ttl;
         let key = (!ttl.is_zero()).then(|| ListKey {
             version: caller.snapshot.version.clone(),
@@ -798,7 +797,12 @@ impl Gateway {
             }
         };
         let generation = session.next_number();
-        let list = CachedList { generation, items: merged.items.clone(), offered: merged.offered.clone() };
+        let list = CachedList {
+            generation,
+            items: merged.items.clone(),
+            offered: merged.offered.clone(),
+            sources: merged.sources.clone(),
+        };
         let reply = self.page(spec, &list, 0, &id);
         session.lists.lock().unwrap().insert(spec.method, list);
         Reply::Serialized(reply)
@@ -848,7 +852,8 @@ impl Gateway {
                 items.push(item);
             }
         }
-        (Merged { items: Arc::new(items), offered: Arc::new(offered) }, complete)
+        let sources = Arc::new(targets.iter().map(|t| t.id.clone()).collect());
+        (Merged { items: Arc::new(items), offered: Arc::new(offered), sources }, complete)
     }
 
     /// The response carrying one page of a merged list, serialised straight from the shared
@@ -914,15 +919,24 @@ impl Gateway {
             };
             let mut changed = Vec::new();
             {
+                // Targets added, removed, enabled, disabled or newly (un)reachable change the
+                // list even when no item's decision did.
+                let mut reachable: Vec<&str> =
+                    Gateway::reachable(&session.scope, snapshot, user).into_iter().map(|t| t.id.as_str()).collect();
+                reachable.sort_unstable();
                 let mut lists = session.lists.lock().unwrap();
                 lists.retain(|method, list| {
                     let spec = LISTS.iter().find(|s| s.method == *method).expect("cached lists are of known methods");
-                    let same = list.offered.iter().all(|(target_id, key, allowed)| {
-                        let target = snapshot.view.targets.values().find(|t| t.id == *target_id);
-                        let servable = target.is_some_and(|t| Gateway::servable(snapshot, &t.name).is_some());
-                        let now = servable && decide(&snapshot.view.policies, user, target_id, spec.kind, key).allowed;
-                        now == *allowed
-                    });
+                    let mut sources: Vec<&str> = list.sources.iter().map(String::as_str).collect();
+                    sources.sort_unstable();
+                    let same = sources == reachable
+                        && list.offered.iter().all(|(target_id, key, allowed)| {
+                            let target = snapshot.view.targets.values().find(|t| t.id == *target_id);
+                            let servable = target.is_some_and(|t| Gateway::servable(snapshot, &t.name).is_some());
+                            let now =
+                                servable && decide(&snapshot.view.policies, user, target_id, spec.kind, key).allowed;
+                            now == *allowed
+                        });
                     if !same && !changed.contains(&spec.changed) {
                         changed.push(spec.changed);
                     }

@@ -41,6 +41,8 @@ pub struct Merged {
     pub items: Arc<Vec<Value>>,
     /// What each upstream offered (target id, the name or URI policies match), allowed or not.
     pub offered: Arc<Vec<(String, String, bool)>>,
+    /// The ids of the targets asked.
+    pub sources: Arc<Vec<String>>,
 }
 
 #[derive(Debug)]
@@ -116,7 +118,11 @@ mod tests {
     }
 
     fn merged(n: usize) -> Arc<Merged> {
-        Arc::new(Merged { items: Arc::new(vec![Value::Null; n]), offered: Arc::new(Vec::new()) })
+        Arc::new(Merged {
+            items: Arc::new(vec![Value::Null; n]),
+            offered: Arc::new(Vec::new()),
+            sources: Arc::new(Vec::new()),
+        })
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub struct CachedList {
     /// What each upstream offered (target id, the name or URI policies match), allowed or
     /// not: re-evaluated when the snapshot changes, to tell the client its list changed.
     pub offered: Arc<Vec<(String, String, bool)>>,
+    /// The ids of the targets the list was merged from.
+    pub sources: Arc<Vec<String>>,
 }
 
 #[derive(Debug)]
