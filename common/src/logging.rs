@@ -28,17 +28,18 @@ struct Buffer {
 }
 
 impl Buffer {
-    fn write_out(bytes: &[u8]) {
-        let mut stderr = std::io::stderr().lock();
-        let _ = stderr.write_all(bytes);
-        let _ = stderr.flush();
-    }
-
+    /// Writes out what is buffered. The stderr lock is taken before the buffer is released,
+    /// so lines leave in the order they were logged whoever writes them out.
     fn flush(&self) {
-        let taken = std::mem::take(&mut self.lines.lock().unwrap().0);
-        if !taken.is_empty() {
-            Buffer::write_out(&taken);
+        let mut lines = self.lines.lock().unwrap();
+        if lines.0.is_empty() {
+            return;
         }
+        let taken = std::mem::take(&mut lines.0);
+        let mut stderr = std::io::stderr().lock();
+        drop(lines);
+        let _ = stderr.write_all(&taken);
+        let _ = stderr.flush();
     }
 }
 
@@ -50,10 +51,11 @@ impl Write for BufferedStderr {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
         let mut lines = self.0.lines.lock().unwrap();
         lines.0.extend_from_slice(bytes);
-        if lines.0.len() >= FLUSH_AT {
-            let taken = std::mem::take(&mut lines.0);
-            drop(lines);
-            Buffer::write_out(&taken);
+        // Full, or the flusher has stopped (tasks still log while the process shuts down).
+        let now = lines.0.len() >= FLUSH_AT || lines.1;
+        drop(lines);
+        if now {
+            self.0.flush();
         }
         Ok(bytes.len())
     }
@@ -114,8 +116,10 @@ pub fn init(config: &Config) -> Result<LogGuard, ConfigError> {
         std::thread::Builder::new()
             .name("reflow-log".into())
             .spawn(move || loop {
-                let lines = buffer.lines.lock().unwrap();
-                let (lines, _) = buffer.stop.wait_timeout(lines, FLUSH_EVERY).unwrap();
+                let mut lines = buffer.lines.lock().unwrap();
+                if !lines.1 {
+                    lines = buffer.stop.wait_timeout(lines, FLUSH_EVERY).unwrap().0;
+                }
                 let stopping = lines.1;
                 drop(lines);
                 buffer.flush();

@@ -99,6 +99,18 @@ impl Forwarding {
     }
 }
 
+impl Forwarding {
+    /// Lets the exchange run on its own and returns its messages: for a reader that may wait
+    /// on something else (a full client stream) while the upstream still needs answers.
+    pub fn detach(mut self) -> mpsc::UnboundedReceiver<Value> {
+        if let Some(work) = self.work.take() {
+            tokio::spawn(work);
+        }
+        let (_, closed) = mpsc::unbounded_channel();
+        std::mem::replace(&mut self.messages, closed)
+    }
+}
+
 impl Drop for Forwarding {
     fn drop(&mut self) {
         if let Some(work) = self.work.take() {
@@ -655,10 +667,14 @@ impl Gateway {
             if session.id == from.id {
                 continue;
             }
+            // Busy: told anyway (one list_changed too many is harmless, one too few is not).
             let has_own = session.upstreams.try_lock().map(|u| u.contains_key(target)).unwrap_or(false);
-            let listed = session.lists.lock().unwrap().iter().any(|(method, list)| {
-                methods.contains(method) && list.offered.iter().any(|(id, _, _)| *id == target_id)
-            });
+            let listed = session
+                .lists
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(method, list)| methods.contains(method) && list.sources.contains(&target_id));
             if listed && !has_own {
                 invalidate(&session, methods);
                 session.push(jsonrpc::notification(notification, None));
@@ -790,8 +806,10 @@ impl Gateway {
                 let epochs = self.merged.epochs(targets.iter().map(|t| t.name.as_str()));
                 let (merged, complete) = self.merge(session, caller, spec, &targets).await;
                 let merged = Arc::new(merged);
-                if let (Some(key), true) = (key, complete) {
-                    self.merged.keep(key, merged.clone(), epochs);
+                // A merge that finished after the snapshot moved on is served, never kept.
+                let current = self.state.load().is_some_and(|s| s.version == caller.snapshot.version);
+                if let (Some(key), true, true) = (key, complete, current) {
+                    self.merged.keep(key, merged.clone(), epochs, ttl);
                 }
                 merged
             }
@@ -805,6 +823,10 @@ impl Gateway {
         };
         let reply = self.page(spec, &list, 0, &id);
         session.lists.lock().unwrap().insert(spec.method, list);
+        if self.state.load().is_some_and(|s| s.version != caller.snapshot.version) {
+            // The snapshot changed while this list was made, after its sessions were checked.
+            session.push(jsonrpc::notification(spec.changed, None));
+        }
         Reply::Serialized(reply)
     }
 

@@ -219,9 +219,10 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
                 let message: Value = serde_json::from_str(&text).expect("the gateway's own JSON parses");
                 tokio::spawn(async move { outbound.send(message).await });
             }
-            Reply::Stream(mut forwarding) => {
+            Reply::Stream(forwarding) => {
+                let mut messages = forwarding.detach();
                 tokio::spawn(async move {
-                    while let Some(message) = forwarding.next().await {
+                    while let Some(message) = messages.recv().await {
                         if outbound.send(message).await.is_err() {
                             break;
                         }
@@ -337,7 +338,9 @@ struct Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Some(messages) = self.messages.take() {
+        // A legacy session ends with its stream: its messages have nowhere left to go, and
+        // dropping them lets whatever is still sending stop.
+        if let (Some(messages), None) = (self.messages.take(), &self.ends) {
             *self.session.outbound().receiver.lock().unwrap() = Some(messages);
         }
         if let Some(gateway) = self.ends.take() {

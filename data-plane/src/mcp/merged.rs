@@ -21,8 +21,10 @@ use serde_json::Value;
 
 use super::session::Scope;
 
-/// Most entries held; the memory is cleared when full.
+/// Most entries held, and most list items over all entries: past either, expired entries
+/// are dropped, and everything if that is not enough.
 const CAPACITY: usize = 10_000;
+const MAX_ITEMS: usize = 200_000;
 
 /// What a merged list's content depends on.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -45,6 +47,13 @@ pub struct Merged {
     pub sources: Arc<Vec<String>>,
 }
 
+#[derive(Debug, Default)]
+struct Entries {
+    map: HashMap<ListKey, Entry>,
+    /// Items over all entries.
+    items: usize,
+}
+
 #[derive(Debug)]
 struct Entry {
     merged: Arc<Merged>,
@@ -55,7 +64,7 @@ struct Entry {
 
 #[derive(Debug, Default)]
 pub struct MergedLists {
-    entries: Mutex<HashMap<ListKey, Entry>>,
+    entries: Mutex<Entries>,
     /// By target name; bumped by the target's `list_changed`.
     epochs: Mutex<HashMap<String, u64>>,
 }
@@ -78,7 +87,7 @@ impl MergedLists {
     /// The kept merge for `key`, if it is younger than `ttl` and none of its targets changed.
     pub fn get(&self, key: &ListKey, ttl: Duration) -> Option<Arc<Merged>> {
         let entries = self.entries.lock().unwrap();
-        let entry = entries.get(key)?;
+        let entry = entries.map.get(key)?;
         if entry.made.elapsed() >= ttl {
             return None;
         }
@@ -90,12 +99,23 @@ impl MergedLists {
             .then(|| entry.merged.clone())
     }
 
-    pub fn keep(&self, key: ListKey, merged: Arc<Merged>, epochs: Vec<(String, u64)>) {
+    pub fn keep(&self, key: ListKey, merged: Arc<Merged>, epochs: Vec<(String, u64)>, ttl: Duration) {
         let mut entries = self.entries.lock().unwrap();
-        if entries.len() >= CAPACITY {
-            entries.clear();
+        let size = merged.items.len();
+        if entries.map.len() >= CAPACITY || entries.items + size > MAX_ITEMS {
+            entries.map.retain(|_, e| e.made.elapsed() < ttl);
+            entries.items = entries.map.values().map(|e| e.merged.items.len()).sum();
+            if entries.map.len() >= CAPACITY || entries.items + size > MAX_ITEMS {
+                *entries = Entries::default();
+            }
         }
-        entries.insert(key, Entry { merged, epochs, made: Instant::now() });
+        if size > MAX_ITEMS {
+            return;
+        }
+        entries.items += size;
+        if let Some(replaced) = entries.map.insert(key, Entry { merged, epochs, made: Instant::now() }) {
+            entries.items -= replaced.merged.items.len();
+        }
     }
 
     /// `target` notified a list change: every merge that includes it is stale.
@@ -105,7 +125,7 @@ impl MergedLists {
 
     /// A new snapshot: every key names an old version.
     pub fn clear(&self) {
-        self.entries.lock().unwrap().clear();
+        *self.entries.lock().unwrap() = Entries::default();
     }
 }
 
@@ -130,7 +150,7 @@ mod tests {
         let lists = MergedLists::default();
         let ttl = Duration::from_secs(60);
         let epochs = lists.epochs(["a", "b"].into_iter());
-        lists.keep(key("u1"), merged(2), epochs);
+        lists.keep(key("u1"), merged(2), epochs, ttl);
         assert_eq!(lists.get(&key("u1"), ttl).unwrap().items.len(), 2);
         assert!(lists.get(&key("u2"), ttl).is_none(), "another user has a list of their own");
         lists.changed("c");
@@ -139,7 +159,7 @@ mod tests {
         assert!(lists.get(&key("u1"), ttl).is_none(), "one of its targets changed");
 
         let epochs = lists.epochs(["a", "b"].into_iter());
-        lists.keep(key("u1"), merged(3), epochs);
+        lists.keep(key("u1"), merged(3), epochs, ttl);
         assert_eq!(lists.get(&key("u1"), ttl).unwrap().items.len(), 3);
         assert!(lists.get(&key("u1"), Duration::ZERO).is_none(), "older than the time to live");
         lists.clear();
@@ -147,11 +167,25 @@ mod tests {
     }
 
     #[test]
+    fn the_items_held_are_bounded() {
+        let lists = MergedLists::default();
+        let ttl = Duration::from_secs(60);
+        for user in 0..3 {
+            lists.keep(key(&user.to_string()), merged(MAX_ITEMS / 2), Vec::new(), ttl);
+        }
+        let held = lists.entries.lock().unwrap().items;
+        assert!(held <= MAX_ITEMS, "{held} items held");
+        assert!(lists.get(&key("2"), ttl).is_some(), "the newest is kept");
+        lists.keep(key("huge"), merged(MAX_ITEMS + 1), Vec::new(), ttl);
+        assert!(lists.get(&key("huge"), ttl).is_none(), "a merge larger than the bound is not kept");
+    }
+
+    #[test]
     fn a_change_during_the_merge_makes_it_stale_at_once() {
         let lists = MergedLists::default();
         let epochs = lists.epochs(["a"].into_iter());
         lists.changed("a");
-        lists.keep(key("u1"), merged(1), epochs);
+        lists.keep(key("u1"), merged(1), epochs, Duration::from_secs(60));
         assert!(lists.get(&key("u1"), Duration::from_secs(60)).is_none());
     }
 }
