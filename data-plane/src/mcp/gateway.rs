@@ -97,9 +97,7 @@ impl Forwarding {
         }
         message
     }
-}
 
-impl Forwarding {
     /// Lets the exchange run on its own and returns its messages: for a reader that may wait
     /// on something else (a full client stream) while the upstream still needs answers.
     pub fn detach(mut self) -> mpsc::UnboundedReceiver<Value> {
@@ -602,13 +600,8 @@ impl Gateway {
             // The last thing the exchange does: once the response is out, nothing remains.
             let _ = tx.send(reply);
         };
-        let work = futures::future::Abortable::new(work, registration);
-        Reply::Stream(Forwarding {
-            work: Some(Box::pin(async move {
-                let _ = work.await;
-            })),
-            messages: rx,
-        })
+        let work = futures::FutureExt::map(futures::future::Abortable::new(work, registration), drop);
+        Reply::Stream(Forwarding { work: Some(Box::pin(work)), messages: rx })
     }
 
     /// Prepares a message an upstream sent for the client: server→client requests get a
@@ -674,7 +667,7 @@ impl Gateway {
                 .lock()
                 .unwrap()
                 .iter()
-                .any(|(method, list)| methods.contains(method) && list.sources.contains(&target_id));
+                .any(|(method, list)| methods.contains(method) && list.merged.sources.contains(&target_id));
             if listed && !has_own {
                 invalidate(&session, methods);
                 session.push(jsonrpc::notification(notification, None));
@@ -779,7 +772,7 @@ impl Gateway {
             let page = cursor.as_str().and_then(decode_cursor).and_then(|(generation, offset)| {
                 lists
                     .get(spec.method)
-                    .filter(|l| l.generation == generation && offset <= l.items.len())
+                    .filter(|l| l.generation == generation && offset <= l.merged.items.len())
                     .map(|l| (l, offset))
             });
             return match page {
@@ -807,27 +800,26 @@ impl Gateway {
                 let (merged, complete) = self.merge(session, caller, spec, &targets).await;
                 let merged = Arc::new(merged);
                 // A merge that finished after the snapshot moved on is served, never kept.
-                let current = self.state.load().is_some_and(|s| s.version == caller.snapshot.version);
-                if let (Some(key), true, true) = (key, complete, current) {
+                if let (Some(key), true, false) = (key, complete, self.snapshot_moved_on(caller)) {
                     self.merged.keep(key, merged.clone(), epochs, ttl);
                 }
                 merged
             }
         };
         let generation = session.next_number();
-        let list = CachedList {
-            generation,
-            items: merged.items.clone(),
-            offered: merged.offered.clone(),
-            sources: merged.sources.clone(),
-        };
+        let list = CachedList { generation, merged };
         let reply = self.page(spec, &list, 0, &id);
         session.lists.lock().unwrap().insert(spec.method, list);
-        if self.state.load().is_some_and(|s| s.version != caller.snapshot.version) {
+        if self.snapshot_moved_on(caller) {
             // The snapshot changed while this list was made, after its sessions were checked.
             session.push(jsonrpc::notification(spec.changed, None));
         }
         Reply::Serialized(reply)
+    }
+
+    /// Whether a newer snapshot than the one `caller` is served from is active now.
+    fn snapshot_moved_on(&self, caller: &Caller) -> bool {
+        self.state.load().is_some_and(|s| s.version != caller.snapshot.version)
     }
 
     /// Asks every target in parallel and merges what the user may see; `false` with the merge
@@ -874,21 +866,22 @@ impl Gateway {
                 items.push(item);
             }
         }
-        let sources = Arc::new(targets.iter().map(|t| t.id.clone()).collect());
-        (Merged { items: Arc::new(items), offered: Arc::new(offered), sources }, complete)
+        let sources = targets.iter().map(|t| t.id.clone()).collect();
+        (Merged { items, offered, sources }, complete)
     }
 
     /// The response carrying one page of a merged list, serialised straight from the shared
     /// items (building a JSON tree of the page would copy every item).
     fn page(&self, spec: &ListSpec, list: &CachedList, offset: usize, id: &Value) -> String {
-        let end = (offset + self.settings.page_size).min(list.items.len());
-        let items = serde_json::to_string(&list.items[offset..end]).expect("JSON values serialise");
-        let cursor = if end < list.items.len() {
+        let items = &list.merged.items;
+        let end = (offset + self.settings.page_size).min(items.len());
+        let page = serde_json::to_string(&items[offset..end]).expect("JSON values serialise");
+        let cursor = if end < items.len() {
             format!(r#","nextCursor":"{}""#, encode_cursor(list.generation, end))
         } else {
             String::new()
         };
-        format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{{"{}":{items}{cursor}}}}}"#, spec.field)
+        format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{{"{}":{page}{cursor}}}}}"#, spec.field)
     }
 
     /// Every page of one upstream list (empty when the upstream lacks the capability).
@@ -949,10 +942,10 @@ impl Gateway {
                 let mut lists = session.lists.lock().unwrap();
                 lists.retain(|method, list| {
                     let spec = LISTS.iter().find(|s| s.method == *method).expect("cached lists are of known methods");
-                    let mut sources: Vec<&str> = list.sources.iter().map(String::as_str).collect();
+                    let mut sources: Vec<&str> = list.merged.sources.iter().map(String::as_str).collect();
                     sources.sort_unstable();
                     let same = sources == reachable
-                        && list.offered.iter().all(|(target_id, key, allowed)| {
+                        && list.merged.offered.iter().all(|(target_id, key, allowed)| {
                             let target = snapshot.view.targets.values().find(|t| t.id == *target_id);
                             let servable = target.is_some_and(|t| Gateway::servable(snapshot, &t.name).is_some());
                             let now =

@@ -37,14 +37,15 @@ pub struct ListKey {
     pub client: u64,
 }
 
-/// A merged list, as a session pages over it.
+/// A merged list, as sessions page over it.
 #[derive(Debug)]
 pub struct Merged {
-    pub items: Arc<Vec<Value>>,
-    /// What each upstream offered (target id, the name or URI policies match), allowed or not.
-    pub offered: Arc<Vec<(String, String, bool)>>,
+    pub items: Vec<Value>,
+    /// What each upstream offered (target id, the name or URI policies match), allowed or
+    /// not: re-evaluated when the snapshot changes, to tell the client its list changed.
+    pub offered: Vec<(String, String, bool)>,
     /// The ids of the targets asked.
-    pub sources: Arc<Vec<String>>,
+    pub sources: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -138,11 +139,7 @@ mod tests {
     }
 
     fn merged(n: usize) -> Arc<Merged> {
-        Arc::new(Merged {
-            items: Arc::new(vec![Value::Null; n]),
-            offered: Arc::new(Vec::new()),
-            sources: Arc::new(Vec::new()),
-        })
+        Arc::new(Merged { items: vec![Value::Null; n], offered: Vec::new(), sources: Vec::new() })
     }
 
     #[test]

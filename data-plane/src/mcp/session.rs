@@ -16,6 +16,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::merged::Merged;
 use crate::upstream::Upstream;
 
 /// Messages the client has not yet taken from its GET (or legacy SSE) stream. When full, the
@@ -32,16 +33,12 @@ pub enum Scope {
     Target(String),
 }
 
-/// One merged list, kept so cursors page over a stable result.
+/// The merged list a session was last served for a method, kept so cursors page over a
+/// stable result (`generation` names it in cursors).
 #[derive(Debug)]
 pub struct CachedList {
     pub generation: u64,
-    pub items: Arc<Vec<Value>>,
-    /// What each upstream offered (target id, the name or URI policies match), allowed or
-    /// not: re-evaluated when the snapshot changes, to tell the client its list changed.
-    pub offered: Arc<Vec<(String, String, bool)>>,
-    /// The ids of the targets the list was merged from.
-    pub sources: Arc<Vec<String>>,
+    pub merged: Arc<Merged>,
 }
 
 #[derive(Debug)]
