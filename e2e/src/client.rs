@@ -38,13 +38,13 @@ impl Answer {
 
 impl McpClient {
     pub fn new(url: &str, token: &str) -> Self {
-        McpClient {
-            http: reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client builds"),
-            url: url.to_string(),
-            token: token.to_string(),
-            session: None,
-            next_id: 1,
-        }
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client builds");
+        McpClient::with_http(http, url, token)
+    }
+
+    /// A client on a shared HTTP client (its connection pool), for many sessions at once.
+    pub fn with_http(http: reqwest::Client, url: &str, token: &str) -> Self {
+        McpClient { http, url: url.to_string(), token: token.to_string(), session: None, next_id: 1 }
     }
 
     /// `initialize` + `notifications/initialized`; keeps the session id.

@@ -15,13 +15,6 @@ use crate::harness::Gateway;
 use crate::measure::{cpu_during, resident_bytes};
 use crate::percentile;
 
-/// One shared HTTP client for many sessions: the load generator should not be what runs out.
-fn client(http: &reqwest::Client, url: &str, token: &str) -> McpClient {
-    let mut client = McpClient::new(url, token);
-    client.http = http.clone();
-    client
-}
-
 async fn timed_list(client: &mut McpClient, expected: usize) -> anyhow::Result<f64> {
     let started = Instant::now();
     let names = client.tool_names().await?;
@@ -61,11 +54,11 @@ pub async fn lists(program: &Path, cold_runs: usize, warm_runs: usize) -> anyhow
         let expected = TOOLS;
         let mut cold = Vec::new();
         for token in &users {
-            let mut session = client(&http, &url, token);
+            let mut session = McpClient::with_http(http.clone(), &url, token);
             session.initialize().await?;
             cold.push(timed_list(&mut session, expected).await?);
         }
-        let mut session = client(&http, &url, &gateway.admin_token);
+        let mut session = McpClient::with_http(http.clone(), &url, &gateway.admin_token);
         session.initialize().await?;
         timed_list(&mut session, expected).await?;
         let (warm, cpu) = cpu_during(pid, async {
@@ -144,7 +137,7 @@ pub async fn sessions(
                 let started = Instant::now();
                 while started.elapsed() < duration {
                     let at = Instant::now();
-                    let mut session = client(&http, &url, &token);
+                    let mut session = McpClient::with_http(http.clone(), &url, &token);
                     session.initialize().await?;
                     session.tool_names().await?;
                     latencies.push(at.elapsed().as_secs_f64() * 1000.0);
@@ -180,7 +173,7 @@ pub async fn sessions(
                 tokio::spawn(async move {
                     let mut sessions = Vec::new();
                     for _ in 0..per_worker {
-                        let mut session = client(&http, &url, &token);
+                        let mut session = McpClient::with_http(http.clone(), &url, &token);
                         session.initialize().await?;
                         session.tool_names().await?;
                         sessions.push(session);
