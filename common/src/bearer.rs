@@ -33,24 +33,23 @@ pub fn bearer_token<'a>(authorization: Option<&'a [u8]>, query: Option<&str>) ->
         .ok_or("Authorization header must be: Bearer <token>")
 }
 
-/// Clock skew tolerated on `exp` and `nbf`, in seconds.
-pub const JWT_LEEWAY_SECS: u64 = 5;
-
-/// How every role verifies the control plane's JWTs: HS256 only (never `none` or another
-/// algorithm), `exp`, `nbf`, `iat`, `iss`, `aud` and `sub` required, issuer and audience
-/// checked, a small fixed leeway. Set explicitly: the library's defaults skip `nbf` and allow
-/// 60 s of leeway.
-pub fn jwt_validation(issuer: &str, audience: &str) -> jsonwebtoken::Validation {
-    use jsonwebtoken::{Algorithm, Validation};
-    let mut validation = Validation::new(Algorithm::HS256);
-    validation.algorithms = vec![Algorithm::HS256];
-    validation.leeway = JWT_LEEWAY_SECS;
-    validation.validate_exp = true;
-    validation.validate_nbf = true;
-    validation.set_issuer(&[issuer]);
-    validation.set_audience(&[audience]);
-    validation.set_required_spec_claims(&["exp", "nbf", "iat", "iss", "aud", "sub"]);
-    validation
+/// Why a request was not authenticated, on either plane: the same credential gets the same
+/// message from the admin API and from the MCP endpoint. Messages are safe to return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthFailure {
+    /// The `Authorization` header is missing or malformed (see [`bearer_token`]).
+    #[error("{0}")]
+    Header(&'static str),
+    #[error(transparent)]
+    Token(#[from] crate::jwt::TokenError),
+    #[error("API token is invalid or revoked")]
+    UnknownApiToken,
+    #[error("API token has expired")]
+    ExpiredApiToken,
+    #[error("the token's user does not exist")]
+    UnknownUser,
+    #[error("account is deactivated")]
+    Deactivated,
 }
 
 #[cfg(test)]

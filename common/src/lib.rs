@@ -7,6 +7,7 @@
 //!
 //! # Layout
 //! - [`bearer`]: reading `Authorization: Bearer` (and refusing tokens in query strings).
+//! - [`jwt`]: the control plane's Ed25519 tokens: signing, and the one verification every role runs.
 //! - [`crypto`]: AES-256-GCM envelope with key versions and associated data.
 //! - [`config`]: the YAML config, `${ENV}` expansion, defaults and validation.
 //! - [`credentials`]: which scope's value a caller receives (user > group > role > default,
@@ -14,12 +15,16 @@
 //! - [`names`]: the grammar of target names, role and group names, env keys and patterns.
 //! - [`glob`]: the anchored glob used by policy patterns.
 //! - [`model`]: the fixed vocabularies (transport types, effects, subject types, …).
+//! - [`uri`]: the normal form of resource URIs that policies decide on.
+//! - [`logging`]: line-buffered, control-character-escaped logs to stderr.
 
 pub mod bearer;
 pub mod config;
 pub mod credentials;
 pub mod crypto;
 pub mod glob;
+pub mod jwt;
 pub mod logging;
 pub mod model;
 pub mod names;
+pub mod uri;

@@ -8,6 +8,10 @@
 //! grows past [`FLUSH_AT`] is written out by the thread that filled it, and dropping the
 //! returned guard writes what is left. What a crash can lose is at most the last
 //! [`FLUSH_EVERY`] of lines.
+//!
+//! Every line is one line: control characters anywhere in it (a tool name, a header, an error
+//! an upstream sent) are escaped before it is buffered, so no value can forge a log line or
+//! send terminal escapes. Colours are off for the same reason (they are escapes too).
 
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex};
@@ -47,10 +51,45 @@ impl Buffer {
 #[derive(Debug, Clone)]
 struct BufferedStderr(Arc<Buffer>);
 
+/// Appends `line` to `out` with its control characters escaped: ASCII controls (`\n`, `\r`,
+/// `\u00XX`; tabs are kept), DEL, and the Unicode line breaks NEL, LINE SEPARATOR and
+/// PARAGRAPH SEPARATOR (`\u0085`, `\u2028`, `\u2029`). A final `\n` ends the line and stays.
+/// The escapes are valid JSON string escapes, so JSON lines stay JSON.
+pub fn escape_line(line: &[u8], out: &mut Vec<u8>) {
+    let (body, end) = match line.split_last() {
+        Some((b'\n', body)) => (body, true),
+        _ => (line, false),
+    };
+    let mut i = 0;
+    while i < body.len() {
+        let b = body[i];
+        match b {
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.push(b),
+            0..=0x1f | 0x7f => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
+            0xc2 if body.get(i + 1) == Some(&0x85) => {
+                out.extend_from_slice(b"\\u0085");
+                i += 1;
+            }
+            0xe2 if body.get(i + 1) == Some(&0x80) && matches!(body.get(i + 2), Some(0xa8 | 0xa9)) => {
+                out.extend_from_slice(if body[i + 2] == 0xa8 { b"\\u2028" } else { b"\\u2029" });
+                i += 2;
+            }
+            _ => out.push(b),
+        }
+        i += 1;
+    }
+    if end {
+        out.push(b'\n');
+    }
+}
+
 impl Write for BufferedStderr {
+    /// `tracing-subscriber` writes each event whole, in one call: the bytes are one line.
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
         let mut lines = self.0.lines.lock().unwrap();
-        lines.0.extend_from_slice(bytes);
+        escape_line(bytes, &mut lines.0);
         // Full, or the flusher has stopped (tasks still log while the process shuts down).
         let now = lines.0.len() >= FLUSH_AT || lines.1;
         drop(lines);
@@ -101,11 +140,8 @@ pub fn init(config: &Config) -> Result<LogGuard, ConfigError> {
             .map_err(|e| ConfigError::new("logging.level", e.to_string()))?,
     };
     let buffer = Arc::new(Buffer::default());
-    let colours = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(BufferedStderr(buffer.clone()))
-        .with_ansi(colours);
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(BufferedStderr(buffer.clone())).with_ansi(false);
     let result = match config.logging.format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
@@ -145,5 +181,40 @@ mod tests {
         assert_eq!(buffer.lines.lock().unwrap().0, b"first\nsecond\n");
         writer.write_all(&vec![b'x'; FLUSH_AT]).unwrap();
         assert!(buffer.lines.lock().unwrap().0.is_empty(), "written out, not kept growing");
+    }
+
+    #[test]
+    fn control_characters_cannot_forge_lines() {
+        let mut out = Vec::new();
+        let forged = "tool=evil\n2026-01-01 INFO reflow::audit allowed=true\r\x1b[2K\u{2028}\u{85}\u{2029}\0\tend\n";
+        escape_line(forged.as_bytes(), &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text,
+            "tool=evil\\n2026-01-01 INFO reflow::audit allowed=true\\r\\u001b[2K\\u2028\\u0085\\u2029\\u0000\tend\n"
+        );
+        assert_eq!(text.matches('\n').count(), 1, "one line");
+        // Escaped JSON stays JSON.
+        let mut out = Vec::new();
+        escape_line("{\"name\":\"a\u{2028}b\"}\n".as_bytes(), &mut out);
+        let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(value["name"], "a\u{2028}b");
+        // Text other than controls is untouched, multi-byte characters included.
+        let mut out = Vec::new();
+        escape_line("héllo — ✓\n".as_bytes(), &mut out);
+        assert_eq!(out, "héllo — ✓\n".as_bytes());
+    }
+
+    #[test]
+    fn a_logged_field_with_a_newline_stays_on_its_line() {
+        let buffer = Arc::new(Buffer::default());
+        let subscriber =
+            tracing_subscriber::fmt().with_writer(BufferedStderr(buffer.clone())).with_ansi(false).finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(name = %"evil\nINFO forged line", "policy decision");
+        });
+        let text = String::from_utf8(buffer.lines.lock().unwrap().0.clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains("evil\\nINFO forged line"), "{text}");
     }
 }

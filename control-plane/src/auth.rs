@@ -1,8 +1,9 @@
 //! Identity primitives: password hashing, the JWTs the control plane issues, and API tokens.
 //!
 //! - Passwords are hashed with Argon2id (memory-hard) on a blocking thread.
-//! - JWTs are HS256 only; `exp`, `nbf`, `iat`, `iss`, `aud` and `sub` are required and checked
-//!   with a small fixed leeway. Other algorithms, including `none`, are refused.
+//! - JWTs are Ed25519-signed with a key pair derived from `jwt.secret`, and verified by
+//!   [`reflow_common::jwt::Verifier`], the check data planes run too (they hold only the
+//!   public key).
 //! - API tokens are `rfl_` + 43 random URL-safe characters. Only their SHA-256 is stored.
 
 use std::time::Duration;
@@ -11,9 +12,8 @@ use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, Pass
 use argon2::Argon2;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rand::RngCore;
-use serde::{Deserialize, Serialize};
+use reflow_common::jwt::{Signer, Verifier};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -61,28 +61,13 @@ fn dummy_hash() -> String {
         .clone()
 }
 
-/// The claims of a token the control plane issues.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Claims {
-    /// The user id.
-    pub sub: String,
-    pub email: String,
-    pub role: String,
-    pub groups: Vec<String>,
-    pub iss: String,
-    pub aud: String,
-    pub iat: i64,
-    pub nbf: i64,
-    pub exp: i64,
-    /// Unique token id.
-    pub jti: String,
-}
+pub use reflow_common::jwt::{Claims, TokenError};
 
 /// Issues and verifies the control plane's JWTs.
 pub struct JwtKeys {
-    encoding: EncodingKey,
-    decoding: DecodingKey,
-    validation: Validation,
+    signer: Signer,
+    verifier: Verifier,
+    public_key: [u8; 32],
     expiry: Duration,
     issuer: String,
     audience: String,
@@ -97,26 +82,13 @@ impl std::fmt::Debug for JwtKeys {
     }
 }
 
-/// Why a bearer credential was refused. Messages are safe to return to the client.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TokenError {
-    #[error("token is too long")]
-    TooLong,
-    #[error("token has expired")]
-    Expired,
-    #[error("token is not yet valid")]
-    NotYetValid,
-    #[error("token is invalid")]
-    Invalid,
-}
-
 impl JwtKeys {
     pub fn new(secret: &[u8], expiry: Duration, issuer: &str, audience: &str) -> Self {
-        let validation = reflow_common::bearer::jwt_validation(issuer, audience);
+        let public_key = reflow_common::jwt::public_key(secret);
         JwtKeys {
-            encoding: EncodingKey::from_secret(secret),
-            decoding: DecodingKey::from_secret(secret),
-            validation,
+            signer: Signer::from_secret(secret),
+            verifier: Verifier::new(&public_key, issuer, audience),
+            public_key,
             expiry,
             issuer: issuer.to_string(),
             audience: audience.to_string(),
@@ -139,23 +111,17 @@ impl JwtKeys {
             exp: expires.timestamp(),
             jti: Uuid::new_v4().to_string(),
         };
-        let token =
-            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).expect("HS256 signing");
-        (token, expires)
+        (self.signer.sign(&claims), expires)
     }
 
-    /// Verifies signature, algorithm and every time, issuer and audience claim.
+    /// The public key data planes verify with.
+    pub fn public_key(&self) -> &[u8; 32] {
+        &self.public_key
+    }
+
+    /// Verifies signature, algorithm and every claim, exactly as data planes do.
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
-        if token.len() > MAX_BEARER_LEN {
-            return Err(TokenError::TooLong);
-        }
-        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map(|data| data.claims).map_err(|e| {
-            match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
-                jsonwebtoken::errors::ErrorKind::ImmatureSignature => TokenError::NotYetValid,
-                _ => TokenError::Invalid,
-            }
-        })
+        self.verifier.verify(token)
     }
 }
 

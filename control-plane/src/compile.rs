@@ -24,7 +24,8 @@ pub struct CompileKeys<'a> {
     pub store_keyring: &'a Keyring,
     /// Seals secrets for the data planes.
     pub sealer: &'a DeterministicSealer,
-    pub jwt_secret: &'a [u8],
+    /// The Ed25519 key data planes verify tokens with.
+    pub jwt_public_key: &'a [u8; 32],
     pub jwt_issuer: &'a str,
     pub jwt_audience: &'a str,
 }
@@ -94,8 +95,8 @@ pub fn compile(state: &StoreState, keys: CompileKeys<'_>) -> Result<Snapshot, Co
     let settings = Settings {
         jwt_issuer: keys.jwt_issuer.to_string(),
         jwt_audience: keys.jwt_audience.to_string(),
-        jwt_algorithm: "HS256".into(),
-        jwt_secret_sealed: b64.encode(keys.sealer.seal(keys.jwt_secret, &resources::jwt_secret_aad())),
+        jwt_algorithm: reflow_common::jwt::ALGORITHM.into(),
+        jwt_public_key: reflow_common::jwt::encode_public_key(keys.jwt_public_key),
     };
     insert(&mut map, ResourceType::Settings, SETTINGS_ID.into(), &settings);
 
@@ -291,7 +292,7 @@ mod tests {
                 CompileKeys {
                     store_keyring: &self.keyring,
                     sealer: &self.sealer,
-                    jwt_secret: b"jwt-secret-jwt-secret-jwt-secret!",
+                    jwt_public_key: &reflow_common::jwt::public_key(b"jwt-secret-jwt-secret-jwt-secret!"),
                     jwt_issuer: "reflow",
                     jwt_audience: "reflow",
                 },
@@ -381,7 +382,7 @@ mod tests {
             CompileKeys {
                 store_keyring: &fixture.keyring,
                 sealer: &fixture.sealer,
-                jwt_secret: b"x",
+                jwt_public_key: &[7; 32],
                 jwt_issuer: "i",
                 jwt_audience: "a",
             },

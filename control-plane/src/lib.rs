@@ -95,7 +95,7 @@ impl ControlPlane {
             store_keyring: keyring.clone(),
             // Without a token no data plane can connect; the sealer still needs a key.
             sealer: reflow_proto::resources::snapshot_sealer(data_plane_token.as_deref().unwrap_or_default()),
-            jwt_secret: secret.as_bytes().to_vec(),
+            jwt_public_key: *jwt.public_key(),
             jwt_issuer: config.jwt.issuer.clone(),
             jwt_audience: config.jwt.audience.clone(),
         };

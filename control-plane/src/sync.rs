@@ -119,7 +119,7 @@ impl SnapshotHub {
 pub struct CompilerSecrets {
     pub store_keyring: Arc<Keyring>,
     pub sealer: DeterministicSealer,
-    pub jwt_secret: Vec<u8>,
+    pub jwt_public_key: [u8; 32],
     pub jwt_issuer: String,
     pub jwt_audience: String,
 }
@@ -136,7 +136,7 @@ pub async fn compile_once(hub: &SnapshotHub, store: &DynStore, secrets: &Compile
     let keys = CompileKeys {
         store_keyring: &secrets.store_keyring,
         sealer: &secrets.sealer,
-        jwt_secret: &secrets.jwt_secret,
+        jwt_public_key: &secrets.jwt_public_key,
         jwt_issuer: &secrets.jwt_issuer,
         jwt_audience: &secrets.jwt_audience,
     };

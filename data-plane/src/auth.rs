@@ -1,24 +1,18 @@
 //! Authentication of MCP clients from the snapshot alone: no database on the request path.
 //!
-//! `Authorization: Bearer` with a control-plane JWT (HS256 only; `exp`, `nbf`, `iat`, `iss`,
-//! `aud`, `sub` required and checked) or an `rfl_` API token (looked up by SHA-256). The
-//! user must exist in the snapshot and be active. Tokens in the query string are refused.
+//! `Authorization: Bearer` with a control-plane JWT (verified with the snapshot's Ed25519 public
+//! key by [`reflow_common::jwt::Verifier`], the same check the control plane runs) or an
+//! `rfl_` API token (looked up by SHA-256). The user must exist in the snapshot and be active.
+//! Tokens in the query string are refused. The refusals are [`AuthFailure`]s, whose messages
+//! the admin API returns for the same credentials.
 
 use axum::http::{header, HeaderMap};
 use reflow_common::bearer::bearer_token;
 use reflow_common::crypto::to_hex;
 use reflow_proto::resources;
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::snapshot::View;
-
-#[derive(Debug, Deserialize)]
-struct Claims {
-    sub: String,
-    exp: i64,
-    nbf: i64,
-}
 
 /// At most this many verified JWTs are remembered per snapshot; the memory is cleared when full.
 const VERIFIED_CAPACITY: usize = 65_536;
@@ -59,34 +53,26 @@ fn unix_now() -> i64 {
 /// A JWT's subject: from the remembered verification when there is one (time bounds checked
 /// as jsonwebtoken checks them, with the same leeway), verified and remembered otherwise.
 fn jwt_subject(view: &View, token: &str) -> Result<String, AuthFailure> {
-    let leeway = view.jwt.validation.leeway as i64;
+    use reflow_common::jwt::TokenError;
+    let leeway = view.jwt.verifier.leeway();
     if let Some(known) = view.jwt.verified.get(token) {
         let now = unix_now();
         if known.expires < now - leeway {
-            return Err(AuthFailure("token has expired"));
+            return Err(AuthFailure::Token(TokenError::Expired));
         }
         if known.not_before > now + leeway {
-            return Err(AuthFailure("token is not yet valid"));
+            return Err(AuthFailure::Token(TokenError::NotYetValid));
         }
         return Ok(known.sub);
     }
-    let claims = jsonwebtoken::decode::<Claims>(token, &view.jwt.key, &view.jwt.validation)
-        .map_err(|e| match e.kind() {
-            jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthFailure("token has expired"),
-            jsonwebtoken::errors::ErrorKind::ImmatureSignature => AuthFailure("token is not yet valid"),
-            _ => AuthFailure("token is invalid"),
-        })?
-        .claims;
+    let claims = view.jwt.verifier.verify(token).map_err(AuthFailure::Token)?;
     view.jwt
         .verified
         .remember(token, Verified { sub: claims.sub.clone(), not_before: claims.nbf, expires: claims.exp });
     Ok(claims.sub)
 }
 
-/// Why a request was not authenticated; the message is safe to return.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct AuthFailure(pub &'static str);
+pub use reflow_common::bearer::AuthFailure;
 
 /// The authenticated user.
 pub fn authenticate<'v>(
@@ -95,12 +81,12 @@ pub fn authenticate<'v>(
     query: Option<&str>,
 ) -> Result<&'v resources::User, AuthFailure> {
     let authorization = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
-    let token = bearer_token(authorization, query).map_err(AuthFailure)?;
+    let token = bearer_token(authorization, query).map_err(AuthFailure::Header)?;
     let user_id = if token.starts_with("rfl_") {
         let hash = to_hex(&Sha256::digest(token.as_bytes()));
-        let api_token = view.tokens_by_hash.get(&hash).ok_or(AuthFailure("API token is invalid or revoked"))?;
+        let api_token = view.tokens_by_hash.get(&hash).ok_or(AuthFailure::UnknownApiToken)?;
         if api_token.expires_at.is_some_and(|at| at <= unix_now()) {
-            return Err(AuthFailure("API token has expired"));
+            return Err(AuthFailure::ExpiredApiToken);
         }
         api_token.user_id.as_str()
     } else {
@@ -110,9 +96,9 @@ pub fn authenticate<'v>(
 }
 
 fn lookup<'v>(view: &'v View, user_id: &str) -> Result<&'v resources::User, AuthFailure> {
-    let user = view.users.get(user_id).ok_or(AuthFailure("the token's user does not exist"))?;
+    let user = view.users.get(user_id).ok_or(AuthFailure::UnknownUser)?;
     if !user.active {
-        return Err(AuthFailure("account is deactivated"));
+        return Err(AuthFailure::Deactivated);
     }
     Ok(user)
 }

@@ -42,13 +42,12 @@ impl Rejection {
     }
 }
 
-/// JWT verification settings, with the secret opened.
+/// JWT verification: the control plane's public key (a data plane cannot mint tokens), built
+/// once per snapshot.
 pub struct JwtSettings {
     pub issuer: String,
     pub audience: String,
-    pub key: jsonwebtoken::DecodingKey,
-    /// Built once per snapshot, not per request.
-    pub validation: jsonwebtoken::Validation,
+    pub verifier: reflow_common::jwt::Verifier,
     /// Tokens verified under this key.
     pub verified: crate::auth::VerifiedTokens,
 }
@@ -185,24 +184,28 @@ fn decode(map: &ResourceMap, sealer: &DeterministicSealer) -> Result<View, Vec<S
             errors.push("the settings resource is missing".into());
             None
         }
+        Some(settings) if settings.jwt_algorithm != reflow_common::jwt::ALGORITHM => {
+            errors.push(format!(
+                "settings: unsupported JWT algorithm {:?} (this data plane verifies {} tokens only)",
+                settings.jwt_algorithm,
+                reflow_common::jwt::ALGORITHM
+            ));
+            None
+        }
         Some(settings) => {
-            if settings.jwt_algorithm != "HS256" {
-                errors.push(format!("settings: unsupported JWT algorithm {:?}", settings.jwt_algorithm));
-            }
-            let secret = b64
-                .decode(&settings.jwt_secret_sealed)
-                .ok()
-                .and_then(|sealed| sealer.open(&sealed, &resources::jwt_secret_aad()).ok());
-            match secret {
-                Some(secret) => Some(JwtSettings {
-                    validation: reflow_common::bearer::jwt_validation(&settings.jwt_issuer, &settings.jwt_audience),
+            match reflow_common::jwt::Verifier::from_encoded(
+                &settings.jwt_public_key,
+                &settings.jwt_issuer,
+                &settings.jwt_audience,
+            ) {
+                Ok(verifier) => Some(JwtSettings {
                     issuer: settings.jwt_issuer,
                     audience: settings.jwt_audience,
-                    key: jsonwebtoken::DecodingKey::from_secret(&secret),
+                    verifier,
                     verified: Default::default(),
                 }),
-                None => {
-                    errors.push("settings: the JWT secret does not open with this data plane's token".into());
+                Err(error) => {
+                    errors.push(format!("settings: {error}"));
                     None
                 }
             }

@@ -16,15 +16,19 @@ fn b64(bytes: Vec<u8>) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-fn settings(token: &str) -> Resource {
-    let sealed = snapshot_sealer(token).seal(b"jwt-secret-jwt-secret-jwt-secret", &resources::jwt_secret_aad());
+fn settings_with(algorithm: &str, public_key: &str) -> Resource {
     let payload = Settings {
         jwt_issuer: "reflow".into(),
         jwt_audience: "reflow".into(),
-        jwt_algorithm: "HS256".into(),
-        jwt_secret_sealed: b64(sealed),
+        jwt_algorithm: algorithm.into(),
+        jwt_public_key: public_key.into(),
     };
     resources::resource(ResourceType::Settings, SETTINGS_ID, &payload)
+}
+
+fn settings() -> Resource {
+    let public = reflow_common::jwt::public_key(b"jwt-secret-jwt-secret-jwt-secret");
+    settings_with("EdDSA", &reflow_common::jwt::encode_public_key(&public))
 }
 
 fn user(id: &str, active: bool) -> Resource {
@@ -105,7 +109,7 @@ fn full(resources: Vec<Resource>) -> SnapshotUpdate {
 }
 
 fn base() -> Vec<Resource> {
-    vec![settings(TOKEN), user("u1", true), target("t1", "github"), policy("p1", "t1", 10), credential("t1", TOKEN)]
+    vec![settings(), user("u1", true), target("t1", "github"), policy("p1", "t1", 10), credential("t1", TOKEN)]
 }
 
 fn applied(update: &SnapshotUpdate) -> DataSnapshot {
@@ -173,7 +177,8 @@ fn invalid_resources_are_rejected_with_reasons() {
         ),
         (Box::new(|rs| rs[3] = policy("p1", "missing-target", 10)), "unknown target"),
         (Box::new(|rs| rs[4] = credential("t1", "another-token-entirely")), "does not open"),
-        (Box::new(|rs| rs[0] = settings("another-token-entirely")), "JWT secret"),
+        (Box::new(|rs| rs[0] = settings_with("HS256", "c2VjcmV0")), "unsupported JWT algorithm"),
+        (Box::new(|rs| rs[0] = settings_with("EdDSA", "c2hvcnQ")), "not 32 bytes"),
         (Box::new(|rs| rs.remove(0).r#type = 0), "settings resource is missing"),
         (Box::new(|rs| rs.push(target("t2", "github"))), "two targets"),
         (Box::new(|rs| rs[2].r#type = 42), "unknown type"),
@@ -224,17 +229,30 @@ fn cache_round_trips_and_refuses_tampering() {
 
 fn jwt(secret: &[u8], sub: &str, expires_in: i64) -> String {
     let now = chrono::Utc::now().timestamp();
-    let claims = serde_json::json!({
-        "sub": sub, "iss": "reflow", "aud": "reflow", "iat": now, "nbf": now, "exp": now + expires_in,
-    });
-    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(secret))
-        .unwrap()
+    let claims = reflow_common::jwt::Claims {
+        sub: sub.into(),
+        email: format!("{sub}@example.com"),
+        role: "developer".into(),
+        groups: vec![],
+        iss: "reflow".into(),
+        aud: "reflow".into(),
+        iat: now,
+        nbf: now,
+        exp: now + expires_in,
+        jti: "jti".into(),
+    };
+    reflow_common::jwt::Signer::from_secret(secret).sign(&claims)
 }
 
 fn authenticated(snapshot: &DataSnapshot, token: &str) -> Result<String, &'static str> {
     let mut headers = axum::http::HeaderMap::new();
     headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
-    reflow_data_plane::auth::authenticate(&snapshot.view, &headers, None).map(|u| u.id.clone()).map_err(|f| f.0)
+    reflow_data_plane::auth::authenticate(&snapshot.view, &headers, None).map(|u| u.id.clone()).map_err(|f| match f {
+        reflow_data_plane::auth::AuthFailure::Token(reflow_common::jwt::TokenError::Expired) => "token has expired",
+        reflow_data_plane::auth::AuthFailure::Token(_) => "token is invalid",
+        reflow_data_plane::auth::AuthFailure::Deactivated => "account is deactivated",
+        _ => "refused",
+    })
 }
 
 #[test]
@@ -248,7 +266,7 @@ fn a_remembered_token_still_expires_and_a_forgery_of_it_is_refused() {
     let forged = jwt(b"another-secret-another-secret-00", "u1", 1);
     assert_eq!(authenticated(&snapshot, &forged), Err("token is invalid"));
     // Past its expiry plus the leeway, the remembered token is refused as well.
-    std::thread::sleep(std::time::Duration::from_secs(reflow_common::bearer::JWT_LEEWAY_SECS + 2));
+    std::thread::sleep(std::time::Duration::from_secs(reflow_common::jwt::LEEWAY_SECS + 2));
     assert_eq!(authenticated(&snapshot, &token), Err("token has expired"));
     // A user deactivated in a later snapshot is refused even with a remembered token.
     let token = jwt(secret, "u1", 3600);

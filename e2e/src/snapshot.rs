@@ -215,7 +215,7 @@ pub fn one_policy_change(users: usize, targets: usize, policies: usize) -> anyho
     let keys = CompileKeys {
         store_keyring: &keyring,
         sealer: &sealer,
-        jwt_secret: b"benchmark-secret-benchmark-secret!",
+        jwt_public_key: &reflow_common::jwt::public_key(b"benchmark-secret-benchmark-secret!"),
         jwt_issuer: "reflow",
         jwt_audience: "reflow",
     };

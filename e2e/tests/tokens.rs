@@ -1,5 +1,7 @@
-//! Forged and invalid credentials at the MCP endpoint: every one is answered 401 with a
-//! `WWW-Authenticate` challenge and a JSON-RPC error body, decided from the snapshot alone.
+//! Forged and invalid credentials: every one is answered 401 with a `WWW-Authenticate`
+//! challenge, and the admin API and the MCP endpoint give the same answer (the same status and
+//! message) for each, since both run the same checks (the data plane from its snapshot alone,
+//! holding only the public key of the control plane's Ed25519 signing key).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -28,10 +30,16 @@ fn forge(header: Value, claims: Value, key: &[u8]) -> String {
     format!("{signing_input}.{}", b64(&mac.finalize().into_bytes()))
 }
 
+/// A JWT with any claims (malformed ones too), signed with the Ed25519 key the control plane
+/// derives from `secret` (the gateway's own key when `secret` is [`SECRET`]).
+fn signed(claims: Value, secret: &[u8]) -> String {
+    reflow_common::jwt::Signer::from_secret(secret).sign(&claims)
+}
+
 fn claims(sub: &str) -> Value {
     let t = now();
     json!({"sub": sub, "email": "x@example.com", "role": "admin", "groups": [], "iss": "reflow", "aud": "reflow",
-           "iat": t, "nbf": t, "exp": t + 600})
+           "iat": t, "nbf": t, "exp": t + 600, "jti": "e2e"})
 }
 
 fn with(mut value: Value, key: &str, replacement: Value) -> Value {
@@ -54,7 +62,7 @@ fn hs(alg: &str, claims: Value, secret: &[u8]) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forged_tokens_are_all_refused_with_a_challenge() {
+async fn forged_tokens_are_refused_alike_by_the_admin_api_and_the_mcp_endpoint() {
     let gateway = Gateway::start().await.unwrap();
     let admin = gateway.user_id(&gateway.admin_token).await.unwrap();
     let (gone_id, _) = gateway.user("gone@example.com").await.unwrap();
@@ -69,13 +77,16 @@ async fn forged_tokens_are_all_refused_with_a_challenge() {
         .unwrap();
     let revoked = api_token["token"].as_str().unwrap().to_string();
 
-    let valid = forge(json!({"alg": "HS256", "typ": "JWT"}), claims(&admin), SECRET);
+    let valid = signed(claims(&admin), SECRET);
     let hs256 = json!({"alg": "HS256", "typ": "JWT"});
     let parts: Vec<&str> = valid.split('.').collect();
     let t = now();
     let mut tampered_claims = claims(&admin);
     tampered_claims["role"] = json!("superuser");
     let tampered = format!("{}.{}.{}", parts[0], b64(tampered_claims.to_string().as_bytes()), parts[2]);
+    let public_key = reflow_common::jwt::public_key(SECRET);
+    let public_b64 = reflow_common::jwt::encode_public_key(&public_key);
+    let eddsa_header_hmac = forge(json!({"alg": "EdDSA", "typ": "JWT"}), claims(&admin), SECRET);
 
     let cases: Vec<(&str, Option<String>)> = vec![
         ("no header", None),
@@ -97,9 +108,19 @@ async fn forged_tokens_are_all_refused_with_a_challenge() {
         ),
         ("stripped signature", Some(format!("Bearer {}.{}.", parts[0], parts[1]))),
         ("two parts", Some(format!("Bearer {}.{}", parts[0], parts[1]))),
+        ("HS256 with the JWT secret (the old scheme)", Some(format!("Bearer {}", hs("HS256", claims(&admin), SECRET)))),
         (
-            "wrong secret",
-            Some(format!("Bearer {}", forge(hs256.clone(), claims(&admin), b"another-secret-another-secret!!"))),
+            "HS256 with the public key as the secret",
+            Some(format!("Bearer {}", hs("HS256", claims(&admin), &public_key))),
+        ),
+        (
+            "HS256 with the encoded public key as the secret",
+            Some(format!("Bearer {}", hs("HS256", claims(&admin), public_b64.as_bytes()))),
+        ),
+        ("EdDSA header, HMAC signature", Some(format!("Bearer {eddsa_header_hmac}"))),
+        (
+            "Ed25519 with another key",
+            Some(format!("Bearer {}", signed(claims(&admin), b"another-secret-another-secret!!!!!"))),
         ),
         ("empty secret", Some(format!("Bearer {}", forge(hs256.clone(), claims(&admin), b"")))),
         ("tampered payload", Some(format!("Bearer {tampered}"))),
@@ -114,42 +135,34 @@ async fn forged_tokens_are_all_refused_with_a_challenge() {
                 forge(json!({"alg": "HS256", "jku": "http://evil.example/jwks"}), claims(&admin), b"evil")
             )),
         ),
-        (
-            "expired",
-            Some(format!("Bearer {}", forge(hs256.clone(), with(claims(&admin), "exp", json!(t - 60)), SECRET))),
-        ),
-        (
-            "future nbf",
-            Some(format!("Bearer {}", forge(hs256.clone(), with(claims(&admin), "nbf", json!(t + 600)), SECRET))),
-        ),
-        (
-            "wrong issuer",
-            Some(format!("Bearer {}", forge(hs256.clone(), with(claims(&admin), "iss", json!("evil")), SECRET))),
-        ),
-        (
-            "wrong audience",
-            Some(format!("Bearer {}", forge(hs256.clone(), with(claims(&admin), "aud", json!("other")), SECRET))),
-        ),
-        ("no exp", Some(format!("Bearer {}", forge(hs256.clone(), with(claims(&admin), "exp", Value::Null), SECRET)))),
-        ("no nbf", Some(format!("Bearer {}", forge(hs256.clone(), with(claims(&admin), "nbf", Value::Null), SECRET)))),
-        ("no iss", Some(format!("Bearer {}", forge(hs256.clone(), with(claims(&admin), "iss", Value::Null), SECRET)))),
-        ("no aud", Some(format!("Bearer {}", forge(hs256.clone(), with(claims(&admin), "aud", Value::Null), SECRET)))),
-        ("no sub", Some(format!("Bearer {}", forge(hs256.clone(), with(claims(&admin), "sub", Value::Null), SECRET)))),
-        (
-            "unknown user",
-            Some(format!("Bearer {}", forge(hs256.clone(), claims("00000000-0000-0000-0000-000000000000"), SECRET))),
-        ),
-        ("deactivated user", Some(format!("Bearer {}", forge(hs256.clone(), claims(&gone_id), SECRET)))),
+        ("expired", Some(format!("Bearer {}", signed(with(claims(&admin), "exp", json!(t - 60)), SECRET)))),
+        ("future nbf", Some(format!("Bearer {}", signed(with(claims(&admin), "nbf", json!(t + 600)), SECRET)))),
+        ("wrong issuer", Some(format!("Bearer {}", signed(with(claims(&admin), "iss", json!("evil")), SECRET)))),
+        ("wrong audience", Some(format!("Bearer {}", signed(with(claims(&admin), "aud", json!("other")), SECRET)))),
+        ("no exp", Some(format!("Bearer {}", signed(with(claims(&admin), "exp", Value::Null), SECRET)))),
+        ("no nbf", Some(format!("Bearer {}", signed(with(claims(&admin), "nbf", Value::Null), SECRET)))),
+        ("no iss", Some(format!("Bearer {}", signed(with(claims(&admin), "iss", Value::Null), SECRET)))),
+        ("no aud", Some(format!("Bearer {}", signed(with(claims(&admin), "aud", Value::Null), SECRET)))),
+        ("no sub", Some(format!("Bearer {}", signed(with(claims(&admin), "sub", Value::Null), SECRET)))),
+        ("no iat", Some(format!("Bearer {}", signed(with(claims(&admin), "iat", Value::Null), SECRET)))),
+        ("no jti", Some(format!("Bearer {}", signed(with(claims(&admin), "jti", Value::Null), SECRET)))),
+        ("no email", Some(format!("Bearer {}", signed(with(claims(&admin), "email", Value::Null), SECRET)))),
+        ("no groups", Some(format!("Bearer {}", signed(with(claims(&admin), "groups", Value::Null), SECRET)))),
+        ("exp as a string", Some(format!("Bearer {}", signed(with(claims(&admin), "exp", json!("never")), SECRET)))),
+        ("unknown user", Some(format!("Bearer {}", signed(claims("00000000-0000-0000-0000-000000000000"), SECRET)))),
+        ("deactivated user", Some(format!("Bearer {}", signed(claims(&gone_id), SECRET)))),
+        ("subject not a user id", Some(format!("Bearer {}", signed(claims("not-a-uuid"), SECRET)))),
         ("oversized", Some(format!("Bearer {}", "a".repeat(20_000)))),
         ("garbage", Some("Bearer abc.def.ghi".into())),
         ("unknown API token", Some("Bearer rfl_0000000000000000000000000000000000000000".into())),
         ("revoked API token", Some(format!("Bearer {revoked}"))),
     ];
-    assert!(cases.len() >= 25);
+    assert!(cases.len() >= 30);
 
     let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
                       "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}});
-    let attempt = |authorization: Option<String>, query: &str| {
+    // The MCP endpoint: (status, challenge, message).
+    let mcp = |authorization: Option<String>, query: String| {
         let mut request = gateway
             .http
             .post(format!("{}/mcp{query}", gateway.mcp))
@@ -164,21 +177,44 @@ async fn forged_tokens_are_all_refused_with_a_challenge() {
             let status = response.status().as_u16();
             let challenge = response.headers().get("www-authenticate").map(|v| v.to_str().unwrap().to_string());
             let body: Value = response.json().await.unwrap_or(Value::Null);
-            (status, challenge, body)
+            if status == 401 {
+                assert_eq!(body["error"]["code"], -32001, "{body}");
+            }
+            (status, challenge.is_some_and(|c| c.starts_with("Bearer")), body["error"]["message"].clone())
         }
     };
-    let (status, _, _) = attempt(Some(format!("Bearer {valid}")), "").await;
-    assert_eq!(status, 200, "the control case: a correctly signed token is accepted");
+    // The admin API, the same credential: (status, challenge, message).
+    let api = |authorization: Option<String>, query: String| {
+        let mut request = gateway.http.get(format!("{}/api/auth/me{query}", gateway.api));
+        if let Some(authorization) = authorization {
+            request = request.header("authorization", authorization);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let challenge = response.headers().get("www-authenticate").map(|v| v.to_str().unwrap().to_string());
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            (status, challenge.is_some_and(|c| c.starts_with("Bearer")), body["error"].clone())
+        }
+    };
+    let control = Some(format!("Bearer {valid}"));
+    assert_eq!(mcp(control.clone(), String::new()).await.0, 200, "the control case: a correctly signed token");
+    assert_eq!(api(control, String::new()).await.0, 200, "the control case on the admin API");
     for (name, authorization) in cases {
-        let (status, challenge, body) = attempt(authorization, "").await;
-        assert_eq!(status, 401, "{name}: {body}");
-        assert!(challenge.is_some_and(|c| c.starts_with("Bearer")), "{name}: no challenge");
-        assert_eq!(body["error"]["code"], -32001, "{name}: {body}");
+        let at_mcp = mcp(authorization.clone(), String::new()).await;
+        let at_api = api(authorization, String::new()).await;
+        assert_eq!(at_mcp.0, 401, "{name}: {at_mcp:?}");
+        assert!(at_mcp.1, "{name}: no challenge");
+        assert!(at_mcp.2.is_string(), "{name}: {at_mcp:?}");
+        assert_eq!(at_api, at_mcp, "{name}: the admin API and the MCP endpoint answer alike");
     }
-    // Tokens in the query string are refused, even next to a valid header.
-    let (status, _, _) = attempt(None, &format!("?access_token={valid}")).await;
-    assert_eq!(status, 401);
-    let (status, _, body) = attempt(Some(format!("Bearer {valid}")), &format!("?token={valid}")).await;
-    assert_eq!(status, 401, "{body}");
+    // Tokens in the query string are refused, even next to a valid header, on both.
+    for (authorization, query) in
+        [(None, format!("?access_token={valid}")), (Some(format!("Bearer {valid}")), format!("?token={valid}"))]
+    {
+        let at_mcp = mcp(authorization.clone(), query.clone()).await;
+        assert_eq!(at_mcp.0, 401);
+        assert_eq!(api(authorization, query).await, at_mcp);
+    }
     gateway.stop().await;
 }

@@ -28,20 +28,17 @@ pub fn snapshot_sealer(data_plane_token: &str) -> DeterministicSealer {
     DeterministicSealer::from_secret(data_plane_token.as_bytes(), SNAPSHOT_SEAL_PURPOSE)
 }
 
-/// Gateway-wide settings: how to verify the JWTs the control plane issues.
+/// Gateway-wide settings: how to verify the JWTs the control plane issues. Only the public
+/// key travels: a data plane can verify tokens, never mint one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub jwt_issuer: String,
     pub jwt_audience: String,
-    /// Always `HS256` for the control plane's own tokens.
+    /// Always `EdDSA` (Ed25519) for the control plane's own tokens.
     pub jwt_algorithm: String,
-    /// The HMAC secret, sealed (base64).
-    pub jwt_secret_sealed: String,
-}
-
-pub fn jwt_secret_aad() -> Aad {
-    Aad::new("snapshot_jwt_secret", &[])
+    /// The Ed25519 public key, base64url.
+    pub jwt_public_key: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -11,7 +11,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::error::ApiError;
 use super::AppState;
-use reflow_common::bearer::bearer_token;
+use reflow_common::bearer::{bearer_token, AuthFailure};
 
 use crate::auth::{hash_api_token, API_TOKEN_PREFIX};
 use crate::store::User;
@@ -115,18 +115,20 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        // The same refusals, with the same messages, as the data plane's MCP endpoint.
+        let refuse = |failure: AuthFailure| ApiError::unauthorized(failure.to_string());
         let authorization = parts.headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
-        let token = bearer_token(authorization, parts.uri.query()).map_err(ApiError::unauthorized)?;
+        let token = bearer_token(authorization, parts.uri.query()).map_err(|e| refuse(AuthFailure::Header(e)))?;
 
         let user = if token.starts_with(API_TOKEN_PREFIX) {
             let (api_token, user) = state
                 .store
                 .api_token_by_hash(&hash_api_token(token))
                 .await?
-                .ok_or_else(|| ApiError::unauthorized("API token is invalid or revoked"))?;
+                .ok_or_else(|| refuse(AuthFailure::UnknownApiToken))?;
             let now = chrono::Utc::now();
             if api_token.expires_at.is_some_and(|at| at <= now) {
-                return Err(ApiError::unauthorized("API token has expired"));
+                return Err(refuse(AuthFailure::ExpiredApiToken));
             }
             // Recording use costs a write; once a minute per token is enough to answer
             // "is this token still used".
@@ -135,12 +137,12 @@ impl FromRequestParts<AppState> for Caller {
             }
             user
         } else {
-            let claims = state.jwt.verify(token).map_err(|e| ApiError::unauthorized(e.to_string()))?;
-            let id = claims.sub.parse().map_err(|_| ApiError::unauthorized("token is invalid"))?;
-            state.store.get_user(id).await?.ok_or_else(|| ApiError::unauthorized("token's user no longer exists"))?
+            let claims = state.jwt.verify(token).map_err(|e| refuse(AuthFailure::Token(e)))?;
+            let id = claims.sub.parse().map_err(|_| refuse(AuthFailure::UnknownUser))?;
+            state.store.get_user(id).await?.ok_or_else(|| refuse(AuthFailure::UnknownUser))?
         };
         if !user.active {
-            return Err(ApiError::unauthorized("account is deactivated"));
+            return Err(refuse(AuthFailure::Deactivated));
         }
         Ok(Caller { user })
     }

@@ -301,7 +301,14 @@ pub async fn explain(
             snapshot_version,
         }));
     }
-    let decision = decide(&policies, &user, &query.target_id.to_string(), kind, &query.name);
+    // Resources are decided on their normal form, as the data plane decides them.
+    let name = match kind {
+        Kind::Resource => {
+            reflow_common::uri::normalize(&query.name).map_err(|e| ApiError::bad_request(format!("name: {e}")))?
+        }
+        _ => query.name.clone(),
+    };
+    let decision = decide(&policies, &user, &query.target_id.to_string(), kind, &name);
     let reason = match (&decision.policy_name, decision.allowed) {
         (None, _) => "no policy applies: denied by default".to_string(),
         (Some(name), true) => format!("allowed by policy {name:?}"),

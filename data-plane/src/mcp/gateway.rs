@@ -228,6 +228,14 @@ impl Gateway {
         })
     }
 
+    /// The target `name` if `caller` may reach it: servable, and some policy could allow the
+    /// user something there. Any other target is treated as unknown: no upstream session is
+    /// opened, no process started and nothing sent for a user without a grant.
+    pub fn granted<'s>(caller: &'s Caller, name: &str) -> Option<&'s Target> {
+        Gateway::servable(&caller.snapshot, name)
+            .filter(|t| may_allow_any(&caller.snapshot.view.policies, &caller.user, &t.id))
+    }
+
     fn stdio_binding(&self, caller: &Caller, target: &Target) -> Option<StdioBinding> {
         (target.transport_type == TransportType::Stdio).then(|| StdioBinding {
             pool: self.pool.clone(),
@@ -249,7 +257,7 @@ impl Gateway {
         match message {
             Message::Request { id, method, params } => self.request(session, caller, id, &method, params).await,
             Message::Notification { method, params } => {
-                self.notification(session, &method, params).await;
+                self.notification(session, caller, &method, params).await;
                 Reply::Accepted
             }
             Message::Response { id, body } => self.client_response(session, id, body).await,
@@ -287,7 +295,7 @@ impl Gateway {
                 self.route_named(session, caller, &id, params, Kind::Resource, "uri")
             }
             "completion/complete" => self.route_completion(session, caller, &id, params),
-            "logging/setLevel" => return Reply::Now(self.set_level(session, id, params).await),
+            "logging/setLevel" => return Reply::Now(self.set_level(session, caller, id, params).await),
             _ => {
                 return Reply::Now(jsonrpc::error(
                     id,
@@ -344,7 +352,7 @@ impl Gateway {
                     Names are prefixed with the server's name: <server>_<name>.",
             }),
             Scope::Target(name) => {
-                let Some(target) = Gateway::servable(&caller.snapshot, name) else {
+                let Some(target) = Gateway::granted(caller, name) else {
                     return jsonrpc::error(id, INVALID_PARAMS, format!("unknown target {name:?}"));
                 };
                 let upstream = self.upstream(session, caller, target).await;
@@ -516,7 +524,17 @@ impl Gateway {
             Scope::Aggregate if kind == Kind::Resource => names::unmap_uri(key).ok_or_else(unknown)?,
             Scope::Aggregate => names::split(key).ok_or_else(unknown)?,
         };
-        let target = Gateway::servable(&caller.snapshot, target_name).ok_or_else(unknown)?;
+        let target = Gateway::granted(caller, target_name).ok_or_else(unknown)?;
+        // A resource is decided on, and forwarded as, its normal form: `..` and `%2e%2e`
+        // cannot walk out of an allowed prefix.
+        let normal;
+        let inner = if kind == Kind::Resource {
+            normal = reflow_common::uri::normalize(inner)
+                .map_err(|e| jsonrpc::error(id.clone(), INVALID_PARAMS, format!("resource {key:?}: {e}")))?;
+            normal.as_str()
+        } else {
+            inner
+        };
         let decision = decide(&caller.snapshot.view.policies, &caller.user, &target.id, kind, inner);
         tracing::info!(
             target: "reflow::audit",
@@ -698,7 +716,7 @@ impl Gateway {
         Reply::Accepted
     }
 
-    async fn notification(&self, session: &Arc<ClientSession>, method: &str, params: Option<Value>) {
+    async fn notification(&self, session: &Arc<ClientSession>, caller: &Caller, method: &str, params: Option<Value>) {
         let targets: Vec<String> = match method {
             "notifications/cancelled" => {
                 // The upstream is told, and the gateway stops waiting for it: the client will
@@ -713,7 +731,15 @@ impl Gateway {
                     .into_iter()
                     .collect()
             }
-            "notifications/roots/list_changed" => session.upstreams.lock().await.keys().cloned().collect(),
+            // Only upstreams the user may still reach hear of it.
+            "notifications/roots/list_changed" => session
+                .upstreams
+                .lock()
+                .await
+                .keys()
+                .filter(|name| Gateway::granted(caller, name).is_some())
+                .cloned()
+                .collect(),
             _ => return,
         };
         let message = jsonrpc::notification(method, params);
@@ -728,13 +754,26 @@ impl Gateway {
         }
     }
 
-    /// `logging/setLevel` reaches every upstream the session has opened.
-    async fn set_level(&self, session: &Arc<ClientSession>, id: Value, params: Option<Value>) -> Value {
+    /// `logging/setLevel` reaches every upstream the session has opened that the user may
+    /// still reach.
+    async fn set_level(
+        &self,
+        session: &Arc<ClientSession>,
+        caller: &Caller,
+        id: Value,
+        params: Option<Value>,
+    ) -> Value {
         if params.as_ref().and_then(|p| p.get("level")).and_then(Value::as_str).is_none() {
             return jsonrpc::error(id, INVALID_PARAMS, "params.level must be a string");
         }
-        let upstreams: Vec<Arc<Upstream>> =
-            session.upstreams.lock().await.values().map(|e| e.upstream.clone()).collect();
+        let upstreams: Vec<Arc<Upstream>> = session
+            .upstreams
+            .lock()
+            .await
+            .iter()
+            .filter(|(name, _)| Gateway::granted(caller, name).is_some())
+            .map(|(_, e)| e.upstream.clone())
+            .collect();
         let requests = upstreams.iter().map(|upstream| {
             let message = jsonrpc::request(json!(session.next_id("level")), "logging/setLevel", params.clone());
             async move {
@@ -852,8 +891,16 @@ impl Gateway {
             };
             for mut item in raw {
                 let Some(key) = item.get(spec.key).and_then(Value::as_str).map(str::to_string) else { continue };
-                let allowed = decide(&caller.snapshot.view.policies, &caller.user, &target.id, spec.kind, &key).allowed;
-                offered.push((target.id.clone(), key.clone(), allowed));
+                // Decided as a call on it would be: resources by their normal form (one that
+                // cannot be normalised cannot be called, so it is not listed either).
+                let decided = match spec.kind {
+                    Kind::Resource => reflow_common::uri::normalize(&key).ok(),
+                    _ => Some(key.clone()),
+                };
+                let Some(decided) = decided else { continue };
+                let allowed =
+                    decide(&caller.snapshot.view.policies, &caller.user, &target.id, spec.kind, &decided).allowed;
+                offered.push((target.id.clone(), decided, allowed));
                 if !allowed {
                     continue;
                 }

@@ -88,7 +88,7 @@ fn admit(gateway: &Gateway, parts: &Parts) -> Result<Caller, Response> {
     let user = match authenticate(&snapshot.view, &parts.headers, parts.uri.query()) {
         Ok(user) => user.clone(),
         Err(failure) => {
-            let mut response = refuse(StatusCode::UNAUTHORIZED, UNAUTHORIZED, failure.0);
+            let mut response = refuse(StatusCode::UNAUTHORIZED, UNAUTHORIZED, &failure.to_string());
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"reflow\", error=\"invalid_token\""),
@@ -247,7 +247,8 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
 /// `initialize` without a session: a new session, kept only when initialisation succeeds.
 async fn open_session(gateway: Arc<Gateway>, scope: Scope, caller: Caller, message: Message) -> Response {
     if let Scope::Target(name) = &scope {
-        if Gateway::servable(&caller.snapshot, name).is_none() {
+        // A target the user has no grant on is answered like one that does not exist.
+        if Gateway::granted(&caller, name).is_none() {
             return refuse(StatusCode::NOT_FOUND, INVALID_REQUEST, &format!("no target named {name:?} is served here"));
         }
     }
@@ -381,7 +382,7 @@ fn get_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Result<Resp
     }
     // The legacy HTTP+SSE transport.
     if let Scope::Target(name) = &scope {
-        if Gateway::servable(&caller.snapshot, name).is_none() {
+        if Gateway::granted(&caller, name).is_none() {
             return Err(refuse(
                 StatusCode::NOT_FOUND,
                 INVALID_REQUEST,
