@@ -46,6 +46,26 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub control_plane: ControlPlaneConfig,
     pub data_plane: DataPlaneConfig,
+    pub limits: LimitsConfig,
+}
+
+/// What one account may store, so that no self-registered user can grow the database or the
+/// snapshot every data plane holds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// API tokens one user may hold.
+    pub api_tokens_per_user: usize,
+    /// Values (tokens and env entries) stored at one user's scope, over all targets.
+    pub values_per_user: usize,
+    /// Bytes of those values, sealed.
+    pub value_bytes_per_user: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig { api_tokens_per_user: 50, values_per_user: 200, value_bytes_per_user: 1024 * 1024 }
+    }
 }
 
 /// The control plane's snapshot service.
@@ -604,6 +624,9 @@ impl Config {
             ("mcp.max_body_bytes", self.mcp.max_body_bytes),
             ("mcp.page_size", self.mcp.page_size),
             ("mcp.max_sessions", self.mcp.max_sessions),
+            ("limits.api_tokens_per_user", self.limits.api_tokens_per_user),
+            ("limits.values_per_user", self.limits.values_per_user),
+            ("limits.value_bytes_per_user", self.limits.value_bytes_per_user),
         ] {
             if value == 0 {
                 return Err(ConfigError::new(key, "must be greater than zero"));

@@ -13,8 +13,24 @@
 //! | `per_user`  | default, role, group, user |
 
 use std::fmt;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+/// The longest per-request timeout an env `TIMEOUT` may set.
+pub const MAX_TARGET_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// An env `TIMEOUT`: whole seconds (`30`) or a duration (`90s`, `2m`), from one second up to
+/// [`MAX_TARGET_TIMEOUT`]; anything else is `None`. The admin API refuses what this refuses,
+/// and data planes ignore it, so no stored value can make a request wait without bound.
+pub fn parse_target_timeout(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let parsed = match text.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => humantime::parse_duration(text).ok()?,
+    };
+    (Duration::from_secs(1)..=MAX_TARGET_TIMEOUT).contains(&parsed).then_some(parsed)
+}
 
 /// Where a value is stored.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -214,6 +230,15 @@ mod tests {
         assert_eq!(pick(Isolation::PerUser, "u3", "developer", &[], &all), Some(Scope::Role("developer".into())));
         assert_eq!(pick(Isolation::PerUser, "u3", "ops", &[], &all), Some(Scope::Default));
         assert_eq!(pick(Isolation::PerUser, "u3", "ops", &[], &[1, 2, 4]), None);
+    }
+
+    #[test]
+    fn timeouts_are_seconds_or_durations_and_bounded() {
+        assert_eq!(parse_target_timeout("30"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_target_timeout(" 1m 30s "), Some(Duration::from_secs(90)));
+        for bad in ["0", "0s", "soon", "3601", "2h", "18446744073709551615", "999999999999999999999y", ""] {
+            assert_eq!(parse_target_timeout(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -88,6 +88,35 @@ fn insert<T: serde::Serialize>(map: &mut ResourceMap, kind: ResourceType, id: St
     map.insert((kind as i32, id.clone()), Arc::new(resources::resource(kind, &id, payload)));
 }
 
+/// A stored policy as snapshots carry it (and as [`reflow_proto::policy`] decides with it).
+pub fn policy_payload(policy: &crate::store::Policy) -> resources::Policy {
+    resources::Policy {
+        id: policy.id.to_string(),
+        name: policy.name.clone(),
+        target_id: policy.target_id.map(|id| id.to_string()),
+        resource_type: policy.resource_type,
+        pattern: policy.pattern.clone(),
+        effect: policy.effect,
+        priority: policy.priority,
+        subjects: policy
+            .subjects
+            .iter()
+            .map(|s| resources::Subject { subject_type: s.subject_type, subject_value: s.subject_value.clone() })
+            .collect(),
+    }
+}
+
+/// A stored user as snapshots carry it.
+pub fn user_payload(user: &crate::store::User) -> resources::User {
+    resources::User {
+        id: user.id.to_string(),
+        email: user.email.clone(),
+        role: user.role.clone(),
+        groups: user.groups.clone(),
+        active: user.active,
+    }
+}
+
 /// Compiles `state` into a snapshot.
 pub fn compile(state: &StoreState, keys: CompileKeys<'_>) -> Result<Snapshot, CompileError> {
     let b64 = base64::engine::general_purpose::STANDARD;
@@ -101,13 +130,7 @@ pub fn compile(state: &StoreState, keys: CompileKeys<'_>) -> Result<Snapshot, Co
     insert(&mut map, ResourceType::Settings, SETTINGS_ID.into(), &settings);
 
     for user in &state.users {
-        let payload = resources::User {
-            id: user.id.to_string(),
-            email: user.email.clone(),
-            role: user.role.clone(),
-            groups: user.groups.clone(),
-            active: user.active,
-        };
+        let payload = user_payload(user);
         insert(&mut map, ResourceType::User, payload.id.clone(), &payload);
     }
     for (token, hash) in &state.api_tokens {
@@ -140,20 +163,7 @@ pub fn compile(state: &StoreState, keys: CompileKeys<'_>) -> Result<Snapshot, Co
         insert(&mut map, ResourceType::Target, payload.id.clone(), &payload);
     }
     for policy in state.policies.iter().filter(|p| p.enabled) {
-        let payload = resources::Policy {
-            id: policy.id.to_string(),
-            name: policy.name.clone(),
-            target_id: policy.target_id.map(|id| id.to_string()),
-            resource_type: policy.resource_type,
-            pattern: policy.pattern.clone(),
-            effect: policy.effect,
-            priority: policy.priority,
-            subjects: policy
-                .subjects
-                .iter()
-                .map(|s| resources::Subject { subject_type: s.subject_type, subject_value: s.subject_value.clone() })
-                .collect(),
-        };
+        let payload = policy_payload(policy);
         insert(&mut map, ResourceType::Policy, payload.id.clone(), &payload);
     }
     for secret in &state.secrets {
@@ -232,6 +242,7 @@ mod tests {
                 auth_type: AuthType::Bearer,
                 auth_header_name: None,
                 enabled: true,
+                env_keys: vec![],
                 restart_generation: 0,
                 created_at: at(),
                 updated_at: at(),

@@ -89,6 +89,7 @@ impl ControlPlane {
             stdio: config.stdio.clone(),
             max_body_bytes: config.server.max_body_bytes,
             cors_allowed_origins: config.cors.allowed_origins.clone(),
+            limits: config.limits.clone(),
         };
         let data_plane_token = config.control_plane.data_plane_token.clone();
         let secrets = sync::CompilerSecrets {

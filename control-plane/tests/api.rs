@@ -128,7 +128,25 @@ async fn non_admins_are_refused(backend: &str) {
         assert_eq!(status, 403, "{method} {path}: {response}");
         assert_eq!(response["code"], "forbidden");
     }
-    // A user manages their own user-scope credentials.
+    // Without a grant on the target, a user stores nothing for it.
+    let (status, body) = api.post(&format!("/api/targets/{t}/token"), Some(&user), json!({"token": "mine"})).await;
+    assert_eq!((status, body["code"].as_str()), (403, Some("forbidden")), "{body}");
+    // Granted, and with K declared user-settable, a user manages their own user-scope values.
+    api.put(
+        &format!("/api/targets/{t}"),
+        &admin,
+        json!({"env_keys": [{"name": "K", "description": "the user's key", "user_settable": true}]}),
+    )
+    .await;
+    let (status, _) = api
+        .post(
+            "/api/policies",
+            Some(&admin),
+            json!({"name": "dev uses web", "target_id": t, "effect": "allow", "priority": 1,
+                   "subjects": [{"subject_type": "user", "subject_value": user_id}]}),
+        )
+        .await;
+    assert_eq!(status, 201);
     assert_eq!(api.post(&format!("/api/targets/{t}/token"), Some(&user), json!({"token": "mine"})).await.0, 201);
     assert_eq!(
         api.post(&format!("/api/targets/{t}/env/user/{user_id}"), Some(&user), json!({"key": "K", "value": "v"}))
@@ -338,7 +356,8 @@ async fn credentials_are_sealed_scoped_and_resolved(backend: &str) {
             json!({"key": "LD_PRELOAD", "value": "/tmp/x.so"}),
         )
         .await;
-    assert_eq!(status, 400, "{body}");
+    assert_eq!(status, 403, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("LD_PRELOAD"), "{body}");
     let (status, _) =
         api.post(&format!("/api/targets/{t}/env/team/x"), Some(&admin), json!({"key": "A", "value": "b"})).await;
     assert_eq!(status, 400);
@@ -409,6 +428,137 @@ async fn credentials_are_sealed_scoped_and_resolved(backend: &str) {
     let dump = dump_database(&api).await;
     assert!(dump.contains("API_KEY"), "the dump reads the secrets table");
     assert!(!dump.contains("CANARY"), "a secret value is stored in clear");
+}
+
+/// What a user may store: only declared, user-settable keys of targets they are granted; never
+/// the keys that decide where requests go, nor, for a process, what it runs; and only so much.
+async fn users_store_only_declared_values_of_granted_targets(backend: &str) {
+    let api = spawn_api(backend, |config| {
+        config.limits.values_per_user = 3;
+        config.limits.value_bytes_per_user = 4096;
+        config.limits.api_tokens_per_user = 2;
+    })
+    .await;
+    let (admin, _) = api.register("admin@example.com").await;
+    let (user, user_id) = api.register("dev@example.com").await;
+    let declared = json!([
+        {"name": "GITHUB_PERSONAL_ACCESS_TOKEN", "description": "your GitHub token", "user_settable": true},
+        {"name": "REGION", "scopes": ["default"]},
+        {"name": "NOTE", "user_settable": true},
+    ]);
+    let mut ids = Vec::new();
+    for (name, transport, extra) in [
+        ("gh", "stdio", json!({"command": "npx", "isolation_boundary": "per_user"})),
+        ("web", "streamable-http", json!({"url": "http://127.0.0.1:9/mcp"})),
+    ] {
+        let mut body = json!({"name": name, "transport_type": transport, "env_keys": declared});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let (status, target) = api.post("/api/targets", Some(&admin), body).await;
+        assert_eq!(status, 201, "{target}");
+        ids.push(target["id"].as_str().unwrap().to_string());
+    }
+    let (gh, web) = (ids[0].clone(), ids[1].clone());
+    let own = |t: &str| format!("/api/targets/{t}/env/user/{user_id}");
+    let write = |t: String, key: &str, value: &str| {
+        let (api, user, key, value) = (&api, user.clone(), key.to_string(), value.to_string());
+        async move { api.post(&t, Some(&user), json!({"key": key, "value": value})).await }
+    };
+
+    // No grant: nothing, declared or not.
+    let (status, body) = write(own(&gh), "GITHUB_PERSONAL_ACCESS_TOKEN", "ghp_x").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("no policy grants"), "{body}");
+    for t in [&gh, &web] {
+        api.post(
+            "/api/policies",
+            Some(&admin),
+            json!({"name": format!("dev {t}"), "target_id": t, "effect": "allow", "priority": 1,
+                   "subjects": [{"subject_type": "user", "subject_value": user_id}]}),
+        )
+        .await;
+    }
+    let (status, body) = write(own(&gh), "GITHUB_PERSONAL_ACCESS_TOKEN", "ghp_x").await;
+    assert_eq!(status, 201, "{body}");
+
+    // Undeclared, declared for other scopes only, reserved destinations: 403 naming the key.
+    for (t, key, value) in [
+        (&gh, "UNDECLARED", "x"),
+        (&gh, "REGION", "eu"),
+        (&web, "BASE_URL", "http://attacker.example/mcp"),
+        (&web, "AUTH_HEADER", "X-Evil"),
+        (&web, "TIMEOUT", "5"),
+        (&gh, "BASE_URL", "http://attacker.example/mcp"),
+    ] {
+        let (status, body) = write(own(t), key, value).await;
+        assert_eq!(status, 403, "{key}: {body}");
+        assert!(body["error"].as_str().unwrap().contains(key), "{key}: {body}");
+    }
+    // Keys that change what a process runs: refused for the STDIO target whoever writes them,
+    // and they cannot be declared user-settable there.
+    for key in ["NODE_OPTIONS", "npm_config_registry", "PYTHONSTARTUP", "HTTPS_PROXY", "SSL_CERT_FILE"] {
+        let (status, body) = write(own(&gh), key, "x").await;
+        assert_eq!(status, 403, "{key}: {body}");
+        let (status, body) = api.post(&own(&gh), Some(&admin), json!({"key": key, "value": "x"})).await;
+        assert_eq!(status, 403, "admin at a user scope, {key}: {body}");
+        let (status, body) = api
+            .put(&format!("/api/targets/{gh}"), &admin, json!({"env_keys": [{"name": key, "user_settable": true}]}))
+            .await;
+        assert_eq!(status, 400, "{key}: {body}");
+    }
+    let (status, body) = api
+        .put(&format!("/api/targets/{web}"), &admin, json!({"env_keys": [{"name": "BASE_URL", "user_settable": true}]}))
+        .await;
+    assert_eq!(status, 400, "{body}");
+
+    // Reserved values are validated even for admins.
+    for (key, value) in [
+        ("BASE_URL", "file:///etc/passwd"),
+        ("BASE_URL", "http://u:p@x/"),
+        ("TIMEOUT", "99999999999"),
+        ("TIMEOUT", "0"),
+        ("AUTH_HEADER", "Bad Header"),
+    ] {
+        let (status, body) = api
+            .post(&format!("/api/targets/{web}/env/default"), Some(&admin), json!({"key": key, "value": value}))
+            .await;
+        assert_eq!(status, 400, "{key}={value}: {body}");
+    }
+    assert_eq!(
+        api.post(&format!("/api/targets/{web}/env/default"), Some(&admin), json!({"key": "TIMEOUT", "value": "90s"}))
+            .await
+            .0,
+        201
+    );
+
+    // Per-user limits: three values, 4 KiB.
+    assert_eq!(write(own(&web), "NOTE", "one").await.0, 201);
+    assert_eq!(write(own(&web), "NOTE", "one, replaced").await.0, 201, "a replacement is not a new value");
+    assert_eq!(api.post(&format!("/api/targets/{web}/token"), Some(&user), json!({"token": "t"})).await.0, 201);
+    let (status, body) = write(own(&gh), "NOTE", "a fourth").await;
+    assert_eq!((status, body["code"].as_str()), (403, Some("limit_exceeded")), "{body}");
+    api.delete(&format!("/api/targets/{web}/env/user/{user_id}/NOTE"), &user).await;
+    let (status, body) = write(own(&gh), "NOTE", &"x".repeat(8000)).await;
+    assert_eq!((status, body["code"].as_str()), (403, Some("limit_exceeded")), "{body}");
+    for n in 0..2 {
+        assert_eq!(api.post("/api/auth/tokens", Some(&user), json!({"name": format!("t{n}")})).await.0, 201);
+    }
+    let (status, body) = api.post("/api/auth/tokens", Some(&user), json!({"name": "t3"})).await;
+    assert_eq!((status, body["code"].as_str()), (403, Some("limit_exceeded")), "{body}");
+
+    // What a user sees of a target: no URL, command or arguments; their settable keys only.
+    let (_, listed) = api.get("/api/targets", &user).await;
+    for target in listed.as_array().unwrap() {
+        for hidden in ["url", "command", "args", "image", "auth_header_name", "isolation_boundary"] {
+            assert!(target.get(hidden).is_none(), "{hidden} shown: {target}");
+        }
+        let keys: Vec<&str> =
+            target["env_keys"].as_array().unwrap().iter().map(|k| k["name"].as_str().unwrap()).collect();
+        assert_eq!(keys, ["GITHUB_PERSONAL_ACCESS_TOKEN", "NOTE"]);
+    }
+    let (_, one) = api.get(&format!("/api/targets/{gh}"), &user).await;
+    assert!(one.get("command").is_none() && one["name"] == "gh" && one["transport_type"] == "stdio", "{one}");
+    let (_, whole) = api.get(&format!("/api/targets/{gh}"), &admin).await;
+    assert_eq!(whole["command"], "npx");
 }
 
 /// Every text and byte column of every table, as one string.
@@ -595,6 +745,7 @@ both_backends!(
     target_validation,
     malformed_requests_get_json_errors,
     credentials_are_sealed_scoped_and_resolved,
+    users_store_only_declared_values_of_granted_targets,
     policies_with_subjects,
     health_and_docs,
 );

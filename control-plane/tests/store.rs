@@ -33,6 +33,7 @@ fn http_target(name: &str) -> TargetSpec {
         auth_type: AuthType::Bearer,
         auth_header_name: None,
         enabled: true,
+        env_keys: vec![],
     }
 }
 

@@ -54,11 +54,6 @@ fn source(scope: &Scope) -> String {
     }
 }
 
-fn parse_timeout(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    text.parse::<u64>().ok().map(Duration::from_secs).or_else(|| humantime::parse_duration(text).ok())
-}
-
 /// Resolves what `user` sends to `target`. An entry that does not open (it cannot: the
 /// snapshot was validated) or does not fit in a header is left out, with a warning naming
 /// the key only.
@@ -86,9 +81,11 @@ pub fn resolve_injection(view: &View, sealer: &DeterministicSealer, target: &Tar
             "BASE_URL" => {
                 injection.base_url = Some(value);
             }
-            "TIMEOUT" => match parse_timeout(&value) {
+            "TIMEOUT" => match reflow_common::credentials::parse_target_timeout(&value) {
                 Some(timeout) => injection.timeout = Some(timeout),
-                None => tracing::warn!(target = %target.name, "env TIMEOUT is neither seconds nor a duration; ignored"),
+                None => {
+                    tracing::warn!(target = %target.name, "env TIMEOUT is not 1 s to 1 h (seconds or a duration); ignored")
+                }
             },
             _ => {
                 push_header(&mut injection.headers, &format!("X-Env-{key}"), &value, &target.name);
@@ -121,14 +118,24 @@ pub fn resolve_env(
 ) -> BTreeMap<String, String> {
     let principal = Principal { user_id: &user.id, role: &user.role, groups: &user.groups };
     let (tokens, keyed) = entries(view, target);
-    let pick = |entries: &[&Credential]| {
-        let (_, credential) = resolve(entries.iter().map(|c| (&c.scope, *c)), &principal, target.isolation_boundary)?;
-        open(sealer, credential)
+    let pick = |entries: &[&Credential]| -> Option<(bool, String)> {
+        let (scope, credential) =
+            resolve(entries.iter().map(|c| (&c.scope, *c)), &principal, target.isolation_boundary)?;
+        Some((matches!(scope, Scope::User(_)), open(sealer, credential)?))
     };
-    let mut env: BTreeMap<String, String> =
-        keyed.iter().filter_map(|(key, entries)| Some((key.to_string(), pick(entries)?))).collect();
+    let mut env = BTreeMap::new();
+    for (key, entries) in &keyed {
+        let Some((from_user, value)) = pick(entries) else { continue };
+        // The control plane never stores these at a user scope; a value that got there anyway
+        // (written before the rule, or by a broken control plane) never reaches a process.
+        if from_user && reflow_common::names::changes_execution(key) {
+            tracing::warn!(target = %target.name, key = %key, "a user-scope env value that changes what the process runs was dropped");
+            continue;
+        }
+        env.insert(key.to_string(), value);
+    }
     if !env.contains_key("AUTH_TOKEN") {
-        if let Some(token) = pick(&tokens) {
+        if let Some((_, token)) = pick(&tokens) {
             env.insert("AUTH_TOKEN".into(), token);
         }
     }
@@ -168,17 +175,5 @@ fn push_header(headers: &mut Vec<(HeaderName, HeaderValue)>, name: &str, value: 
             tracing::warn!(%target, header = %name, "a credential does not fit in an HTTP header; not sent");
             false
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn timeouts_accept_seconds_and_durations() {
-        assert_eq!(parse_timeout("30"), Some(Duration::from_secs(30)));
-        assert_eq!(parse_timeout("1m 30s"), Some(Duration::from_secs(90)));
-        assert_eq!(parse_timeout("soon"), None);
     }
 }

@@ -165,6 +165,7 @@ fn large_state(users: usize, targets: usize, policies: usize, keyring: &Keyring)
             auth_type: AuthType::Bearer,
             auth_header_name: None,
             enabled: true,
+            env_keys: vec![],
             restart_generation: 0,
             created_at: at,
             updated_at: at,

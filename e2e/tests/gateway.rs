@@ -35,10 +35,12 @@ async fn policies_decide_listing_and_calling_alike_and_crafted_names_do_not_bypa
     let mut client = McpClient::new(&format!("{}/mcp", gateway.mcp), &gateway.admin_token);
     client.initialize().await.unwrap();
 
-    // Default deny: nothing listed, nothing callable.
+    // Default deny: nothing listed, nothing callable; a target without any grant is not even
+    // named (its tools are unknown, not "not allowed").
     assert!(client.tool_names().await.unwrap().is_empty());
     let denied = client.call("everything_echo", json!({"message": "x"})).await.unwrap();
-    assert_eq!(denied["error"]["code"], -32003, "{denied}");
+    assert_eq!(denied["error"]["code"], -32602, "{denied}");
+    assert!(denied["error"]["message"].as_str().unwrap().contains("unknown tool"), "{denied}");
 
     gateway.allow_everyone().await.unwrap();
     gateway.deny_tools(&target, "echo").await.unwrap();

@@ -224,6 +224,12 @@ pub async fn create_token(
             Some(crate::store::now() + duration)
         }
     };
+    let limit = state.settings.limits.api_tokens_per_user;
+    if state.store.list_api_tokens(caller.user.id).await?.len() >= limit {
+        return Err(ApiError::limit(format!(
+            "you hold {limit} API tokens, the most allowed (limits.api_tokens_per_user); revoke one first"
+        )));
+    }
     let generated = generate_api_token();
     let info = state
         .store

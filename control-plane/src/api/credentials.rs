@@ -2,8 +2,16 @@
 //! (`/env`). Values are sealed before they reach the store and are write-only: listings
 //! show scopes and keys, and only an admin who asks with `reveal=true` sees values.
 //!
-//! Admins manage every scope. A user manages only their own user scope (`/token`, and
-//! `/env/user/<own id>`).
+//! Who may write what is decided in one place, [`check_write`]:
+//!
+//! - admins write every scope; a key the target declares only at the scopes it names;
+//! - a user writes only their own user scope (`/token`, `/env/user/<own id>`), only for targets
+//!   some policy grants them something on, and only env keys the target declares user-settable;
+//! - `BASE_URL`, `AUTH_HEADER` and `TIMEOUT` (where requests go, and for how long) are admins'
+//!   alone, and their values are validated as a target's own URL and limits are;
+//! - keys that change what a process runs (`NODE_OPTIONS`, `PYTHONSTARTUP`, `npm_config_*`,
+//!   proxies, CA files, …) are never stored at a user scope of a STDIO or Kubernetes target;
+//! - what one user's scope holds is bounded (`limits.values_per_user`, `limits.value_bytes_per_user`).
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -11,14 +19,17 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use reflow_common::credentials::{resolve, Principal, Scope, ScopeKind};
 use reflow_common::crypto::Aad;
-use reflow_common::names::{validate_env_key, validate_principal_name};
+use reflow_common::names::{
+    changes_execution, is_forbidden_env_key, is_reserved_destination, validate_env_key_syntax, validate_header_name,
+    validate_principal_name,
+};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
-use super::targets::find;
+use super::targets::{check_url, find, runs_a_process};
 use super::AppState;
 use crate::store::{SecretEntry, SecretKind, Target};
 
@@ -134,6 +145,89 @@ async fn scope_for_write(state: &AppState, caller: &Caller, kind: &str, value: O
     Ok(scope)
 }
 
+/// Decides whether `caller` may store a value at `scope` of `target`: the token (`key` `None`)
+/// or env `key`. The one place these rules live (see the module documentation).
+async fn check_write(
+    state: &AppState,
+    caller: &Caller,
+    target: &Target,
+    scope: &Scope,
+    key: Option<&str>,
+) -> ApiResult<()> {
+    let admin = caller.user.is_admin();
+    if let Some(key) = key {
+        if is_forbidden_env_key(key) {
+            return Err(ApiError::forbidden(format!(
+                "env key {key}: reserved at every scope, since it would change how the server process loads code"
+            )));
+        }
+        let declared = target.env_key(key);
+        if let Some(declaration) = declared {
+            if !declaration.scopes.contains(&scope.kind()) {
+                let scopes: Vec<&str> = declaration.scopes.iter().map(|s| s.as_str()).collect();
+                return Err(ApiError::forbidden(format!(
+                    "env key {key}: target {:?} declares it for the {} scope(s) only",
+                    target.name,
+                    scopes.join(", ")
+                )));
+            }
+        }
+        if matches!(scope, Scope::User(_)) && runs_a_process(target.transport_type) && changes_execution(key) {
+            return Err(ApiError::forbidden(format!(
+                "env key {key}: it changes what target {:?}'s server process runs, so it is never stored at a user scope",
+                target.name
+            )));
+        }
+        if !admin && is_reserved_destination(key) {
+            return Err(ApiError::forbidden(format!(
+                "env key {key}: it decides where target {:?}'s requests go; only admins set it",
+                target.name
+            )));
+        }
+        if !admin && !declared.is_some_and(|d| d.user_settable) {
+            return Err(ApiError::forbidden(format!(
+                "env key {key}: target {:?} does not declare it as one users may set",
+                target.name
+            )));
+        }
+    }
+    if !admin && !super::policies::granted(state, &caller.user, target.id).await? {
+        return Err(ApiError::forbidden(format!(
+            "no policy grants you anything on target {:?}, so no values are stored for it",
+            target.name
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a write that would take a user scope over `limits.values_per_user` or
+/// `limits.value_bytes_per_user`.
+async fn check_usage(
+    state: &AppState,
+    target: &Target,
+    kind: SecretKind,
+    scope: &Scope,
+    name: &str,
+    sealed: usize,
+) -> ApiResult<()> {
+    let Scope::User(user) = scope else { return Ok(()) };
+    let Ok(user) = user.parse::<Uuid>() else { return Ok(()) };
+    let limits = &state.settings.limits;
+    let (count, bytes) = state.store.user_secret_usage(user, (target.id, kind, name)).await?;
+    if count as usize >= limits.values_per_user {
+        return Err(ApiError::limit(format!(
+            "this user scope already holds {count} values, the most allowed (limits.values_per_user)"
+        )));
+    }
+    if bytes as usize + sealed > limits.value_bytes_per_user {
+        return Err(ApiError::limit(format!(
+            "this value would take the user scope past {} bytes (limits.value_bytes_per_user)",
+            limits.value_bytes_per_user
+        )));
+    }
+    Ok(())
+}
+
 async fn put(
     state: &AppState,
     target: &Target,
@@ -143,12 +237,14 @@ async fn put(
     value: &str,
 ) -> ApiResult<SecretInfo> {
     let aad = secret_aad(target.id, kind, &scope, name);
+    let ciphertext = state.keyring.seal(value.as_bytes(), &aad);
+    check_usage(state, target, kind, &scope, name, ciphertext.len()).await?;
     let entry = SecretEntry {
         target_id: target.id,
         kind,
         scope,
         name: name.to_string(),
-        ciphertext: state.keyring.seal(value.as_bytes(), &aad),
+        ciphertext,
         key_version: state.keyring.current_version() as i32,
         updated_at: crate::store::now(),
     };
@@ -167,9 +263,25 @@ fn check_token(token: &str) -> ApiResult<()> {
 }
 
 fn check_env(body: &EnvBody) -> ApiResult<()> {
-    validate_env_key(&body.key).map_err(|e| ApiError::bad_request(format!("key: {e}")))?;
+    validate_env_key_syntax(&body.key).map_err(|e| ApiError::bad_request(format!("key: {e}")))?;
     if body.value.len() > MAX_ENV_VALUE_LEN || body.value.contains('\0') {
         return Err(ApiError::bad_request(format!("value: must be at most {MAX_ENV_VALUE_LEN} bytes without NUL")));
+    }
+    // The reserved keys are validated as what they stand for.
+    match body.key.to_ascii_uppercase().as_str() {
+        "BASE_URL" => check_url("value (BASE_URL)", &body.value)?,
+        "TIMEOUT" if reflow_common::credentials::parse_target_timeout(&body.value).is_none() => {
+            return Err(ApiError::bad_request("value (TIMEOUT): seconds or a duration (such as 90s) from 1 s to 1 h"));
+        }
+        "AUTH_HEADER" => {
+            validate_header_name(&body.value).map_err(|e| ApiError::bad_request(format!("value (AUTH_HEADER): {e}")))?
+        }
+        "AUTH_TOKEN" => check_token(&body.value).map_err(|_| {
+            ApiError::bad_request(format!(
+                "value (AUTH_TOKEN): must be 1 to {MAX_TOKEN_LEN} bytes without control characters"
+            ))
+        })?,
+        _ => {}
     }
     Ok(())
 }
@@ -219,6 +331,7 @@ pub async fn set_own_token(
     check_token(&body.token)?;
     let target = find(&state, id).await?;
     let scope = Scope::User(caller.user.id.to_string());
+    check_write(&state, &caller, &target, &scope, None).await?;
     Ok((StatusCode::CREATED, Json(put(&state, &target, SecretKind::Token, scope, "", &body.token).await?)))
 }
 
@@ -274,6 +387,7 @@ async fn set_token_at(
     let scope = scope_for_write(&state, &caller, scope, value).await?;
     check_token(&body.token)?;
     let target = find(&state, id).await?;
+    check_write(&state, &caller, &target, &scope, None).await?;
     Ok((StatusCode::CREATED, Json(put(&state, &target, SecretKind::Token, scope, "", &body.token).await?)))
 }
 
@@ -363,6 +477,7 @@ async fn set_env_at(
     let scope = scope_for_write(&state, &caller, scope, value).await?;
     check_env(&body)?;
     let target = find(&state, id).await?;
+    check_write(&state, &caller, &target, &scope, Some(&body.key)).await?;
     Ok((StatusCode::CREATED, Json(put(&state, &target, SecretKind::Env, scope, &body.key, &body.value).await?)))
 }
 

@@ -24,7 +24,7 @@ pub struct ErrorBody {
     /// What went wrong, for people.
     pub error: String,
     /// What went wrong, for programs: `bad_request`, `unauthorized`, `forbidden`,
-    /// `not_found`, `conflict`, `payload_too_large`, `unsupported_media_type`, `too_many_requests`,
+    /// `not_found`, `conflict`, `limit_exceeded`, `payload_too_large`, `unsupported_media_type`, `too_many_requests`,
     /// `unavailable`, `internal`.
     pub code: String,
 }
@@ -52,6 +52,11 @@ impl ApiError {
 
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "conflict", message)
+    }
+
+    /// A per-account limit would be exceeded.
+    pub fn limit(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "limit_exceeded", message)
     }
 
     pub fn admin_only() -> Self {

@@ -60,6 +60,8 @@ pub struct ApiSettings {
     pub stdio: StdioConfig,
     pub max_body_bytes: usize,
     pub cors_allowed_origins: Vec<String>,
+    /// What one account may store.
+    pub limits: reflow_common::config::LimitsConfig,
 }
 
 #[derive(OpenApi)]

@@ -47,6 +47,18 @@ pub struct PolicyInput {
     pub subjects: Option<Vec<SubjectSpec>>,
 }
 
+/// Whether some enabled policy could allow `user` something on `target_id`: the grant a user
+/// needs before storing values for a target, decided as data planes decide whether to open an
+/// upstream session at all (`reflow_proto::policy::may_allow_any`, on the stored policies).
+pub async fn granted(state: &AppState, user: &crate::store::User, target_id: Uuid) -> ApiResult<bool> {
+    use reflow_proto::policy::{may_allow_any, CompiledPolicy};
+    let mut policies = Vec::new();
+    for policy in state.store.list_policies().await?.iter().filter(|p| p.enabled) {
+        policies.push(CompiledPolicy::new(crate::compile::policy_payload(policy)).map_err(ApiError::bad_request)?);
+    }
+    Ok(may_allow_any(&policies, &crate::compile::user_payload(user), &target_id.to_string()))
+}
+
 async fn check_subject(state: &AppState, subject: &SubjectSpec) -> ApiResult<()> {
     let value = subject.subject_value.as_str();
     match subject.subject_type {

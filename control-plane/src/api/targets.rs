@@ -1,13 +1,15 @@
-//! `/api/targets`: the upstream MCP servers. Any signed-in user may read them (they hold no
-//! secrets); only admins create, change or delete them, since a STDIO target runs a
-//! program on the data plane.
+//! `/api/targets`: the upstream MCP servers. Admins create, change and delete them (a STDIO
+//! target runs a program on the data plane) and see them whole; everyone else sees a target's
+//! name, description, transport and the env keys they may set, never where or how it runs.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use reflow_common::config::StdioConfig;
 use reflow_common::credentials::Isolation;
-use reflow_common::names::{validate_header_name, validate_target_name};
+use reflow_common::names::{
+    changes_execution, is_reserved_destination, validate_env_key, validate_header_name, validate_target_name,
+};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -15,13 +17,14 @@ use uuid::Uuid;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{present, ApiJson, ApiPath, Caller};
 use super::AppState;
-use crate::store::{AuthType, Statefulness, Target, TargetSpec, TransportType};
+use crate::store::{AuthType, EnvKey, Statefulness, Target, TargetSpec, TransportType};
 
 const MAX_ARGS: usize = 64;
 const MAX_ARG_LEN: usize = 4096;
 const MAX_URL_LEN: usize = 2048;
 const DEFAULT_POD_PORT: i32 = 8080;
 const DEFAULT_HEALTH_PATH: &str = "/health";
+const MAX_ENV_KEYS: usize = 100;
 
 /// A target definition. On create, `name` and `transport_type` are required; on update,
 /// fields not sent keep their value and fields sent as `null` are cleared.
@@ -65,6 +68,8 @@ pub struct TargetInput {
     pub auth_header_name: Option<Option<String>>,
     /// Default `true`.
     pub enabled: Option<bool>,
+    /// The env keys the target declares; users may set only declared, user-settable keys.
+    pub env_keys: Option<Vec<EnvKey>>,
 }
 
 fn merge<T: Clone>(input: Option<Option<T>>, current: Option<&Option<T>>) -> Option<T> {
@@ -78,22 +83,68 @@ fn bad(message: impl Into<String>) -> ApiError {
     ApiError::bad_request(message)
 }
 
-fn check_url(url: &str) -> ApiResult<()> {
+/// The checks every upstream URL passes: a target's `url`, and an env `BASE_URL` replacing it.
+/// `field` names it in the message.
+pub fn check_url(field: &str, url: &str) -> ApiResult<()> {
     if url.len() > MAX_URL_LEN {
-        return Err(bad(format!("url: longer than {MAX_URL_LEN} bytes")));
+        return Err(bad(format!("{field}: longer than {MAX_URL_LEN} bytes")));
     }
-    let parsed = url::Url::parse(url).map_err(|e| bad(format!("url: {url:?} is not a valid URL: {e}")))?;
+    let parsed = url::Url::parse(url).map_err(|e| bad(format!("{field}: not a valid URL: {e}")))?;
     if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(bad("url: scheme must be http or https"));
+        return Err(bad(format!("{field}: scheme must be http or https")));
     }
     if parsed.host_str().is_none_or(str::is_empty) {
-        return Err(bad("url: must name a host"));
+        return Err(bad(format!("{field}: must name a host")));
     }
     if !parsed.username().is_empty() || parsed.password().is_some() {
-        return Err(bad("url: must not carry credentials; set them through the target's token or env endpoints"));
+        return Err(bad(format!(
+            "{field}: must not carry credentials; set them through the target's token or env endpoints"
+        )));
     }
     if parsed.fragment().is_some() {
-        return Err(bad("url: must not have a fragment"));
+        return Err(bad(format!("{field}: must not have a fragment")));
+    }
+    Ok(())
+}
+
+/// Whether values of a target's env reach a process (a STDIO child or a pod) as its environment,
+/// rather than travelling as headers to an HTTP server.
+pub fn runs_a_process(transport: TransportType) -> bool {
+    matches!(transport, TransportType::Stdio | TransportType::Kubernetes)
+}
+
+fn check_env_keys(keys: &[EnvKey], transport: TransportType) -> ApiResult<()> {
+    use reflow_common::credentials::ScopeKind;
+    if keys.len() > MAX_ENV_KEYS {
+        return Err(bad(format!("env_keys: at most {MAX_ENV_KEYS} keys")));
+    }
+    for (i, key) in keys.iter().enumerate() {
+        let at = format!("env_keys[{i}]");
+        validate_env_key(&key.name).map_err(|e| bad(format!("{at}.name: {e}")))?;
+        if keys[..i].iter().any(|other| other.name == key.name) {
+            return Err(bad(format!("{at}.name: {:?} is declared twice", key.name)));
+        }
+        if key.description.len() > 1024 || key.description.chars().any(char::is_control) {
+            return Err(bad(format!("{at}.description: at most 1024 bytes without control characters")));
+        }
+        if key.scopes.is_empty() {
+            return Err(bad(format!("{at}.scopes: name at least one of default, role, group, user")));
+        }
+        if key.user_settable && !key.scopes.contains(&ScopeKind::User) {
+            return Err(bad(format!("{at}.scopes: a user-settable key needs the user scope")));
+        }
+        if key.user_settable && is_reserved_destination(&key.name) {
+            return Err(bad(format!(
+                "{at}: {} decides where requests go; only admins set it, so it cannot be user-settable",
+                key.name
+            )));
+        }
+        if key.user_settable && runs_a_process(transport) && changes_execution(&key.name) {
+            return Err(bad(format!(
+                "{at}: {} changes what the server process runs; a user may never set it",
+                key.name
+            )));
+        }
     }
     Ok(())
 }
@@ -142,7 +193,7 @@ pub fn build_spec(input: TargetInput, current: Option<&TargetSpec>, stdio: &Stdi
 
     match transport_type {
         StreamableHttp | Sse => {
-            check_url(url.as_deref().ok_or_else(|| bad("url: required for streamable-http and sse targets"))?)?
+            check_url("url", url.as_deref().ok_or_else(|| bad("url: required for streamable-http and sse targets"))?)?
         }
         Stdio => {
             let command = command.as_deref().ok_or_else(|| bad("command: required for stdio targets"))?;
@@ -176,6 +227,12 @@ pub fn build_spec(input: TargetInput, current: Option<&TargetSpec>, stdio: &Stdi
         (_, Some(_)) => return Err(bad("auth_header_name: only valid when auth_type is header")),
         (_, None) => {}
     }
+    let mut env_keys = input.env_keys.or_else(|| current.map(|c| c.env_keys.clone())).unwrap_or_default();
+    for key in &mut env_keys {
+        key.scopes.sort();
+        key.scopes.dedup();
+    }
+    check_env_keys(&env_keys, transport_type)?;
     Ok(TargetSpec {
         name,
         description,
@@ -194,7 +251,45 @@ pub fn build_spec(input: TargetInput, current: Option<&TargetSpec>, stdio: &Stdi
         auth_type,
         auth_header_name,
         enabled: input.enabled.or(current.map(|c| c.enabled)).unwrap_or(true),
+        env_keys,
     })
+}
+
+/// What a user who is not an admin sees of a target: enough to find it and to set their own
+/// values, nothing of where or how it runs (URL, command, arguments, image).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TargetSummary {
+    pub id: Uuid,
+    pub name: String,
+    pub description: String,
+    pub transport_type: TransportType,
+    pub enabled: bool,
+    /// The env keys a user may set their own value for.
+    pub env_keys: Vec<EnvKey>,
+}
+
+/// A target as the caller may see it: whole for admins, a [`TargetSummary`] for others.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum TargetView {
+    Full(Target),
+    Summary(TargetSummary),
+}
+
+impl TargetView {
+    fn for_caller(caller: &Caller, target: Target) -> Self {
+        if caller.user.is_admin() {
+            return TargetView::Full(target);
+        }
+        TargetView::Summary(TargetSummary {
+            id: target.id,
+            name: target.name,
+            description: target.description,
+            transport_type: target.transport_type,
+            enabled: target.enabled,
+            env_keys: target.env_keys.into_iter().filter(|k| k.user_settable).collect(),
+        })
+    }
 }
 
 /// Loads a target or answers 404.
@@ -202,11 +297,13 @@ pub async fn find(state: &AppState, id: Uuid) -> ApiResult<Target> {
     state.store.get_target(id).await?.ok_or_else(|| ApiError::not_found("target"))
 }
 
-/// All targets.
+/// All targets: whole for admins; name, description, transport and user-settable env keys for
+/// everyone else.
 #[utoipa::path(get, path = "/api/targets", tag = "targets", security(("bearer" = [])),
-    responses((status = 200, body = [Target]), (status = 401, body = ErrorBody)))]
-pub async fn list(State(state): State<AppState>, _caller: Caller) -> ApiResult<Json<Vec<Target>>> {
-    Ok(Json(state.store.list_targets().await?))
+    responses((status = 200, body = [TargetView]), (status = 401, body = ErrorBody)))]
+pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<TargetView>>> {
+    let targets = state.store.list_targets().await?;
+    Ok(Json(targets.into_iter().map(|t| TargetView::for_caller(&caller, t)).collect()))
 }
 
 /// Create a target.
@@ -224,15 +321,15 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(target)))
 }
 
-/// One target.
+/// One target (whole for admins, a summary for everyone else).
 #[utoipa::path(get, path = "/api/targets/{id}", tag = "targets", security(("bearer" = [])), params(("id" = Uuid, Path)),
-    responses((status = 200, body = Target), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = TargetView), (status = 404, body = ErrorBody)))]
 pub async fn get(
     State(state): State<AppState>,
-    _caller: Caller,
+    caller: Caller,
     ApiPath(id): ApiPath<Uuid>,
-) -> ApiResult<Json<Target>> {
-    Ok(Json(find(&state, id).await?))
+) -> ApiResult<Json<TargetView>> {
+    Ok(Json(TargetView::for_caller(&caller, find(&state, id).await?)))
 }
 
 /// Change a target: fields sent replace the stored ones, and the result is validated whole.

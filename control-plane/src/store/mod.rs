@@ -90,6 +90,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// how many were deleted.
     async fn delete_scope_secrets(&self, target_id: Uuid, kind: SecretKind, scope: &Scope) -> StoreResult<u64>;
     async fn list_secrets(&self, target_id: Uuid, kind: Option<SecretKind>) -> StoreResult<Vec<SecretEntry>>;
+    /// How many values are stored at `user_id`'s user scope over every target, and their sealed
+    /// bytes, leaving out the one at (`target_id`, `kind`, `name`) (the value a write replaces).
+    async fn user_secret_usage(&self, user_id: Uuid, except: (Uuid, SecretKind, &str)) -> StoreResult<(u64, u64)>;
 
     async fn create_policy(&self, spec: PolicySpec, subjects: Vec<SubjectSpec>) -> StoreResult<Policy>;
     async fn list_policies(&self) -> StoreResult<Vec<Policy>>;

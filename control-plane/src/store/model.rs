@@ -74,6 +74,33 @@ pub struct NewApiToken {
 
 pub use reflow_common::model::{AuthType, Effect, ResourceType, SecretKind, Statefulness, SubjectType, TransportType};
 
+/// An env key a target declares: what it is for, which scopes may hold a value for it, and
+/// whether a user may set their own value. Users may write declared, user-settable keys only;
+/// admins may also write keys no declaration names, at any scope.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnvKey {
+    /// The variable's name (`[A-Za-z_][A-Za-z0-9_]*`).
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// The scopes that may hold a value: `default`, `role`, `group`, `user`. Default: all.
+    #[serde(default = "EnvKey::all_scopes")]
+    pub scopes: Vec<reflow_common::credentials::ScopeKind>,
+    /// Whether a user may set their own value (at their user scope). Never for keys that
+    /// choose where requests go (`BASE_URL`, `AUTH_HEADER`, `TIMEOUT`) or, for STDIO and
+    /// Kubernetes targets, what the process runs.
+    #[serde(default)]
+    pub user_settable: bool,
+}
+
+impl EnvKey {
+    pub fn all_scopes() -> Vec<reflow_common::credentials::ScopeKind> {
+        use reflow_common::credentials::ScopeKind::*;
+        vec![Default, Role, Group, User]
+    }
+}
+
 /// A validated target definition, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TargetSpec {
@@ -91,6 +118,7 @@ pub struct TargetSpec {
     pub auth_type: AuthType,
     pub auth_header_name: Option<String>,
     pub enabled: bool,
+    pub env_keys: Vec<EnvKey>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
@@ -110,6 +138,8 @@ pub struct Target {
     pub auth_type: AuthType,
     pub auth_header_name: Option<String>,
     pub enabled: bool,
+    /// The env keys the target declares.
+    pub env_keys: Vec<EnvKey>,
     /// Bumped by `restart-instances`: data planes restart the target's processes.
     pub restart_generation: i64,
     pub created_at: DateTime<Utc>,
@@ -133,7 +163,13 @@ impl Target {
             auth_type: self.auth_type,
             auth_header_name: self.auth_header_name.clone(),
             enabled: self.enabled,
+            env_keys: self.env_keys.clone(),
         }
+    }
+
+    /// The declaration of env key `name`, if the target has one.
+    pub fn env_key(&self, name: &str) -> Option<&EnvKey> {
+        self.env_keys.iter().find(|k| k.name == name)
     }
 }
 

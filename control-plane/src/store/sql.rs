@@ -26,7 +26,7 @@ const FIRST_ADMIN_KEY: &str = "first_admin";
 const USER_COLUMNS: &str = "id, email, role, active, created_at, updated_at";
 const TOKEN_COLUMNS: &str = "id, user_id, name, prefix, created_at, expires_at, last_used_at";
 const TARGET_COLUMNS: &str = "id, name, description, transport_type, url, command, args, image, port, health_path, \
-     statefulness, isolation_boundary, auth_type, auth_header_name, enabled, created_at, updated_at";
+     statefulness, isolation_boundary, auth_type, auth_header_name, enabled, env_keys, created_at, updated_at";
 const POLICY_COLUMNS: &str =
     "id, name, description, target_id, resource_type, pattern, effect, priority, enabled, created_at, updated_at";
 
@@ -108,6 +108,7 @@ macro_rules! sql_store {
 
             fn target_from_row(row: &$Row) -> StoreResult<Target> {
                 let args: String = row.try_get("args").map_err(db)?;
+                let env_keys: String = row.try_get("env_keys").map_err(db)?;
                 Ok(Target {
                     id: row.try_get("id").map_err(db)?,
                     name: row.try_get("name").map_err(db)?,
@@ -124,6 +125,7 @@ macro_rules! sql_store {
                     auth_type: parse_text("auth type", row.try_get("auth_type").map_err(db)?, AuthType::parse)?,
                     auth_header_name: row.try_get("auth_header_name").map_err(db)?,
                     enabled: row.try_get("enabled").map_err(db)?,
+                    env_keys: serde_json::from_str(&env_keys).map_err(|_| corrupt("env keys", &env_keys))?,
                     restart_generation: row.try_get("restart_generation").map_err(db)?,
                     created_at: row.try_get("created_at").map_err(db)?,
                     updated_at: row.try_get("updated_at").map_err(db)?,
@@ -246,7 +248,7 @@ macro_rules! sql_store {
                 Ok(())
             }
 
-            /// Binds a target's fields in column order (name … enabled).
+            /// Binds a target's fields in column order (name … env_keys).
             fn bind_target<'q>(
                 query: sqlx::query::Query<'q, $Db, <$Db as sqlx::Database>::Arguments<'q>>,
                 spec: &'q TargetSpec,
@@ -266,6 +268,7 @@ macro_rules! sql_store {
                     .bind(spec.auth_type.as_str())
                     .bind(&spec.auth_header_name)
                     .bind(spec.enabled)
+                    .bind(serde_json::to_string(&spec.env_keys).unwrap_or_else(|_| "[]".into()))
             }
 
             /// Binds a policy's fields in column order (name … enabled).
@@ -573,7 +576,7 @@ macro_rules! sql_store {
                 let at = now();
                 let sql = format!(
                     "INSERT INTO targets ({TARGET_COLUMNS}) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16)"
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $17)"
                 );
                 Self::bind_target(sqlx::query(&sql).bind(id), &spec)
                     .bind(at)
@@ -603,7 +606,7 @@ macro_rules! sql_store {
             async fn update_target(&self, id: Uuid, spec: TargetSpec) -> StoreResult<Target> {
                 let sql = "UPDATE targets SET name = $2, description = $3, transport_type = $4, url = $5, command = $6, \
                            args = $7, image = $8, port = $9, health_path = $10, statefulness = $11, isolation_boundary = $12, \
-                           auth_type = $13, auth_header_name = $14, enabled = $15, updated_at = $16 WHERE id = $1";
+                           auth_type = $13, auth_header_name = $14, enabled = $15, env_keys = $16, updated_at = $17 WHERE id = $1";
                 let updated = Self::bind_target(sqlx::query(sql).bind(id), &spec)
                 .bind(now())
                 .execute(&self.pool)
@@ -693,6 +696,27 @@ macro_rules! sql_store {
                     .await
                     .map_err(db)?
                     .rows_affected())
+            }
+
+            async fn user_secret_usage(
+                &self,
+                user_id: Uuid,
+                except: (Uuid, SecretKind, &str),
+            ) -> StoreResult<(u64, u64)> {
+                let row = sqlx::query(
+                    "SELECT COUNT(*) AS count, COALESCE(SUM(LENGTH(ciphertext)), 0) AS bytes FROM target_secrets \
+                     WHERE scope_type = 'user' AND scope_value = $1 AND NOT (target_id = $2 AND kind = $3 AND name = $4)",
+                )
+                .bind(user_id.to_string())
+                .bind(except.0)
+                .bind(except.1.as_str())
+                .bind(except.2)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db)?;
+                let count: i64 = row.try_get("count").map_err(db)?;
+                let bytes: i64 = row.try_get("bytes").map_err(db)?;
+                Ok((count.max(0) as u64, bytes.max(0) as u64))
             }
 
             async fn list_secrets(&self, target_id: Uuid, kind: Option<SecretKind>) -> StoreResult<Vec<SecretEntry>> {

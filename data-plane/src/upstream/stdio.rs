@@ -32,20 +32,6 @@ use tokio_util::sync::CancellationToken;
 use super::{owner_of, Sink, UpstreamError};
 use crate::mcp::jsonrpc;
 
-/// Env keys a target's configuration may not set: they would change what the child runs.
-const FORBIDDEN_ENV: &[&str] = &[
-    "PATH",
-    "HOME",
-    "LD_PRELOAD",
-    "LD_LIBRARY_PATH",
-    "LD_AUDIT",
-    "DYLD_INSERT_LIBRARIES",
-    "NODE_OPTIONS",
-    "PYTHONPATH",
-    "PYTHONSTARTUP",
-    "BASH_ENV",
-    "ENV",
-];
 const CHILD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Longest stdout line accepted from a child (a larger one ends the process: it is broken).
 const MAX_LINE: usize = 16 * 1024 * 1024;
@@ -137,7 +123,7 @@ impl Process {
             .env_clear()
             .env("PATH", CHILD_PATH)
             .env("HOME", home)
-            .envs(env.iter().filter(|(k, _)| !FORBIDDEN_ENV.contains(&k.as_str())))
+            .envs(env.iter().filter(|(k, _)| !reflow_common::names::is_forbidden_env_key(k)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
