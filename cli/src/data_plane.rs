@@ -7,7 +7,6 @@ use axum::routing::get;
 use clap::Args;
 use reflow_common::config::ConfigError;
 use reflow_control_plane::bind;
-use reflow_data_plane::mcp::McpSettings;
 use reflow_data_plane::sync::{ClientTls, SyncConfig};
 use reflow_data_plane::DataPlane;
 
@@ -96,7 +95,7 @@ pub async fn run(args: DataPlaneArgs) -> Result<(), Failure> {
         labels: dp.labels.into_iter().collect(),
         tls,
     };
-    let data_plane = DataPlane::new(sync, dp.cache_dir.map(PathBuf::from)).with_mcp(McpSettings::from_config(&config));
+    let data_plane = DataPlane::new(sync, dp.cache_dir.map(PathBuf::from)).with_mcp(crate::mcp_settings(&config)?);
     let listener = bind(&config.server.host, config.server.port).await?;
     let shutdown = shutdown_token();
     let syncing = data_plane.start_sync(shutdown.clone());

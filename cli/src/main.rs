@@ -128,6 +128,12 @@ impl From<anyhow::Error> for Failure {
 }
 
 fn main() -> ExitCode {
+    // A STDIO server's launcher: this binary, started by the data plane as the server's child,
+    // sets its limits and becomes the server (see reflow_data_plane::upstream::launch).
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == reflow_data_plane::upstream::launch::SUBCOMMAND) {
+        return ExitCode::from(reflow_data_plane::upstream::launch::main(&args[2..]).clamp(0, 255) as u8);
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -174,6 +180,15 @@ pub fn load_config(common: &CommonArgs) -> Result<Config, ConfigError> {
         config.server.port = port;
     }
     Ok(config)
+}
+
+/// The data plane's MCP settings from `config`, with STDIO servers launched through this
+/// binary; a `stdio` section that names an unusable user or directory is a config error.
+pub fn mcp_settings(config: &Config) -> Result<reflow_data_plane::mcp::McpSettings, ConfigError> {
+    reflow_data_plane::upstream::stdio::Sandbox::from_config(&config.stdio)?;
+    let launcher = std::env::current_exe()
+        .map_err(|e| ConfigError::new("stdio", format!("cannot find this binary to launch STDIO servers: {e}")))?;
+    Ok(reflow_data_plane::mcp::McpSettings::from_config(config).with_stdio_launcher(launcher))
 }
 
 /// Starts logging to stderr (see [`reflow_common::logging`]); keep the guard until exit.

@@ -12,7 +12,6 @@ use reflow_common::config::ConfigError;
 use reflow_common::crypto::Key;
 use reflow_control_plane::{bind, store, ControlPlane, StartError};
 
-use reflow_data_plane::mcp::McpSettings;
 use reflow_data_plane::sync::SyncConfig;
 use reflow_data_plane::DataPlane;
 
@@ -120,7 +119,7 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
         labels: Default::default(),
         tls: None,
     };
-    let data_plane = DataPlane::new(sync, Some(dir.join("cache"))).with_mcp(McpSettings::from_config(&config));
+    let data_plane = DataPlane::new(sync, Some(dir.join("cache"))).with_mcp(crate::mcp_settings(&config)?);
     let syncing = data_plane.start_sync(shutdown.clone());
     let router = data_plane.router().merge(control_plane.router());
     let local = listener.local_addr().map_err(anyhow::Error::from)?;

@@ -408,6 +408,9 @@ impl Default for SessionConfig {
 pub struct McpConfig {
     /// Largest MCP request body, in bytes; larger ones get 413.
     pub max_body_bytes: usize,
+    /// Largest message an upstream may send (a JSON reply, an SSE event, a STDIO line), in
+    /// bytes; past it the request fails with a clear error instead of the reply being held whole.
+    pub max_response_bytes: usize,
     /// How long one upstream request may take (a target's `TIMEOUT` env overrides it).
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -435,6 +438,7 @@ impl Default for McpConfig {
     fn default() -> Self {
         McpConfig {
             max_body_bytes: 4 * 1024 * 1024,
+            max_response_bytes: 16 * 1024 * 1024,
             request_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
             list_timeout: Duration::from_secs(10),
@@ -456,9 +460,41 @@ pub struct StdioConfig {
     #[serde(with = "humantime_serde")]
     pub gc_interval: Duration,
     pub max_processes: u32,
+    /// Most STDIO servers that run for one user at once (their `per_user` processes), so one
+    /// account cannot take the whole `max_processes`.
+    pub max_processes_per_user: u32,
     /// Programs a STDIO target may run (a bare name or an absolute path). A target whose
     /// command is not listed is rejected by the API. Shells are never run.
     pub allowed_commands: Vec<String>,
+    /// Where each process gets its own private working directory, which is also its `HOME`
+    /// (removed when it stops); default `<system temp>/reflow-stdio`. Never the data plane's
+    /// own directory.
+    pub work_dir: Option<String>,
+    /// The OS user STDIO servers run as: a name, or `uid[:gid]`. Default: the data plane's own
+    /// user. Needs the data plane to run as root; the process-count limit binds only a user
+    /// other than root.
+    pub run_as: Option<String>,
+    /// Resource limits of each process (and what it starts).
+    pub limits: StdioLimits,
+}
+
+/// Resource limits applied to every STDIO server (0: no limit).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StdioLimits {
+    /// Address space, in bytes (RLIMIT_AS).
+    pub memory_bytes: u64,
+    /// Open files (RLIMIT_NOFILE).
+    pub open_files: u64,
+    /// Processes and threads it may add (RLIMIT_NPROC, counted for its OS user: with
+    /// `run_as`, over every STDIO server of that user; not enforced for root).
+    pub processes: u64,
+}
+
+impl Default for StdioLimits {
+    fn default() -> Self {
+        StdioLimits { memory_bytes: 4 * 1024 * 1024 * 1024, open_files: 1024, processes: 512 }
+    }
 }
 
 impl Default for StdioConfig {
@@ -468,7 +504,11 @@ impl Default for StdioConfig {
             max_lifetime: Duration::from_secs(24 * 3600),
             gc_interval: Duration::from_secs(60),
             max_processes: 100,
+            max_processes_per_user: 16,
             allowed_commands: ["npx", "uvx", "node", "python", "python3", "deno", "bunx"].map(String::from).to_vec(),
+            work_dir: None,
+            run_as: None,
+            limits: StdioLimits::default(),
         }
     }
 }
@@ -622,6 +662,7 @@ impl Config {
         }
         for (key, value) in [
             ("mcp.max_body_bytes", self.mcp.max_body_bytes),
+            ("mcp.max_response_bytes", self.mcp.max_response_bytes),
             ("mcp.page_size", self.mcp.page_size),
             ("mcp.max_sessions", self.mcp.max_sessions),
             ("limits.api_tokens_per_user", self.limits.api_tokens_per_user),
@@ -631,6 +672,15 @@ impl Config {
             if value == 0 {
                 return Err(ConfigError::new(key, "must be greater than zero"));
             }
+        }
+        if self.stdio.max_processes_per_user == 0 {
+            return Err(ConfigError::new("stdio.max_processes_per_user", "must be at least 1"));
+        }
+        if self.stdio.run_as.as_deref().is_some_and(|u| u.trim().is_empty()) {
+            return Err(ConfigError::new("stdio.run_as", "must name a user (a name, or uid[:gid])"));
+        }
+        if self.stdio.work_dir.as_deref().is_some_and(|d| !d.starts_with('/')) {
+            return Err(ConfigError::new("stdio.work_dir", "must be an absolute path"));
         }
         for (i, command) in self.stdio.allowed_commands.iter().enumerate() {
             let base = command.rsplit('/').next().unwrap_or(command);

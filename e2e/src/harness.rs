@@ -60,6 +60,20 @@ pub fn node_package(path: &str) -> PathBuf {
     peers().join("node/node_modules").join(path)
 }
 
+/// The STDIO launcher the in-process gateways use: this crate's `reflow-bench` binary (which
+/// runs the launcher for `stdio-launch`, as `reflow` does), built by cargo before the tests of
+/// this crate run, beside the directory of their binaries.
+pub fn stdio_launcher() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let mut dir = exe.parent().expect("a directory").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let launcher = dir.join("reflow-bench");
+    assert!(launcher.exists(), "{} is missing: build it with cargo build -p reflow-e2e", launcher.display());
+    launcher
+}
+
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -275,7 +289,10 @@ impl Gateway {
         Gateway::launch(McpSettings::default(), Some(program)).await
     }
 
-    async fn launch(settings: McpSettings, external: Option<&Path>) -> anyhow::Result<Gateway> {
+    async fn launch(mut settings: McpSettings, external: Option<&Path>) -> anyhow::Result<Gateway> {
+        if settings.stdio_launcher.is_none() {
+            settings.stdio_launcher = Some(stdio_launcher());
+        }
         let dir = tempfile::tempdir()?;
         let scratch = match std::env::var("DATABASE_URL") {
             Ok(server) if !server.is_empty() => Some(ScratchDatabase::create(&server).await?),
@@ -498,7 +515,8 @@ pub async fn run_data_plane(control_plane: &str, token: &str, listen: &str) -> a
         labels: Default::default(),
         tls: None,
     };
-    let data_plane = DataPlane::new(sync, Some(dir.path().join("cache"))).with_mcp(McpSettings::default());
+    let settings = McpSettings::default().with_stdio_launcher(std::env::current_exe()?);
+    let data_plane = DataPlane::new(sync, Some(dir.path().join("cache"))).with_mcp(settings);
     let shutdown = CancellationToken::new();
     data_plane.start_sync(shutdown.clone());
     let listener = tokio::net::TcpListener::bind(listen).await?;

@@ -306,7 +306,7 @@ async fn stdio_spawn_teardown_and_crash_cycles_leave_no_process_behind() {
     let marker = format!("reflow-leak-{}", std::process::id());
     let target = raw_target("leak", &["--grandchild", &marker], reflow_common::credentials::Isolation::PerUser);
     let settings = reflow_common::config::StdioConfig { max_processes: 64, ..Default::default() };
-    let pool = std::sync::Arc::new(Pool::new(settings));
+    let pool = std::sync::Arc::new(Pool::new(settings).with_launcher(stdio_launcher()));
     let initialize = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize",
                             "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}});
     let cycles = |from: usize, to: usize, crash: bool| {
@@ -408,7 +408,7 @@ async fn real_stdio_servers_work_through_the_gateway() {
 async fn a_stdio_server_that_keeps_crashing_restarts_with_backoff() {
     use reflow_data_plane::upstream::stdio::{Pool, ProcessKey};
     let target = raw_target("crashy", &[], reflow_common::credentials::Isolation::Shared);
-    let pool = Pool::new(Default::default());
+    let pool = Pool::new(Default::default()).with_launcher(stdio_launcher());
     let key = ProcessKey { target_id: "crashy".into(), scope: String::new() };
     let initialize = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize",
                             "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}});
@@ -467,13 +467,14 @@ async fn idle_and_old_stdio_servers_are_stopped() {
     let key = |user: &str| ProcessKey { target_id: "aging".into(), scope: format!("user:{user}") };
     // idle_ttl: unused for longer than it → stopped; in use → kept.
     let idle =
-        Pool::new(reflow_common::config::StdioConfig { idle_ttl: Duration::from_millis(800), ..Default::default() });
+        Pool::new(reflow_common::config::StdioConfig { idle_ttl: Duration::from_millis(800), ..Default::default() })
+            .with_launcher(stdio_launcher());
     let quiet =
         idle.get(&target, key("quiet"), Default::default(), &initialize, Duration::from_secs(20)).await.unwrap();
     let busy = idle.get(&target, key("busy"), Default::default(), &initialize, Duration::from_secs(20)).await.unwrap();
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        busy.request(&json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}), None).await.unwrap();
+        busy.request(1, &json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}), None).await.unwrap();
     }
     idle.collect();
     tokio::time::timeout(Duration::from_secs(10), quiet.closed.cancelled()).await.expect("the idle process is stopped");
@@ -482,10 +483,11 @@ async fn idle_and_old_stdio_servers_are_stopped() {
     let aging = Pool::new(reflow_common::config::StdioConfig {
         max_lifetime: Duration::from_millis(500),
         ..Default::default()
-    });
+    })
+    .with_launcher(stdio_launcher());
     let old = aging.get(&target, key("old"), Default::default(), &initialize, Duration::from_secs(20)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
-    old.request(&json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}), None).await.unwrap();
+    old.request(1, &json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}), None).await.unwrap();
     aging.collect();
     tokio::time::timeout(Duration::from_secs(10), old.closed.cancelled()).await.expect("the old process is stopped");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -494,4 +496,215 @@ async fn idle_and_old_stdio_servers_are_stopped() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     idle.stop_all();
+}
+
+/// The settings of a gateway whose STDIO servers run under `work_dir` with small limits.
+fn confined(work_dir: &std::path::Path, run_as: Option<&str>) -> reflow_data_plane::mcp::McpSettings {
+    let mut settings = reflow_data_plane::mcp::McpSettings::default();
+    settings.stdio.work_dir = Some(work_dir.to_string_lossy().into_owned());
+    settings.stdio.run_as = run_as.map(str::to_string);
+    settings.stdio.limits =
+        reflow_common::config::StdioLimits { memory_bytes: 1 << 30, open_files: 256, processes: 24 };
+    settings
+}
+
+fn limit_of(limits: &str, name: &str) -> String {
+    let line = limits.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in {limits}"));
+    line[name.len()..].split_whitespace().next().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_stdio_server_runs_in_a_private_directory_with_limits() {
+    let work = tempfile::tempdir().unwrap();
+    let gateway = Gateway::start_with(confined(work.path(), None)).await.unwrap();
+    python_target(&gateway, "room", "per_user").await;
+    gateway.allow_everyone().await.unwrap();
+    let (_, bob_token) = gateway.user("bob@example.com").await.unwrap();
+    let url = format!("{}/mcp", gateway.mcp);
+    let (mut admin, mut bob) = (McpClient::new(&url, &gateway.admin_token), McpClient::new(&url, &bob_token));
+    admin.initialize().await.unwrap();
+    bob.initialize().await.unwrap();
+    let secret = std::env::current_dir().unwrap().join("Cargo.toml");
+    let mut rooms = Vec::new();
+    for client in [&mut admin, &mut bob] {
+        let answer = client.call("room_whereami", json!({"path": "Cargo.toml"})).await.unwrap();
+        let room: Value = serde_json::from_str(&text(&answer)).unwrap();
+        let cwd = std::path::PathBuf::from(room["cwd"].as_str().unwrap());
+        assert!(cwd.starts_with(work.path()), "{room}: under stdio.work_dir");
+        assert_ne!(cwd, std::env::current_dir().unwrap(), "never the gateway's own directory");
+        assert_eq!(room["home"], room["cwd"], "{room}");
+        assert_eq!(room["tmpdir"], room["cwd"], "{room}");
+        assert_eq!(room["readable"], false, "the gateway's files are not a relative path away: {room}");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&cwd).unwrap().permissions().mode() & 0o777, 0o700);
+        let limits = text(&client.call("room_limits", json!({})).await.unwrap());
+        assert_eq!(limit_of(&limits, "Max address space"), (1u64 << 30).to_string(), "{limits}");
+        assert_eq!(limit_of(&limits, "Max open files"), "256", "{limits}");
+        assert_eq!(limit_of(&limits, "Max core file size"), "0", "{limits}");
+        rooms.push(cwd);
+    }
+    assert_ne!(rooms[0], rooms[1], "each process has its own directory");
+    assert!(secret.exists());
+    // Stopped, a process's directory goes with it.
+    gateway.stop().await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while rooms.iter().any(|room| room.exists()) {
+        assert!(Instant::now() < deadline, "directories left behind: {rooms:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Processes whose owner is `uid`, by /proc.
+fn processes_of(uid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+        let owner = status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|v| v.split_whitespace().next());
+        if owner.and_then(|v| v.parse::<u32>().ok()) == Some(uid) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_bomb_as_another_user_stays_in_its_limit_and_the_gateway_serves_on() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: running STDIO servers as another user needs root");
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("a nobody user");
+    assert!(processes_of(nobody.uid.as_raw()).is_empty(), "nothing runs as nobody before the test");
+    let work = tempfile::tempdir().unwrap();
+    // A root-only file the server must not read.
+    let private = work.path().join("root-only");
+    std::fs::write(&private, "root's secret").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let gateway = Gateway::start_with(confined(work.path(), Some("nobody"))).await.unwrap();
+    python_target(&gateway, "bomb", "per_user").await;
+    python_target(&gateway, "calm", "shared").await;
+    gateway.allow_everyone().await.unwrap();
+    let (_, bob_token) = gateway.user("bob@example.com").await.unwrap();
+    let url = format!("{}/mcp", gateway.mcp);
+    let (mut admin, mut bob) = (McpClient::new(&url, &gateway.admin_token), McpClient::new(&url, &bob_token));
+    admin.initialize().await.unwrap();
+    bob.initialize().await.unwrap();
+
+    let answer = bob.call("bomb_whereami", json!({"path": private})).await.unwrap();
+    let room: Value = serde_json::from_str(&text(&answer)).unwrap_or_else(|_| panic!("{answer}"));
+    assert_eq!(room["uid"], nobody.uid.as_raw(), "{room}");
+    assert_eq!(room["readable"], false, "{room}");
+    let limits = text(&bob.call("bomb_limits", json!({})).await.unwrap());
+    assert_eq!(limit_of(&limits, "Max processes"), "24", "{limits}");
+
+    // The bomb gets at most its limit of processes (the server itself is one of them).
+    let forked: u32 = text(&bob.call("bomb_forkbomb", json!({"count": 500})).await.unwrap()).parse().unwrap();
+    assert!(forked < 24, "forked {forked} processes past a limit of 24");
+    assert!(processes_of(nobody.uid.as_raw()).len() <= 24);
+    // Everyone else is served meanwhile.
+    assert_eq!(text(&admin.call("calm_echo", json!({"message": "still here"})).await.unwrap()), "Echo: still here");
+    gateway.stop().await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !processes_of(nobody.uid.as_raw()).is_empty() {
+        assert!(Instant::now() < deadline, "left running as nobody: {:?}", processes_of(nobody.uid.as_raw()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_wait_per_key_and_a_start_that_times_out_or_is_abandoned_is_killed_and_counted() {
+    use reflow_data_plane::upstream::stdio::{Pool, ProcessKey};
+    let marker = format!("reflow-slow-{}", std::process::id());
+    let slow = raw_target("slow", &["--slow-start", "30", &marker], reflow_common::credentials::Isolation::PerUser);
+    let fast = raw_target("fast", &[], reflow_common::credentials::Isolation::PerUser);
+    let pool = std::sync::Arc::new(Pool::new(Default::default()).with_launcher(stdio_launcher()));
+    let initialize = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize",
+                            "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}});
+    let key = |target: &str, user: &str| ProcessKey { target_id: target.into(), scope: format!("user:{user}") };
+    // A slow start holds up no other key.
+    let waiting = {
+        let (pool, slow, initialize) = (pool.clone(), slow.clone(), initialize.clone());
+        tokio::spawn(async move {
+            pool.get(&slow, key("slow", "a"), Default::default(), &initialize, Duration::from_secs(2)).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    pool.get(&fast, key("fast", "b"), Default::default(), &initialize, Duration::from_secs(20)).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2), "a start waited on another key's: {:?}", started.elapsed());
+    // The slow start times out: killed with its group, and counted.
+    let timed_out = waiting.await.unwrap().expect_err("the slow start times out");
+    assert!(timed_out.to_string().contains("did not answer"), "{timed_out}");
+    assert_eq!(pool.failed_starts.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // A start whose caller gives up (its future dropped) is killed too.
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(500),
+        pool.get(&slow, key("slow", "c"), Default::default(), &initialize, Duration::from_secs(60)),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the caller gave up");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !leftovers(&marker).is_empty() {
+        assert!(Instant::now() < deadline, "abandoned starts left running: {:?}", leftovers(&marker));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The key that timed out waits before its next start.
+    let refused = pool.get(&slow, key("slow", "a"), Default::default(), &initialize, Duration::from_secs(2)).await;
+    assert!(refused.is_err());
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_sharing_a_stdio_process_never_cancel_or_see_each_others_requests() {
+    ensure_peers();
+    let gateway = Gateway::start().await.unwrap();
+    python_target(&gateway, "shared", "shared").await;
+    gateway.allow_everyone().await.unwrap();
+    let (_, bob_token) = gateway.user("bob@example.com").await.unwrap();
+    let url = format!("{}/mcp/shared", gateway.mcp);
+    let (mut admin, mut bob) = (McpClient::new(&url, &gateway.admin_token), McpClient::new(&url, &bob_token));
+    admin.initialize().await.unwrap();
+    bob.initialize().await.unwrap();
+    // On the process's side, request ids are numbers the gateway chose; the server says which
+    // one a call got. Bob will use, as his own request id, the number the admin's next request
+    // gets there, so a cancellation passed on as it came would name the admin's request.
+    let warm = admin.call("slow", json!({"ms": 0})).await.unwrap();
+    let last: u64 = text(&warm).trim_start_matches("slow done ").parse().unwrap();
+    let admins_id = last + 1;
+    // Both use the same progress token too.
+    let call = |id: u64| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+               "params": {"name": "slow", "arguments": {"ms": 1500}, "_meta": {"progressToken": "tok"}}})
+        .to_string()
+    };
+    let admin_call = admin.send(call(1));
+    let bob_again = bob.clone();
+    let bob_call_and_cancel = async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut canceller = bob_again.clone();
+        let cancel = async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            canceller.notify("notifications/cancelled", json!({"requestId": admins_id, "reason": "bob"})).await
+        };
+        let (answer, cancelled) = tokio::join!(bob_again.send(call(admins_id)), cancel);
+        assert_eq!(cancelled.unwrap().status, 202);
+        answer
+    };
+    let (admin_answer, bob_answer) = tokio::join!(admin_call, bob_call_and_cancel);
+    let (admin_answer, bob_answer) = (admin_answer.unwrap(), bob_answer.unwrap());
+    assert_eq!(text(admin_answer.message()), format!("slow done {admins_id}"), "{:?}", admin_answer.messages);
+    // The admin's request was not cancelled by bob's notification naming the same id.
+    assert_eq!(admin_answer.message()["id"], 1);
+    // Each saw exactly its own three progress notifications, with its own token.
+    for answer in [&admin_answer, &bob_answer] {
+        let progress: Vec<&Value> =
+            answer.messages.iter().filter(|m| m["method"] == "notifications/progress").collect();
+        assert_eq!(progress.len(), 3, "{:?}", answer.messages);
+        assert!(progress.iter().all(|p| p["params"]["progressToken"] == "tok"), "{progress:?}");
+    }
+    // Bob's own request was cancelled: no answer reached him.
+    assert!(!bob_answer.messages.iter().any(|m| text(m).starts_with("slow done")), "{:?}", bob_answer.messages);
+    gateway.stop().await;
 }

@@ -204,9 +204,13 @@ impl Gateway {
         let upstream = UpstreamSettings {
             request_timeout: settings.request_timeout,
             connect_timeout: settings.connect_timeout,
-            max_event_bytes: settings.max_body_bytes.max(16 * 1024 * 1024),
+            max_message_bytes: settings.max_response_bytes,
         };
-        let pool = Arc::new(Pool::new(settings.stdio.clone()));
+        let mut pool = Pool::new(settings.stdio.clone()).with_max_message_bytes(settings.max_response_bytes);
+        if let Some(launcher) = &settings.stdio_launcher {
+            pool = pool.with_launcher(launcher.clone());
+        }
+        let pool = Arc::new(pool);
         Arc::new(Gateway {
             state,
             sealer,
@@ -1027,7 +1031,7 @@ impl Gateway {
             self.sessions.remove(&session.id);
             session.close().await;
         }
-        self.pool.stop_all();
+        self.pool.shutdown().await;
     }
 
     /// Stops idle and expired STDIO processes every `every`, until `shutdown`.

@@ -25,6 +25,8 @@ use reflow_common::config::{Config, StdioConfig};
 #[derive(Debug, Clone)]
 pub struct McpSettings {
     pub max_body_bytes: usize,
+    /// The most bytes one upstream message may take.
+    pub max_response_bytes: usize,
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
     pub list_timeout: Duration,
@@ -41,6 +43,9 @@ pub struct McpSettings {
     pub cleanup_interval: Duration,
     /// The STDIO process pool's limits and command allowlist.
     pub stdio: StdioConfig,
+    /// The binary STDIO servers start through (see [`crate::upstream::launch`]): the `reflow`
+    /// binary itself. Without one, no STDIO server starts.
+    pub stdio_launcher: Option<std::path::PathBuf>,
 }
 
 impl McpSettings {
@@ -48,6 +53,7 @@ impl McpSettings {
         let mcp = &config.mcp;
         McpSettings {
             max_body_bytes: mcp.max_body_bytes,
+            max_response_bytes: mcp.max_response_bytes,
             request_timeout: mcp.request_timeout,
             connect_timeout: mcp.connect_timeout,
             list_timeout: mcp.list_timeout,
@@ -59,7 +65,14 @@ impl McpSettings {
             session_timeout: config.session.timeout,
             cleanup_interval: config.session.cleanup_interval,
             stdio: config.stdio.clone(),
+            stdio_launcher: None,
         }
+    }
+
+    /// These settings with STDIO servers started through `launcher`.
+    pub fn with_stdio_launcher(mut self, launcher: std::path::PathBuf) -> Self {
+        self.stdio_launcher = Some(launcher);
+        self
     }
 }
 

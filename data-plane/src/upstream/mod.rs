@@ -9,15 +9,26 @@
 //! - [`streamable`]: Streamable HTTP (POST per message, JSON or SSE replies, GET stream).
 //! - [`sse`]: the legacy HTTP+SSE transport.
 //! - [`stdio`]: child processes, pooled by target and isolation key.
-//! - [`event_stream`]: the incremental `text/event-stream` parser both use.
+//! - [`multiplex`]: how sessions share one STDIO process without touching each other's requests.
+//! - [`launch`]: the launcher that sets a STDIO server's resource limits and becomes it.
+//! - [`event_stream`]: the incremental `text/event-stream` parser both HTTP transports use.
+//!
+//! Every message an upstream sends is read with a byte cap (`mcp.max_response_bytes`): a JSON
+//! body, an SSE event or a STDIO line past it is refused with [`UpstreamError::TooLarge`]
+//! rather than held in memory whole.
 
 pub mod event_stream;
+pub mod launch;
+pub mod multiplex;
 pub mod sse;
 pub mod stdio;
 pub mod streamable;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures::StreamExt;
 
 use axum::http::HeaderMap;
 use reflow_common::model::TransportType;
@@ -51,7 +62,49 @@ pub enum UpstreamError {
     Refused(String),
     #[error("the target's URL or command is missing or invalid")]
     BadUrl,
+    #[error("the upstream's reply exceeds {0} bytes (mcp.max_response_bytes)")]
+    TooLarge(usize),
 }
+
+/// The default of `mcp.max_response_bytes`.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// How much of an error body (a non-2xx reply) is read.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// Reads a response body whole, but never more than `limit` bytes.
+pub(crate) async fn read_capped(response: reqwest::Response, limit: usize) -> Result<Vec<u8>, UpstreamError> {
+    if response.content_length().is_some_and(|length| length > limit as u64) {
+        return Err(UpstreamError::TooLarge(limit));
+    }
+    let mut body = Vec::new();
+    let mut chunks = response.bytes_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|e| UpstreamError::Unreachable(describe(&e)))?;
+        if body.len() + chunk.len() > limit {
+            return Err(UpstreamError::TooLarge(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// The start of an error body: enough to tell a JSON-RPC error or a forgotten session.
+pub(crate) async fn read_error_body(response: reqwest::Response) -> Vec<u8> {
+    let mut body = Vec::new();
+    let mut chunks = response.bytes_stream();
+    while let Some(Ok(chunk)) = chunks.next().await {
+        let room = MAX_ERROR_BODY - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= MAX_ERROR_BODY {
+            break;
+        }
+    }
+    body
+}
+
+/// Gives each [`Upstream`] (one per client session and target) its own owner id, which a
+/// shared STDIO process routes by.
+static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
 
 /// Which waiting request a message from an upstream that is not a reply belongs to, given each
 /// waiting request's progress token and sink. Progress goes to the request holding its token. A
@@ -92,7 +145,8 @@ fn describe(error: &reqwest::Error) -> String {
 pub struct UpstreamSettings {
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
-    pub max_event_bytes: usize,
+    /// The most bytes one message from the upstream may take (`mcp.max_response_bytes`).
+    pub max_message_bytes: usize,
 }
 
 /// A connected transport.
@@ -143,6 +197,8 @@ pub struct Upstream {
     /// Ends this upstream's background tasks (GET listener, SSE reader); a child of the
     /// client session's token.
     cancel: CancellationToken,
+    /// Who this session is to a shared STDIO process.
+    owner: multiplex::Owner,
 }
 
 impl Upstream {
@@ -167,6 +223,7 @@ impl Upstream {
             inbox,
             live: tokio::sync::Mutex::new(None),
             cancel,
+            owner: NEXT_OWNER.fetch_add(1, Ordering::Relaxed),
         }
     }
 
@@ -227,7 +284,7 @@ impl Upstream {
                     self.settings.connect_timeout + self.timeout(),
                 )
                 .await?;
-            process.subscribe(self.inbox.clone());
+            process.subscribe(self.owner, self.inbox.clone());
             let initialize_result = process.initialize_result.lock().unwrap().clone().unwrap_or_default();
             return Ok(Live { transport: Transport::Stdio(process), initialize_result });
         }
@@ -237,7 +294,7 @@ impl Upstream {
                 self.http.clone(),
                 url.clone(),
                 self.headers(),
-                self.settings.max_event_bytes,
+                self.settings.max_message_bytes,
             );
             match connection.initialize(initialize.clone()).await {
                 Ok((connection, initialize_result)) => {
@@ -258,7 +315,7 @@ impl Upstream {
             self.headers(),
             self.inbox.clone(),
             self.cancel.clone(),
-            self.settings.max_event_bytes,
+            self.settings.max_message_bytes,
             self.settings.connect_timeout,
         )
         .await?;
@@ -302,7 +359,7 @@ impl Upstream {
         let result = match &live.transport {
             Transport::Streamable(connection) => connection.request(message, sink).await,
             Transport::Sse(connection) => connection.request(message, sink).await,
-            Transport::Stdio(process) => process.request(message, sink).await,
+            Transport::Stdio(process) => process.request(self.owner, message, sink).await,
         };
         match result {
             Err(UpstreamError::SessionExpired) if retry => {
@@ -327,7 +384,7 @@ impl Upstream {
         match &live.transport {
             Transport::Streamable(connection) => connection.send(message).await,
             Transport::Sse(connection) => connection.send(message).await,
-            Transport::Stdio(process) => process.send(message).await,
+            Transport::Stdio(process) => process.send(self.owner, message).await,
         }
     }
 
@@ -342,7 +399,7 @@ impl Upstream {
                 }
                 Transport::Sse(connection) => connection.close(),
                 // Shared by other sessions: the pool stops it when idle or expired.
-                Transport::Stdio(_) => {}
+                Transport::Stdio(process) => process.unsubscribe(self.owner),
             }
         }
     }

@@ -54,7 +54,7 @@ impl Connection {
         headers: HeaderMap,
         inbox: mpsc::Sender<Value>,
         cancel: CancellationToken,
-        max_event_bytes: usize,
+        max_message_bytes: usize,
         connect_timeout: Duration,
     ) -> Result<Connection, UpstreamError> {
         let response = http
@@ -68,7 +68,7 @@ impl Connection {
             return Err(UpstreamError::Status(response.status().as_u16()));
         }
         let mut body = response.bytes_stream();
-        let mut parser = EventParser::new(max_event_bytes);
+        let mut parser = EventParser::new(max_message_bytes);
         let mut events = Vec::new();
         let endpoint = tokio::time::timeout(connect_timeout, async {
             while let Some(chunk) = body.next().await {

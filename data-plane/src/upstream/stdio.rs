@@ -2,39 +2,53 @@
 //! isolation key, shared by every client session that maps to the key.
 //!
 //! Written here rather than with a child-process transport crate because a shared process
-//! needs control such a transport does not give: request ids are rewritten so concurrent
-//! sessions multiplex on one process, replies and progress are routed back by id and token,
-//! stdout lines that are not JSON-RPC are logged and skipped, and the child's environment,
-//! process group and shutdown are the gateway's to decide.
+//! needs control such a transport does not give: ids, progress tokens and cancellations are
+//! rewritten so concurrent sessions multiplex on one process without touching each other's
+//! requests ([`super::multiplex`]), stdout lines that are not JSON-RPC are logged and skipped,
+//! and the child's environment, directory, limits, process group and shutdown are the
+//! gateway's to decide.
 //!
-//! A child gets a cleared environment: only its resolved env (limited by the isolation
-//! boundary) plus a minimal `PATH` and `HOME`, never the data plane's own (which holds the
-//! data-plane token). Command and arguments are an array; a shell is never involved, and the
-//! command must be in `stdio.allowed_commands`. Each child leads its own process group, and
-//! stopping it signals the whole group (an `npx` wrapper's grandchildren included).
+//! Each child runs in a room of its own:
+//! - a cleared environment: only its resolved env (limited by the isolation boundary) plus a
+//!   minimal `PATH`, and `HOME`/`TMPDIR` naming its private directory; never the data plane's
+//!   own environment (which holds the data-plane token);
+//! - a private working directory, created for it (mode 0700, owned by `stdio.run_as` when set)
+//!   under `stdio.work_dir` and removed when it stops: never the data plane's directory, which
+//!   holds its data and cache;
+//! - resource limits (`stdio.limits`: address space, open files, processes, no core dumps), set
+//!   by the launcher ([`super::launch`]) it starts as, before it runs anything; everything it
+//!   starts inherits them;
+//! - optionally another OS user (`stdio.run_as`);
+//! - its own process group, signalled whole when it stops (an `npx` wrapper's grandchildren
+//!   included).
+//!
+//! Command and arguments are an array; a shell is never involved, and the command must be in
+//! `stdio.allowed_commands`. Starts are serialised per key (two sessions arriving together share
+//! one process) but never across keys, and a start that fails or is abandoned (its caller timed
+//! out or went away) is killed with its group and counted like a crash.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use reflow_common::config::StdioConfig;
+use reflow_common::config::{ConfigError, StdioConfig};
 use reflow_common::credentials::Isolation;
 use reflow_proto::resources::{Target, User};
-use serde_json::{json, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{owner_of, Sink, UpstreamError};
+use super::multiplex::{Multiplexer, Owner, Route, GATEWAY};
+use super::{Sink, UpstreamError};
 use crate::mcp::jsonrpc;
 
 const CHILD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-/// Longest stdout line accepted from a child (a larger one ends the process: it is broken).
-const MAX_LINE: usize = 16 * 1024 * 1024;
 /// How long a child gets to exit after its stdin closes, and then after SIGTERM.
 const GRACE: Duration = Duration::from_secs(2);
 
@@ -60,14 +74,114 @@ impl ProcessKey {
         };
         ProcessKey { target_id: target.id.clone(), scope }
     }
+
+    /// The user a `per_user` process runs for.
+    pub fn user(&self) -> Option<&str> {
+        self.scope.strip_prefix("user:")
+    }
 }
 
-struct Waiter {
-    /// The id the caller used, restored on the reply.
-    original_id: Value,
-    reply: oneshot::Sender<Value>,
-    sink: Option<Sink>,
-    progress_token: Option<Value>,
+/// Where and as whom children run, and their limits; resolved once from `stdio`.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    /// The parent of every process's private directory.
+    pub work_dir: PathBuf,
+    /// `stdio.run_as`, resolved.
+    pub run_as: Option<(u32, u32)>,
+    pub limits: reflow_common::config::StdioLimits,
+    /// The binary that runs [`super::launch::main`] as `<launcher> stdio-launch …`.
+    pub launcher: Option<PathBuf>,
+}
+
+impl Sandbox {
+    /// Resolves `stdio.run_as` and `stdio.work_dir`, or says which is wrong.
+    pub fn from_config(config: &StdioConfig) -> Result<Self, ConfigError> {
+        let work_dir =
+            config.work_dir.as_ref().map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("reflow-stdio"));
+        let run_as = config.run_as.as_deref().map(resolve_user).transpose()?;
+        if let Some((uid, _)) = run_as {
+            let me = nix::unistd::geteuid().as_raw();
+            if me != 0 && me != uid {
+                return Err(ConfigError::new(
+                    "stdio.run_as",
+                    "running STDIO servers as another user needs the data plane to run as root",
+                ));
+            }
+        }
+        Ok(Sandbox { work_dir, run_as, limits: config.limits.clone(), launcher: None })
+    }
+
+    /// A fresh private directory for one process.
+    fn private_dir(&self, target: &str) -> Result<PathBuf, UpstreamError> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let failed = |what: &str, e: std::io::Error| {
+            tracing::error!(dir = %self.work_dir.display(), error = %e, "cannot prepare a STDIO server's directory: {what}");
+            UpstreamError::Unreachable("the gateway could not prepare the server's private directory".into())
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(&self.work_dir)
+            .map_err(|e| failed("create", e))?;
+        // Others may pass through the parent (to reach their own directory), never list it.
+        std::fs::set_permissions(&self.work_dir, std::fs::Permissions::from_mode(0o711))
+            .map_err(|e| failed("permissions", e))?;
+        let mut random = [0u8; 8];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut random);
+        let dir = self.work_dir.join(format!("{target}-{}", reflow_common::crypto::to_hex(&random)));
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| failed("create", e))?;
+        if let Some((uid, gid)) = self.run_as {
+            nix::unistd::chown(&dir, Some(nix::unistd::Uid::from_raw(uid)), Some(nix::unistd::Gid::from_raw(gid)))
+                .map_err(|e| failed("chown", e.into()))?;
+        }
+        Ok(dir)
+    }
+
+    /// The launcher's limits for one process.
+    fn launch_limits(&self) -> super::launch::Limits {
+        let processes = match self.limits.processes {
+            0 => 0,
+            // RLIMIT_NPROC counts every process and thread of the child's OS user. Run as the
+            // data plane's own user, the child may add `processes` to what that user runs now.
+            n if self.run_as.is_none() => tasks_of(nix::unistd::getuid().as_raw()) + n,
+            n => n,
+        };
+        super::launch::Limits { memory_bytes: self.limits.memory_bytes, open_files: self.limits.open_files, processes }
+    }
+}
+
+/// Processes and threads owned by `uid` (real user id) now, from /proc.
+fn tasks_of(uid: u32) -> u64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    let mut count = 0;
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else { continue };
+        let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+        let owner = field("Uid:").and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse::<u32>().ok());
+        if owner == Some(uid) {
+            count += field("Threads:").and_then(|v| v.parse::<u64>().ok()).unwrap_or(1);
+        }
+    }
+    count
+}
+
+fn resolve_user(spec: &str) -> Result<(u32, u32), ConfigError> {
+    let bad = |message: String| ConfigError::new("stdio.run_as", message);
+    if let Some((uid, gid)) = spec.split_once(':') {
+        let uid = uid.parse().map_err(|_| bad(format!("{spec:?}: uid:gid must be numbers")))?;
+        let gid = gid.parse().map_err(|_| bad(format!("{spec:?}: uid:gid must be numbers")))?;
+        return Ok((uid, gid));
+    }
+    let user = match spec.parse::<u32>() {
+        Ok(uid) => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)),
+        Err(_) => nix::unistd::User::from_name(spec),
+    }
+    .map_err(|e| bad(format!("cannot look up {spec:?}: {e}")))?
+    .ok_or_else(|| bad(format!("no such user {spec:?}")))?;
+    Ok((user.uid.as_raw(), user.gid.as_raw()))
 }
 
 /// One running child.
@@ -80,22 +194,23 @@ pub struct Process {
     pub started: Instant,
     /// When it started, by the wall clock (for status reports).
     pub started_wall: std::time::SystemTime,
+    /// Its private working directory and `HOME`, removed when it has stopped.
+    pub home: PathBuf,
     last_used: Mutex<Instant>,
     /// A hash of the command, arguments and env: a change in the snapshot recycles the process.
     pub fingerprint: String,
-    stdin: tokio::sync::Mutex<ChildStdin>,
-    /// Requests awaiting replies, by the rewritten id. Cleared (failing every waiter at once)
-    /// when the child's stdout ends.
-    waiters: Arc<Mutex<HashMap<u64, Waiter>>>,
-    next_id: AtomicU64,
+    stdin: Arc<tokio::sync::Mutex<ChildStdin>>,
+    /// Requests in flight and their routing (see [`super::multiplex`]). Cleared, failing every
+    /// waiter at once, when the child's stdout ends.
+    mux: Arc<Mutex<Multiplexer>>,
     /// The result of the one `initialize` this process gets.
     pub initialize_result: Mutex<Option<Value>>,
     /// Cancelled when the child is gone or being stopped.
     pub closed: CancellationToken,
     /// Set when the gateway stops the process; a process closed without it crashed.
-    stopping: std::sync::atomic::AtomicBool,
-    /// Messages unrelated to a request, for every session using the process.
-    subscribers: Arc<Mutex<Vec<mpsc::Sender<Value>>>>,
+    stopping: AtomicBool,
+    /// The sessions using the process, by owner: where messages unrelated to a request go.
+    subscribers: Arc<Mutex<HashMap<Owner, mpsc::Sender<Value>>>>,
 }
 
 impl std::fmt::Debug for Process {
@@ -113,32 +228,56 @@ fn fingerprint(target: &Target, env: &BTreeMap<String, String>) -> String {
 
 impl Process {
     /// Starts the child and its reader tasks (not yet initialised).
-    fn spawn(target: &Target, key: ProcessKey, env: BTreeMap<String, String>) -> Result<Arc<Process>, UpstreamError> {
+    fn spawn(
+        target: &Target,
+        key: ProcessKey,
+        env: BTreeMap<String, String>,
+        sandbox: &Sandbox,
+        max_line: usize,
+    ) -> Result<Arc<Process>, UpstreamError> {
         let command = target.command.as_deref().ok_or(UpstreamError::BadUrl)?;
+        let launcher = sandbox.launcher.as_ref().ok_or_else(|| {
+            UpstreamError::Refused(
+                "this data plane has no STDIO launcher configured, so it runs no STDIO servers".into(),
+            )
+        })?;
         let fingerprint = fingerprint(target, &env);
-        let home = std::env::var("HOME").unwrap_or_else(|_| "/tmp".into());
-        let mut child_command = Command::new(command);
+        let home = sandbox.private_dir(&target.name)?;
+        let mut child_command = Command::new(launcher);
         child_command
+            .arg(super::launch::SUBCOMMAND)
+            .args(sandbox.launch_limits().to_args())
+            .arg(command)
             .args(&target.args)
             .env_clear()
-            .env("PATH", CHILD_PATH)
-            .env("HOME", home)
             .envs(env.iter().filter(|(k, _)| !reflow_common::names::is_forbidden_env_key(k)))
+            .env("PATH", CHILD_PATH)
+            .env("HOME", &home)
+            .env("TMPDIR", &home)
+            .current_dir(&home)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        let mut child: Child = child_command
-            .spawn()
-            .map_err(|e| UpstreamError::Unreachable(format!("could not start {command:?}: {}", e.kind())))?;
+        if let Some((uid, gid)) = sandbox.run_as {
+            child_command.uid(uid).gid(gid);
+        }
+        let mut child: Child = match child_command.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&home);
+                return Err(UpstreamError::Unreachable(format!("could not start {command:?}: {}", e.kind())));
+            }
+        };
         let pid = child.id().unwrap_or(0);
         let stdin = child.stdin.take().expect("stdin is piped");
         let stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
         let closed = CancellationToken::new();
-        let waiters: Arc<Mutex<HashMap<u64, Waiter>>> = Arc::default();
-        let subscribers: Arc<Mutex<Vec<mpsc::Sender<Value>>>> = Arc::default();
+        let stdin = Arc::new(tokio::sync::Mutex::new(stdin));
+        let mux: Arc<Mutex<Multiplexer>> = Arc::default();
+        let subscribers: Arc<Mutex<HashMap<Owner, mpsc::Sender<Value>>>> = Arc::default();
         let name = target.name.clone();
         tokio::spawn({
             let name = name.clone();
@@ -149,8 +288,16 @@ impl Process {
                 }
             }
         });
-        tokio::spawn(read_stdout(stdout, name.clone(), pid, waiters.clone(), subscribers.clone(), closed.clone()));
-        tokio::spawn(supervise(child, name.clone(), pid, closed.clone()));
+        let reader = Reader {
+            name: name.clone(),
+            pid,
+            mux: mux.clone(),
+            subscribers: subscribers.clone(),
+            stdin: stdin.clone(),
+            closed: closed.clone(),
+        };
+        tokio::spawn(reader.run(stdout, max_line));
+        tokio::spawn(supervise(child, name.clone(), pid, closed.clone(), home.clone()));
         tracing::info!(target = %name, pid, scope = %key.scope, "started a STDIO server");
         Ok(Arc::new(Process {
             key,
@@ -159,14 +306,14 @@ impl Process {
             pid,
             started: Instant::now(),
             started_wall: std::time::SystemTime::now(),
+            home,
             last_used: Mutex::new(Instant::now()),
             fingerprint,
-            stdin: tokio::sync::Mutex::new(stdin),
-            waiters,
-            next_id: AtomicU64::new(1),
+            stdin,
+            mux,
             initialize_result: Mutex::new(None),
             closed,
-            stopping: std::sync::atomic::AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             subscribers,
         }))
     }
@@ -180,49 +327,64 @@ impl Process {
         *self.last_used.lock().unwrap()
     }
 
-    /// Receives the messages the process sends outside any request.
-    pub fn subscribe(&self, inbox: mpsc::Sender<Value>) {
-        self.subscribers.lock().unwrap().push(inbox);
+    /// Receives the messages the process sends outside any request, for `owner`'s session.
+    pub fn subscribe(&self, owner: Owner, inbox: mpsc::Sender<Value>) {
+        self.subscribers.lock().unwrap().insert(owner, inbox);
+    }
+
+    /// `owner`'s session no longer uses the process.
+    pub fn unsubscribe(&self, owner: Owner) {
+        self.subscribers.lock().unwrap().remove(&owner);
     }
 
     async fn write(&self, message: &Value) -> Result<(), UpstreamError> {
-        let mut line = serde_json::to_vec(message).expect("a JSON value serialises");
-        line.push(b'\n');
-        let mut stdin = self.stdin.lock().await;
-        stdin.write_all(&line).await.map_err(|_| UpstreamError::Disconnected)?;
-        stdin.flush().await.map_err(|_| UpstreamError::Disconnected)
+        write_line(&self.stdin, message).await
     }
 
-    /// Sends a request under a fresh id and returns the reply with the caller's id restored.
-    pub async fn request(&self, message: &Value, sink: Option<&Sink>) -> Result<Value, UpstreamError> {
+    /// Sends `owner`'s request under a fresh id and returns the reply with the caller's id
+    /// (and progress with the caller's token) restored.
+    pub async fn request(&self, owner: Owner, message: &Value, sink: Option<&Sink>) -> Result<Value, UpstreamError> {
         if self.closed.is_cancelled() {
             return Err(UpstreamError::Disconnected);
         }
         *self.last_used.lock().unwrap() = Instant::now();
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (reply, answered) = oneshot::channel();
-        let waiter = Waiter {
-            original_id: message["id"].clone(),
-            reply,
-            sink: sink.cloned(),
-            progress_token: message.pointer("/params/_meta/progressToken").cloned(),
-        };
-        self.waiters.lock().unwrap().insert(id, waiter);
-        let mut rewritten = message.clone();
-        rewritten["id"] = json!(id);
-        if let Err(error) = self.write(&rewritten).await {
-            self.waiters.lock().unwrap().remove(&id);
-            return Err(error);
+        let (id, rewritten, answered) = self.mux.lock().unwrap().register(owner, message, sink.cloned());
+        // Forgotten however this ends: answered, failed, or dropped by a caller that gave up.
+        struct Forget<'a>(&'a Mutex<Multiplexer>, u64);
+        impl Drop for Forget<'_> {
+            fn drop(&mut self) {
+                self.0.lock().unwrap().forget(self.1);
+            }
         }
-        let result = answered.await.map_err(|_| UpstreamError::Disconnected);
-        self.waiters.lock().unwrap().remove(&id);
-        result
+        let _forget = Forget(&self.mux, id);
+        self.write(&rewritten).await?;
+        answered.await.map_err(|_| UpstreamError::Disconnected)
     }
 
-    /// Sends a notification or a response.
-    pub async fn send(&self, message: &Value) -> Result<(), UpstreamError> {
+    /// Sends `owner`'s notification or response. A cancellation names `owner`'s own request by
+    /// its process-side id (or is not sent); an answer goes only to a request asked of `owner`.
+    pub async fn send(&self, owner: Owner, message: &Value) -> Result<(), UpstreamError> {
         *self.last_used.lock().unwrap() = Instant::now();
-        self.write(message).await
+        let message = {
+            let mut mux = self.mux.lock().unwrap();
+            if jsonrpc::is_response(message) {
+                if !mux.answer(owner, message) {
+                    tracing::warn!(target = %self.target_name, "dropped an answer to a request this session was not asked");
+                    return Ok(());
+                }
+                message.clone()
+            } else if message.get("method").and_then(Value::as_str) == Some("notifications/cancelled") {
+                let params = message.get("params");
+                let request = params.and_then(|p| p.get("requestId")).cloned().unwrap_or_default();
+                match mux.cancel(owner, &request, params.and_then(|p| p.get("reason"))) {
+                    Some(rewritten) => rewritten,
+                    None => return Ok(()),
+                }
+            } else {
+                message.clone()
+            }
+        };
+        self.write(&message).await
     }
 
     /// Stops the process: close its stdin (a well-behaved server exits), then SIGTERM, then
@@ -235,73 +397,113 @@ impl Process {
             process.closed.cancel();
         });
     }
+
+    /// Kills the process group at once (a start that failed or was abandoned).
+    fn kill(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        self.closed.cancel();
+        signal_group(self.pid, nix::sys::signal::Signal::SIGKILL);
+    }
 }
 
-async fn read_stdout(
-    stdout: tokio::process::ChildStdout,
+async fn write_line(stdin: &tokio::sync::Mutex<ChildStdin>, message: &Value) -> Result<(), UpstreamError> {
+    let mut line = serde_json::to_vec(message).expect("a JSON value serialises");
+    line.push(b'\n');
+    let mut stdin = stdin.lock().await;
+    stdin.write_all(&line).await.map_err(|_| UpstreamError::Disconnected)?;
+    stdin.flush().await.map_err(|_| UpstreamError::Disconnected)
+}
+
+/// Reads what a child writes and routes it.
+struct Reader {
     name: String,
     pid: u32,
-    waiters: Arc<Mutex<HashMap<u64, Waiter>>>,
-    subscribers: Arc<Mutex<Vec<mpsc::Sender<Value>>>>,
+    mux: Arc<Mutex<Multiplexer>>,
+    subscribers: Arc<Mutex<HashMap<Owner, mpsc::Sender<Value>>>>,
+    stdin: Arc<tokio::sync::Mutex<ChildStdin>>,
     closed: CancellationToken,
-) {
-    let mut reader = BufReader::new(stdout);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        let read = tokio::select! {
-            _ = closed.cancelled() => break,
-            read = read_line(&mut reader, &mut line) => read,
-        };
-        match read {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(error) => {
-                tracing::warn!(target = %name, pid, %error, "stopping a STDIO server whose output broke");
-                break;
-            }
-        }
-        let Ok(message) = serde_json::from_slice::<Value>(&line) else {
-            let shown = String::from_utf8_lossy(&line);
-            tracing::warn!(target = %name, pid, line = %shown.trim_end().chars().take(200).collect::<String>(), "skipping stdout that is not JSON-RPC");
-            continue;
-        };
-        if !message.is_object() {
-            continue;
-        }
-        if jsonrpc::is_response(&message) {
-            let id = message["id"].as_u64();
-            let waiter = id.and_then(|id| waiters.lock().unwrap().remove(&id));
-            if let Some(waiter) = waiter {
-                let mut message = message;
-                message["id"] = waiter.original_id;
-                let _ = waiter.reply.send(message);
-            }
-            continue;
-        }
-        let sink = {
-            let waiters = waiters.lock().unwrap();
-            owner_of(&message, waiters.values().map(|w| (w.progress_token.as_ref(), w.sink.as_ref())))
-        };
-        match sink {
-            Some(sink) => {
-                let _ = sink.send(message);
-            }
-            None => {
-                let targets: Vec<_> = subscribers.lock().unwrap().clone();
-                for subscriber in targets {
-                    let _ = subscriber.try_send(message.clone());
-                }
-                subscribers.lock().unwrap().retain(|s| !s.is_closed());
-            }
-        }
-    }
-    closed.cancel();
-    waiters.lock().unwrap().clear();
 }
 
-/// Reads one `\n`-terminated line, refusing lines longer than [`MAX_LINE`].
-async fn read_line(reader: &mut BufReader<tokio::process::ChildStdout>, line: &mut Vec<u8>) -> std::io::Result<usize> {
+impl Reader {
+    async fn run(self, stdout: tokio::process::ChildStdout, max_line: usize) {
+        let (name, pid) = (&self.name, self.pid);
+        let mut reader = BufReader::new(stdout);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let read = tokio::select! {
+                _ = self.closed.cancelled() => break,
+                read = read_line(&mut reader, &mut line, max_line) => read,
+            };
+            match read {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(target = %name, pid, %error, "stopping a STDIO server whose output broke");
+                    break;
+                }
+            }
+            let Ok(message) = serde_json::from_slice::<Value>(&line) else {
+                let shown = String::from_utf8_lossy(&line);
+                tracing::warn!(target = %name, pid, line = %shown.trim_end().chars().take(200).collect::<String>(), "skipping stdout that is not JSON-RPC");
+                continue;
+            };
+            if message.is_object() {
+                self.route(message);
+            }
+        }
+        self.closed.cancel();
+        self.mux.lock().unwrap().clear();
+    }
+
+    fn route(&self, message: Value) {
+        let sole = {
+            let subscribers = self.subscribers.lock().unwrap();
+            (subscribers.len() == 1).then(|| *subscribers.keys().next().expect("one subscriber"))
+        };
+        let route = self.mux.lock().unwrap().route(message, sole);
+        match route {
+            Route::Reply(waiter, reply) => {
+                let _ = waiter.reply.send(reply);
+            }
+            Route::Session { owner, sink, message } => match sink {
+                Some(sink) => {
+                    let _ = sink.send(message);
+                }
+                None => {
+                    let inbox = self.subscribers.lock().unwrap().get(&owner).cloned();
+                    if let Some(inbox) = inbox {
+                        if inbox.try_send(message).is_err() {
+                            tracing::warn!(target = %self.name, "a session is not reading; a message for it was dropped");
+                        }
+                    }
+                }
+            },
+            Route::Everyone(message) => {
+                let inboxes: Vec<_> = self.subscribers.lock().unwrap().values().cloned().collect();
+                for inbox in inboxes {
+                    let _ = inbox.try_send(message.clone());
+                }
+                self.subscribers.lock().unwrap().retain(|_, s| !s.is_closed());
+            }
+            Route::Answer(answer) => {
+                tracing::warn!(target = %self.name, "refused a server request no single session can be shown");
+                let stdin = self.stdin.clone();
+                tokio::spawn(async move {
+                    let _ = write_line(&stdin, &answer).await;
+                });
+            }
+            Route::Drop => {}
+        }
+    }
+}
+
+/// Reads one `\n`-terminated line, refusing lines longer than `max`.
+async fn read_line(
+    reader: &mut BufReader<tokio::process::ChildStdout>,
+    line: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<usize> {
     loop {
         let available = reader.fill_buf().await?;
         if available.is_empty() {
@@ -309,6 +511,9 @@ async fn read_line(reader: &mut BufReader<tokio::process::ChildStdout>, line: &m
         }
         match available.iter().position(|&b| b == b'\n') {
             Some(end) => {
+                if line.len() + end > max {
+                    return Err(std::io::Error::other("a message exceeded mcp.max_response_bytes"));
+                }
                 line.extend_from_slice(&available[..=end]);
                 reader.consume(end + 1);
                 return Ok(line.len());
@@ -317,8 +522,8 @@ async fn read_line(reader: &mut BufReader<tokio::process::ChildStdout>, line: &m
                 let taken = available.len();
                 line.extend_from_slice(available);
                 reader.consume(taken);
-                if line.len() > MAX_LINE {
-                    return Err(std::io::Error::other("a line exceeded the size limit"));
+                if line.len() > max {
+                    return Err(std::io::Error::other("a message exceeded mcp.max_response_bytes"));
                 }
             }
         }
@@ -326,13 +531,15 @@ async fn read_line(reader: &mut BufReader<tokio::process::ChildStdout>, line: &m
 }
 
 /// Waits for the child to exit or to be stopped. Stopping ([`Process::stop`]) has closed its
-/// stdin; after a grace period the group gets SIGTERM, then SIGKILL.
-async fn supervise(mut child: Child, name: String, pid: u32, closed: CancellationToken) {
+/// stdin; after a grace period the group gets SIGTERM, then SIGKILL. Its private directory is
+/// removed once the group is gone.
+async fn supervise(mut child: Child, name: String, pid: u32, closed: CancellationToken, home: PathBuf) {
     tokio::select! {
         status = child.wait() => {
             tracing::warn!(target = %name, pid, status = %status.map(|s| s.to_string()).unwrap_or_default(), "a STDIO server exited");
             closed.cancel();
             signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+            remove_home(&home);
             return;
         }
         _ = closed.cancelled() => {}
@@ -346,7 +553,16 @@ async fn supervise(mut child: Child, name: String, pid: u32, closed: Cancellatio
     }
     // The leader is gone; what it started in its group may not be.
     signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+    remove_home(&home);
     tracing::info!(target = %name, pid, "stopped a STDIO server");
+}
+
+fn remove_home(home: &Path) {
+    if let Err(error) = std::fs::remove_dir_all(home) {
+        if error.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(dir = %home.display(), %error, "cannot remove a stopped STDIO server's directory");
+        }
+    }
 }
 
 fn signal_group(pid: u32, signal: nix::sys::signal::Signal) {
@@ -369,25 +585,73 @@ fn restart_backoff(crashes: u32) -> Duration {
     }
 }
 
+/// Kills a process being started unless the start completes: a caller that times out or goes
+/// away mid-start leaves nothing running.
+struct StartGuard(Option<Arc<Process>>);
+
+impl Drop for StartGuard {
+    fn drop(&mut self) {
+        if let Some(process) = self.0.take() {
+            process.kill();
+        }
+    }
+}
+
 /// The running processes, by key.
 #[derive(Debug)]
 pub struct Pool {
     settings: StdioConfig,
+    /// Where and as whom children run; `Err` when `stdio` names a user or directory that
+    /// cannot be used (every start then fails with the reason).
+    sandbox: Result<Sandbox, ConfigError>,
     processes: Mutex<HashMap<ProcessKey, Arc<Process>>>,
-    /// Recent crashes by key (count, when): a key that keeps crashing restarts with backoff.
+    /// Recent crashes and failed starts by key (count, when): a key that keeps failing
+    /// restarts with backoff.
     crashes: Mutex<HashMap<ProcessKey, (u32, Instant)>>,
-    /// Serialises starting processes, so two sessions arriving together share one.
-    starting: tokio::sync::Mutex<()>,
+    /// One lock per key being started: two sessions arriving together share one process, and a
+    /// slow start holds up no other key.
+    starting: Mutex<HashMap<ProcessKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// Starts that failed, timed out or were abandoned.
+    pub failed_starts: AtomicU64,
+    /// The longest stdout line (one message) accepted from a child, as `mcp.max_response_bytes`
+    /// bounds an HTTP upstream's reply; a longer one ends the process (it is broken or hostile).
+    max_message_bytes: usize,
 }
 
 impl Pool {
     pub fn new(settings: StdioConfig) -> Self {
+        let sandbox = Sandbox::from_config(&settings);
+        match &sandbox {
+            Err(error) => tracing::error!(%error, "STDIO servers cannot start"),
+            Ok(sandbox) if sandbox.run_as.is_none() && nix::unistd::geteuid().is_root() => tracing::warn!(
+                "STDIO servers run as root: the process-count limit does not bind root; set stdio.run_as to another user"
+            ),
+            Ok(_) => {}
+        }
         Pool {
             settings,
+            sandbox,
             processes: Mutex::new(HashMap::new()),
             crashes: Mutex::new(HashMap::new()),
-            starting: tokio::sync::Mutex::new(()),
+            starting: Mutex::new(HashMap::new()),
+            failed_starts: AtomicU64::new(0),
+            max_message_bytes: super::DEFAULT_MAX_MESSAGE_BYTES,
         }
+    }
+
+    /// Runs STDIO servers through `launcher` (a binary that runs [`super::launch::main`] for
+    /// `stdio-launch`): without one, none start.
+    pub fn with_launcher(mut self, launcher: PathBuf) -> Self {
+        if let Ok(sandbox) = &mut self.sandbox {
+            sandbox.launcher = Some(launcher);
+        }
+        self
+    }
+
+    /// Bounds each message a child writes (see `mcp.max_response_bytes`).
+    pub fn with_max_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = bytes;
+        self
     }
 
     pub fn processes(&self) -> Vec<Arc<Process>> {
@@ -416,6 +680,21 @@ impl Pool {
         instances
     }
 
+    fn start_lock(&self, key: &ProcessKey) -> Arc<tokio::sync::Mutex<()>> {
+        let mut starting = self.starting.lock().unwrap();
+        // Locks no start holds or waits for are dropped, so the map stays as small as the
+        // starts in progress.
+        starting.retain(|k, lock| k == key || Arc::strong_count(lock) > 1);
+        starting.entry(key.clone()).or_default().clone()
+    }
+
+    fn count_failure(&self, key: &ProcessKey, started: Instant) {
+        let mut crashes = self.crashes.lock().unwrap();
+        let entry = crashes.entry(key.clone()).or_insert((0, Instant::now()));
+        // A process that ran a while before failing starts the count again.
+        *entry = (if started.elapsed() > CRASH_MEMORY { 1 } else { entry.0 + 1 }, Instant::now());
+    }
+
     /// The initialised process for `key`, started (and initialised once) when missing, or
     /// replaced when its command or env changed.
     pub async fn get(
@@ -432,8 +711,10 @@ impl Pool {
                 "the command {command:?} is not in this data plane's stdio.allowed_commands"
             )));
         }
+        let sandbox = self.sandbox.as_ref().map_err(|e| UpstreamError::Refused(e.to_string()))?;
         let wanted = fingerprint(target, &env);
-        let _starting = self.starting.lock().await;
+        let lock = self.start_lock(&key);
+        let _starting = lock.lock().await;
         if let Some(existing) = self.processes.lock().unwrap().get(&key).cloned() {
             if !existing.closed.is_cancelled() && existing.fingerprint == wanted {
                 return Ok(existing);
@@ -441,11 +722,7 @@ impl Pool {
         }
         let gone = self.processes.lock().unwrap().get(&key).filter(|p| p.closed.is_cancelled()).cloned();
         if let Some(gone) = gone.filter(|p| p.crashed()) {
-            // A process that ran a while before crashing starts the count again.
-            let mut crashes = self.crashes.lock().unwrap();
-            let entry = crashes.entry(key.clone()).or_insert((0, Instant::now()));
-            *entry = (if gone.started.elapsed() > CRASH_MEMORY { 1 } else { entry.0 + 1 }, Instant::now());
-            drop(crashes);
+            self.count_failure(&key, gone.started);
             // Counted once: the dead process leaves the pool now.
             self.processes.lock().unwrap().remove(&key);
         }
@@ -454,7 +731,7 @@ impl Pool {
             if at.elapsed() < wait {
                 let left = (wait - at.elapsed()).as_secs_f64();
                 return Err(UpstreamError::Refused(format!(
-                    "the STDIO server crashed {count} times in a row; it restarts in {left:.1} s"
+                    "the STDIO server failed {count} times in a row; it restarts in {left:.1} s"
                 )));
             }
         }
@@ -462,31 +739,47 @@ impl Pool {
             tracing::info!(target = %target.name, pid = stale.pid, "recycling a STDIO server (gone, or its command or env changed)");
             stale.stop();
         }
-        let running = self.processes.lock().unwrap().values().filter(|p| !p.closed.is_cancelled()).count();
-        if running >= self.settings.max_processes as usize {
-            return Err(UpstreamError::Refused(format!(
-                "this data plane runs its maximum of {} STDIO servers; try again later",
-                self.settings.max_processes
-            )));
+        {
+            let processes = self.processes.lock().unwrap();
+            let running = processes.values().filter(|p| !p.closed.is_cancelled());
+            let (all, mine) = running.fold((0usize, 0usize), |(all, mine), p| {
+                (all + 1, mine + usize::from(key.user().is_some() && p.key.user() == key.user()))
+            });
+            if all >= self.settings.max_processes as usize {
+                return Err(UpstreamError::Refused(format!(
+                    "this data plane runs its maximum of {} STDIO servers; try again later",
+                    self.settings.max_processes
+                )));
+            }
+            if mine >= self.settings.max_processes_per_user as usize {
+                return Err(UpstreamError::Refused(format!(
+                    "you already run {mine} STDIO servers here, the most one user may (stdio.max_processes_per_user)"
+                )));
+            }
         }
-        let process = Process::spawn(target, key.clone(), env)?;
-        let reply = match tokio::time::timeout(timeout, process.request(initialize, None)).await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(error)) => {
-                process.stop();
+        let started = Instant::now();
+        let process = Process::spawn(target, key.clone(), env, sandbox, self.max_message_bytes)?;
+        let mut guard = StartGuard(Some(process.clone()));
+        let outcome = match tokio::time::timeout(timeout, process.request(GATEWAY, initialize, None)).await {
+            Ok(Ok(reply)) => match reply.get("result").cloned() {
+                Some(result) => Ok(result),
+                None => Err(UpstreamError::Refused(super::streamable::error_text(&reply))),
+            },
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(UpstreamError::Timeout(timeout)),
+        };
+        let result = match outcome {
+            Ok(result) => result,
+            Err(error) => {
+                tracing::warn!(target = %target.name, pid = process.pid, %error, "a STDIO server failed to start; stopped it");
+                self.failed_starts.fetch_add(1, Ordering::Relaxed);
+                self.count_failure(&key, started);
                 return Err(error);
             }
-            Err(_) => {
-                process.stop();
-                return Err(UpstreamError::Timeout(timeout));
-            }
         };
-        let Some(result) = reply.get("result").cloned() else {
-            process.stop();
-            return Err(UpstreamError::Refused(super::streamable::error_text(&reply)));
-        };
-        process.send(&jsonrpc::notification("notifications/initialized", None)).await?;
+        process.send(GATEWAY, &jsonrpc::notification("notifications/initialized", None)).await?;
         *process.initialize_result.lock().unwrap() = Some(result);
+        guard.0 = None;
         self.processes.lock().unwrap().insert(key, process.clone());
         Ok(process)
     }
@@ -525,10 +818,33 @@ impl Pool {
         });
     }
 
-    /// Stops every process (on shutdown).
+    /// Stops every process (on shutdown): stdin closed and SIGTERM/SIGKILL after the grace
+    /// periods, as [`Process::stop`] does.
     pub fn stop_all(&self) {
         for (_, process) in self.processes.lock().unwrap().drain() {
             process.stop();
+        }
+    }
+
+    /// Stops every process and waits until each group is gone (at most two grace periods,
+    /// then SIGKILL): what shutdown awaits, so no child outlives the data plane.
+    pub async fn shutdown(&self) {
+        let processes: Vec<Arc<Process>> = self.processes.lock().unwrap().drain().map(|(_, p)| p).collect();
+        for process in &processes {
+            process.stop();
+        }
+        let all_gone = async {
+            for process in &processes {
+                process.closed.cancelled().await;
+                while std::path::Path::new(&format!("/proc/{}", process.pid)).exists() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        if tokio::time::timeout(GRACE * 2 + Duration::from_millis(500), all_gone).await.is_err() {
+            for process in &processes {
+                process.kill();
+            }
         }
     }
 }
@@ -543,5 +859,14 @@ mod tests {
         assert_eq!(restart_backoff(2), Duration::from_secs(1));
         assert_eq!(restart_backoff(4), Duration::from_secs(4));
         assert_eq!(restart_backoff(40), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn run_as_resolves_names_and_ids() {
+        assert_eq!(resolve_user("0").unwrap().0, 0);
+        assert_eq!(resolve_user("1000:1001").unwrap(), (1000, 1001));
+        assert_eq!(resolve_user("root").unwrap(), (0, 0));
+        assert!(resolve_user("no-such-user-here").is_err());
+        assert!(resolve_user("a:b").is_err());
     }
 }

@@ -25,7 +25,7 @@ pub struct Connection {
     url: reqwest::Url,
     /// Injected credentials plus the session and version headers.
     headers: HeaderMap,
-    max_event_bytes: usize,
+    max_message_bytes: usize,
 }
 
 /// What a POST produced.
@@ -35,8 +35,8 @@ struct Posted {
 }
 
 impl Connection {
-    pub fn new(http: reqwest::Client, url: reqwest::Url, headers: HeaderMap, max_event_bytes: usize) -> Self {
-        Connection { http, url, headers, max_event_bytes }
+    pub fn new(http: reqwest::Client, url: reqwest::Url, headers: HeaderMap, max_message_bytes: usize) -> Self {
+        Connection { http, url, headers, max_message_bytes }
     }
 
     /// Runs `initialize` + `notifications/initialized` and returns the session's connection
@@ -102,7 +102,7 @@ impl Connection {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
         if !status.is_success() {
-            let bytes = response.bytes().await.unwrap_or_default();
+            let bytes = super::read_error_body(response).await;
             // Some servers answer a forgotten session with 400 instead of the 404 the
             // specification prescribes; a 400 that names the session is treated alike.
             if status == StatusCode::BAD_REQUEST
@@ -120,18 +120,18 @@ impl Connection {
             };
         }
         if !is_sse {
-            let bytes = response.bytes().await.map_err(|e| UpstreamError::Unreachable(describe(&e)))?;
+            let bytes = super::read_capped(response, self.max_message_bytes).await?;
             let reply: Value = serde_json::from_slice(&bytes)
                 .map_err(|e| UpstreamError::Protocol(format!("the reply is not JSON: {e}")))?;
             return Ok(Posted { session_id, reply: Some(reply) });
         }
         let id = message.get("id");
-        let mut parser = EventParser::new(self.max_event_bytes);
+        let mut parser = EventParser::new(self.max_message_bytes);
         let mut events = Vec::new();
         let mut body = response.bytes_stream();
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| UpstreamError::Unreachable(describe(&e)))?;
-            parser.feed(&chunk, &mut events).map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+            parser.feed(&chunk, &mut events).map_err(|e| UpstreamError::TooLarge(e.limit))?;
             for event in events.drain(..) {
                 let Some(relayed) = parse_event_data(&event.data) else { continue };
                 if jsonrpc::is_response(&relayed) && relayed.get("id") == id {
@@ -157,7 +157,7 @@ impl Connection {
             match response {
                 Ok(response) if response.status().is_success() => {
                     failures = 0;
-                    let mut parser = EventParser::new(self.max_event_bytes);
+                    let mut parser = EventParser::new(self.max_message_bytes);
                     let mut events = Vec::new();
                     let mut body = response.bytes_stream();
                     loop {

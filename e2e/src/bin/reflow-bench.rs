@@ -84,8 +84,16 @@ async fn serve(server: Server) -> anyhow::Result<()> {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // The STDIO launcher of the gateways this binary runs (and the tests' in-process gateways).
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == reflow_data_plane::upstream::launch::SUBCOMMAND) {
+        std::process::exit(reflow_data_plane::upstream::launch::main(&argv[2..]));
+    }
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(command) = args.serve {
         return serve(command).await;
