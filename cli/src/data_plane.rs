@@ -94,6 +94,7 @@ pub async fn run(args: DataPlaneArgs) -> Result<(), Failure> {
         group: dp.group,
         labels: dp.labels.into_iter().collect(),
         tls,
+        max_snapshot_bytes: config.data_plane.max_snapshot_bytes,
     };
     let data_plane = DataPlane::new(sync, dp.cache_dir.map(PathBuf::from)).with_mcp(crate::mcp_settings(&config)?);
     let listener = bind(&config.server.host, config.server.port).await?;

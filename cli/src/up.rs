@@ -118,6 +118,7 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
         group: "default".into(),
         labels: Default::default(),
         tls: None,
+        max_snapshot_bytes: config.data_plane.max_snapshot_bytes,
     };
     let data_plane = DataPlane::new(sync, Some(dir.join("cache"))).with_mcp(crate::mcp_settings(&config)?);
     let syncing = data_plane.start_sync(shutdown.clone());

@@ -126,6 +126,8 @@ pub struct DataPlaneConfig {
     /// TLS to the control plane: `ca` verifies its certificate (required for https://);
     /// `cert` and `key` are this data plane's client certificate for mTLS.
     pub tls: TlsFiles,
+    /// The largest snapshot update this data plane takes in, in bytes (it arrives in parts).
+    pub max_snapshot_bytes: usize,
 }
 
 impl Default for DataPlaneConfig {
@@ -138,6 +140,7 @@ impl Default for DataPlaneConfig {
             group: "default".into(),
             labels: Default::default(),
             tls: TlsFiles::default(),
+            max_snapshot_bytes: 1024 * 1024 * 1024,
         }
     }
 }
@@ -427,6 +430,13 @@ pub struct McpConfig {
     pub allowed_hosts: Vec<String>,
     /// Most client sessions one data plane holds; beyond it new sessions get 503.
     pub max_sessions: usize,
+    /// Most sessions one user holds on one data plane; beyond it new ones get 429.
+    pub max_sessions_per_user: usize,
+    /// Most requests of one user in flight at once on one data plane; beyond it 429.
+    pub max_inflight_per_user: usize,
+    /// Requests per second one user may send one data plane (a token bucket); beyond it 429
+    /// with `Retry-After`.
+    pub rate_limit: RateLimitConfig,
     /// How long a merged list (tools, prompts, resources) is reused for the same user, client
     /// capabilities and snapshot before the upstreams are asked again; a `list_changed` from an
     /// upstream ends it sooner. 0 asks the upstreams every time.
@@ -445,8 +455,25 @@ impl Default for McpConfig {
             page_size: 100,
             allowed_hosts: Vec::new(),
             max_sessions: 100_000,
+            max_sessions_per_user: 1000,
+            max_inflight_per_user: 64,
+            rate_limit: RateLimitConfig::default(),
             list_cache_ttl: Duration::from_secs(60),
         }
+    }
+}
+
+/// A per-user request rate: `requests_per_second` sustained, `burst` at once; 0 turns it off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    pub requests_per_second: u32,
+    pub burst: u32,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig { requests_per_second: 100, burst: 200 }
     }
 }
 
@@ -665,9 +692,12 @@ impl Config {
             ("mcp.max_response_bytes", self.mcp.max_response_bytes),
             ("mcp.page_size", self.mcp.page_size),
             ("mcp.max_sessions", self.mcp.max_sessions),
+            ("mcp.max_sessions_per_user", self.mcp.max_sessions_per_user),
+            ("mcp.max_inflight_per_user", self.mcp.max_inflight_per_user),
             ("limits.api_tokens_per_user", self.limits.api_tokens_per_user),
             ("limits.values_per_user", self.limits.values_per_user),
             ("limits.value_bytes_per_user", self.limits.value_bytes_per_user),
+            ("data_plane.max_snapshot_bytes", self.data_plane.max_snapshot_bytes),
         ] {
             if value == 0 {
                 return Err(ConfigError::new(key, "must be greater than zero"));

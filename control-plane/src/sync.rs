@@ -6,7 +6,8 @@
 //!   diff from).
 //! - The **gRPC service** authenticates each data plane by its token, reads its `Hello`, and
 //!   streams the full state or a diff from the version it holds, then a diff per new version.
-//!   It records acknowledgements and rejections as the data plane's status.
+//!   It records acknowledgements and rejections as the data plane's status. Updates travel in
+//!   parts of bounded size ([`reflow_proto::parts`]), so a state of any size reaches them.
 //!
 //! A store that is down stops compilation only: streams stay open and keep the last version.
 
@@ -213,7 +214,8 @@ impl SnapshotGrpc {
     }
 
     pub fn into_server(self) -> SnapshotServiceServer<Self> {
-        SnapshotServiceServer::new(self)
+        let limit = reflow_proto::parts::MAX_MESSAGE_BYTES;
+        SnapshotServiceServer::new(self).max_decoding_message_size(limit).max_encoding_message_size(limit)
     }
 
     fn authenticate<T>(&self, request: &Request<T>) -> Result<(), Status> {
@@ -324,6 +326,7 @@ impl Session {
                     upserts: diff.upserts,
                     removals: diff.removals,
                     control_plane_id: self.hub.id.clone(),
+                    more: false,
                 }
             }
             None => SnapshotUpdate {
@@ -332,10 +335,17 @@ impl Session {
                 upserts: target.full(),
                 removals: Vec::new(),
                 control_plane_id: self.hub.id.clone(),
+                more: false,
             },
         };
         self.sent = Some(target);
-        self.tx.send(Ok(update)).await.is_ok()
+        // In parts of bounded size, so no state is too large for a data plane to receive.
+        for part in reflow_proto::parts::split(update, reflow_proto::parts::PART_BYTES) {
+            if self.tx.send(Ok(part)).await.is_err() {
+                return false;
+            }
+        }
+        true
     }
 
     async fn run(mut self, have_version: String, mut inbound: Streaming<SyncRequest>, shutdown: CancellationToken) {

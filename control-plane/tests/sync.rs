@@ -241,6 +241,101 @@ async fn data_plane_keeps_its_version_when_an_update_is_bad(backend: &str) {
         other => panic!("expected a rejection, got {other:?}"),
     }
     assert_eq!(dp.version(), Some(good.version.clone()), "the previous version stays active");
+    // Connected, but the control plane's snapshot does not apply: it says so.
+    let ready = reqwest::get(format!("{}/ready", dp.http)).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let ready: Value = ready.json().await.unwrap();
+    assert_eq!(ready["status"], "stale", "{ready}");
+    assert_eq!(ready["version"], good.version.as_str());
+    assert!(ready["stale"]["reason"].as_str().unwrap().contains("payload does not match"), "{ready}");
+    assert!(ready["stale"]["since"].is_string());
+    let metrics = reqwest::get(format!("{}/metrics", dp.http)).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("\nreflow_snapshot_stale 1\n"), "{metrics}");
+    assert!(metrics.contains("\nreflow_snapshot_rejections_total 1\n"), "{metrics}");
+}
+
+/// A state far past gRPC's default 4 MiB message limit (20 MB of admin-created values) reaches
+/// a data plane that joins afterwards, in parts, and what it then holds is enforced.
+async fn a_large_snapshot_reaches_a_new_data_plane(backend: &str) {
+    let db = test_db(backend).await;
+    let cp = spawn_control_plane(&db.url(), "cp-a").await;
+    let api = |path: &str| format!("{}{path}", cp.api);
+    let (_, admin) =
+        post(&api("/api/auth/register"), None, json!({"email": "a@example.com", "password": "password123"})).await;
+    let admin = admin["token"].as_str().unwrap().to_string();
+    let (_, user) =
+        post(&api("/api/auth/register"), None, json!({"email": "u@example.com", "password": "password123"})).await;
+    let user_token = user["token"].as_str().unwrap().to_string();
+    let (_, api_token) = post(&api("/api/auth/tokens"), Some(&user_token), json!({"name": "laptop"})).await;
+    let api_token = api_token["token"].as_str().unwrap().to_string();
+    let (_, target) = post(
+        &api("/api/targets"),
+        Some(&admin),
+        json!({"name": "big", "transport_type": "streamable-http", "url": "http://127.0.0.1:9/mcp"}),
+    )
+    .await;
+    let target = target["id"].as_str().unwrap().to_string();
+    // 640 values of 30 KB, each sealed and base64-encoded in the snapshot: over 20 MB.
+    let value: String = (0..30_000).map(|i| char::from(b'a' + (i * 7 % 26) as u8)).collect();
+    let writes = (0..640).map(|i| {
+        let (url, admin, value) = (api(&format!("/api/targets/{target}/env/default")), admin.clone(), value.clone());
+        async move {
+            let (status, body) = post(&url, Some(&admin), json!({"key": format!("VALUE_{i}"), "value": value})).await;
+            assert_eq!(status, 201, "{body}");
+        }
+    });
+    // A few at a time: the test store's connection pool is small.
+    futures::StreamExt::collect::<Vec<()>>(futures::StreamExt::buffer_unordered(futures::stream::iter(writes), 4))
+        .await;
+    eventually(Duration::from_secs(30), "the large snapshot compiled", || async {
+        cp.control_plane.hub().current().is_some_and(|s| s.resources.len() > 640)
+    })
+    .await;
+    let size: usize = cp.control_plane.hub().current().unwrap().full().iter().map(|r| r.payload.len()).sum();
+    assert!(size > 20_000_000, "only {size} bytes");
+    let dp = spawn_data_plane(&cp.grpc, DATA_PLANE_TOKEN, "late").await;
+    let planes = [&dp];
+    eventually(Duration::from_secs(60), "the new data plane holds the large snapshot", || converged(&cp, &planes))
+        .await;
+    let ready = reqwest::get(format!("{}/ready", dp.http)).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    assert_eq!(mcp_status(&dp, &api_token).await, 200, "the user's API token works");
+    // Deactivated: refused wherever the data plane holds the deactivation.
+    let me: Value = reqwest::Client::new()
+        .get(api("/api/auth/me"))
+        .bearer_auth(&user_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let before = cp.control_plane.hub().current().map(|s| s.version.clone());
+    let response = reqwest::Client::new()
+        .put(api(&format!("/api/users/{}", me["id"].as_str().unwrap())))
+        .bearer_auth(&admin)
+        .json(&json!({"active": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // Compiling and applying 20 MB (every value opened and sealed again, every resource checked)
+    // takes seconds in a debug build.
+    let reached = tokio::time::timeout(Duration::from_secs(60), async {
+        while !(cp.control_plane.hub().current().map(|s| s.version.clone()) != before && converged(&cp, &planes).await)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    if reached.is_err() {
+        let ready: Value = reqwest::get(format!("{}/ready", dp.http)).await.unwrap().json().await.unwrap();
+        panic!(
+            "the deactivation did not reach the data plane: {ready}; hub {:?}, before {before:?}",
+            cp.control_plane.hub().current().map(|s| s.version.clone())
+        );
+    }
+    assert_eq!(mcp_status(&dp, &api_token).await, 401, "a deactivated user's token is refused");
 }
 
 both_backends!(
@@ -250,6 +345,12 @@ both_backends!(
     data_plane_keeps_its_version_when_an_update_is_bad,
     explain_names_the_deciding_policy,
 );
+
+/// The transport of a large state does not depend on the store: run once, on SQLite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_snapshot_reaches_a_new_data_plane_on_sqlite() {
+    a_large_snapshot_reaches_a_new_data_plane("sqlite").await;
+}
 
 /// Two replicas on one PostgreSQL learn of each other's writes through LISTEN/NOTIFY and
 /// serve the same version; a data plane fails over without a full resync.

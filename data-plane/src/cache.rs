@@ -6,8 +6,16 @@
 //! crash never leaves half a cache. A file that does not open (tampered, truncated, written
 //! with another token) or does not validate is refused: the data plane then starts with no
 //! snapshot and refuses traffic until the control plane answers.
+//!
+//! So is a cache older than one already applied (a copy put back, or a write that failed after
+//! a newer snapshot was served): every save numbers the snapshot, and the number is written to
+//! `snapshot.seq` *before* the cache itself, so the mark is never behind what was served. A
+//! cache whose number is below the mark is refused, since serving it would undo changes (a
+//! deactivated user, a revoked token) the data plane already enforced.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use prost::Message;
 use reflow_common::crypto::{derive_key, Aad, DeterministicSealer, Keyring};
@@ -17,6 +25,7 @@ use reflow_proto::snapshot::v1::SnapshotUpdate;
 use crate::snapshot::{apply, as_full_update, DataSnapshot};
 
 const FILE_NAME: &str = "snapshot.bin";
+const SEQUENCE_FILE: &str = "snapshot.seq";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -30,13 +39,18 @@ pub enum CacheError {
     Undecryptable { path: PathBuf },
     #[error("cache file {path} is not a valid snapshot: {reason}")]
     Invalid { path: PathBuf, reason: String },
+    #[error("cache file {path} holds snapshot #{cached}, older than #{applied} this data plane already applied")]
+    Older { path: PathBuf, cached: u64, applied: u64 },
 }
 
 /// The cache file of one data plane.
 #[derive(Debug, Clone)]
 pub struct Cache {
     path: PathBuf,
+    sequence_path: PathBuf,
     keyring: Keyring,
+    /// The number of the last snapshot saved (or found).
+    sequence: Arc<AtomicU64>,
 }
 
 fn aad() -> Aad {
@@ -45,10 +59,37 @@ fn aad() -> Aad {
 
 impl Cache {
     pub fn new(dir: &Path, data_plane_token: &str) -> Self {
-        Cache {
+        let cache = Cache {
             path: dir.join(FILE_NAME),
+            sequence_path: dir.join(SEQUENCE_FILE),
             keyring: Keyring::single(0, derive_key(data_plane_token.as_bytes(), CACHE_KEY_PURPOSE)),
+            sequence: Arc::default(),
+        };
+        cache.sequence.store(cache.mark().unwrap_or(0), Ordering::SeqCst);
+        cache
+    }
+
+    /// The number of the newest snapshot saved, from `snapshot.seq`.
+    fn mark(&self) -> Option<u64> {
+        std::fs::read_to_string(&self.sequence_path).ok()?.trim().parse().ok()
+    }
+
+    /// Writes `bytes` to `path` whole or not at all: a temporary file, synced, renamed.
+    fn write_atomically(&self, path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
+        use std::io::Write;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| self.io(e))?;
+        let tmp = path.with_extension("tmp");
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
         }
+        let mut file = options.open(&tmp).map_err(|e| self.io(e))?;
+        file.write_all(bytes).and_then(|_| file.sync_all()).map_err(|e| self.io(e))?;
+        std::fs::rename(&tmp, path).map_err(|e| self.io(e))
     }
 
     pub fn path(&self) -> &Path {
@@ -59,25 +100,15 @@ impl Cache {
         CacheError::Io { path: self.path.clone(), source }
     }
 
-    /// Writes `snapshot` atomically.
+    /// Writes `snapshot` atomically, numbered after every snapshot saved before it.
     pub fn save(&self, snapshot: &DataSnapshot) -> Result<(), CacheError> {
-        use std::io::Write;
-        let bytes = as_full_update(snapshot).encode_to_vec();
+        let sequence = self.sequence.fetch_add(1, Ordering::SeqCst) + 1;
+        // The mark first: if the cache write fails, the older cache left behind is refused.
+        self.write_atomically(&self.sequence_path, sequence.to_string().as_bytes())?;
+        let mut bytes = sequence.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&as_full_update(snapshot).encode_to_vec());
         let sealed = self.keyring.seal(&bytes, &aad());
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(|e| self.io(e))?;
-        let tmp = self.path.with_extension("tmp");
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let mut file = options.open(&tmp).map_err(|e| self.io(e))?;
-        file.write_all(&sealed).and_then(|_| file.sync_all()).map_err(|e| self.io(e))?;
-        std::fs::rename(&tmp, &self.path).map_err(|e| self.io(e))?;
-        Ok(())
+        self.write_atomically(&self.path, &sealed)
     }
 
     /// Reads the cache: `Ok(None)` when there is none, an error when it is unusable.
@@ -89,8 +120,14 @@ impl Cache {
         };
         let bytes =
             self.keyring.open(&sealed, &aad()).map_err(|_| CacheError::Undecryptable { path: self.path.clone() })?;
-        let update = SnapshotUpdate::decode(&bytes[..])
-            .map_err(|e| CacheError::Invalid { path: self.path.clone(), reason: e.to_string() })?;
+        let invalid = |reason: String| CacheError::Invalid { path: self.path.clone(), reason };
+        let (number, update) = bytes.split_at_checked(8).ok_or_else(|| invalid("too short".into()))?;
+        let cached = u64::from_be_bytes(number.try_into().expect("8 bytes"));
+        if let Some(applied) = self.mark().filter(|applied| cached < *applied) {
+            return Err(CacheError::Older { path: self.path.clone(), cached, applied });
+        }
+        self.sequence.fetch_max(cached, Ordering::SeqCst);
+        let update = SnapshotUpdate::decode(update).map_err(|e| invalid(e.to_string()))?;
         apply(None, &update, sealer)
             .map(Some)
             .map_err(|rejection| CacheError::Invalid { path: self.path.clone(), reason: rejection.reason })

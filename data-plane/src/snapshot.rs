@@ -269,5 +269,6 @@ pub fn as_full_update(snapshot: &DataSnapshot) -> SnapshotUpdate {
         upserts: snapshot.resources.values().map(|r| Resource::clone(r)).collect(),
         removals: Vec::new(),
         control_plane_id: String::new(),
+        more: false,
     }
 }

@@ -3,6 +3,9 @@
 //!
 //! Reconnection uses capped exponential backoff with jitter. A refused token is logged as an
 //! error naming the cause, and retried (an operator may fix the control plane's side).
+//! Updates arrive in parts ([`reflow_proto::parts`]) and are applied once whole. A data plane
+//! that is connected but cannot apply what it receives is *stale* ([`SnapshotState::health`]):
+//! it keeps serving its last snapshot, and `/ready` and `/metrics` say since when and why.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,7 +37,12 @@ pub struct SyncConfig {
     pub labels: HashMap<String, String>,
     /// TLS to the control plane; `None` for plain `http://`.
     pub tls: Option<ClientTls>,
+    /// The largest update (all its parts together) this data plane assembles.
+    pub max_snapshot_bytes: usize,
 }
+
+/// The default of `data_plane.max_snapshot_bytes`.
+pub const DEFAULT_MAX_SNAPSHOT_BYTES: usize = 1024 * 1024 * 1024;
 
 /// PEM material for TLS to the control plane.
 #[derive(Clone)]
@@ -134,7 +142,9 @@ async fn stream_once(
         None => endpoint,
     };
     let channel = endpoint.connect().await.map_err(|e| StreamEnd::Failed(format!("cannot connect: {e}")))?;
-    let mut client = SnapshotServiceClient::new(channel);
+    let limit = reflow_proto::parts::MAX_MESSAGE_BYTES;
+    let mut client =
+        SnapshotServiceClient::new(channel).max_decoding_message_size(limit).max_encoding_message_size(limit);
     let (tx, rx) = mpsc::channel::<SyncRequest>(8);
     let hello = Hello {
         node_id: config.node_id.clone(),
@@ -157,6 +167,16 @@ async fn stream_once(
         Err(status) => return Err(StreamEnd::Failed(format!("{}: {}", status.code(), status.message()))),
     };
     tracing::info!(control_plane = %config.control_plane, "snapshot stream open");
+    state.set_connected(true);
+    // Marks the stream closed however this function returns.
+    struct Connected<'a>(&'a SnapshotState);
+    impl Drop for Connected<'_> {
+        fn drop(&mut self) {
+            self.0.set_connected(false);
+        }
+    }
+    let _connected = Connected(state);
+    let mut parts = reflow_proto::parts::Assembler::default();
     // Reports the running instances when they change, for as long as this stream lives.
     let _reporter = report.map(|report| {
         let (report, tx) = (report.clone(), tx.clone());
@@ -181,13 +201,34 @@ async fn stream_once(
             _ = shutdown.cancelled() => return Ok(()),
             message = updates.message() => message,
         };
-        let update = match message {
-            Ok(Some(update)) => update,
+        let part = match message {
+            Ok(Some(part)) => part,
             Ok(None) => return Err(StreamEnd::Failed("the control plane closed the stream".into())),
             Err(status) if status.code() == tonic::Code::Unauthenticated => {
                 return Err(StreamEnd::Refused(status.message().into()))
             }
-            Err(status) => return Err(StreamEnd::Failed(format!("{}: {}", status.code(), status.message()))),
+            Err(status) => {
+                // Reachable, but what it sends cannot be taken (too large, malformed): stale,
+                // not merely disconnected.
+                if !matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown) {
+                    state.set_stale(format!("the snapshot stream failed: {}: {}", status.code(), status.message()));
+                }
+                return Err(StreamEnd::Failed(format!("{}: {}", status.code(), status.message())));
+            }
+        };
+        let version = part.version.clone();
+        let update = match parts.push(part, config.max_snapshot_bytes) {
+            Ok(Some(update)) => update,
+            Ok(None) => continue,
+            Err(error) => {
+                tracing::warn!(%version, %error, "snapshot update refused; keeping the current version");
+                state.set_stale(error.to_string());
+                let nack = Nack { version, reason: error.to_string(), want_full: false };
+                if tx.send(SyncRequest { kind: Some(sync_request::Kind::Nack(nack)) }).await.is_err() {
+                    return Err(StreamEnd::Failed("stream closed".into()));
+                }
+                continue;
+            }
         };
         let current = state.load();
         let reply = match apply(current.as_deref(), &update, sealer) {
@@ -209,10 +250,12 @@ async fn stream_once(
                     }
                 }
                 state.store_arc(snapshot);
+                state.applied();
                 sync_request::Kind::Ack(Ack { version: update.version.clone() })
             }
             Err(rejection) => {
                 tracing::warn!(version = %update.version, reason = %rejection.reason, "snapshot update rejected; keeping the current version");
+                state.set_stale(rejection.reason.clone());
                 sync_request::Kind::Nack(Nack {
                     version: update.version.clone(),
                     reason: rejection.reason,

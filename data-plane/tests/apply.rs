@@ -105,6 +105,7 @@ fn full(resources: Vec<Resource>) -> SnapshotUpdate {
         upserts: resources,
         removals: vec![],
         control_plane_id: "cp".into(),
+        more: false,
     }
 }
 
@@ -141,6 +142,7 @@ fn diffs_apply_on_their_base_only() {
         upserts: vec![user("u1", false), user("u2", true)],
         removals: vec![ResourceRef { r#type: ResourceType::Policy as i32, id: "p1".into() }],
         control_plane_id: "cp".into(),
+        more: false,
     };
     let second = apply(Some(&first), &diff, &sealer).unwrap();
     assert!(!second.view.users["u1"].active);
@@ -225,6 +227,32 @@ fn cache_round_trips_and_refuses_tampering() {
     }
     std::fs::write(cache.path(), &on_disk[..on_disk.len() / 3]).unwrap();
     assert!(cache.load(&sealer).is_err());
+}
+
+#[test]
+fn a_cache_older_than_a_snapshot_already_applied_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sealer = snapshot_sealer(TOKEN);
+    let cache = Cache::new(dir.path(), TOKEN);
+    let first = applied(&full(base()));
+    cache.save(&first).unwrap();
+    let old_copy = std::fs::read(cache.path()).unwrap();
+    // A later snapshot: the deactivation of u1.
+    let mut resources = base();
+    resources.retain(|r| r.id != "u1");
+    resources.push(user("u1", false));
+    let second = applied(&full(resources));
+    cache.save(&second).unwrap();
+    assert_eq!(cache.load(&sealer).unwrap().unwrap().version, second.version);
+    // Putting the older file back does not bring the user back.
+    std::fs::write(cache.path(), &old_copy).unwrap();
+    let refused = Cache::new(dir.path(), TOKEN).load(&sealer);
+    assert!(matches!(refused, Err(CacheError::Older { cached: 1, applied: 2, .. })), "{refused:?}");
+    // A restarted data plane numbers on from what it found.
+    let restarted = Cache::new(dir.path(), TOKEN);
+    restarted.save(&first).unwrap();
+    assert_eq!(std::fs::read_to_string(dir.path().join("snapshot.seq")).unwrap(), "3");
+    assert!(restarted.load(&sealer).unwrap().is_some());
 }
 
 fn jwt(secret: &[u8], sub: &str, expires_in: i64) -> String {

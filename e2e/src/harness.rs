@@ -318,6 +318,7 @@ impl Gateway {
             group: "e2e".into(),
             labels: Default::default(),
             tls: None,
+            max_snapshot_bytes: reflow_data_plane::sync::DEFAULT_MAX_SNAPSHOT_BYTES,
         };
         let (data_plane, mcp) = match external {
             None => {
@@ -514,8 +515,10 @@ pub async fn run_data_plane(control_plane: &str, token: &str, listen: &str) -> a
         group: "bench".into(),
         labels: Default::default(),
         tls: None,
+        max_snapshot_bytes: reflow_data_plane::sync::DEFAULT_MAX_SNAPSHOT_BYTES,
     };
-    let settings = McpSettings::default().with_stdio_launcher(std::env::current_exe()?);
+    // The benchmark drives one user at full speed: no per-identity shares.
+    let settings = McpSettings::default().with_stdio_launcher(std::env::current_exe()?).without_shares();
     let data_plane = DataPlane::new(sync, Some(dir.path().join("cache"))).with_mcp(settings);
     let shutdown = CancellationToken::new();
     data_plane.start_sync(shutdown.clone());

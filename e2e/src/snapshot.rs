@@ -54,6 +54,7 @@ pub async fn propagation(data_planes: usize, iterations: usize, database_url: Op
             group: "bench".into(),
             labels: Default::default(),
             tls: None,
+            max_snapshot_bytes: reflow_data_plane::sync::DEFAULT_MAX_SNAPSHOT_BYTES,
         };
         let plane = DataPlane::new(sync, Some(cache));
         plane.start_sync(shutdown.clone());
@@ -232,6 +233,7 @@ pub fn one_policy_change(users: usize, targets: usize, policies: usize) -> anyho
         upserts: diff.upserts,
         removals: diff.removals,
         control_plane_id: "bench".into(),
+        more: false,
     };
     let full = SnapshotUpdate { version: after.version.clone(), upserts: after.full(), ..Default::default() };
     Ok(json!({

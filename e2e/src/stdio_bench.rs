@@ -92,7 +92,7 @@ async fn through(gateway: &Gateway, concurrency: usize, duration: Duration) -> a
 
 /// One JSON object per concurrency level.
 pub async fn stdio_warm_call(levels: &[usize], duration: Duration) -> anyhow::Result<Vec<Value>> {
-    let gateway = Gateway::start().await?;
+    let gateway = Gateway::start_with(reflow_data_plane::mcp::McpSettings::default().without_shares()).await?;
     let script = workspace().join("e2e/peers/stdio_server.py");
     gateway
         .post(

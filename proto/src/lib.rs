@@ -5,9 +5,11 @@
 //! - [`snapshot::v1`]: generated messages and the `SnapshotService` client and server.
 //! - [`resources`]: what a snapshot resource's JSON payload holds, per resource type, and how
 //!   resources and whole snapshots are hashed into versions.
+//! - [`parts`]: updates split into bounded messages and put back together.
 //! - [`policy`]: what the policy resources mean: the one decision function the data plane
 //!   enforces and the control plane's explain endpoint reports.
 
+pub mod parts;
 pub mod policy;
 pub mod resources;
 

@@ -311,6 +311,7 @@ pub async fn spawn_data_plane_with(
         group: "test".into(),
         labels: Default::default(),
         tls,
+        max_snapshot_bytes: reflow_data_plane::sync::DEFAULT_MAX_SNAPSHOT_BYTES,
     };
     let data_plane = reflow_data_plane::DataPlane::new(sync, Some(cache_dir.path().to_path_buf()));
     let shutdown = tokio_util::sync::CancellationToken::new();

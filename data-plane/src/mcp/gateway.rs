@@ -66,6 +66,8 @@ pub enum Reply {
 pub struct Forwarding {
     work: Option<futures::future::BoxFuture<'static, ()>>,
     messages: mpsc::UnboundedReceiver<Value>,
+    /// The user's share of requests in flight, held until the exchange ends (detached or not).
+    share: Option<super::shares::InFlight>,
 }
 
 impl std::fmt::Debug for Forwarding {
@@ -102,10 +104,21 @@ impl Forwarding {
     /// on something else (a full client stream) while the upstream still needs answers.
     pub fn detach(mut self) -> mpsc::UnboundedReceiver<Value> {
         if let Some(work) = self.work.take() {
-            tokio::spawn(work);
+            let share = self.share.take();
+            tokio::spawn(async move {
+                work.await;
+                drop(share);
+            });
         }
         let (_, closed) = mpsc::unbounded_channel();
         std::mem::replace(&mut self.messages, closed)
+    }
+}
+
+impl Forwarding {
+    /// Keeps `share` (a request in flight) until the exchange ends.
+    pub fn hold(&mut self, share: super::shares::InFlight) {
+        self.share = Some(share);
     }
 }
 
@@ -113,7 +126,11 @@ impl Drop for Forwarding {
     fn drop(&mut self) {
         if let Some(work) = self.work.take() {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(work);
+                let share = self.share.take();
+                runtime.spawn(async move {
+                    work.await;
+                    drop(share);
+                });
             }
         }
     }
@@ -190,6 +207,8 @@ pub struct Gateway {
     pub upstream_failures: Mutex<BTreeMap<String, u64>>,
     /// Merged lists shared by the sessions of one user.
     pub merged: MergedLists,
+    /// What one identity may take of this data plane.
+    pub shares: Arc<super::shares::Shares>,
 }
 
 impl Gateway {
@@ -216,11 +235,17 @@ impl Gateway {
             sealer,
             sessions: Sessions::default(),
             http,
-            settings,
             upstream,
             pool,
             upstream_failures: Mutex::new(BTreeMap::new()),
             merged: MergedLists::default(),
+            shares: super::shares::Shares::new(
+                settings.requests_per_second,
+                settings.request_burst,
+                settings.max_inflight_per_user,
+                settings.max_sessions_per_user,
+            ),
+            settings,
         })
     }
 
@@ -623,7 +648,7 @@ impl Gateway {
             let _ = tx.send(reply);
         };
         let work = futures::FutureExt::map(futures::future::Abortable::new(work, registration), drop);
-        Reply::Stream(Forwarding { work: Some(Box::pin(work)), messages: rx })
+        Reply::Stream(Forwarding { work: Some(Box::pin(work)), messages: rx, share: None })
     }
 
     /// Prepares a message an upstream sent for the client: server→client requests get a
@@ -1026,6 +1051,7 @@ impl Gateway {
                 tracing::info!(session = %short(&session.id), "session expired");
                 session.close().await;
             }
+            self.shares.forget_quiet();
         }
         for session in self.sessions.all() {
             self.sessions.remove(&session.id);

@@ -73,6 +73,13 @@ pub fn refuse(status: StatusCode, code: i64, message: &str) -> Response {
     (status, Json(jsonrpc::error(Value::Null, code, message))).into_response()
 }
 
+/// 429 with `Retry-After`: the caller is over one of its shares.
+fn over_share(over: super::shares::OverShare) -> Response {
+    let mut response = refuse(StatusCode::TOO_MANY_REQUESTS, SERVER_ERROR, &over.message);
+    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(over.retry_after));
+    response
+}
+
 /// Edge checks, snapshot and authentication: the caller, or the response refusing them.
 fn admit(gateway: &Gateway, parts: &Parts) -> Result<Caller, Response> {
     check_host_and_origin(gateway, &parts.headers)?;
@@ -96,6 +103,8 @@ fn admit(gateway: &Gateway, parts: &Parts) -> Result<Caller, Response> {
             return Err(response);
         }
     };
+    // Before any work for the request: one user's flood costs everyone else nothing more.
+    gateway.shares.admit(&user.id).map_err(over_share)?;
     Ok(Caller { snapshot, user })
 }
 
@@ -206,7 +215,13 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
         Message::Request { id, .. } => id.clone(),
         _ => Value::Null,
     };
-    let reply = gateway.handle(&session, &caller, message).await;
+    let share = gateway.shares.begin(&caller.user.id).map_err(over_share)?;
+    let mut reply = gateway.handle(&session, &caller, message).await;
+    if let Reply::Stream(forwarding) = &mut reply {
+        forwarding.hold(share);
+    } else {
+        drop(share);
+    }
     if session.legacy {
         // Every reply of a legacy session travels on its SSE stream; a response waits for room
         // there rather than being dropped (the stream's end closes the channel).
@@ -251,6 +266,9 @@ async fn open_session(gateway: Arc<Gateway>, scope: Scope, caller: Caller, messa
         if Gateway::granted(&caller, name).is_none() {
             return refuse(StatusCode::NOT_FOUND, INVALID_REQUEST, &format!("no target named {name:?} is served here"));
         }
+    }
+    if let Err(over) = gateway.shares.may_open_session(gateway.sessions.count_of(&caller.user.id)) {
+        return over_share(over);
     }
     if gateway.sessions.len() >= gateway.settings.max_sessions {
         return refuse(
@@ -390,6 +408,7 @@ fn get_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Result<Resp
             ));
         }
     }
+    gateway.shares.may_open_session(gateway.sessions.count_of(&caller.user.id)).map_err(over_share)?;
     if gateway.sessions.len() >= gateway.settings.max_sessions {
         return Err(refuse(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -7,6 +7,7 @@
 //!   policy decision, relaying of notifications and server→client requests.
 //! - [`merged`]: merged lists shared by the sessions of one user, per snapshot.
 //! - [`session`]: client sessions and the upstream sessions they own.
+//! - [`shares`]: what one identity may take: request rate, requests in flight, sessions.
 //! - [`names`]: prefixed names and mapped URIs on the aggregated endpoint.
 //! - [`jsonrpc`]: message classification and error codes.
 
@@ -16,6 +17,7 @@ pub mod jsonrpc;
 pub mod merged;
 pub mod names;
 pub mod session;
+pub mod shares;
 
 use std::time::Duration;
 
@@ -36,6 +38,11 @@ pub struct McpSettings {
     /// Browser origins allowed besides the gateway's own.
     pub allowed_origins: Vec<String>,
     pub max_sessions: usize,
+    /// Per-identity shares: sessions, requests in flight, request rate and burst (0: no limit).
+    pub max_sessions_per_user: usize,
+    pub max_inflight_per_user: usize,
+    pub requests_per_second: u32,
+    pub request_burst: u32,
     /// How long a merged list is reused (0: never).
     pub list_cache_ttl: Duration,
     /// Idle time after which a session ends.
@@ -61,12 +68,25 @@ impl McpSettings {
             allowed_hosts: mcp.allowed_hosts.clone(),
             allowed_origins: config.cors.allowed_origins.clone(),
             max_sessions: mcp.max_sessions,
+            max_sessions_per_user: mcp.max_sessions_per_user,
+            max_inflight_per_user: mcp.max_inflight_per_user,
+            requests_per_second: mcp.rate_limit.requests_per_second,
+            request_burst: mcp.rate_limit.burst,
             list_cache_ttl: mcp.list_cache_ttl,
             session_timeout: config.session.timeout,
             cleanup_interval: config.session.cleanup_interval,
             stdio: config.stdio.clone(),
             stdio_launcher: None,
         }
+    }
+
+    /// These settings with no per-identity shares (for benchmarks driving one user at full
+    /// speed).
+    pub fn without_shares(mut self) -> Self {
+        self.max_sessions_per_user = usize::MAX;
+        self.max_inflight_per_user = usize::MAX;
+        self.requests_per_second = 0;
+        self
     }
 
     /// These settings with STDIO servers started through `launcher`.

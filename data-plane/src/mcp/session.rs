@@ -166,28 +166,60 @@ pub fn short(id: &str) -> &str {
     &id[..id.len().min(8)]
 }
 
-/// The sessions this data plane holds.
+/// The sessions this data plane holds, and how many each user holds (for
+/// `mcp.max_sessions_per_user`), under one lock so the two always agree.
 #[derive(Debug, Default)]
 pub struct Sessions {
-    map: Mutex<HashMap<String, Arc<ClientSession>>>,
+    map: Mutex<SessionMap>,
+}
+
+#[derive(Debug, Default)]
+struct SessionMap {
+    by_id: HashMap<String, Arc<ClientSession>>,
+    per_user: HashMap<String, usize>,
+}
+
+impl SessionMap {
+    fn remove(&mut self, id: &str) -> Option<Arc<ClientSession>> {
+        let session = self.by_id.remove(id)?;
+        if let Some(count) = self.per_user.get_mut(&session.user_id) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_user.remove(&session.user_id);
+            }
+        }
+        Some(session)
+    }
 }
 
 impl Sessions {
     pub fn len(&self) -> usize {
-        self.map.lock().unwrap().len()
+        self.map.lock().unwrap().by_id.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// How many sessions `user_id` holds.
+    pub fn count_of(&self, user_id: &str) -> usize {
+        self.map.lock().unwrap().per_user.get(user_id).copied().unwrap_or(0)
+    }
+
     pub fn insert(&self, session: Arc<ClientSession>) {
-        self.map.lock().unwrap().insert(session.id.clone(), session);
+        let mut map = self.map.lock().unwrap();
+        *map.per_user.entry(session.user_id.clone()).or_default() += 1;
+        if let Some(replaced) = map.by_id.insert(session.id.clone(), session) {
+            // Ids are 256 random bits: never in practice, but the counts stay right.
+            if let Some(count) = map.per_user.get_mut(&replaced.user_id) {
+                *count -= 1;
+            }
+        }
     }
 
     /// The session with `id` if `user_id` owns it.
     pub fn get(&self, id: &str, user_id: &str) -> Option<Arc<ClientSession>> {
-        let session = self.map.lock().unwrap().get(id).cloned()?;
+        let session = self.map.lock().unwrap().by_id.get(id).cloned()?;
         (session.user_id == user_id).then_some(session)
     }
 
@@ -196,15 +228,19 @@ impl Sessions {
     }
 
     pub fn all(&self) -> Vec<Arc<ClientSession>> {
-        self.map.lock().unwrap().values().cloned().collect()
+        self.map.lock().unwrap().by_id.values().cloned().collect()
     }
 
     /// Removes and returns sessions idle longer than `timeout` (a session with an open stream
     /// is not idle).
     pub fn expire(&self, timeout: std::time::Duration) -> Vec<Arc<ClientSession>> {
         let mut map = self.map.lock().unwrap();
-        let expired: Vec<String> =
-            map.iter().filter(|(_, s)| s.idle_for() > timeout && !s.streaming()).map(|(id, _)| id.clone()).collect();
+        let expired: Vec<String> = map
+            .by_id
+            .iter()
+            .filter(|(_, s)| s.idle_for() > timeout && !s.streaming())
+            .map(|(id, _)| id.clone())
+            .collect();
         expired.into_iter().filter_map(|id| map.remove(&id)).collect()
     }
 }
