@@ -103,8 +103,8 @@ pub async fn run(args: DataPlaneArgs) -> Result<(), Failure> {
     let router =
         data_plane.router().route("/health", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }));
     tracing::info!(address = %listener.local_addr().map_err(anyhow::Error::from)?, "data plane listening");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+    let limits = reflow_common::server::Limits::from_config(&config.server);
+    reflow_common::server::serve(listener, router, limits, shutdown.clone().cancelled_owned())
         .await
         .map_err(anyhow::Error::from)?;
     shutdown.cancel();

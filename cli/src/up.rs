@@ -148,8 +148,8 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
         dir = dir.display()
     );
     tracing::info!(address = %local, "listening");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+    let limits = reflow_common::server::Limits::from_config(&config.server);
+    reflow_common::server::serve(listener, router, limits, shutdown.clone().cancelled_owned())
         .await
         .map_err(anyhow::Error::from)?;
     shutdown.cancel();

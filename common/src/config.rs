@@ -169,11 +169,27 @@ pub struct ServerConfig {
     pub port: u16,
     /// Largest request body the REST API accepts, in bytes.
     pub max_body_bytes: usize,
+    /// How long a connection may take to send a request's head (and stay idle between
+    /// requests) before it is closed.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// How long a request's body may take to arrive (408 past it).
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// Open connections one listener accepts; past it new ones are closed at once.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { host: "0.0.0.0".into(), port: 3000, max_body_bytes: 1024 * 1024 }
+        ServerConfig {
+            host: "0.0.0.0".into(),
+            port: 3000,
+            max_body_bytes: 1024 * 1024,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+        }
     }
 }
 
@@ -694,6 +710,7 @@ impl Config {
             ("mcp.max_sessions", self.mcp.max_sessions),
             ("mcp.max_sessions_per_user", self.mcp.max_sessions_per_user),
             ("mcp.max_inflight_per_user", self.mcp.max_inflight_per_user),
+            ("server.max_connections", self.server.max_connections),
             ("limits.api_tokens_per_user", self.limits.api_tokens_per_user),
             ("limits.values_per_user", self.limits.values_per_user),
             ("limits.value_bytes_per_user", self.limits.value_bytes_per_user),
@@ -722,6 +739,8 @@ impl Config {
             }
         }
         for (key, value) in [
+            ("server.header_timeout", self.server.header_timeout),
+            ("server.body_timeout", self.server.body_timeout),
             ("auth.login_lockout", self.auth.login_lockout),
             ("session.timeout", self.session.timeout),
             ("session.cleanup_interval", self.session.cleanup_interval),

@@ -17,6 +17,8 @@
 //! - [`model`]: the fixed vocabularies (transport types, effects, subject types, …).
 //! - [`uri`]: the normal form of resource URIs that policies decide on.
 //! - [`logging`]: line-buffered, control-character-escaped logs to stderr.
+//! - `server` (feature `server`): the HTTP listener every role serves through, with header and
+//!   body timeouts and a connection limit.
 
 pub mod bearer;
 pub mod config;
@@ -27,4 +29,6 @@ pub mod jwt;
 pub mod logging;
 pub mod model;
 pub mod names;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod uri;

@@ -55,6 +55,8 @@ pub struct ControlPlane {
     secrets: sync::CompilerSecrets,
     data_plane_token: Option<String>,
     grpc_tls: Option<GrpcTls>,
+    /// The HTTP listener's limits (`server.*`).
+    server_limits: reflow_common::server::Limits,
 }
 
 /// TLS for the gRPC snapshot service, as PEM.
@@ -113,6 +115,7 @@ impl ControlPlane {
             secrets,
             data_plane_token,
             grpc_tls: None,
+            server_limits: reflow_common::server::Limits::from_config(&config.server),
         })
     }
 
@@ -141,7 +144,7 @@ impl ControlPlane {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await
+        reflow_common::server::serve(listener, self.router(), self.server_limits, shutdown).await
     }
 
     /// Compiles the first snapshot, then keeps compiling on every change until `shutdown`.

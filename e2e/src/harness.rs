@@ -523,7 +523,7 @@ pub async fn run_data_plane(control_plane: &str, token: &str, listen: &str) -> a
     let shutdown = CancellationToken::new();
     data_plane.start_sync(shutdown.clone());
     let listener = tokio::net::TcpListener::bind(listen).await?;
-    axum::serve(listener, data_plane.router()).await?;
+    reflow_common::server::serve(listener, data_plane.router(), Default::default(), std::future::pending()).await?;
     Ok(())
 }
 
@@ -557,7 +557,9 @@ async fn serve(router: axum::Router, shutdown: &CancellationToken) -> anyhow::Re
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = format!("http://{}", listener.local_addr()?);
     let shutdown = shutdown.clone();
-    tokio::spawn(async move { axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await });
+    tokio::spawn(async move {
+        reflow_common::server::serve(listener, router, Default::default(), shutdown.cancelled_owned()).await
+    });
     Ok(address)
 }
 

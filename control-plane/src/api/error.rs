@@ -24,7 +24,7 @@ pub struct ErrorBody {
     /// What went wrong, for people.
     pub error: String,
     /// What went wrong, for programs: `bad_request`, `unauthorized`, `forbidden`,
-    /// `not_found`, `conflict`, `limit_exceeded`, `payload_too_large`, `unsupported_media_type`, `too_many_requests`,
+    /// `not_found`, `conflict`, `limit_exceeded`, `payload_too_large`, `request_timeout`, `unsupported_media_type`, `too_many_requests`,
     /// `unavailable`, `internal`.
     pub code: String,
 }

@@ -29,9 +29,20 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(value)) => Ok(ApiJson(value)),
-            Err(rejection) => Err(json_rejection(rejection)),
+        // The listener's body timeout (server.body_timeout): a body that does not arrive in
+        // time is a 408, not a connection held open.
+        let timeout = req
+            .extensions()
+            .get::<reflow_common::server::BodyTimeout>()
+            .map_or(std::time::Duration::from_secs(30), |t| t.0);
+        match tokio::time::timeout(timeout, axum::Json::<T>::from_request(req, state)).await {
+            Err(_) => Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!("the request body was not received within {timeout:?} (server.body_timeout)"),
+            )),
+            Ok(Ok(axum::Json(value))) => Ok(ApiJson(value)),
+            Ok(Err(rejection)) => Err(json_rejection(rejection)),
         }
     }
 }

@@ -33,6 +33,9 @@ pub const SUPPORTED_VERSIONS: [&str; 4] = ["2025-11-25", "2025-06-18", "2025-03-
 pub const LATEST_VERSION: &str = SUPPORTED_VERSIONS[0];
 /// Upstream list pages fetched at most, against an upstream whose cursors never end.
 const MAX_UPSTREAM_PAGES: usize = 1000;
+/// The most bytes of a client's `initialize` capabilities a session keeps (real clients send a
+/// few hundred).
+pub const MAX_CLIENT_CAPABILITIES: usize = 64 * 1024;
 
 /// Who is asking, and the snapshot the whole request is decided with.
 #[derive(Debug, Clone)]
@@ -65,7 +68,8 @@ pub enum Reply {
 /// `notifications/cancelled` is.
 pub struct Forwarding {
     work: Option<futures::future::BoxFuture<'static, ()>>,
-    messages: mpsc::UnboundedReceiver<Value>,
+    /// Bounded: the exchange waits for its reader rather than queueing without limit.
+    messages: mpsc::Receiver<Value>,
     /// The user's share of requests in flight, held until the exchange ends (detached or not).
     share: Option<super::shares::InFlight>,
 }
@@ -102,7 +106,7 @@ impl Forwarding {
 
     /// Lets the exchange run on its own and returns its messages: for a reader that may wait
     /// on something else (a full client stream) while the upstream still needs answers.
-    pub fn detach(mut self) -> mpsc::UnboundedReceiver<Value> {
+    pub fn detach(mut self) -> mpsc::Receiver<Value> {
         if let Some(work) = self.work.take() {
             let share = self.share.take();
             tokio::spawn(async move {
@@ -110,7 +114,7 @@ impl Forwarding {
                 drop(share);
             });
         }
-        let (_, closed) = mpsc::unbounded_channel();
+        let (_, closed) = mpsc::channel(1);
         std::mem::replace(&mut self.messages, closed)
     }
 }
@@ -364,6 +368,14 @@ impl Gateway {
             "clientInfo": {"name": "reflow-gateway", "version": env!("CARGO_PKG_VERSION")},
         })
         .to_string();
+        // Kept for the session's life and sent to every upstream it opens: bounded.
+        if upstream_params.len() > MAX_CLIENT_CAPABILITIES {
+            return jsonrpc::error(
+                id,
+                INVALID_PARAMS,
+                format!("initialize params.capabilities is too large: at most {MAX_CLIENT_CAPABILITIES} bytes"),
+            );
+        }
         let hash = client_hash(&upstream_params);
         let _ = session.upstream_params.set((upstream_params.into_boxed_str(), hash));
         let result = match &session.scope {
@@ -598,7 +610,7 @@ impl Gateway {
         message: Value,
     ) -> Reply {
         let upstream = self.upstream(session, caller, target).await;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(crate::upstream::RELAY_CAPACITY);
         let id = message["id"].clone();
         let key = jsonrpc::id_key(&id);
         let gateway = self.clone();
@@ -608,7 +620,7 @@ impl Gateway {
         let (abort, registration) = futures::future::AbortHandle::new_pair();
         session.inflight.lock().unwrap().insert(key.clone(), (target.name.clone(), abort));
         let work = async move {
-            let (sink, mut relayed) = mpsc::unbounded_channel();
+            let (sink, mut relayed) = crate::upstream::Sink::channel();
             let result = {
                 let request = upstream.request(&message, Some(&sink));
                 tokio::pin!(request);
@@ -617,7 +629,8 @@ impl Gateway {
                         biased;
                         Some(message) = relayed.recv() => {
                             if let Some(message) = gateway.relay(&session, &target_name, message) {
-                                let _ = tx.send(message);
+                                // Waits for the reader (who also drives this exchange).
+                                let _ = tx.send(message).await;
                             }
                         }
                         result = &mut request => break result,
@@ -627,7 +640,7 @@ impl Gateway {
             drop(sink);
             while let Ok(message) = relayed.try_recv() {
                 if let Some(message) = gateway.relay(&session, &target_name, message) {
-                    let _ = tx.send(message);
+                    let _ = tx.send(message).await;
                 }
             }
             session.inflight.lock().unwrap().remove(&key);
@@ -645,7 +658,7 @@ impl Gateway {
                 }
             };
             // The last thing the exchange does: once the response is out, nothing remains.
-            let _ = tx.send(reply);
+            let _ = tx.send(reply).await;
         };
         let work = futures::FutureExt::map(futures::future::Abortable::new(work, registration), drop);
         Reply::Stream(Forwarding { work: Some(Box::pin(work)), messages: rx, share: None })
@@ -661,7 +674,12 @@ impl Gateway {
         };
         if let Some(upstream_id) = message.get("id").cloned() {
             let gateway_id = session.next_id("srv");
-            session.pending.lock().unwrap().insert(gateway_id.clone(), (target.to_string(), upstream_id));
+            session.remember_pending(
+                gateway_id.clone(),
+                target.to_string(),
+                upstream_id,
+                self.settings.request_timeout,
+            );
             message["id"] = Value::String(gateway_id);
             return Some(message);
         }
@@ -686,7 +704,7 @@ impl Gateway {
                 let upstream_id = message.pointer("/params/requestId").cloned()?;
                 let mut pending = session.pending.lock().unwrap();
                 let gateway_id =
-                    pending.iter().find(|(_, (t, id))| t == target && *id == upstream_id).map(|(g, _)| g.clone())?;
+                    pending.iter().find(|(_, (t, id, _))| t == target && *id == upstream_id).map(|(g, _)| g.clone())?;
                 pending.remove(&gateway_id);
                 message["params"]["requestId"] = Value::String(gateway_id);
             }
@@ -724,7 +742,7 @@ impl Gateway {
 
     async fn client_response(&self, session: &Arc<ClientSession>, id: Value, mut body: Map<String, Value>) -> Reply {
         let entry = id.as_str().and_then(|gateway_id| session.pending.lock().unwrap().remove(gateway_id));
-        let Some((target, upstream_id)) = entry else {
+        let Some((target, upstream_id, _)) = entry else {
             return Reply::Invalid(jsonrpc::error(
                 id,
                 INVALID_REQUEST,

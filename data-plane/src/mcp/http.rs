@@ -32,6 +32,10 @@ use super::gateway::{Caller, Forwarding, Gateway, Reply, SUPPORTED_VERSIONS};
 use super::jsonrpc::{self, Message, INVALID_REQUEST, PARSE_ERROR, SERVER_ERROR, UNAUTHORIZED};
 use super::session::{ClientSession, Scope};
 use crate::auth::authenticate;
+use reflow_common::server::{read_body, BodyError, BodyTimeout};
+
+/// The body timeout when the listener did not set one (a router served by other means).
+const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 const SESSION_HEADER: &str = "mcp-session-id";
 const VERSION_HEADER: &str = "mcp-protocol-version";
@@ -194,7 +198,12 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
     if declared.is_some_and(|length| length > limit) {
         return Err(too_large());
     }
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| too_large())?;
+    let timeout = parts.extensions.get::<BodyTimeout>().map_or(BodyTimeout(DEFAULT_BODY_TIMEOUT).0, |t| t.0);
+    let bytes = read_body(body, limit, timeout).await.map_err(|error| match error {
+        BodyError::TooLarge(_) => too_large(),
+        BodyError::Timeout(_) => refuse(StatusCode::REQUEST_TIMEOUT, INVALID_REQUEST, &error.to_string()),
+        BodyError::Broken => refuse(StatusCode::BAD_REQUEST, INVALID_REQUEST, &error.to_string()),
+    })?;
     let value: Value = serde_json::from_slice(&bytes)
         .map_err(|e| refuse(StatusCode::BAD_REQUEST, PARSE_ERROR, &format!("the body is not valid JSON: {e}")))?;
     let message = Message::classify(value).map_err(|why| refuse(StatusCode::BAD_REQUEST, INVALID_REQUEST, why))?;
@@ -223,28 +232,33 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
         drop(share);
     }
     if session.legacy {
-        // Every reply of a legacy session travels on its SSE stream; a response waits for room
-        // there rather than being dropped (the stream's end closes the channel).
-        let outbound = session.outbound().sender.clone();
-        match reply {
-            Reply::Now(message) | Reply::Invalid(message) => {
-                tokio::spawn(async move { outbound.send(message).await });
-            }
-            Reply::Serialized(text) => {
-                let message: Value = serde_json::from_str(&text).expect("the gateway's own JSON parses");
-                tokio::spawn(async move { outbound.send(message).await });
-            }
+        // Every reply of a legacy session travels on its SSE stream, whose queue is bounded: a
+        // client that stops reading has its session closed, instead of replies piling up.
+        let delivered = match reply {
+            Reply::Now(message) | Reply::Invalid(message) => session.push(message),
+            Reply::Serialized(text) => session.push_text(text),
             Reply::Stream(forwarding) => {
                 let mut messages = forwarding.detach();
+                let (gateway, session) = (gateway.clone(), session.clone());
                 tokio::spawn(async move {
                     while let Some(message) = messages.recv().await {
-                        if outbound.send(message).await.is_err() {
+                        if !session.push(message) {
+                            close_unread(&gateway, &session).await;
                             break;
                         }
                     }
                 });
+                true
             }
-            Reply::Accepted => {}
+            Reply::Accepted => true,
+        };
+        if !delivered {
+            close_unread(&gateway, &session).await;
+            return Err(refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                SERVER_ERROR,
+                "this session's SSE stream is not being read; the session is closed",
+            ));
         }
         return Ok((StatusCode::ACCEPTED, "Accepted").into_response());
     }
@@ -257,6 +271,14 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
         }
         Reply::Stream(forwarding) => stream_reply(session, request_id, forwarding, accepts_sse, accepts_json).await,
     })
+}
+
+/// Ends a legacy session whose client stopped reading its stream.
+async fn close_unread(gateway: &Gateway, session: &ClientSession) {
+    if gateway.sessions.remove(&session.id).is_some() {
+        tracing::warn!(session = %super::session::short(&session.id), "closing a legacy SSE session whose client is not reading");
+    }
+    session.close().await;
 }
 
 /// `initialize` without a session: a new session, kept only when initialisation succeeds.
@@ -342,6 +364,10 @@ fn event(message: &Value) -> Event {
     Event::default().event("message").data(message.to_string())
 }
 
+fn text_event(text: String) -> Event {
+    Event::default().event("message").data(text)
+}
+
 fn sse(events: impl Stream<Item = Result<Event, Infallible>> + Send + 'static) -> Response {
     Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response()
 }
@@ -350,7 +376,7 @@ fn sse(events: impl Stream<Item = Result<Event, Infallible>> + Send + 'static) -
 /// legacy session) when the stream is dropped.
 struct Lease {
     session: Arc<ClientSession>,
-    messages: Option<mpsc::Receiver<Value>>,
+    messages: Option<mpsc::Receiver<String>>,
     /// Set for legacy sessions, which live exactly as long as their stream.
     ends: Option<Arc<Gateway>>,
 }
@@ -375,12 +401,13 @@ impl Drop for Lease {
 fn lease_stream(lease: Lease, first: Option<Event>) -> impl Stream<Item = Result<Event, Infallible>> + Send {
     let rest = futures::stream::unfold(lease, |mut lease| async move {
         let cancelled = lease.session.cancel.clone();
-        let message = tokio::select! {
+        let text = tokio::select! {
             _ = cancelled.cancelled() => None,
-            message = lease.messages.as_mut()?.recv() => message,
+            text = lease.messages.as_mut()?.recv() => text,
         }?;
+        lease.session.taken(&text);
         lease.session.touch();
-        Some((Ok(event(&message)), lease))
+        Some((Ok(text_event(text)), lease))
     });
     futures::StreamExt::chain(futures::stream::iter(first.map(Ok)), rest)
 }

@@ -6,7 +6,7 @@
 //! same 404 as for an unknown id).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
@@ -19,10 +19,14 @@ use tokio_util::sync::CancellationToken;
 use super::merged::Merged;
 use crate::upstream::Upstream;
 
-/// Messages the client has not yet taken from its GET (or legacy SSE) stream. When full, the
-/// oldest unrelated messages are the ones that wait: senders drop new ones with a warning
-/// rather than grow without bound.
+/// Messages the client has not yet taken from its GET (or legacy SSE) stream, at most: past
+/// this (or [`OUTBOUND_MAX_BYTES`]), messages unrelated to a request are dropped with a warning,
+/// and a legacy session, whose every reply travels there, is closed.
 pub const OUTBOUND_CAPACITY: usize = 256;
+/// Bytes of those messages, at most.
+pub const OUTBOUND_MAX_BYTES: usize = 16 * 1024 * 1024;
+/// Server→client requests one session may have waiting for its answer.
+pub const MAX_PENDING: usize = 64;
 
 /// Which endpoint a session was opened on.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -48,12 +52,15 @@ pub struct UpstreamEntry {
     pub upstream: Arc<Upstream>,
 }
 
-/// A session's stream to the client: the GET stream, or the legacy SSE stream.
+/// A session's stream to the client: the GET stream, or the legacy SSE stream. Messages wait
+/// there serialised, so what they hold is known and bounded.
 #[derive(Debug)]
 pub struct Outbound {
-    pub sender: mpsc::Sender<Value>,
+    pub sender: mpsc::Sender<String>,
     /// The receiving end, leased by the one open stream and returned when it closes.
-    pub receiver: Mutex<Option<mpsc::Receiver<Value>>>,
+    pub receiver: Mutex<Option<mpsc::Receiver<String>>>,
+    /// Bytes sent and not yet taken by the stream.
+    pub queued: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -76,8 +83,9 @@ pub struct ClientSession {
     outbound: OnceLock<Outbound>,
     /// Upstream sessions by target name. An async lock: creating one may close another.
     pub upstreams: tokio::sync::Mutex<HashMap<String, UpstreamEntry>>,
-    /// Server→client requests awaiting the client's answer: gateway id → (target, upstream id).
-    pub pending: Mutex<HashMap<String, (String, Value)>>,
+    /// Server→client requests awaiting the client's answer: gateway id → (target, upstream id,
+    /// since when). At most [`MAX_PENDING`], none older than the request timeout.
+    pub pending: Mutex<HashMap<String, (String, Value, Instant)>>,
     /// Client requests in flight: id key → (target name, what aborts the exchange), to route
     /// a cancellation upstream and stop waiting.
     pub inflight: Mutex<HashMap<String, (String, futures::future::AbortHandle)>>,
@@ -134,8 +142,22 @@ impl ClientSession {
     pub fn outbound(&self) -> &Outbound {
         self.outbound.get_or_init(|| {
             let (sender, receiver) = mpsc::channel(OUTBOUND_CAPACITY);
-            Outbound { sender, receiver: Mutex::new(Some(receiver)) }
+            Outbound { sender, receiver: Mutex::new(Some(receiver)), queued: AtomicUsize::new(0) }
         })
+    }
+
+    /// Remembers a server→client request handed to the client, forgetting expired ones and, past
+    /// [`MAX_PENDING`], the oldest.
+    pub fn remember_pending(&self, gateway_id: String, target: String, upstream_id: Value, ttl: std::time::Duration) {
+        let mut pending = self.pending.lock().unwrap();
+        pending.retain(|_, (_, _, at)| at.elapsed() < ttl);
+        if pending.len() >= MAX_PENDING {
+            if let Some(oldest) = pending.iter().min_by_key(|(_, (_, _, at))| *at).map(|(id, _)| id.clone()) {
+                tracing::warn!(session = %short(&self.id), "the client leaves server requests unanswered; the oldest is forgotten");
+                pending.remove(&oldest);
+            }
+        }
+        pending.insert(gateway_id, (target, upstream_id, Instant::now()));
     }
 
     /// Whether a client stream is reading the session's messages now.
@@ -143,12 +165,29 @@ impl ClientSession {
         self.outbound.get().is_some_and(|o| o.receiver.lock().unwrap().is_none())
     }
 
-    /// Queues a message for the client's stream; drops it (with a warning) when the client
-    /// is not reading.
-    pub fn push(&self, message: Value) {
-        if self.outbound().sender.try_send(message).is_err() {
+    /// Queues a message for the client's stream; `false` (the message dropped, with a warning)
+    /// when the client is not reading: the queue holds [`OUTBOUND_CAPACITY`] messages or
+    /// [`OUTBOUND_MAX_BYTES`] already.
+    pub fn push(&self, message: Value) -> bool {
+        self.push_text(message.to_string())
+    }
+
+    /// [`ClientSession::push`] for a message already serialised.
+    pub fn push_text(&self, text: String) -> bool {
+        let outbound = self.outbound();
+        let len = text.len();
+        let queued = outbound.queued.fetch_add(len, Ordering::Relaxed);
+        let sent = queued + len <= OUTBOUND_MAX_BYTES && outbound.sender.try_send(text).is_ok();
+        if !sent {
+            outbound.queued.fetch_sub(len, Ordering::Relaxed);
             tracing::warn!(session = %short(&self.id), "the client is not reading its stream; a message was dropped");
         }
+        sent
+    }
+
+    /// A message taken off the stream's queue by the stream.
+    pub fn taken(&self, text: &str) {
+        self.outbound().queued.fetch_sub(text.len(), Ordering::Relaxed);
     }
 
     /// Ends the session: background tasks stop and upstream sessions are closed.

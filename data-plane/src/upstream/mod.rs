@@ -40,8 +40,33 @@ use tokio_util::sync::CancellationToken;
 use crate::credentials::Injection;
 use crate::mcp::jsonrpc;
 
-/// Where a request's intermediate messages (its progress, its server→client requests) go.
-pub type Sink = mpsc::UnboundedSender<Value>;
+/// Where a request's intermediate messages (its progress, its server→client requests) go:
+/// bounded, because the reader that fills it (a shared STDIO process's, an SSE stream's) must
+/// never wait on one slow client, nor hold without limit what that client does not read.
+#[derive(Debug, Clone)]
+pub struct Sink(mpsc::Sender<Value>);
+
+/// Messages a request's stream holds before more are dropped.
+pub const RELAY_CAPACITY: usize = 256;
+
+impl Sink {
+    pub fn channel() -> (Sink, mpsc::Receiver<Value>) {
+        let (sender, receiver) = mpsc::channel(RELAY_CAPACITY);
+        (Sink(sender), receiver)
+    }
+
+    /// Passes `message` on; drops it (with a warning) when the request's stream is full or gone.
+    pub fn send(&self, message: Value) -> bool {
+        match self.0.try_send(message) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!("a request's client is {RELAY_CAPACITY} messages behind; a relayed message was dropped");
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
 
 /// Why an upstream exchange failed. Messages never carry URLs or credentials.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

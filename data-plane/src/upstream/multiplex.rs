@@ -209,7 +209,7 @@ mod tests {
     #[test]
     fn a_server_request_goes_to_its_one_session_and_only_that_session_answers() {
         let mut mux = Multiplexer::default();
-        let (sink, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let (sink, _rx) = Sink::channel();
         mux.register(7, &request(json!(1), None), Some(sink));
         let ask = jsonrpc::request(json!("s1"), "sampling/createMessage", Some(json!({})));
         assert!(matches!(mux.route(ask.clone(), None), Route::Session { owner: 7, sink: Some(_), .. }));
