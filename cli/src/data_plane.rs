@@ -42,6 +42,9 @@ pub struct DataPlaneArgs {
     /// PEM client key for mTLS (overrides data_plane.tls.key).
     #[arg(long)]
     tls_key: Option<String>,
+    /// Allow plain http:// to a control plane on another machine (sets data_plane.insecure).
+    #[arg(long)]
+    insecure: bool,
 }
 
 pub async fn run(args: DataPlaneArgs) -> Result<(), Failure> {
@@ -68,6 +71,7 @@ pub async fn run(args: DataPlaneArgs) -> Result<(), Failure> {
     dp.tls.ca = args.tls_ca.or(dp.tls.ca.take());
     dp.tls.cert = args.tls_cert.or(dp.tls.cert.take());
     dp.tls.key = args.tls_key.or(dp.tls.key.take());
+    dp.insecure |= args.insecure;
     config.validate()?;
     let dp = config.data_plane.clone();
     let tls = match &dp.tls.ca {
@@ -87,6 +91,9 @@ pub async fn run(args: DataPlaneArgs) -> Result<(), Failure> {
     })?;
     let token = dp.token.ok_or_else(|| ConfigError::new("data_plane.token", "required: pass --token"))?;
     let _logs = init_logging(&config)?;
+    if config.data_plane.insecure && control_plane.starts_with("http://") {
+        tracing::warn!(%control_plane, "data_plane.insecure: the data-plane token and snapshots cross the network unencrypted");
+    }
     let sync = SyncConfig {
         control_plane,
         token,
@@ -97,7 +104,7 @@ pub async fn run(args: DataPlaneArgs) -> Result<(), Failure> {
         max_snapshot_bytes: config.data_plane.max_snapshot_bytes,
     };
     let data_plane = DataPlane::new(sync, dp.cache_dir.map(PathBuf::from)).with_mcp(crate::mcp_settings(&config)?);
-    let listener = bind(&config.server.host, config.server.port).await?;
+    let listener = bind(config.server.host.as_deref().unwrap_or("0.0.0.0"), config.server.port).await?;
     let shutdown = shutdown_token();
     let syncing = data_plane.start_sync(shutdown.clone());
     let router =

@@ -174,7 +174,7 @@ pub fn load_config(common: &CommonArgs) -> Result<Config, ConfigError> {
         None => Config::default(),
     };
     if let Some(host) = &common.host {
-        config.server.host = host.clone();
+        config.server.host = Some(host.clone());
     }
     if let Some(port) = common.port {
         config.server.port = port;
@@ -293,14 +293,19 @@ async fn control_plane(args: ControlPlaneArgs) -> Result<(), Failure> {
     }
     let store = store::connect(&url, config.database.max_connections).await.map_err(StartError::from)?;
     let mut control_plane = ControlPlane::new(&config, store)?;
+    let grpc_has_tls = grpc_tls.is_some();
     if let Some(tls) = grpc_tls {
         control_plane = control_plane.with_grpc_tls(tls);
     }
-    let listener = bind(&config.server.host, config.server.port).await?;
+    let host = config.server.host.clone().unwrap_or_else(|| "0.0.0.0".into());
+    let listener = bind(&host, config.server.port).await?;
     let shutdown = shutdown_token();
     let compiler = control_plane.start_compiler(shutdown.clone()).await;
     let grpc = if config.control_plane.data_plane_token.is_some() {
-        let grpc_listener = bind(&config.server.host, config.control_plane.grpc_port).await?;
+        let grpc_listener = bind(&host, config.control_plane.grpc_port).await?;
+        if !grpc_has_tls && !reflow_common::config::is_loopback_host(&host) {
+            tracing::warn!(%host, "the snapshot service listens beyond this machine without TLS: data planes must opt in with data_plane.insecure, and the data-plane token and snapshots cross the network in clear (set control_plane.tls)");
+        }
         tracing::info!(address = %grpc_listener.local_addr().map_err(anyhow::Error::from)?, "snapshot service listening");
         let (control_plane, shutdown) = (control_plane.clone(), shutdown.clone());
         Some(tokio::spawn(async move { control_plane.serve_grpc(grpc_listener, shutdown).await }))

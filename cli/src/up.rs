@@ -71,12 +71,15 @@ fn random_hex() -> String {
 }
 
 pub async fn run(args: UpArgs) -> Result<(), Failure> {
-    let mut config = load_config(&args.common)?;
-    if args.common.host.is_none() && args.common.config.is_none() {
-        // Zero setup listens on loopback only; pass --host 0.0.0.0 to expose it.
-        config.server.host = "127.0.0.1".into();
-    }
+    let config = load_config(&args.common)?;
     let _logs = init_logging(&config)?;
+    // Zero setup listens on loopback only, whatever a config file leaves out; --host or
+    // server.host exposes it.
+    let host = config.server.host.clone().unwrap_or_else(|| "127.0.0.1".into());
+    if !reflow_common::config::is_loopback_host(&host) && config.auth.allow_registration {
+        tracing::warn!(%host, "listening beyond this machine with open registration: anyone who reaches it can create an account (auth.allow_registration: false closes it)");
+    }
+    let mut config = config;
     let dir = &args.data_dir;
     create_private_dir(dir)?;
     if config.jwt.secret.is_none() {
@@ -99,7 +102,7 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
     let store = store::connect(&url, config.database.max_connections).await.map_err(StartError::from)?;
     let backend = store.backend();
     let control_plane = ControlPlane::new(&config, store)?;
-    let listener = bind(&config.server.host, config.server.port).await?;
+    let listener = bind(&host, config.server.port).await?;
     let shutdown = shutdown_token();
 
     // The same path as a split deployment, in one process: the compiler, the gRPC snapshot

@@ -128,6 +128,10 @@ pub struct DataPlaneConfig {
     pub tls: TlsFiles,
     /// The largest snapshot update this data plane takes in, in bytes (it arrives in parts).
     pub max_snapshot_bytes: usize,
+    /// Allows plain `http://` to a control plane that is not on this machine: the data-plane
+    /// token and every snapshot then cross the network unencrypted. Off by default; a warning is
+    /// logged when on.
+    pub insecure: bool,
 }
 
 impl Default for DataPlaneConfig {
@@ -141,6 +145,7 @@ impl Default for DataPlaneConfig {
             labels: Default::default(),
             tls: TlsFiles::default(),
             max_snapshot_bytes: 1024 * 1024 * 1024,
+            insecure: false,
         }
     }
 }
@@ -159,13 +164,32 @@ impl fmt::Debug for DataPlaneConfig {
     }
 }
 
+/// Whether `host` (a URL's host, or an address to listen on) is this machine only.
+pub fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The host of an `http://` or `https://` URL.
+pub fn url_host(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    if let Some(bracketed) = authority.strip_prefix('[') {
+        return bracketed.split_once(']').map(|(host, _)| host);
+    }
+    Some(authority.rsplit_once(':').map_or(authority, |(host, _)| host))
+}
+
 /// Minimum length of a data-plane token.
 pub const MIN_DATA_PLANE_TOKEN_LEN: usize = 16;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    pub host: String,
+    /// The address to listen on. Unset: every address for the split roles, loopback only for
+    /// `reflow up`.
+    pub host: Option<String>,
     pub port: u16,
     /// Largest request body the REST API accepts, in bytes.
     pub max_body_bytes: usize,
@@ -178,17 +202,21 @@ pub struct ServerConfig {
     pub body_timeout: Duration,
     /// Open connections one listener accepts; past it new ones are closed at once.
     pub max_connections: usize,
+    /// Proxies (addresses or CIDR blocks) whose `X-Forwarded-For` names the client, for the
+    /// per-client login throttle. Empty: the peer is the client.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            host: "0.0.0.0".into(),
+            host: None,
             port: 3000,
             max_body_bytes: 1024 * 1024,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             max_connections: 10_000,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -365,15 +393,23 @@ impl EncryptionConfig {
 pub struct AuthConfig {
     /// Whether anyone may register after the first user (who always can, and becomes admin).
     pub allow_registration: bool,
-    /// Failed logins for one account before it is locked for `login_lockout`.
+    /// Failed logins for one account from one client address before that address is refused
+    /// for it for `login_lockout` (ten times as many refuse the address for every account).
     pub login_max_failures: u32,
     #[serde(with = "humantime_serde")]
     pub login_lockout: Duration,
+    /// Password hashes (registration, login) computed at once; the rest wait.
+    pub password_hash_concurrency: usize,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        AuthConfig { allow_registration: true, login_max_failures: 10, login_lockout: Duration::from_secs(300) }
+        AuthConfig {
+            allow_registration: true,
+            login_max_failures: 10,
+            login_lockout: Duration::from_secs(300),
+            password_hash_concurrency: 4,
+        }
     }
 }
 
@@ -672,6 +708,21 @@ impl Config {
         {
             return Err(ConfigError::new("database.sslmode", format!("unknown mode {:?}", self.database.sslmode)));
         }
+        for (i, entry) in self.server.trusted_proxies.iter().enumerate() {
+            if entry.parse::<std::net::IpAddr>().is_err()
+                && !entry.split_once('/').is_some_and(|(a, p)| {
+                    a.parse::<std::net::IpAddr>().is_ok() && p.parse::<u8>().is_ok_and(|p| p <= 128)
+                })
+            {
+                return Err(ConfigError::new(
+                    format!("server.trusted_proxies[{i}]"),
+                    format!("{entry:?} is not an IP address or CIDR block"),
+                ));
+            }
+        }
+        if self.auth.password_hash_concurrency == 0 {
+            return Err(ConfigError::new("auth.password_hash_concurrency", "must be at least 1"));
+        }
         if self.auth.login_max_failures == 0 {
             return Err(ConfigError::new("auth.login_max_failures", "must be at least 1"));
         }
@@ -692,6 +743,14 @@ impl Config {
             }
             if url.starts_with("https://") && self.data_plane.tls.ca.is_none() {
                 return Err(ConfigError::new("data_plane.tls.ca", "required to verify an https:// control plane"));
+            }
+            let remote = url_host(url).is_some_and(|host| !is_loopback_host(host));
+            if url.starts_with("http://") && remote && !self.data_plane.insecure {
+                return Err(ConfigError::new(
+                    "data_plane.control_plane",
+                    "plain http:// to a control plane on another machine would send the data-plane token and every \
+                     snapshot in clear: use https:// (with data_plane.tls.ca), or set data_plane.insecure: true",
+                ));
             }
         }
         for (prefix, tls) in [("control_plane.tls", &self.control_plane.tls), ("data_plane.tls", &self.data_plane.tls)]
@@ -881,6 +940,8 @@ telemetry:    { enabled: false, endpoint: "otel-collector:4317" }
             ("auth: { login_max_failures: 0 }", "auth.login_max_failures"),
             ("control_plane: { data_plane_token: short }", "control_plane.data_plane_token"),
             ("data_plane: { control_plane: 'https://cp:50051' }", "data_plane.tls.ca"),
+            ("data_plane: { control_plane: 'http://cp:50051' }", "data_plane.control_plane"),
+            ("data_plane: { control_plane: 'http://10.0.0.2:50051' }", "data_plane.control_plane"),
             ("control_plane: { tls: { cert: a.pem } }", "control_plane.tls.key"),
         ];
         for (text, key) in cases {
@@ -897,6 +958,18 @@ telemetry:    { enabled: false, endpoint: "otel-collector:4317" }
         for secret in ["SECRETSECRET", "KEYKEYKEY", "PWPWPW"] {
             assert!(!printed.contains(secret), "{printed}");
         }
+    }
+
+    #[test]
+    fn plain_http_is_for_loopback_or_an_explicit_opt_in() {
+        for ok in ["http://127.0.0.1:50051", "http://localhost:50051", "http://[::1]:50051"] {
+            let text = format!("data_plane: {{ control_plane: '{ok}' }}");
+            assert!(Config::from_yaml(&text, &HashMap::new()).is_ok(), "{ok}");
+        }
+        let opted_in = "data_plane: { control_plane: 'http://control-plane:50051', insecure: true }";
+        assert!(Config::from_yaml(opted_in, &HashMap::new()).unwrap().data_plane.insecure);
+        assert_eq!(url_host("http://user@[fd00::1]:80/x"), Some("fd00::1"));
+        assert_eq!(url_host("https://cp.example:443"), Some("cp.example"));
     }
 
     #[test]

@@ -30,5 +30,7 @@ pub mod logging;
 pub mod model;
 pub mod names;
 #[cfg(feature = "server")]
+pub mod net;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod uri;

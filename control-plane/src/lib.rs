@@ -92,6 +92,8 @@ impl ControlPlane {
             max_body_bytes: config.server.max_body_bytes,
             cors_allowed_origins: config.cors.allowed_origins.clone(),
             limits: config.limits.clone(),
+            trusted_proxies: reflow_common::net::parse_trusted(&config.server.trusted_proxies)
+                .map_err(|e| ConfigError::new("server.trusted_proxies", e))?,
         };
         let data_plane_token = config.control_plane.data_plane_token.clone();
         let secrets = sync::CompilerSecrets {
@@ -110,7 +112,7 @@ impl ControlPlane {
                 jwt: Arc::new(jwt),
                 settings: Arc::new(settings),
                 hub: sync::SnapshotHub::new(id),
-                login_throttle: Arc::default(),
+                login_throttle: Arc::new(api::auth::LoginThrottle::new(config.auth.password_hash_concurrency)),
             },
             secrets,
             data_plane_token,
@@ -166,7 +168,7 @@ impl ControlPlane {
         })?;
         let service =
             sync::SnapshotGrpc::new(self.state.hub.clone(), self.state.store.clone(), token, shutdown.clone());
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let incoming = limited_incoming(listener, self.server_limits.max_connections);
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = &self.grpc_tls {
             use tonic::transport::{Certificate, Identity, ServerTlsConfig};
@@ -178,10 +180,102 @@ impl ControlPlane {
         }
         builder
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+            // One Sync stream per data plane; a connection asking for more is not one.
+            .max_concurrent_streams(Some(8))
             .add_service(service.into_server())
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await
             .map_err(|e| StartError::Grpc(e.to_string()))
+    }
+}
+
+/// The gRPC listener's connections, at most `max` open at once: past it a new connection is
+/// closed at once (as [`reflow_common::server::serve`] does for HTTP), so a flood of
+/// connections cannot exhaust the control plane's files.
+fn limited_incoming(
+    listener: TcpListener,
+    max: usize,
+) -> impl futures::Stream<Item = std::io::Result<LimitedConnection>> {
+    let open = Arc::new(tokio::sync::Semaphore::new(max));
+    futures::stream::unfold((listener, open), |(listener, open)| async move {
+        loop {
+            let accepted = listener.accept().await.map(|(stream, _)| stream);
+            let stream = match accepted {
+                Ok(stream) => stream,
+                Err(error) => return Some((Err(error), (listener, open))),
+            };
+            match open.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let _ = stream.set_nodelay(true);
+                    return Some((Ok(LimitedConnection { stream, _permit: permit }), (listener, open)));
+                }
+                Err(_) => {
+                    tracing::warn!("gRPC connection limit reached (server.max_connections); closing a new connection")
+                }
+            }
+        }
+    })
+}
+
+/// A gRPC connection holding its share of the connection limit.
+#[derive(Debug)]
+struct LimitedConnection {
+    stream: tokio::net::TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tonic::transport::server::Connected for LimitedConnection {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for LimitedConnection {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for LimitedConnection {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
     }
 }
 

@@ -561,6 +561,41 @@ async fn users_store_only_declared_values_of_granted_targets(backend: &str) {
     assert_eq!(whole["command"], "npx");
 }
 
+/// Sixty guesses at once evaluate at most the configured number; a stranger's guessing never
+/// locks the owner out; the address a trusted proxy forwards is the client.
+async fn guessing_is_bounded_and_never_locks_the_owner_out(backend: &str) {
+    let api = spawn_api(backend, |config| {
+        config.auth.login_max_failures = 10;
+        config.auth.login_lockout = std::time::Duration::from_secs(60);
+        config.server.trusted_proxies = vec!["127.0.0.1".into()];
+    })
+    .await;
+    api.register("admin@example.com").await;
+    let login = |from: &'static str, password: &'static str| {
+        let request = api
+            .http
+            .post(format!("{}/api/auth/login", api.base))
+            .header("x-forwarded-for", from)
+            .json(&json!({"email": "admin@example.com", "password": password}));
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    let statuses = futures::future::join_all((0..60).map(|_| login("203.0.113.9", "wrong-password"))).await;
+    let evaluated = statuses.iter().filter(|s| **s == 401).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(evaluated + refused, 60, "{statuses:?}");
+    assert!(evaluated <= 10, "{evaluated} of 60 parallel guesses were checked");
+    assert!(evaluated >= 1);
+    // The stranger keeps guessing while the owner, from elsewhere, signs in.
+    let (stranger, owner) =
+        tokio::join!(futures::future::join_all((0..20).map(|_| login("203.0.113.9", "wrong-password"))), async {
+            login("198.51.100.7", "password123").await
+        });
+    assert!(stranger.iter().all(|s| *s == 429), "{stranger:?}");
+    assert_eq!(owner, 200, "the owner is not locked out by a stranger");
+    // The stranger's address is refused even with the right password, for the lockout.
+    assert_eq!(login("203.0.113.9", "password123").await, 429);
+}
+
 /// Every text and byte column of every table, as one string.
 async fn dump_database(api: &support::TestApi) -> String {
     let tables =
@@ -736,6 +771,7 @@ async fn repeated_failed_logins_lock_the_account(backend: &str) {
 
 both_backends!(
     repeated_failed_logins_lock_the_account,
+    guessing_is_bounded_and_never_locks_the_owner_out,
     register_login_me,
     unauthenticated_requests_get_a_challenge,
     api_tokens_authenticate_and_revoke,

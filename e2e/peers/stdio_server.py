@@ -14,7 +14,8 @@ milliseconds), with tools that misbehave on purpose:
   slow     sends 3 progress notifications with the call's token, then answers after `ms`
            milliseconds, unless a notifications/cancelled for it arrived first
 
-With --grandchild it first starts a long-lived child of its own (as `npx` wrappers do), so a test
+With --touch PATH it appends its pid to PATH as it starts (so a test can count its starts). With
+--grandchild it first starts a long-lived child of its own (as `npx` wrappers do), so a test
 can check that stopping the server's process group reaches it. With --slow-start SECONDS it waits
 that long before reading anything (a slow start).
 """
@@ -72,6 +73,9 @@ TOOLS = [{"name": name, "inputSchema": {"type": "object"}}
 def main() -> None:
     if "--grandchild" in sys.argv:
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+    if "--touch" in sys.argv:
+        with open(sys.argv[sys.argv.index("--touch") + 1], "a") as started:
+            started.write(f"{os.getpid()}\n")
     if "--slow-start" in sys.argv:
         time.sleep(float(sys.argv[sys.argv.index("--slow-start") + 1]))
     for line in sys.stdin:

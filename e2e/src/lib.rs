@@ -5,6 +5,7 @@
 //!   upstream and server-everything.
 //! - [`fast_upstream`]: a minimal Streamable HTTP MCP server built for speed.
 //! - [`proxy`]: a bare pass-through HTTP proxy (the limit of one extra hop).
+//! - [`recorder`]: an upstream that records every request, to prove what reached it.
 //! - [`sessions`]: aggregated lists over 1/10/50 targets, new sessions per second, memory per
 //!   idle session.
 //! - [`measure`]: a process's CPU time and resident memory, from `/proc`.
@@ -23,6 +24,7 @@ pub mod fast_upstream;
 pub mod harness;
 pub mod measure;
 pub mod proxy;
+pub mod recorder;
 pub mod sessions;
 pub mod snapshot;
 pub mod stdio_bench;

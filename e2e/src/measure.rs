@@ -32,6 +32,15 @@ pub fn resident_bytes(pid: u32) -> anyhow::Result<u64> {
     Ok(kib * 1024)
 }
 
+/// The most resident memory `pid` has used so far (its high-water mark), in bytes.
+pub fn peak_resident_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("read /proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("VmHWM in /proc status")?;
+    let kib: u64 = line.split_whitespace().nth(1).context("a VmHWM value")?.parse()?;
+    Ok(kib * 1024)
+}
+
 /// CPU used by `pid` while `work` runs.
 pub async fn cpu_during<T>(pid: u32, work: impl std::future::Future<Output = T>) -> anyhow::Result<(T, Duration)> {
     let before = cpu_time(pid)?;

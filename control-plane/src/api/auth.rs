@@ -77,7 +77,12 @@ pub async fn register(
     if !state.settings.allow_registration && !state.store.list_users().await?.is_empty() {
         return Err(ApiError::forbidden("registration is closed; ask an admin to create your account"));
     }
-    let password_hash = hash_password(body.password).await;
+    let password_hash = {
+        let _slot = state.login_throttle.hashing().await.ok_or_else(|| {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the gateway is busy; try again shortly")
+        })?;
+        hash_password(body.password).await
+    };
     let user = state
         .store
         .register_user(NewUser { email, password_hash, role: DEFAULT_ROLE.into(), groups: Vec::new(), active: true })
@@ -87,85 +92,210 @@ pub async fn register(
     Ok((StatusCode::CREATED, Json(AuthResponse { token, expires_at, user })))
 }
 
-/// Failed logins per account. Bounded: past [`LoginThrottle::MAX_ENTRIES`] accounts, expired
-/// entries are dropped, then the oldest.
-#[derive(Debug, Default)]
+/// Password guessing, bounded without letting a stranger lock an owner out.
+///
+/// Attempts are counted per (account, client address) and per client address, and counted
+/// **before** the password is verified: with `auth.login_max_failures` failures or attempts in
+/// progress for a key, further attempts are answered 429 without being evaluated, so sixty
+/// guesses sent at once evaluate at most that many. A stranger's failures lock only the
+/// stranger's own address (for that account, and after ten times as many, for every account),
+/// never the owner signing in from elsewhere. Password hashing runs at most
+/// `auth.password_hash_concurrency` at a time, for registration and login alike. The table is
+/// bounded: past [`LoginThrottle::MAX_ENTRIES`] keys, expired entries are dropped, then the
+/// oldest.
+#[derive(Debug)]
 pub struct LoginThrottle {
-    failures: std::sync::Mutex<std::collections::HashMap<String, (u32, std::time::Instant)>>,
+    entries: std::sync::Mutex<std::collections::HashMap<ThrottleKey, Attempts>>,
+    hashing: tokio::sync::Semaphore,
+    /// Hashes running now, and the most seen running at once (for tests and operators).
+    active_hashing: std::sync::atomic::AtomicUsize,
+    peak_hashing: std::sync::atomic::AtomicUsize,
+}
+
+/// A client address, with or without the account it tried.
+type ThrottleKey = (Option<String>, std::net::IpAddr);
+
+#[derive(Debug, Clone, Copy)]
+struct Attempts {
+    failures: u32,
+    in_progress: u32,
+    since: std::time::Instant,
+}
+
+/// An attempt being evaluated; it counts until [`Attempt::finish`] (a request dropped midway
+/// counts as a failure).
+#[derive(Debug)]
+pub struct Attempt<'t> {
+    throttle: &'t LoginThrottle,
+    keys: [ThrottleKey; 2],
+    done: bool,
+}
+
+impl Attempt<'_> {
+    pub fn finish(mut self, succeeded: bool) {
+        self.done = true;
+        self.throttle.end(&self.keys, succeeded);
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.throttle.end(&self.keys, false);
+        }
+    }
+}
+
+/// Hashing a password: a permit of the limited pool.
+#[derive(Debug)]
+pub struct Hashing<'t> {
+    throttle: &'t LoginThrottle,
+    _permit: tokio::sync::SemaphorePermit<'t>,
+}
+
+impl Drop for Hashing<'_> {
+    fn drop(&mut self) {
+        self.throttle.active_hashing.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl LoginThrottle {
     const MAX_ENTRIES: usize = 100_000;
+    /// How many more failures lock a client address for every account.
+    const PER_CLIENT_FACTOR: u32 = 10;
+    /// How long a password check waits for a hashing slot before answering 503.
+    const HASHING_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-    /// Seconds until `email` may try again, when it is locked out.
-    fn locked_for(&self, email: &str, max: u32, lockout: std::time::Duration) -> Option<u64> {
-        let failures = self.failures.lock().expect("throttle lock");
-        let (count, since) = failures.get(email)?;
-        let elapsed = since.elapsed();
-        (*count >= max && elapsed < lockout).then(|| (lockout - elapsed).as_secs().max(1))
+    pub fn new(hash_concurrency: usize) -> Self {
+        LoginThrottle {
+            entries: Default::default(),
+            hashing: tokio::sync::Semaphore::new(hash_concurrency.max(1)),
+            active_hashing: Default::default(),
+            peak_hashing: Default::default(),
+        }
     }
 
-    fn failed(&self, email: &str, lockout: std::time::Duration) {
-        let mut failures = self.failures.lock().expect("throttle lock");
-        if failures.len() >= Self::MAX_ENTRIES {
-            failures.retain(|_, (_, since)| since.elapsed() < lockout);
-            if failures.len() >= Self::MAX_ENTRIES {
-                if let Some(oldest) = failures.iter().min_by_key(|(_, (_, since))| *since).map(|(k, _)| k.clone()) {
-                    failures.remove(&oldest);
+    /// The most password hashes seen running at once.
+    pub fn peak_hashing(&self) -> usize {
+        self.peak_hashing.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A slot to hash or verify a password in; `None` when none frees up in time.
+    pub async fn hashing(&self) -> Option<Hashing<'_>> {
+        let permit = tokio::time::timeout(Self::HASHING_WAIT, self.hashing.acquire()).await.ok()?.ok()?;
+        let active = self.active_hashing.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        self.peak_hashing.fetch_max(active, std::sync::atomic::Ordering::SeqCst);
+        Some(Hashing { throttle: self, _permit: permit })
+    }
+
+    /// Starts an attempt at `email` from `client`, or the seconds until one is allowed again.
+    pub fn begin(
+        &self,
+        email: &str,
+        client: std::net::IpAddr,
+        max: u32,
+        lockout: std::time::Duration,
+    ) -> Result<Attempt<'_>, u64> {
+        let keys = [(Some(email.to_string()), client), (None, client)];
+        let limits = [max, max.saturating_mul(Self::PER_CLIENT_FACTOR)];
+        let mut entries = self.entries.lock().expect("throttle lock");
+        if entries.len() >= Self::MAX_ENTRIES {
+            entries.retain(|_, a| a.in_progress > 0 || a.since.elapsed() < lockout);
+            if entries.len() >= Self::MAX_ENTRIES {
+                let oldest = entries.iter().filter(|(_, a)| a.in_progress == 0).min_by_key(|(_, a)| a.since);
+                if let Some(oldest) = oldest.map(|(k, _)| k.clone()) {
+                    entries.remove(&oldest);
                 }
             }
         }
         let now = std::time::Instant::now();
-        let entry = failures.entry(email.to_string()).or_insert((0, now));
-        if entry.1.elapsed() >= lockout {
-            *entry = (0, now);
+        for (key, limit) in keys.iter().zip(limits) {
+            let Some(attempts) = entries.get_mut(key) else { continue };
+            if attempts.in_progress == 0 && attempts.since.elapsed() >= lockout {
+                *attempts = Attempts { failures: 0, in_progress: 0, since: now };
+            }
+            if attempts.failures + attempts.in_progress >= limit {
+                let left = lockout.saturating_sub(attempts.since.elapsed());
+                return Err(left.as_secs().max(1));
+            }
         }
-        entry.0 += 1;
-        entry.1 = now;
+        for key in &keys {
+            entries.entry(key.clone()).or_insert(Attempts { failures: 0, in_progress: 0, since: now }).in_progress += 1;
+        }
+        Ok(Attempt { throttle: self, keys, done: false })
     }
 
-    fn succeeded(&self, email: &str) {
-        self.failures.lock().expect("throttle lock").remove(email);
+    fn end(&self, keys: &[ThrottleKey; 2], succeeded: bool) {
+        let mut entries = self.entries.lock().expect("throttle lock");
+        for (i, key) in keys.iter().enumerate() {
+            let Some(attempts) = entries.get_mut(key) else { continue };
+            attempts.in_progress = attempts.in_progress.saturating_sub(1);
+            if succeeded && i == 0 {
+                // The owner got in from here: this address starts afresh for this account.
+                entries.remove(key);
+            } else if !succeeded {
+                attempts.failures += 1;
+                attempts.since = std::time::Instant::now();
+            }
+        }
     }
 }
 
-/// Exchange email and password for a JWT. After `auth.login_max_failures` failed attempts an
-/// account is locked for `auth.login_lockout` (429 with `Retry-After`).
+/// Exchange email and password for a JWT. Repeated failures from one client address are
+/// refused for `auth.login_lockout` (429 with `Retry-After`) without the password being checked;
+/// see [`LoginThrottle`].
 #[utoipa::path(post, path = "/api/auth/login", tag = "auth", request_body = Credentials,
-    responses((status = 200, body = AuthResponse), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+    responses((status = 200, body = AuthResponse), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn login(
     State(state): State<AppState>,
+    client: super::extract::ClientAddress,
     ApiJson(body): ApiJson<Credentials>,
 ) -> Result<Json<AuthResponse>, Response> {
     let invalid = || ApiError::unauthorized("invalid email or password").into_response();
     let email = normalize_email(&body.email).map_err(|_| invalid())?;
     let (max, lockout) = (state.settings.login_max_failures, state.settings.login_lockout);
-    if let Some(seconds) = state.login_throttle.locked_for(&email, max, lockout) {
+    let attempt = state.login_throttle.begin(&email, client.0, max, lockout).map_err(|seconds| {
         let error = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_requests",
-            format!("too many failed logins for this account; try again in {seconds} s"),
+            format!("too many failed logins from this address; try again in {seconds} s"),
         );
         let mut response = error.into_response();
         response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(seconds));
-        return Err(response);
-    }
+        response
+    })?;
     if body.password.len() > MAX_PASSWORD_LEN {
+        attempt.finish(false);
         return Err(invalid());
     }
     let found = state.store.user_by_email(&email).await.map_err(|e| ApiError::from(e).into_response())?;
     let hash = found.as_ref().map(|(_, hash)| hash.clone());
-    if !verify_password(body.password, hash).await {
-        state.login_throttle.failed(&email, lockout);
+    let verified = {
+        let _slot = state.login_throttle.hashing().await.ok_or_else(busy)?;
+        verify_password(body.password, hash).await
+    };
+    attempt.finish(verified);
+    if !verified {
         return Err(invalid());
     }
-    state.login_throttle.succeeded(&email);
     let (user, _) = found.ok_or_else(invalid)?;
     if !user.active {
         return Err(ApiError::unauthorized("account is deactivated").into_response());
     }
     let (token, expires_at) = state.jwt.issue(&user);
     Ok(Json(AuthResponse { token, expires_at, user }))
+}
+
+/// Every password-hashing slot stayed busy.
+fn busy() -> Response {
+    let mut response = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "the gateway is busy checking passwords; try again shortly",
+    )
+    .into_response();
+    response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(2));
+    response
 }
 
 /// The authenticated user.
@@ -255,4 +385,46 @@ pub async fn delete_token(
 ) -> ApiResult<StatusCode> {
     state.store.delete_api_token(caller.user.id, id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn password_hashing_runs_at_most_the_configured_number_at_once() {
+        let throttle = std::sync::Arc::new(LoginThrottle::new(3));
+        let tasks = (0..24).map(|_| {
+            let throttle = throttle.clone();
+            tokio::spawn(async move {
+                let _slot = throttle.hashing().await.expect("a slot");
+                crate::auth::hash_password("a password of some length".into()).await
+            })
+        });
+        for task in futures::future::join_all(tasks).await {
+            assert!(task.unwrap().starts_with("$argon2id$"));
+        }
+        assert_eq!(throttle.peak_hashing(), 3, "24 hashes, at most 3 at once, and 3 reached");
+    }
+
+    #[test]
+    fn attempts_count_before_they_are_checked() {
+        let throttle = LoginThrottle::new(1);
+        let lockout = std::time::Duration::from_secs(60);
+        let (stranger, owner): (std::net::IpAddr, std::net::IpAddr) =
+            ("203.0.113.9".parse().unwrap(), "198.51.100.7".parse().unwrap());
+        let held: Vec<_> = (0..3).map(|_| throttle.begin("a@example.com", stranger, 3, lockout).unwrap()).collect();
+        assert!(throttle.begin("a@example.com", stranger, 3, lockout).is_err(), "three in progress: a fourth waits");
+        for attempt in held {
+            attempt.finish(false);
+        }
+        assert!(throttle.begin("a@example.com", stranger, 3, lockout).is_err(), "three failures lock the stranger");
+        throttle.begin("a@example.com", owner, 3, lockout).expect("not the owner").finish(true);
+        // Ten times as many failures lock the stranger's address for every account.
+        for n in 0..27 {
+            throttle.begin(&format!("u{n}@example.com"), stranger, 3, lockout).unwrap().finish(false);
+        }
+        assert!(throttle.begin("fresh@example.com", stranger, 3, lockout).is_err());
+        assert!(throttle.begin("fresh@example.com", owner, 3, lockout).is_ok());
+    }
 }

@@ -328,10 +328,10 @@ pub async fn set_own_token(
     ApiPath(id): ApiPath<Uuid>,
     ApiJson(body): ApiJson<TokenBody>,
 ) -> ApiResult<(StatusCode, Json<SecretInfo>)> {
-    check_token(&body.token)?;
     let target = find(&state, id).await?;
     let scope = Scope::User(caller.user.id.to_string());
     check_write(&state, &caller, &target, &scope, None).await?;
+    check_token(&body.token)?;
     Ok((StatusCode::CREATED, Json(put(&state, &target, SecretKind::Token, scope, "", &body.token).await?)))
 }
 
@@ -385,9 +385,9 @@ async fn set_token_at(
     body: TokenBody,
 ) -> ApiResult<(StatusCode, Json<SecretInfo>)> {
     let scope = scope_for_write(&state, &caller, scope, value).await?;
-    check_token(&body.token)?;
     let target = find(&state, id).await?;
     check_write(&state, &caller, &target, &scope, None).await?;
+    check_token(&body.token)?;
     Ok((StatusCode::CREATED, Json(put(&state, &target, SecretKind::Token, scope, "", &body.token).await?)))
 }
 
@@ -475,9 +475,11 @@ async fn set_env_at(
     body: EnvBody,
 ) -> ApiResult<(StatusCode, Json<SecretInfo>)> {
     let scope = scope_for_write(&state, &caller, scope, value).await?;
-    check_env(&body)?;
+    validate_env_key_syntax(&body.key).map_err(|e| ApiError::bad_request(format!("key: {e}")))?;
     let target = find(&state, id).await?;
+    // Who may write comes first: a refused writer learns nothing about the value's checks.
     check_write(&state, &caller, &target, &scope, Some(&body.key)).await?;
+    check_env(&body)?;
     Ok((StatusCode::CREATED, Json(put(&state, &target, SecretKind::Env, scope, &body.key, &body.value).await?)))
 }
 

@@ -159,6 +159,24 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
+/// The client's address: the peer, or, when the peer is one of `server.trusted_proxies`, the
+/// nearest address before it in `X-Forwarded-For` that is not a trusted proxy.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddress(pub std::net::IpAddr);
+
+impl FromRequestParts<AppState> for ClientAddress {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |info| info.0.ip());
+        let trusted = &state.settings.trusted_proxies;
+        Ok(ClientAddress(reflow_common::net::client_address(peer, &parts.headers, trusted)))
+    }
+}
+
 /// For `#[serde(deserialize_with = "present")]` on an `Option<Option<T>>` field:
 /// tells a field sent as `null` (`Some(None)`: clear it) from a field not sent (`None`: keep
 /// it), which partial updates need.

@@ -46,7 +46,7 @@ pub struct AppState {
     pub settings: Arc<ApiSettings>,
     /// Told after every successful write, so the snapshot is recompiled and pushed.
     pub hub: Arc<SnapshotHub>,
-    /// Counts failed logins per account (per replica) to slow password guessing.
+    /// Counts login attempts per account and client (per replica) and bounds password hashing.
     pub login_throttle: Arc<auth::LoginThrottle>,
 }
 
@@ -62,6 +62,8 @@ pub struct ApiSettings {
     pub cors_allowed_origins: Vec<String>,
     /// What one account may store.
     pub limits: reflow_common::config::LimitsConfig,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<reflow_common::net::Cidr>,
 }
 
 #[derive(OpenApi)]

@@ -155,11 +155,14 @@ fn session_of(
     let Some(id) = from_header.or(from_query) else { return Ok(None) };
     match gateway.sessions.get(&id, &caller.user.id).filter(|s| s.scope == *scope) {
         Some(session) => Ok(Some(session)),
-        None => Err(refuse(
-            StatusCode::NOT_FOUND,
-            INVALID_REQUEST,
-            "session not found: it ended or never existed; initialize a new one",
-        )),
+        None => {
+            let why = gateway.sessions.closed_because(&id).unwrap_or("it ended or never existed");
+            Err(refuse(
+                StatusCode::NOT_FOUND,
+                INVALID_REQUEST,
+                &format!("session not found: {why}; initialize a new one"),
+            ))
+        }
     }
 }
 
@@ -224,6 +227,14 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
         Message::Request { id, .. } => id.clone(),
         _ => Value::Null,
     };
+    if session.legacy && session.stream_full() {
+        close_unread(&gateway, &session).await;
+        return Err(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            SERVER_ERROR,
+            &format!("this session's SSE stream is not being read, so {}", UNREAD.trim_start_matches("it ")),
+        ));
+    }
     let share = gateway.shares.begin(&caller.user.id).map_err(over_share)?;
     let mut reply = gateway.handle(&session, &caller, message).await;
     if let Reply::Stream(forwarding) = &mut reply {
@@ -273,9 +284,11 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
     })
 }
 
+const UNREAD: &str = "it was closed because its SSE stream was not being read";
+
 /// Ends a legacy session whose client stopped reading its stream.
 async fn close_unread(gateway: &Gateway, session: &ClientSession) {
-    if gateway.sessions.remove(&session.id).is_some() {
+    if gateway.sessions.close_because(&session.id, UNREAD).is_some() {
         tracing::warn!(session = %super::session::short(&session.id), "closing a legacy SSE session whose client is not reading");
     }
     session.close().await;

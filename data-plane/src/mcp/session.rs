@@ -185,6 +185,12 @@ impl ClientSession {
         sent
     }
 
+    /// Whether the client's stream has no room left (the client is not reading it).
+    pub fn stream_full(&self) -> bool {
+        let outbound = self.outbound();
+        outbound.sender.capacity() == 0 || outbound.queued.load(Ordering::Relaxed) >= OUTBOUND_MAX_BYTES
+    }
+
     /// A message taken off the stream's queue by the stream.
     pub fn taken(&self, text: &str) {
         self.outbound().queued.fetch_sub(text.len(), Ordering::Relaxed);
@@ -216,7 +222,13 @@ pub struct Sessions {
 struct SessionMap {
     by_id: HashMap<String, Arc<ClientSession>>,
     per_user: HashMap<String, usize>,
+    /// Why recently closed sessions were closed by the gateway (the last [`MAX_CLOSED`]), so
+    /// their client's next request is told why rather than only that the session is gone.
+    closed: std::collections::VecDeque<(String, &'static str)>,
 }
+
+/// Closed sessions whose reason is remembered.
+const MAX_CLOSED: usize = 1024;
 
 impl SessionMap {
     fn remove(&mut self, id: &str) -> Option<Arc<ClientSession>> {
@@ -264,6 +276,24 @@ impl Sessions {
 
     pub fn remove(&self, id: &str) -> Option<Arc<ClientSession>> {
         self.map.lock().unwrap().remove(id)
+    }
+
+    /// Removes a session the gateway closes itself, remembering `why` for its client.
+    pub fn close_because(&self, id: &str, why: &'static str) -> Option<Arc<ClientSession>> {
+        let mut map = self.map.lock().unwrap();
+        let removed = map.remove(id);
+        if removed.is_some() {
+            if map.closed.len() >= MAX_CLOSED {
+                map.closed.pop_front();
+            }
+            map.closed.push_back((id.to_string(), why));
+        }
+        removed
+    }
+
+    /// Why the gateway closed session `id`, if it did so recently.
+    pub fn closed_because(&self, id: &str) -> Option<&'static str> {
+        self.map.lock().unwrap().closed.iter().find(|(closed, _)| closed == id).map(|(_, why)| *why)
     }
 
     pub fn all(&self) -> Vec<Arc<ClientSession>> {
