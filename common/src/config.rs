@@ -664,7 +664,7 @@ impl Config {
         let deserializer = serde_yaml_ng::Deserializer::from_str(&expanded);
         let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
             let path = e.path().to_string();
-            let key = if path == "." { "(top level)".to_string() } else { path };
+            let key = if path.is_empty() || path == "." { "(top level)".to_string() } else { path };
             ConfigError::new(key, e.into_inner().to_string())
         })?;
         config.validate()?;
@@ -916,6 +916,13 @@ telemetry:    { enabled: false, endpoint: "otel-collector:4317" }
     fn wrong_type_is_named() {
         let err = Config::from_yaml("server:\n  port: many\n", &HashMap::new()).unwrap_err();
         assert_eq!(err.key, "server.port");
+    }
+
+    #[test]
+    fn an_error_always_names_a_key() {
+        // Found by the config fuzz target: a flow mapping whose key is itself a mapping.
+        let err = Config::from_yaml("{?,Q", &HashMap::new()).unwrap_err();
+        assert!(!err.key.is_empty(), "{err}");
     }
 
     #[test]

@@ -171,6 +171,10 @@ pub fn normalize(uri: &str) -> Result<String, UriError> {
     } else if authority.is_some() && !path.is_empty() && !path.starts_with('/') {
         path.insert(0, '/');
     }
+    if authority.is_none() && path.starts_with("//") {
+        // Without its dot segments, `.//host/x` would read as an authority.
+        return Err(UriError("the URI's path would start with '//' and read as a host"));
+    }
     let mut out = String::with_capacity(uri.len());
     if let Some(scheme) = &scheme {
         out.push_str(scheme);
@@ -188,6 +192,11 @@ pub fn normalize(uri: &str) -> Result<String, UriError> {
     if let Some(fragment) = fragment {
         out.push('#');
         out.push_str(&normalize_escapes(fragment, false)?);
+    }
+    if scheme.is_none() && split_scheme(&out).is_some() {
+        // Decoding gave a reference without a scheme one (`oo%5A:x` is `ooZ:x`): what it names
+        // depends on who reads it.
+        return Err(UriError("the URI's first segment is ambiguous (an encoded character makes it a scheme)"));
     }
     Ok(out)
 }
@@ -227,6 +236,10 @@ mod tests {
             ("file:///home/bob/.", "file:///home/bob/"),
             ("file:///home/bob/..", "file:///home/"),
             ("ui://widget/{id}", "ui://widget/{id}"),
+            // Found by the uri fuzz target: decoding must not make a scheme appear.
+            ("oo%5A:#!", "error"),
+            (".///M", "error"),
+            ("urn:.//x", "urn:/x"),
         ];
         for (input, expected) in cases {
             let got = normalize(input).map_err(|e| e.0);
