@@ -90,19 +90,14 @@ pub fn is_reserved_destination(key: &str) -> bool {
     RESERVED_DESTINATION_KEYS.contains(&key.to_ascii_uppercase().as_str())
 }
 
-/// Variables that change what a process runs or whom it talks to: interpreter and loader
+/// Variables that change what a process runs or whom it talks to (beyond [`FORBIDDEN_ENV_KEYS`],
+/// which no scope may hold at all): interpreter and loader
 /// options, module and library search paths, package-runner registries and configuration,
 /// shell start-up files, proxies and certificate authorities, name resolution. A user must never
 /// set one for a process (a STDIO child or a pod), whatever the target declares: a process of a
 /// `per_user` target also holds the default and role values, and the gateway's own files are a
 /// working directory away.
 const EXECUTION_KEYS: &[&str] = &[
-    "PATH",
-    "HOME",
-    "SHELL",
-    "IFS",
-    "ENV",
-    "BASH_ENV",
     "CDPATH",
     "PS4",
     "PROMPT_COMMAND",
@@ -201,7 +196,9 @@ const EXECUTION_PREFIXES: &[&str] = &[
 /// Compared without case: `http_proxy` is `HTTP_PROXY` to most programs.
 pub fn changes_execution(key: &str) -> bool {
     let upper = key.to_ascii_uppercase();
-    EXECUTION_KEYS.contains(&upper.as_str()) || EXECUTION_PREFIXES.iter().any(|p| upper.starts_with(p))
+    is_forbidden_env_key(key)
+        || EXECUTION_KEYS.contains(&upper.as_str())
+        || EXECUTION_PREFIXES.iter().any(|p| upper.starts_with(p))
 }
 
 /// HTTP header names for credential injection: an RFC 9110 token, at most 128 characters.

@@ -301,15 +301,7 @@ async fn a_large_snapshot_reaches_a_new_data_plane(backend: &str) {
     assert_eq!(ready.status(), 200);
     assert_eq!(mcp_status(&dp, &api_token).await, 200, "the user's API token works");
     // Deactivated: refused wherever the data plane holds the deactivation.
-    let me: Value = reqwest::Client::new()
-        .get(api("/api/auth/me"))
-        .bearer_auth(&user_token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, me) = get_json(&api("/api/auth/me"), &user_token).await;
     let before = cp.control_plane.hub().current().map(|s| s.version.clone());
     let response = reqwest::Client::new()
         .put(api(&format!("/api/users/{}", me["id"].as_str().unwrap())))

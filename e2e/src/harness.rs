@@ -425,6 +425,25 @@ impl Gateway {
         Ok(if text.is_empty() { Value::Null } else { serde_json::from_str(&text)? })
     }
 
+    /// An admin API call as the holder of `token` (any user), without waiting for snapshots:
+    /// the status and the JSON body (`null` when empty).
+    pub async fn api_as(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let mut request = self.http.request(method, format!("{}{path}", self.api)).bearer_auth(token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let text = response.text().await?;
+        Ok((status, if text.is_empty() { Value::Null } else { serde_json::from_str(&text)? }))
+    }
+
     /// An admin API read (no waiting for snapshots).
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
         let response = self.http.get(format!("{}{path}", self.api)).bearer_auth(&self.admin_token).send().await?;

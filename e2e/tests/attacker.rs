@@ -148,15 +148,8 @@ async fn an_account_with_no_grant_reaches_nothing_stores_nothing_and_starts_noth
         .await
         .unwrap();
     let (attacker_id, attacker_jwt) = gateway.user("mallory@example.com").await.unwrap();
-    let created: Value = gateway
-        .http
-        .post(format!("{}/api/auth/tokens", gateway.api))
-        .bearer_auth(&attacker_jwt)
-        .json(&json!({"name": "attack"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
+    let (_, created) = gateway
+        .api_as(reqwest::Method::POST, "/api/auth/tokens", &attacker_jwt, Some(json!({"name": "attack"})))
         .await
         .unwrap();
     let attacker_api_token = created["token"].as_str().unwrap().to_string();
@@ -165,16 +158,9 @@ async fn an_account_with_no_grant_reaches_nothing_stores_nothing_and_starts_noth
     let mut accepted = Vec::new();
     for target in &targets {
         for key in ATTACK_KEYS {
-            let response = gateway
-                .http
-                .post(format!("{}/api/targets/{target}/env/user/{attacker_id}", gateway.api))
-                .bearer_auth(&attacker_jwt)
-                .json(&json!({"key": key, "value": "http://attacker.example/evil"}))
-                .send()
-                .await
-                .unwrap();
-            let status = response.status().as_u16();
-            let body: Value = response.json().await.unwrap();
+            let path = format!("/api/targets/{target}/env/user/{attacker_id}");
+            let body = json!({"key": key, "value": "http://attacker.example/evil"});
+            let (status, body) = gateway.api_as(reqwest::Method::POST, &path, &attacker_jwt, Some(body)).await.unwrap();
             if status != 403 {
                 accepted.push(format!("{target} {key}: {status} {body}"));
             }
@@ -182,31 +168,19 @@ async fn an_account_with_no_grant_reaches_nothing_stores_nothing_and_starts_noth
                 body["error"].as_str().unwrap().contains(key) || body["error"].as_str().unwrap().contains("no policy")
             );
         }
-        let response = gateway
-            .http
-            .post(format!("{}/api/targets/{target}/token", gateway.api))
-            .bearer_auth(&attacker_jwt)
-            .json(&json!({"token": "attacker"}))
-            .send()
+        let path = format!("/api/targets/{target}/token");
+        let (status, _) = gateway
+            .api_as(reqwest::Method::POST, &path, &attacker_jwt, Some(json!({"token": "attacker"})))
             .await
             .unwrap();
-        if response.status() != 403 {
-            accepted.push(format!("{target} token: {}", response.status()));
+        if status != 403 {
+            accepted.push(format!("{target} token: {status}"));
         }
     }
     assert!(ATTACK_KEYS.len() >= 30);
     assert!(accepted.is_empty(), "accepted: {accepted:#?}");
     // What it sees of the targets: not where they run.
-    let listed_targets: Value = gateway
-        .http
-        .get(format!("{}/api/targets", gateway.api))
-        .bearer_auth(&attacker_jwt)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, listed_targets) = gateway.api_as(reqwest::Method::GET, "/api/targets", &attacker_jwt, None).await.unwrap();
     let shown = listed_targets.to_string();
     assert!(!shown.contains(&rec.url) && !shown.contains("stdio_server.py") && !shown.contains("python3"), "{shown}");
 

@@ -498,8 +498,21 @@ async fn idle_and_old_stdio_servers_are_stopped() {
     idle.stop_all();
 }
 
+/// Initialised sessions on `/mcp` of the admin and of a new user, bob.
+async fn admin_and_bob(gateway: &Gateway) -> (McpClient, McpClient) {
+    let (_, bob_token) = gateway.user("bob@example.com").await.unwrap();
+    let url = format!("{}/mcp", gateway.mcp);
+    let (mut admin, mut bob) = (McpClient::new(&url, &gateway.admin_token), McpClient::new(&url, &bob_token));
+    admin.initialize().await.unwrap();
+    bob.initialize().await.unwrap();
+    (admin, bob)
+}
+
 /// The settings of a gateway whose STDIO servers run under `work_dir` with small limits.
 fn confined(work_dir: &std::path::Path, run_as: Option<&str>) -> reflow_data_plane::mcp::McpSettings {
+    // Children of another user pass through it to their own directories.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(work_dir, std::fs::Permissions::from_mode(0o711)).unwrap();
     let mut settings = reflow_data_plane::mcp::McpSettings::default();
     settings.stdio.work_dir = Some(work_dir.to_string_lossy().into_owned());
     settings.stdio.run_as = run_as.map(str::to_string);
@@ -519,11 +532,7 @@ async fn each_stdio_server_runs_in_a_private_directory_with_limits() {
     let gateway = Gateway::start_with(confined(work.path(), None)).await.unwrap();
     python_target(&gateway, "room", "per_user").await;
     gateway.allow_everyone().await.unwrap();
-    let (_, bob_token) = gateway.user("bob@example.com").await.unwrap();
-    let url = format!("{}/mcp", gateway.mcp);
-    let (mut admin, mut bob) = (McpClient::new(&url, &gateway.admin_token), McpClient::new(&url, &bob_token));
-    admin.initialize().await.unwrap();
-    bob.initialize().await.unwrap();
+    let (mut admin, mut bob) = admin_and_bob(&gateway).await;
     let secret = std::env::current_dir().unwrap().join("Cargo.toml");
     let mut rooms = Vec::new();
     for client in [&mut admin, &mut bob] {
@@ -586,11 +595,7 @@ async fn a_fork_bomb_as_another_user_stays_in_its_limit_and_the_gateway_serves_o
     python_target(&gateway, "bomb", "per_user").await;
     python_target(&gateway, "calm", "shared").await;
     gateway.allow_everyone().await.unwrap();
-    let (_, bob_token) = gateway.user("bob@example.com").await.unwrap();
-    let url = format!("{}/mcp", gateway.mcp);
-    let (mut admin, mut bob) = (McpClient::new(&url, &gateway.admin_token), McpClient::new(&url, &bob_token));
-    admin.initialize().await.unwrap();
-    bob.initialize().await.unwrap();
+    let (mut admin, mut bob) = admin_and_bob(&gateway).await;
 
     let answer = bob.call("bomb_whereami", json!({"path": private})).await.unwrap();
     let room: Value = serde_json::from_str(&text(&answer)).unwrap_or_else(|_| panic!("{answer}"));

@@ -192,8 +192,9 @@ async fn check_write(
         }
     }
     if !admin && !super::policies::granted(state, &caller.user, target.id).await? {
+        let what = key.map_or_else(|| "token".to_string(), |key| format!("env key {key}"));
         return Err(ApiError::forbidden(format!(
-            "no policy grants you anything on target {:?}, so no values are stored for it",
+            "{what}: no policy grants you anything on target {:?}, so no values are stored for it",
             target.name
         )));
     }

@@ -80,12 +80,13 @@ impl McpSettings {
         }
     }
 
-    /// These settings with no per-identity shares (for benchmarks driving one user at full
-    /// speed).
+    /// These settings with shares no single user reaches (benchmarks that drive one user at
+    /// full speed, and still pay for every check).
     pub fn without_shares(mut self) -> Self {
         self.max_sessions_per_user = usize::MAX;
         self.max_inflight_per_user = usize::MAX;
-        self.requests_per_second = 0;
+        self.requests_per_second = 1_000_000_000;
+        self.request_burst = 1_000_000_000;
         self
     }
 

@@ -91,10 +91,10 @@ impl Shares {
     }
 
     /// Takes one request of `user`'s rate.
-    pub fn admit(&self, user: &str) -> Result<(), OverShare> {
+    #[allow(clippy::ptr_arg, reason = "the limiter is keyed by String: a &str would be copied per request")]
+    pub fn admit(&self, user: &String) -> Result<(), OverShare> {
         let Some(rate) = &self.rate else { return Ok(()) };
-        // The key is only cloned for a user's first request (or after idle users were dropped).
-        rate.check_key(&user.to_string()).map_err(|not_until| {
+        rate.check_key(user).map_err(|not_until| {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             self.refuse(
                 "too many requests for this user (mcp.rate_limit); slow down".into(),
@@ -153,12 +153,13 @@ mod tests {
     #[test]
     fn each_user_has_a_share_of_its_own() {
         let shares = Shares::new(10, 5, 2, 3);
+        let (mallory, alice) = ("mallory".to_string(), "alice".to_string());
         for _ in 0..5 {
-            shares.admit("mallory").unwrap();
+            shares.admit(&mallory).unwrap();
         }
-        let refused = shares.admit("mallory").unwrap_err();
+        let refused = shares.admit(&mallory).unwrap_err();
         assert!(refused.retry_after >= 1 && refused.message.contains("rate_limit"), "{refused:?}");
-        shares.admit("alice").expect("another user's rate is untouched");
+        shares.admit(&alice).expect("another user's rate is untouched");
         let (a, _b) = (shares.begin("mallory").unwrap(), shares.begin("mallory").unwrap());
         assert!(shares.begin("mallory").is_err());
         shares.begin("alice").expect("another user's requests are untouched");
@@ -168,7 +169,7 @@ mod tests {
         assert_eq!(shares.refused(), 3);
         let unlimited = Shares::unlimited();
         for _ in 0..10_000 {
-            unlimited.admit("bench").unwrap();
+            unlimited.admit(&"bench".to_string()).unwrap();
         }
     }
 }

@@ -118,14 +118,28 @@ impl Sandbox {
             tracing::error!(dir = %self.work_dir.display(), error = %e, "cannot prepare a STDIO server's directory: {what}");
             UpstreamError::Unreachable("the gateway could not prepare the server's private directory".into())
         };
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o711)
-            .create(&self.work_dir)
-            .map_err(|e| failed("create", e))?;
-        // Others may pass through the parent (to reach their own directory), never list it.
-        std::fs::set_permissions(&self.work_dir, std::fs::Permissions::from_mode(0o711))
-            .map_err(|e| failed("permissions", e))?;
+        if !self.work_dir.exists() {
+            // Others may pass through it (to reach their own directory), never list it.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o711)
+                .create(&self.work_dir)
+                .map_err(|e| failed("create", e))?;
+            std::fs::set_permissions(&self.work_dir, std::fs::Permissions::from_mode(0o711))
+                .map_err(|e| failed("permissions", e))?;
+        }
+        // A directory someone else owns could have the children's directories swapped under them.
+        use std::os::unix::fs::MetadataExt;
+        let metadata = std::fs::metadata(&self.work_dir).map_err(|e| failed("inspect", e))?;
+        if metadata.uid() != nix::unistd::geteuid().as_raw() {
+            return Err(failed("ownership", std::io::Error::other("stdio.work_dir is owned by another user")));
+        }
+        if self.run_as.is_some() && metadata.mode() & 0o001 == 0 {
+            return Err(failed(
+                "permissions",
+                std::io::Error::other("with stdio.run_as, stdio.work_dir must let others pass through (mode 0711)"),
+            ));
+        }
         let mut random = [0u8; 8];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut random);
         let dir = self.work_dir.join(format!("{target}-{}", reflow_common::crypto::to_hex(&random)));
