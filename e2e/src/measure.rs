@@ -23,22 +23,23 @@ pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64((ticks(14)? + ticks(15)?) / ticks_per_second()))
 }
 
-/// Resident memory of `pid`, in bytes.
-pub fn resident_bytes(pid: u32) -> anyhow::Result<u64> {
+/// A `kB` field of `/proc/<pid>/status`, in bytes.
+fn status_bytes(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status =
         std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("read /proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("VmRSS in /proc status")?;
-    let kib: u64 = line.split_whitespace().nth(1).context("a VmRSS value")?.parse()?;
+    let line = status.lines().find(|l| l.starts_with(field)).with_context(|| format!("{field} in /proc status"))?;
+    let kib: u64 = line.split_whitespace().nth(1).context("a kB value")?.parse()?;
     Ok(kib * 1024)
+}
+
+/// Resident memory of `pid`, in bytes.
+pub fn resident_bytes(pid: u32) -> anyhow::Result<u64> {
+    status_bytes(pid, "VmRSS:")
 }
 
 /// The most resident memory `pid` has used so far (its high-water mark), in bytes.
 pub fn peak_resident_bytes(pid: u32) -> anyhow::Result<u64> {
-    let status =
-        std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("read /proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("VmHWM in /proc status")?;
-    let kib: u64 = line.split_whitespace().nth(1).context("a VmHWM value")?.parse()?;
-    Ok(kib * 1024)
+    status_bytes(pid, "VmHWM:")
 }
 
 /// CPU used by `pid` while `work` runs.

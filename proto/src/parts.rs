@@ -27,26 +27,25 @@ pub fn split(update: SnapshotUpdate, max: usize) -> Vec<SnapshotUpdate> {
         removals: Vec::new(),
         more: true,
     };
-    let mut parts = Vec::new();
-    let mut current = header(&update);
-    let mut size = 0;
     let empty = header(&update);
-    for resource in update.upserts {
-        let len = resource.encoded_len() + 8;
+    let mut parts = Vec::new();
+    let mut current = empty.clone();
+    let mut size = 0;
+    // Starts a new part when `len` more bytes would take the current one past `max` (a part
+    // holds at least one item, however large).
+    let mut room_for = |len: usize, current: &mut SnapshotUpdate| {
         if size + len > max && !(current.upserts.is_empty() && current.removals.is_empty()) {
-            parts.push(std::mem::replace(&mut current, empty.clone()));
+            parts.push(std::mem::replace(current, empty.clone()));
             size = 0;
         }
         size += len;
+    };
+    for resource in update.upserts {
+        room_for(resource.encoded_len() + 8, &mut current);
         current.upserts.push(resource);
     }
     for removal in update.removals {
-        let len = removal.encoded_len() + 8;
-        if size + len > max && !(current.upserts.is_empty() && current.removals.is_empty()) {
-            parts.push(std::mem::replace(&mut current, empty.clone()));
-            size = 0;
-        }
-        size += len;
+        room_for(removal.encoded_len() + 8, &mut current);
         current.removals.push(removal);
     }
     current.more = false;
