@@ -143,6 +143,20 @@ impl Isolation {
         })
     }
 
+    /// The boundary that limits which scopes a request to a `transport` target may draw on.
+    ///
+    /// An isolation boundary keeps one caller's secrets out of a process that others share,
+    /// so it limits STDIO and Kubernetes targets only. An HTTP or SSE target gets an upstream
+    /// session per client session, so every scope applies to it (user > group > role >
+    /// default) whatever `isolation_boundary` says.
+    pub fn limiting(self, transport: crate::model::TransportType) -> Isolation {
+        if transport.runs_a_process() {
+            self
+        } else {
+            Isolation::PerUser
+        }
+    }
+
     /// Whether values stored at `kind` may reach a process with this boundary.
     pub fn admits(self, kind: ScopeKind) -> bool {
         matches!(

@@ -28,6 +28,14 @@ text_enum!(
     /// How the gateway reaches a target.
     TransportType { StreamableHttp = "streamable-http", Sse = "sse", Stdio = "stdio", Kubernetes = "kubernetes" }
 );
+impl TransportType {
+    /// Whether the target's env reaches a process (a STDIO child or a pod) as its environment,
+    /// rather than travelling as headers to an HTTP server.
+    pub fn runs_a_process(self) -> bool {
+        matches!(self, TransportType::Stdio | TransportType::Kubernetes)
+    }
+}
+
 text_enum!(
     /// Whether a target keeps per-session state (decides session affinity upstream).
     Statefulness { Stateless = "stateless", Stateful = "stateful" }

@@ -159,6 +159,7 @@ mod tests {
             active: true,
             created_at: Utc::now(),
             updated_at: Utc::now(),
+            session_generation: 0,
         }
     }
 

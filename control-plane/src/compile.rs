@@ -114,6 +114,7 @@ pub fn user_payload(user: &crate::store::User) -> resources::User {
         role: user.role.clone(),
         groups: user.groups.clone(),
         active: user.active,
+        session_generation: user.session_generation,
     }
 }
 
@@ -225,6 +226,7 @@ mod tests {
                 active: true,
                 created_at: at(),
                 updated_at: at(),
+                session_generation: 0,
             };
             let target = Target {
                 id: id(2),
@@ -259,8 +261,10 @@ mod tests {
                 enabled,
                 subjects: vec![PolicySubject {
                     id: id(n + 100),
+                    policy_id: id(n),
                     subject_type: SubjectType::Role,
                     subject_value: "developer".into(),
+                    created_at: at(),
                 }],
                 created_at: at(),
                 updated_at: at(),
@@ -273,6 +277,7 @@ mod tests {
                 name: "GITHUB_TOKEN".into(),
                 ciphertext: keyring.seal(b"ghp_CANARY", &secret_aad(id(2), SecretKind::Env, &scope, "GITHUB_TOKEN")),
                 key_version: 1,
+                description: String::new(),
                 updated_at: at(),
             };
             let token = ApiToken {

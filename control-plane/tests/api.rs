@@ -83,7 +83,7 @@ async fn api_tokens_authenticate_and_revoke(backend: &str) {
     assert!(!raw.contains(secret));
 
     let id = created["id"].as_str().unwrap();
-    assert_eq!(api.delete(&format!("/api/auth/tokens/{id}"), &jwt).await.0, 204);
+    assert_eq!(api.delete(&format!("/api/auth/tokens/{id}"), &jwt).await.0, 200);
     assert_eq!(api.get("/api/auth/me", secret).await.0, 401);
     assert_eq!(api.delete(&format!("/api/auth/tokens/{id}"), &jwt).await.0, 404);
 
@@ -152,7 +152,7 @@ async fn non_admins_are_refused(backend: &str) {
         api.post(&format!("/api/targets/{t}/env/user/{user_id}"), Some(&user), json!({"key": "K", "value": "v"}))
             .await
             .0,
-        201
+        200
     );
     assert_eq!(api.get(&format!("/api/targets/{t}/token"), &user).await.0, 200);
     let (_, admin_me) = api.get("/api/auth/me", &admin).await;
@@ -208,7 +208,7 @@ async fn users_are_managed_and_deactivation_applies_at_once(backend: &str) {
     assert_eq!(status, 400, "{body}");
     assert!(body["error"].as_str().unwrap().contains("colour"), "{body}");
     assert_eq!(api.get(&format!("/api/users/{}", uuid::Uuid::new_v4()), &admin).await.0, 404);
-    assert_eq!(api.delete(&format!("/api/users/{user_id}"), &admin).await.0, 204);
+    assert_eq!(api.delete(&format!("/api/users/{user_id}"), &admin).await.0, 200);
     assert_eq!(api.get("/api/users", &admin).await.1.as_array().unwrap().len(), 1);
 }
 
@@ -252,7 +252,7 @@ async fn target_validation(backend: &str) {
         )
         .await;
     assert_eq!(status, 201, "{k8s}");
-    assert_eq!((k8s["port"].as_i64(), k8s["health_path"].as_str()), (Some(8080), Some("/health")));
+    assert_eq!((k8s["port"].as_i64(), k8s["health_path"].as_str()), (Some(8080), Some("/")));
     let (status, sse) = api
         .post("/api/targets", Some(&admin), json!({"name": "legacy", "transport_type": "sse", "url": "https://example.com/sse", "auth_type": "header", "auth_header_name": "X-Api-Key"}))
         .await;
@@ -280,7 +280,7 @@ async fn target_validation(backend: &str) {
     );
     assert_eq!(api.get(&format!("/api/targets/{id}"), &admin).await.1, body);
     assert_eq!(api.get("/api/targets/not-a-uuid", &admin).await.0, 400);
-    assert_eq!(api.delete(&format!("/api/targets/{id}"), &admin).await.0, 204);
+    assert_eq!(api.delete(&format!("/api/targets/{id}"), &admin).await.0, 200);
     assert_eq!(api.get(&format!("/api/targets/{id}"), &admin).await.0, 404);
 }
 
@@ -333,7 +333,8 @@ async fn credentials_are_sealed_scoped_and_resolved(backend: &str) {
         let admin = admin.clone();
         async move {
             let (status, response) = api.post(&path, Some(&admin), body).await;
-            assert_eq!(status, 201, "{path}: {response}");
+            // Env writes answer 200 as the original's did; this project's POST token forms 201.
+            assert_eq!(status, if path.contains("/env/") { 200 } else { 201 }, "{path}: {response}");
             assert!(!response.to_string().contains("CANARY"), "values are write-only: {response}");
         }
     };
@@ -372,12 +373,12 @@ async fn credentials_are_sealed_scoped_and_resolved(backend: &str) {
 
     // Listings show scopes, not values, unless an admin asks.
     let (_, listed) = api.get(&format!("/api/targets/{t}/env"), &admin).await;
-    assert_eq!(listed.as_array().unwrap().len(), 6);
+    assert_eq!(listed["entries"].as_array().unwrap().len(), 6, "{listed}");
     assert!(!listed.to_string().contains("CANARY"));
     let (_, revealed) = api.get(&format!("/api/targets/{t}/env?reveal=true"), &admin).await;
     assert!(revealed.to_string().contains(&format!("{canary}-role")));
     let (_, tokens) = api.get(&format!("/api/targets/{t}/tokens"), &admin).await;
-    assert_eq!(tokens.as_array().unwrap().len(), 2);
+    assert_eq!(tokens["entries"].as_array().unwrap().len(), 2, "{tokens}");
     assert!(!tokens.to_string().contains("CANARY"));
 
     // per_user: user > group (alphabetical) > role > default.
@@ -416,13 +417,13 @@ async fn credentials_are_sealed_scoped_and_resolved(backend: &str) {
     );
 
     // Deletes.
-    assert_eq!(api.delete(&format!("/api/targets/{t}/env/default/REGION"), &admin).await.0, 204);
+    assert_eq!(api.delete(&format!("/api/targets/{t}/env/default/REGION"), &admin).await.0, 200);
     assert_eq!(api.delete(&format!("/api/targets/{t}/env/default/REGION"), &admin).await.0, 404);
-    assert_eq!(api.delete(&format!("/api/targets/{t}/env/group/zeta/API_KEY"), &admin).await.0, 204);
-    assert_eq!(api.delete(&format!("/api/targets/{t}/env/group/alpha"), &admin).await.0, 204);
-    assert_eq!(api.delete(&format!("/api/targets/{t}/tokens/role/developer"), &admin).await.0, 204);
-    assert_eq!(api.delete(&format!("/api/targets/{t}/tokens/default"), &admin).await.0, 204);
-    assert_eq!(api.get(&format!("/api/targets/{t}/tokens"), &admin).await.1, json!([]));
+    assert_eq!(api.delete(&format!("/api/targets/{t}/env/group/zeta/API_KEY"), &admin).await.0, 200);
+    assert_eq!(api.delete(&format!("/api/targets/{t}/env/group/alpha"), &admin).await.0, 200);
+    assert_eq!(api.delete(&format!("/api/targets/{t}/tokens/role/developer"), &admin).await.0, 200);
+    assert_eq!(api.delete(&format!("/api/targets/{t}/tokens/default"), &admin).await.0, 200);
+    assert_eq!(api.get(&format!("/api/targets/{t}/tokens"), &admin).await.1["entries"], json!([]));
 
     // Nothing in the database holds a value in clear.
     let dump = dump_database(&api).await;
@@ -478,7 +479,7 @@ async fn users_store_only_declared_values_of_granted_targets(backend: &str) {
         .await;
     }
     let (status, body) = write(own(&gh), "GITHUB_PERSONAL_ACCESS_TOKEN", "ghp_x").await;
-    assert_eq!(status, 201, "{body}");
+    assert_eq!(status, 200, "{body}");
 
     // Undeclared, declared for other scopes only, reserved destinations: 403 naming the key.
     for (t, key, value) in [
@@ -527,12 +528,12 @@ async fn users_store_only_declared_values_of_granted_targets(backend: &str) {
         api.post(&format!("/api/targets/{web}/env/default"), Some(&admin), json!({"key": "TIMEOUT", "value": "90s"}))
             .await
             .0,
-        201
+        200
     );
 
     // Per-user limits: three values, 4 KiB.
-    assert_eq!(write(own(&web), "NOTE", "one").await.0, 201);
-    assert_eq!(write(own(&web), "NOTE", "one, replaced").await.0, 201, "a replacement is not a new value");
+    assert_eq!(write(own(&web), "NOTE", "one").await.0, 200);
+    assert_eq!(write(own(&web), "NOTE", "one, replaced").await.0, 200, "a replacement is not a new value");
     assert_eq!(api.post(&format!("/api/targets/{web}/token"), Some(&user), json!({"token": "t"})).await.0, 201);
     let (status, body) = write(own(&gh), "NOTE", "a fourth").await;
     assert_eq!((status, body["code"].as_str()), (403, Some("limit_exceeded")), "{body}");
@@ -707,7 +708,7 @@ async fn policies_with_subjects(backend: &str) {
         .await;
     assert_eq!(status, 409);
     let s = subject["id"].as_str().unwrap();
-    assert_eq!(api.delete(&format!("/api/policies/{p}/subjects/{s}"), &admin).await.0, 204);
+    assert_eq!(api.delete(&format!("/api/policies/{p}/subjects/{s}"), &admin).await.0, 200);
     assert_eq!(api.delete(&format!("/api/policies/{p}/subjects/{s}"), &admin).await.0, 404);
 
     let (status, updated) = api
@@ -720,7 +721,7 @@ async fn policies_with_subjects(backend: &str) {
     );
     assert_eq!(updated["subjects"], json!([]));
     assert_eq!(api.get(&format!("/api/policies/{p}"), &admin).await.1, updated);
-    assert_eq!(api.delete(&format!("/api/policies/{p}"), &admin).await.0, 204);
+    assert_eq!(api.delete(&format!("/api/policies/{p}"), &admin).await.0, 200);
     assert_eq!(api.get(&format!("/api/policies/{p}"), &admin).await.0, 404);
 }
 

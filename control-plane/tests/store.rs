@@ -45,6 +45,7 @@ fn secret(target_id: Uuid, kind: SecretKind, scope: Scope, name: &str, bytes: &[
         name: name.into(),
         ciphertext: bytes.to_vec(),
         key_version: 1,
+        description: String::new(),
         updated_at: now(),
     }
 }

@@ -59,10 +59,10 @@ fn source(scope: &Scope) -> String {
 /// the key only.
 pub fn resolve_injection(view: &View, sealer: &DeterministicSealer, target: &Target, user: &User) -> Injection {
     let principal = Principal { user_id: &user.id, role: &user.role, groups: &user.groups };
+    let boundary = target.isolation_boundary.limiting(target.transport_type);
     let (tokens, env) = entries(view, target);
     let pick = |entries: &[&Credential]| -> Option<(String, String)> {
-        let (scope, credential) =
-            resolve(entries.iter().map(|c| (&c.scope, *c)), &principal, target.isolation_boundary)?;
+        let (scope, credential) = resolve(entries.iter().map(|c| (&c.scope, *c)), &principal, boundary)?;
         Some((source(scope), open(sealer, credential)?))
     };
 
@@ -117,10 +117,10 @@ pub fn resolve_env(
     user: &User,
 ) -> BTreeMap<String, String> {
     let principal = Principal { user_id: &user.id, role: &user.role, groups: &user.groups };
+    let boundary = target.isolation_boundary.limiting(target.transport_type);
     let (tokens, keyed) = entries(view, target);
     let pick = |entries: &[&Credential]| -> Option<(bool, String)> {
-        let (scope, credential) =
-            resolve(entries.iter().map(|c| (&c.scope, *c)), &principal, target.isolation_boundary)?;
+        let (scope, credential) = resolve(entries.iter().map(|c| (&c.scope, *c)), &principal, boundary)?;
         Some((matches!(scope, Scope::User(_)), open(sealer, credential)?))
     };
     let mut env = BTreeMap::new();

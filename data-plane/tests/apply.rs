@@ -38,6 +38,7 @@ fn user(id: &str, active: bool) -> Resource {
         role: "developer".into(),
         groups: vec![],
         active,
+        session_generation: 0,
     };
     resources::resource(ResourceType::User, id, &payload)
 }

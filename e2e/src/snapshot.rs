@@ -147,6 +147,7 @@ fn large_state(users: usize, targets: usize, policies: usize, keyring: &Keyring)
             active: true,
             created_at: at,
             updated_at: at,
+            session_generation: 0,
         })
         .collect();
     let target_list: Vec<Target> = (0..targets)
@@ -182,6 +183,7 @@ fn large_state(users: usize, targets: usize, policies: usize, keyring: &Keyring)
             ciphertext: keyring
                 .seal(b"upstream-token-value", &secret_aad(t.id, SecretKind::Token, &Scope::Default, "")),
             key_version: 1,
+            description: String::new(),
             updated_at: at,
         })
         .collect();
@@ -198,8 +200,10 @@ fn large_state(users: usize, targets: usize, policies: usize, keyring: &Keyring)
             enabled: true,
             subjects: vec![PolicySubject {
                 id: id(4, n),
+                policy_id: id(3, n),
                 subject_type: SubjectType::Group,
                 subject_value: format!("group-{}", n % 20),
+                created_at: at,
             }],
             created_at: at,
             updated_at: at,

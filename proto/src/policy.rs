@@ -125,6 +125,7 @@ mod tests {
             role: role.into(),
             groups: groups.iter().map(|g| g.to_string()).collect(),
             active: true,
+            session_generation: 0,
         }
     }
 

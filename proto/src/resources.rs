@@ -49,6 +49,9 @@ pub struct User {
     pub role: String,
     pub groups: Vec<String>,
     pub active: bool,
+    /// Bumped by a recycle: the data plane recycles the user's sessions when it changes.
+    #[serde(default)]
+    pub session_generation: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,7 +173,14 @@ mod tests {
 
     #[test]
     fn resource_hash_is_of_the_payload() {
-        let user = User { id: "u".into(), email: "e".into(), role: "r".into(), groups: vec![], active: true };
+        let user = User {
+            id: "u".into(),
+            email: "e".into(),
+            role: "r".into(),
+            groups: vec![],
+            active: true,
+            session_generation: 0,
+        };
         let r = resource(ResourceType::User, "u", &user);
         assert_eq!(r.version, resource_version(&r.payload));
         assert_eq!(serde_json::from_slice::<User>(&r.payload).unwrap(), user);

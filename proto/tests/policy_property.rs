@@ -114,6 +114,7 @@ fn user() -> impl Strategy<Value = User> {
             role: role.into(),
             groups: groups.into_iter().map(String::from).collect(),
             active: true,
+            session_generation: 0,
         })
 }
 

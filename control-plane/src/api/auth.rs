@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{ApiJson, ApiPath, Caller};
-use super::AppState;
+use super::{AppState, Message};
 use crate::auth::{generate_api_token, hash_password, verify_password};
 use crate::store::{ApiToken, NewApiToken, NewUser, User, DEFAULT_ROLE};
 
@@ -25,6 +25,16 @@ pub const MAX_PASSWORD_LEN: usize = 1024;
 pub struct Credentials {
     pub email: String,
     pub password: String,
+}
+
+/// What registration answers: the new `User` itself (the original's answer), and a JWT with
+/// the user, as login answers.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Registered {
+    #[serde(flatten)]
+    pub account: User,
+    #[serde(flatten)]
+    pub session: AuthResponse,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -67,11 +77,11 @@ pub fn check_password(password: &str) -> ApiResult<()> {
 /// Register a user. The first user registered becomes admin; later registrations can be
 /// turned off with `auth.allow_registration: false`.
 #[utoipa::path(post, path = "/api/auth/register", tag = "auth", request_body = Credentials,
-    responses((status = 201, body = AuthResponse), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 201, body = Registered), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn register(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Credentials>,
-) -> ApiResult<(StatusCode, Json<AuthResponse>)> {
+) -> ApiResult<(StatusCode, Json<Registered>)> {
     let email = normalize_email(&body.email)?;
     check_password(&body.password)?;
     if !state.settings.allow_registration && !state.store.list_users().await?.is_empty() {
@@ -89,7 +99,10 @@ pub async fn register(
         .await?;
     tracing::info!(user_id = %user.id, role = %user.role, "user registered");
     let (token, expires_at) = state.jwt.issue(&user);
-    Ok((StatusCode::CREATED, Json(AuthResponse { token, expires_at, user })))
+    Ok((
+        StatusCode::CREATED,
+        Json(Registered { account: user.clone(), session: AuthResponse { token, expires_at, user } }),
+    ))
 }
 
 /// Password guessing, bounded without letting a stranger lock an owner out.
@@ -315,19 +328,38 @@ pub struct CreateToken {
     pub expires_in: Option<String>,
 }
 
+/// An API token as listed: its metadata, with the original's `jti` (the token's id) and
+/// `revoked_at` (always `null`: a revoked token is deleted, so it is never listed).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApiTokenView {
+    #[serde(flatten)]
+    pub token: ApiToken,
+    pub jti: String,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl From<ApiToken> for ApiTokenView {
+    fn from(token: ApiToken) -> Self {
+        ApiTokenView { jti: token.id.to_string(), revoked_at: None, token }
+    }
+}
+
+/// A new API token: the token itself (shown only in this answer) with its metadata, both
+/// nested as the original answered (`{api_token, token}`) and flat.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct CreatedToken {
     /// The token itself. It is shown only in this response.
     pub token: String,
+    pub api_token: ApiTokenView,
     #[serde(flatten)]
     pub info: ApiToken,
 }
 
 /// The caller's API tokens (metadata only).
 #[utoipa::path(get, path = "/api/auth/tokens", tag = "auth", security(("bearer" = [])),
-    responses((status = 200, body = [ApiToken]), (status = 401, body = ErrorBody)))]
-pub async fn list_tokens(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<ApiToken>>> {
-    Ok(Json(state.store.list_api_tokens(caller.user.id).await?))
+    responses((status = 200, body = [ApiTokenView]), (status = 401, body = ErrorBody)))]
+pub async fn list_tokens(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<ApiTokenView>>> {
+    Ok(Json(state.store.list_api_tokens(caller.user.id).await?.into_iter().map(ApiTokenView::from).collect()))
 }
 
 /// Create an API token for the caller. The token is returned once.
@@ -371,20 +403,20 @@ pub async fn create_token(
             expires_at,
         })
         .await?;
-    Ok((StatusCode::CREATED, Json(CreatedToken { token: generated.secret, info })))
+    Ok((StatusCode::CREATED, Json(CreatedToken { token: generated.secret, api_token: info.clone().into(), info })))
 }
 
 /// Revoke one of the caller's API tokens.
 #[utoipa::path(delete, path = "/api/auth/tokens/{id}", tag = "auth", security(("bearer" = [])),
     params(("id" = Uuid, Path)),
-    responses((status = 204), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = Message), (status = 404, body = ErrorBody)))]
 pub async fn delete_token(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<Uuid>,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<Json<Message>> {
     state.store.delete_api_token(caller.user.id, id).await?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(Message::json("API token revoked"))
 }
 
 #[cfg(test)]

@@ -116,13 +116,23 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(targets::restart_instances))
         .routes(routes!(targets::instances))
         .routes(routes!(credentials::list_tokens))
-        .routes(routes!(credentials::get_own_token, credentials::set_own_token, credentials::delete_own_token))
-        .routes(routes!(credentials::set_token, credentials::delete_token))
-        .routes(routes!(credentials::set_scoped_token, credentials::delete_scoped_token))
+        .routes(routes!(
+            credentials::get_own_token,
+            credentials::put_own_token,
+            credentials::set_own_token,
+            credentials::delete_own_token
+        ))
+        .routes(routes!(credentials::put_token, credentials::set_token, credentials::delete_token))
+        .routes(routes!(credentials::put_scoped_token, credentials::set_scoped_token, credentials::delete_scoped_token))
         .routes(routes!(credentials::list_env))
         .routes(routes!(credentials::resolve_view))
-        .routes(routes!(credentials::set_env))
-        .routes(routes!(credentials::set_scoped_env, credentials::delete_env))
+        .routes(routes!(credentials::get_env, credentials::put_env, credentials::set_env))
+        .routes(routes!(
+            credentials::get_scoped_env,
+            credentials::put_scoped_env,
+            credentials::set_scoped_env,
+            credentials::delete_env
+        ))
         .routes(routes!(credentials::delete_scoped_env))
         .routes(routes!(policies::list, policies::create))
         .routes(routes!(policies::get, policies::update, policies::delete))
@@ -175,6 +185,19 @@ pub fn router(state: AppState) -> Router {
         );
     }
     router
+}
+
+/// The answer of a delete (and of writes that have nothing else to say): `{"message": "..."}`,
+/// as the original gateway answered.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Message {
+    pub message: String,
+}
+
+impl Message {
+    pub fn json(message: impl Into<String>) -> Json<Message> {
+        Json(Message { message: message.into() })
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -11,13 +11,13 @@ use axum::http::StatusCode;
 use axum::Json;
 use reflow_common::glob;
 use reflow_common::names::validate_principal_name;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{present, ApiJson, ApiPath, Caller};
-use super::AppState;
+use super::{AppState, Message};
 use crate::store::{Effect, Policy, PolicySpec, PolicySubject, ResourceType, SubjectSpec, SubjectType};
 
 const MAX_SUBJECTS: usize = 1000;
@@ -39,6 +39,10 @@ pub struct PolicyInput {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<String>)]
     pub pattern: Option<Option<String>>,
+    /// The original's name for `pattern`; either may be sent (both only if equal).
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub resource_pattern: Option<Option<String>>,
     pub effect: Option<Effect>,
     /// Default 0; higher is evaluated first.
     pub priority: Option<i32>,
@@ -122,12 +126,21 @@ async fn build_spec(state: &AppState, input: &PolicyInput, current: Option<&Poli
             return Err(ApiError::bad_request(format!("target_id: no target with id {target_id}")));
         }
     }
-    let pattern = match &input.pattern {
-        Some(value) => value.clone(),
+    let (sent, field) = match (&input.pattern, &input.resource_pattern) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(ApiError::bad_request("resource_pattern: differs from pattern; send one of them"))
+        }
+        (Some(value), _) => (Some(value), "pattern"),
+        (None, Some(value)) => (Some(value), "resource_pattern"),
+        (None, None) => (None, "pattern"),
+    };
+    let pattern = match sent {
+        // An empty pattern, as the original's forms send for "every name", is no pattern.
+        Some(value) => value.clone().filter(|p| !p.is_empty()),
         None => current.and_then(|c| c.pattern.clone()),
     };
     if let Some(pattern) = &pattern {
-        glob::validate(pattern).map_err(|e| ApiError::bad_request(format!("pattern: {e}")))?;
+        glob::validate(pattern).map_err(|e| ApiError::bad_request(format!("{field}: {e}")))?;
     }
     Ok(PolicySpec {
         name,
@@ -144,69 +157,88 @@ async fn build_spec(state: &AppState, input: &PolicyInput, current: Option<&Poli
     })
 }
 
+/// A policy as answered: its pattern under both names, `pattern` and the original's
+/// `resource_pattern`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PolicyView {
+    #[serde(flatten)]
+    pub policy: Policy,
+    pub resource_pattern: Option<String>,
+}
+
+impl From<Policy> for PolicyView {
+    fn from(policy: Policy) -> Self {
+        PolicyView { resource_pattern: policy.pattern.clone(), policy }
+    }
+}
+
 /// All policies, highest priority first.
 #[utoipa::path(get, path = "/api/policies", tag = "policies", security(("bearer" = [])),
-    responses((status = 200, body = [Policy]), (status = 403, body = ErrorBody)))]
-pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<Policy>>> {
+    responses((status = 200, body = [PolicyView]), (status = 403, body = ErrorBody)))]
+pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<PolicyView>>> {
     caller.require_admin()?;
-    Ok(Json(state.store.list_policies().await?))
+    Ok(Json(state.store.list_policies().await?.into_iter().map(PolicyView::from).collect()))
 }
 
 /// Create a policy with its subjects.
 #[utoipa::path(post, path = "/api/policies", tag = "policies", security(("bearer" = [])), request_body = PolicyInput,
-    responses((status = 201, body = Policy), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 201, body = PolicyView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
     ApiJson(input): ApiJson<PolicyInput>,
-) -> ApiResult<(StatusCode, Json<Policy>)> {
+) -> ApiResult<(StatusCode, Json<PolicyView>)> {
     caller.require_admin()?;
     let spec = build_spec(&state, &input, None).await?;
     let subjects = input.subjects.unwrap_or_default();
     check_subjects(&state, &subjects).await?;
     let policy = state.store.create_policy(spec, subjects).await?;
     tracing::info!(policy_id = %policy.id, policy = %policy.name, effect = policy.effect.as_str(), "policy created");
-    Ok((StatusCode::CREATED, Json(policy)))
+    Ok((StatusCode::CREATED, Json(policy.into())))
 }
 
 /// One policy.
 #[utoipa::path(get, path = "/api/policies/{id}", tag = "policies", security(("bearer" = [])), params(("id" = Uuid, Path)),
-    responses((status = 200, body = Policy), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn get(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<Uuid>) -> ApiResult<Json<Policy>> {
+    responses((status = 200, body = PolicyView), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<PolicyView>> {
     caller.require_admin()?;
-    state.store.get_policy(id).await?.map(Json).ok_or_else(|| ApiError::not_found("policy"))
+    state.store.get_policy(id).await?.map(|p| Json(p.into())).ok_or_else(|| ApiError::not_found("policy"))
 }
 
 /// Change a policy; `subjects`, when sent, replaces its subjects.
 #[utoipa::path(put, path = "/api/policies/{id}", tag = "policies", security(("bearer" = [])), params(("id" = Uuid, Path)),
     request_body = PolicyInput,
-    responses((status = 200, body = Policy), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = PolicyView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn update(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<Uuid>,
     ApiJson(input): ApiJson<PolicyInput>,
-) -> ApiResult<Json<Policy>> {
+) -> ApiResult<Json<PolicyView>> {
     caller.require_admin()?;
     let current = state.store.get_policy(id).await?.ok_or_else(|| ApiError::not_found("policy"))?;
     let spec = build_spec(&state, &input, Some(&current)).await?;
     if let Some(subjects) = &input.subjects {
         check_subjects(&state, subjects).await?;
     }
-    Ok(Json(state.store.update_policy(id, spec, input.subjects).await?))
+    Ok(Json(state.store.update_policy(id, spec, input.subjects).await?.into()))
 }
 
 /// Delete a policy.
 #[utoipa::path(delete, path = "/api/policies/{id}", tag = "policies", security(("bearer" = [])), params(("id" = Uuid, Path)),
-    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = Message), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn delete(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<Uuid>,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<Json<Message>> {
     caller.require_admin()?;
     state.store.delete_policy(id).await?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(Message::json("policy deleted"))
 }
 
 /// Add a subject to a policy.
@@ -227,15 +259,15 @@ pub async fn add_subject(
 /// Remove a subject from a policy.
 #[utoipa::path(delete, path = "/api/policies/{id}/subjects/{subject_id}", tag = "policies", security(("bearer" = [])),
     params(("id" = Uuid, Path), ("subject_id" = Uuid, Path)),
-    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = Message), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn remove_subject(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath((id, subject_id)): ApiPath<(Uuid, Uuid)>,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<Json<Message>> {
     caller.require_admin()?;
     state.store.remove_policy_subject(id, subject_id).await?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(Message::json("subject removed from the policy"))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

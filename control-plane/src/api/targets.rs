@@ -16,18 +16,20 @@ use uuid::Uuid;
 
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{present, ApiJson, ApiPath, Caller};
-use super::AppState;
+use super::{AppState, Message};
 use crate::store::{AuthType, EnvKey, Statefulness, Target, TargetSpec, TransportType};
 
 const MAX_ARGS: usize = 64;
 const MAX_ARG_LEN: usize = 4096;
 const MAX_URL_LEN: usize = 2048;
 const DEFAULT_POD_PORT: i32 = 8080;
-const DEFAULT_HEALTH_PATH: &str = "/health";
+const DEFAULT_HEALTH_PATH: &str = "/";
 const MAX_ENV_KEYS: usize = 100;
 
-/// A target definition. On create, `name` and `transport_type` are required; on update,
-/// fields not sent keep their value and fields sent as `null` are cleared.
+/// A target definition. On create, only `name` is required (`transport_type` defaults to
+/// `streamable-http`); on update, fields not sent keep their value and fields sent as `null`
+/// are cleared. An empty string (or a `port` of 0), as forms send for a field that does not
+/// apply, counts as `null`.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TargetInput {
@@ -52,7 +54,7 @@ pub struct TargetInput {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<i32>)]
     pub port: Option<Option<i32>>,
-    /// For `kubernetes`: the readiness probe path (default `/health`).
+    /// For `kubernetes`: the readiness probe path (default `/`).
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<String>)]
     pub health_path: Option<Option<String>>,
@@ -107,12 +109,6 @@ pub fn check_url(field: &str, url: &str) -> ApiResult<()> {
     Ok(())
 }
 
-/// Whether values of a target's env reach a process (a STDIO child or a pod) as its environment,
-/// rather than travelling as headers to an HTTP server.
-pub fn runs_a_process(transport: TransportType) -> bool {
-    matches!(transport, TransportType::Stdio | TransportType::Kubernetes)
-}
-
 fn check_env_keys(keys: &[EnvKey], transport: TransportType) -> ApiResult<()> {
     use reflow_common::credentials::ScopeKind;
     if keys.len() > MAX_ENV_KEYS {
@@ -139,7 +135,7 @@ fn check_env_keys(keys: &[EnvKey], transport: TransportType) -> ApiResult<()> {
                 key.name
             )));
         }
-        if key.user_settable && runs_a_process(transport) && changes_execution(&key.name) {
+        if key.user_settable && transport.runs_a_process() && changes_execution(&key.name) {
             return Err(bad(format!(
                 "{at}: {} changes what the server process runs; a user may never set it",
                 key.name
@@ -149,18 +145,27 @@ fn check_env_keys(keys: &[EnvKey], transport: TransportType) -> ApiResult<()> {
     Ok(())
 }
 
+/// A string field sent empty is a field sent as `null`.
+fn blank_as_null(field: Option<Option<String>>) -> Option<Option<String>> {
+    field.map(|value| value.filter(|v| !v.is_empty()))
+}
+
 /// Merges `input` over `current` (if any) and validates the result as a whole.
-pub fn build_spec(input: TargetInput, current: Option<&TargetSpec>, stdio: &StdioConfig) -> ApiResult<TargetSpec> {
+pub fn build_spec(mut input: TargetInput, current: Option<&TargetSpec>, stdio: &StdioConfig) -> ApiResult<TargetSpec> {
+    input.url = blank_as_null(input.url);
+    input.command = blank_as_null(input.command);
+    input.image = blank_as_null(input.image);
+    input.health_path = blank_as_null(input.health_path);
+    input.auth_header_name = blank_as_null(input.auth_header_name);
+    input.port = input.port.map(|p| p.filter(|p| *p != 0));
     let name = input.name.or_else(|| current.map(|c| c.name.clone())).ok_or_else(|| bad("name: required"))?;
     validate_target_name(&name).map_err(|e| bad(format!("name: {e}")))?;
     let description = input.description.or_else(|| current.map(|c| c.description.clone())).unwrap_or_default();
     if description.len() > 1024 {
         return Err(bad("description: at most 1024 bytes"));
     }
-    let transport_type = input
-        .transport_type
-        .or(current.map(|c| c.transport_type))
-        .ok_or_else(|| bad("transport_type: required (streamable-http, sse, stdio or kubernetes)"))?;
+    let transport_type =
+        input.transport_type.or(current.map(|c| c.transport_type)).unwrap_or(TransportType::StreamableHttp);
     let url = merge(input.url, current.map(|c| &c.url));
     let command = merge(input.command, current.map(|c| &c.command));
     let args = input.args.or_else(|| current.map(|c| c.args.clone())).unwrap_or_default();
@@ -414,13 +419,13 @@ pub async fn instances(
 
 /// Delete a target with its credentials and the policies scoped to it.
 #[utoipa::path(delete, path = "/api/targets/{id}", tag = "targets", security(("bearer" = [])), params(("id" = Uuid, Path)),
-    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = Message), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn delete(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<Uuid>,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<Json<Message>> {
     caller.require_admin()?;
     state.store.delete_target(id).await?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(Message::json("target deleted"))
 }

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::auth::{check_password, normalize_email};
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{ApiJson, ApiPath, Caller};
-use super::AppState;
+use super::{AppState, Message};
 use crate::auth::hash_password;
 use crate::store::{NewUser, User, UserUpdate, DEFAULT_ROLE};
 
@@ -134,13 +134,13 @@ pub async fn update(
 
 /// Delete a user with their API tokens, user-scoped credentials and policy subjects.
 #[utoipa::path(delete, path = "/api/users/{id}", tag = "users", security(("bearer" = [])), params(("id" = Uuid, Path)),
-    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = Message), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn delete(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<Uuid>,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<Json<Message>> {
     caller.require_admin()?;
     state.store.delete_user(id).await?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(Message::json("user deleted"))
 }

@@ -81,18 +81,25 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn delete_target(&self, id: Uuid) -> StoreResult<()>;
     /// Bumps the target's restart generation (data planes restart its processes); returns it.
     async fn restart_target(&self, id: Uuid) -> StoreResult<i64>;
+    /// Bumps a user's session generation (data planes recycle that user's sessions when
+    /// their snapshot carries the new one); returns it.
+    async fn recycle_user(&self, id: Uuid) -> StoreResult<i64>;
 
     /// Inserts or replaces a sealed secret. The ciphertext must already be bound to
     /// `(target, kind, scope, name)` by its associated data.
-    async fn put_secret(&self, entry: SecretEntry) -> StoreResult<()>;
+    async fn put_secret(&self, entry: SecretEntry) -> StoreResult<()> {
+        self.put_secrets(vec![entry]).await
+    }
+    /// Inserts or replaces several sealed secrets in one transaction: all of them or none.
+    async fn put_secrets(&self, entries: Vec<SecretEntry>) -> StoreResult<()>;
     async fn delete_secret(&self, target_id: Uuid, kind: SecretKind, scope: &Scope, name: &str) -> StoreResult<()>;
     /// Deletes every secret of a kind at one scope (all env keys of a role, say); returns
     /// how many were deleted.
     async fn delete_scope_secrets(&self, target_id: Uuid, kind: SecretKind, scope: &Scope) -> StoreResult<u64>;
     async fn list_secrets(&self, target_id: Uuid, kind: Option<SecretKind>) -> StoreResult<Vec<SecretEntry>>;
     /// How many values are stored at `user_id`'s user scope over every target, and their sealed
-    /// bytes, leaving out the one at (`target_id`, `kind`, `name`) (the value a write replaces).
-    async fn user_secret_usage(&self, user_id: Uuid, except: (Uuid, SecretKind, &str)) -> StoreResult<(u64, u64)>;
+    /// bytes.
+    async fn user_secret_usage(&self, user_id: Uuid) -> StoreResult<(u64, u64)>;
 
     async fn create_policy(&self, spec: PolicySpec, subjects: Vec<SubjectSpec>) -> StoreResult<Policy>;
     async fn list_policies(&self) -> StoreResult<Vec<Policy>>;

@@ -23,6 +23,9 @@ pub struct User {
     pub active: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Bumped by a recycle: data planes recycle the user's sessions when it changes.
+    #[serde(skip)]
+    pub session_generation: i64,
 }
 
 impl User {
@@ -182,6 +185,8 @@ pub struct SecretEntry {
     pub name: String,
     pub ciphertext: Vec<u8>,
     pub key_version: i32,
+    /// What the value is for (env entries; empty for tokens).
+    pub description: String,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -198,18 +203,37 @@ pub struct PolicySpec {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct SubjectSpec {
     pub subject_type: SubjectType,
-    /// User id, role or group name; empty for `everyone`.
-    #[serde(default)]
+    /// User id, role or group name; absent, `null` or empty for `everyone`.
+    #[serde(default, deserialize_with = "null_as_empty")]
+    #[schema(value_type = Option<String>)]
     pub subject_value: String,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    Option::<String>::deserialize(deserializer).map(Option::unwrap_or_default)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct PolicySubject {
     pub id: Uuid,
+    pub policy_id: Uuid,
     pub subject_type: SubjectType,
+    /// User id, role or group name; `null` for `everyone`.
+    #[serde(serialize_with = "empty_as_null")]
+    #[schema(value_type = Option<String>)]
     pub subject_value: String,
+    pub created_at: DateTime<Utc>,
+}
+
+fn empty_as_null<S: serde::Serializer>(value: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    if value.is_empty() {
+        serializer.serialize_none()
+    } else {
+        serializer.serialize_str(value)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]

@@ -23,7 +23,7 @@ use super::*;
 /// can change who is an admin lock it first, so they run one at a time.
 const FIRST_ADMIN_KEY: &str = "first_admin";
 
-const USER_COLUMNS: &str = "id, email, role, active, created_at, updated_at";
+const USER_COLUMNS: &str = "id, email, role, active, created_at, updated_at, session_generation";
 const TOKEN_COLUMNS: &str = "id, user_id, name, prefix, created_at, expires_at, last_used_at";
 const TARGET_COLUMNS: &str = "id, name, description, transport_type, url, command, args, image, port, health_path, \
      statefulness, isolation_boundary, auth_type, auth_header_name, enabled, env_keys, created_at, updated_at";
@@ -91,6 +91,7 @@ macro_rules! sql_store {
                     active: row.try_get("active").map_err(db)?,
                     created_at: row.try_get("created_at").map_err(db)?,
                     updated_at: row.try_get("updated_at").map_err(db)?,
+                    session_generation: row.try_get("session_generation").map_err(db)?,
                 })
             }
 
@@ -143,6 +144,7 @@ macro_rules! sql_store {
                     name: row.try_get("name").map_err(db)?,
                     ciphertext: row.try_get("ciphertext").map_err(db)?,
                     key_version: row.try_get("key_version").map_err(db)?,
+                    description: row.try_get("description").map_err(db)?,
                     updated_at: row.try_get("updated_at").map_err(db)?,
                 })
             }
@@ -195,15 +197,18 @@ macro_rules! sql_store {
             where
                 E: sqlx::Executor<'e, Database = $Db>,
             {
-                let sql = "SELECT id, policy_id, subject_type, subject_value FROM policy_subjects \
+                let sql = "SELECT id, policy_id, subject_type, subject_value, created_at FROM policy_subjects \
                            WHERE ($1 IS NULL OR policy_id = $1) ORDER BY subject_type, subject_value";
                 let rows = sqlx::query(sql).bind(policy_id).fetch_all(executor).await.map_err(db)?;
                 let mut subjects: HashMap<Uuid, Vec<PolicySubject>> = HashMap::new();
                 for row in &rows {
-                    subjects.entry(row.try_get("policy_id").map_err(db)?).or_default().push(PolicySubject {
+                    let policy_id: Uuid = row.try_get("policy_id").map_err(db)?;
+                    subjects.entry(policy_id).or_default().push(PolicySubject {
                         id: row.try_get("id").map_err(db)?,
+                        policy_id,
                         subject_type: parse_text("subject type", row.try_get("subject_type").map_err(db)?, SubjectType::parse)?,
                         subject_value: row.try_get("subject_value").map_err(db)?,
+                        created_at: row.try_get("created_at").map_err(db)?,
                     });
                 }
                 Ok(subjects)
@@ -233,7 +238,16 @@ macro_rules! sql_store {
                 groups.sort();
                 groups.dedup();
                 Self::insert_groups(tx, id, &groups).await?;
-                Ok(User { id, email: new.email, role, groups, active: new.active, created_at: at, updated_at: at })
+                Ok(User {
+                    id,
+                    email: new.email,
+                    role,
+                    groups,
+                    active: new.active,
+                    created_at: at,
+                    updated_at: at,
+                    session_generation: 0,
+                })
             }
 
             async fn insert_groups(tx: &mut sqlx::Transaction<'_, $Db>, user_id: Uuid, groups: &[String]) -> StoreResult<()> {
@@ -313,19 +327,27 @@ macro_rules! sql_store {
                 subjects: Vec<SubjectSpec>,
             ) -> StoreResult<Vec<PolicySubject>> {
                 let mut out = Vec::with_capacity(subjects.len());
+                let created_at = now();
                 for subject in subjects {
                     let id = Uuid::new_v4();
                     sqlx::query(
-                        "INSERT INTO policy_subjects (id, policy_id, subject_type, subject_value) VALUES ($1, $2, $3, $4)",
+                        "INSERT INTO policy_subjects (id, policy_id, subject_type, subject_value, created_at) VALUES ($1, $2, $3, $4, $5)",
                     )
                     .bind(id)
                     .bind(policy_id)
                     .bind(subject.subject_type.as_str())
                     .bind(&subject.subject_value)
+                    .bind(created_at)
                     .execute(&mut **tx)
                     .await
                     .map_err(|e| classify(e, "the policy already has this subject"))?;
-                    out.push(PolicySubject { id, subject_type: subject.subject_type, subject_value: subject.subject_value });
+                    out.push(PolicySubject {
+                        id,
+                        policy_id,
+                        subject_type: subject.subject_type,
+                        subject_value: subject.subject_value,
+                        created_at,
+                    });
                 }
                 out.sort_by(|a, b| (a.subject_type.as_str(), &a.subject_value).cmp(&(b.subject_type.as_str(), &b.subject_value)));
                 Ok(out)
@@ -619,6 +641,18 @@ macro_rules! sql_store {
                 self.get_target(id).await?.ok_or_else(|| StoreError::NotFound("target".into()))
             }
 
+            async fn recycle_user(&self, id: Uuid) -> StoreResult<i64> {
+                let row = sqlx::query(
+                    "UPDATE users SET session_generation = session_generation + 1 WHERE id = $1 RETURNING session_generation",
+                )
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?
+                .ok_or_else(|| StoreError::NotFound("user".into()))?;
+                row.try_get("session_generation").map_err(db)
+            }
+
             async fn restart_target(&self, id: Uuid) -> StoreResult<i64> {
                 let row = sqlx::query(
                     "UPDATE targets SET restart_generation = restart_generation + 1 WHERE id = $1 RETURNING restart_generation",
@@ -640,28 +674,33 @@ macro_rules! sql_store {
                 Ok(())
             }
 
-            async fn put_secret(&self, entry: SecretEntry) -> StoreResult<()> {
-                sqlx::query(
-                    "INSERT INTO target_secrets (target_id, kind, scope_type, scope_value, name, ciphertext, key_version, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                     ON CONFLICT (target_id, kind, scope_type, scope_value, name) DO UPDATE SET \
-                     ciphertext = excluded.ciphertext, key_version = excluded.key_version, updated_at = excluded.updated_at",
-                )
-                .bind(entry.target_id)
-                .bind(entry.kind.as_str())
-                .bind(entry.scope.kind().as_str())
-                .bind(entry.scope.value())
-                .bind(&entry.name)
-                .bind(&entry.ciphertext)
-                .bind(entry.key_version)
-                .bind(entry.updated_at)
-                .execute(&self.pool)
-                .await
-                .map_err(|e| match classify(e, "conflicting secret") {
-                    StoreError::NotFound(_) => StoreError::NotFound("target".into()),
-                    other => other,
-                })?;
-                Ok(())
+            async fn put_secrets(&self, entries: Vec<SecretEntry>) -> StoreResult<()> {
+                let mut tx = self.pool.begin().await.map_err(db)?;
+                for entry in &entries {
+                    sqlx::query(
+                        "INSERT INTO target_secrets (target_id, kind, scope_type, scope_value, name, ciphertext, key_version, description, updated_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                         ON CONFLICT (target_id, kind, scope_type, scope_value, name) DO UPDATE SET \
+                         ciphertext = excluded.ciphertext, key_version = excluded.key_version, \
+                         description = excluded.description, updated_at = excluded.updated_at",
+                    )
+                    .bind(entry.target_id)
+                    .bind(entry.kind.as_str())
+                    .bind(entry.scope.kind().as_str())
+                    .bind(entry.scope.value())
+                    .bind(&entry.name)
+                    .bind(&entry.ciphertext)
+                    .bind(entry.key_version)
+                    .bind(&entry.description)
+                    .bind(entry.updated_at)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| match classify(e, "conflicting secret") {
+                        StoreError::NotFound(_) => StoreError::NotFound("target".into()),
+                        other => other,
+                    })?;
+                }
+                tx.commit().await.map_err(db)
             }
 
             async fn delete_secret(&self, target_id: Uuid, kind: SecretKind, scope: &Scope, name: &str) -> StoreResult<()> {
@@ -698,19 +737,12 @@ macro_rules! sql_store {
                     .rows_affected())
             }
 
-            async fn user_secret_usage(
-                &self,
-                user_id: Uuid,
-                except: (Uuid, SecretKind, &str),
-            ) -> StoreResult<(u64, u64)> {
+            async fn user_secret_usage(&self, user_id: Uuid) -> StoreResult<(u64, u64)> {
                 let row = sqlx::query(
                     "SELECT COUNT(*) AS count, COALESCE(SUM(LENGTH(ciphertext)), 0) AS bytes FROM target_secrets \
-                     WHERE scope_type = 'user' AND scope_value = $1 AND NOT (target_id = $2 AND kind = $3 AND name = $4)",
+                     WHERE scope_type = 'user' AND scope_value = $1",
                 )
                 .bind(user_id.to_string())
-                .bind(except.0)
-                .bind(except.1.as_str())
-                .bind(except.2)
                 .fetch_one(&self.pool)
                 .await
                 .map_err(db)?;
@@ -721,7 +753,7 @@ macro_rules! sql_store {
 
             async fn list_secrets(&self, target_id: Uuid, kind: Option<SecretKind>) -> StoreResult<Vec<SecretEntry>> {
                 let rows = sqlx::query(
-                    "SELECT target_id, kind, scope_type, scope_value, name, ciphertext, key_version, updated_at FROM target_secrets \
+                    "SELECT target_id, kind, scope_type, scope_value, name, ciphertext, key_version, description, updated_at FROM target_secrets \
                      WHERE target_id = $1 AND ($2 IS NULL OR kind = $2) ORDER BY kind, scope_type, scope_value, name",
                 )
                 .bind(target_id)
@@ -894,7 +926,7 @@ macro_rules! sql_store {
                     .map(|row| Ok((Self::token_from_row(row)?, row.try_get::<Vec<u8>, _>("token_hash").map_err(db)?)))
                     .collect::<StoreResult<Vec<_>>>()?;
                 let secrets = sqlx::query(
-                    "SELECT target_id, kind, scope_type, scope_value, name, ciphertext, key_version, updated_at \
+                    "SELECT target_id, kind, scope_type, scope_value, name, ciphertext, key_version, description, updated_at \
                      FROM target_secrets ORDER BY target_id, kind, scope_type, scope_value, name",
                 )
                 .fetch_all(&mut *tx)
