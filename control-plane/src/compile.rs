@@ -54,6 +54,12 @@ pub struct Diff {
 }
 
 impl Snapshot {
+    /// The payload of one resource, decoded; `None` when absent or not of that shape.
+    pub fn payload<T: serde::de::DeserializeOwned>(&self, kind: ResourceType, id: &str) -> Option<T> {
+        let resource = self.resources.get(&(kind as i32, id.to_string()))?;
+        serde_json::from_slice(&resource.payload).ok()
+    }
+
     fn from_resources(resources: ResourceMap) -> Self {
         let version =
             resources::snapshot_version(resources.values().map(|r| (r.r#type, r.id.as_str(), r.version.as_str())));

@@ -293,6 +293,7 @@ impl Session {
             acked_at: None,
             last_rejection: None,
             instances: Vec::new(),
+            report: Default::default(),
         };
         let (status, mut updates) = watch::channel(status);
         let writer = tokio::spawn(async move {
@@ -418,8 +419,10 @@ impl Session {
                     }
                     Ok(Some(SyncRequest { kind: Some(sync_request::Kind::Status(report)) })) => {
                         let instances = report.instances.iter().map(instance_status).collect();
+                        let plane_report = plane_report(&report);
                         self.status.send_modify(|s| {
                             s.instances = instances;
+                            s.report = plane_report;
                             s.last_seen = now();
                         });
                     }
@@ -438,6 +441,31 @@ impl Session {
             s.connected = false;
             s.last_seen = now();
         });
+    }
+}
+
+fn plane_report(report: &reflow_proto::snapshot::v1::Status) -> crate::store::PlaneReport {
+    use crate::store::{Applied, TargetHealth};
+    let applied = |done: &[reflow_proto::snapshot::v1::Done]| {
+        done.iter().map(|d| Applied { id: d.id.clone(), generation: d.generation, count: d.count }).collect()
+    };
+    let at = |secs: i64| (secs > 0).then(|| chrono::DateTime::from_timestamp(secs, 0)).flatten();
+    crate::store::PlaneReport {
+        recycled: applied(&report.recycled),
+        restarted: applied(&report.restarted),
+        targets: report
+            .targets
+            .iter()
+            .map(|t| TargetHealth {
+                target_id: t.target_id.clone(),
+                sessions: t.sessions,
+                processes: t.processes,
+                last_ok_at: at(t.last_ok_unix),
+                last_failure_at: at(t.last_failure_unix),
+                last_failure: (!t.last_failure.is_empty()).then(|| t.last_failure.clone()),
+                failures: t.failures,
+            })
+            .collect(),
     }
 }
 

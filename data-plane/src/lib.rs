@@ -108,8 +108,7 @@ impl DataPlane {
                 }
             }
         });
-        let pool = self.gateway.pool.clone();
-        let report: sync::InstanceReport = Arc::new(move || pool.instances());
+        let report: sync::Report = self.gateway.clone();
         tokio::spawn(sync::run(
             self.sync.clone(),
             self.state.clone(),

@@ -14,7 +14,7 @@ use std::time::Duration;
 use rand::Rng;
 use reflow_common::crypto::DeterministicSealer;
 use reflow_proto::snapshot::v1::snapshot_service_client::SnapshotServiceClient;
-use reflow_proto::snapshot::v1::{sync_request, Ack, Hello, Instance, Nack, Status, SyncRequest};
+use reflow_proto::snapshot::v1::{sync_request, Ack, Hello, Nack, Status, SyncRequest};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -75,19 +75,26 @@ fn jittered(delay: Duration) -> Duration {
     delay.mul_f64(factor)
 }
 
-/// Runs until `shutdown`: connect, stream, apply, reconnect.
-/// Lists what this data plane runs, for the control plane's status view.
-pub type InstanceReport = Arc<dyn Fn() -> Vec<Instance> + Send + Sync>;
+/// What the data plane tells its control plane, and hears of each applied snapshot.
+pub trait Observer: Send + Sync {
+    /// A snapshot was applied; called before its Ack is sent.
+    fn applied(&self, snapshot: &crate::snapshot::DataSnapshot);
+    /// The status to report: running processes, recycles and restarts done.
+    fn status(&self) -> Status;
+}
 
-/// How often the instance list is compared with what was last reported.
+pub type Report = Arc<dyn Observer>;
+
+/// How often the status is compared with what was last reported.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 
+/// Runs until `shutdown`: connect, stream, apply, reconnect.
 pub async fn run(
     config: SyncConfig,
     state: Arc<SnapshotState>,
     sealer: DeterministicSealer,
     cache: Option<Cache>,
-    report: Option<InstanceReport>,
+    report: Option<Report>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = BACKOFF_START;
@@ -121,7 +128,7 @@ async fn stream_once(
     state: &SnapshotState,
     sealer: &DeterministicSealer,
     cache: Option<&Cache>,
-    report: Option<&InstanceReport>,
+    report: Option<&Report>,
     shutdown: &CancellationToken,
 ) -> Result<(), StreamEnd> {
     let endpoint = Endpoint::from_shared(config.control_plane.clone())
@@ -181,16 +188,16 @@ async fn stream_once(
     let _reporter = report.map(|report| {
         let (report, tx) = (report.clone(), tx.clone());
         AbortOnDrop(tokio::spawn(async move {
-            // A new stream starts with no instances on the control plane's side.
-            let mut last: Option<Vec<Instance>> = Some(Vec::new());
+            // A new stream starts with nothing reported on the control plane's side.
+            let mut last = Status::default();
             loop {
-                let now = report();
-                if last.as_ref() != Some(&now) {
-                    let status = Status { instances: now.clone() };
+                let now = report.status();
+                if now != last {
+                    let status = now.clone();
                     if tx.send(SyncRequest { kind: Some(sync_request::Kind::Status(status)) }).await.is_err() {
                         return;
                     }
-                    last = Some(now);
+                    last = now;
                 }
                 tokio::time::sleep(STATUS_EVERY).await;
             }
@@ -249,8 +256,17 @@ async fn stream_once(
                         tracing::warn!(%error, "cannot write the snapshot cache");
                     }
                 }
-                state.store_arc(snapshot);
+                state.store_arc(snapshot.clone());
                 state.applied();
+                if let Some(report) = report {
+                    // Recycles and restarts this update caused are reported before its Ack, so
+                    // a control plane that sees the Ack knows what this data plane did.
+                    report.applied(&snapshot);
+                    let status = report.status();
+                    if tx.send(SyncRequest { kind: Some(sync_request::Kind::Status(status)) }).await.is_err() {
+                        return Err(StreamEnd::Failed("stream closed".into()));
+                    }
+                }
                 sync_request::Kind::Ack(Ack { version: update.version.clone() })
             }
             Err(rejection) => {

@@ -158,6 +158,10 @@ async fn stdio_processes_are_shared_or_isolated_with_their_own_env() {
         .collect();
     let restarted = gateway.post(&format!("/api/targets/{shared}/restart-instances"), json!({})).await.unwrap();
     assert_eq!(restarted["restart_generation"], 1);
+    // The answer waited for the data plane and counts what it stopped (the original's shape).
+    assert_eq!(restarted["restarted"], before.len(), "{restarted}");
+    assert_eq!((restarted["data_planes"].as_u64(), restarted["pending"].clone()), (Some(1), json!([])));
+    assert_eq!(restarted["target"]["id"], shared);
     let deadline = Instant::now() + Duration::from_secs(10);
     while before.iter().any(|pid| alive(*pid)) {
         assert!(Instant::now() < deadline, "restarted processes still run: {before:?}");

@@ -8,3 +8,6 @@ ALTER TABLE policy_subjects ADD COLUMN created_at TIMESTAMPTZ;
 UPDATE policy_subjects SET created_at = (SELECT created_at FROM policies WHERE policies.id = policy_subjects.policy_id);
 ALTER TABLE policy_subjects ALTER COLUMN created_at SET NOT NULL;
 ALTER TABLE users ADD COLUMN session_generation BIGINT NOT NULL DEFAULT 0;
+-- What each data plane last reported beyond its processes: recycles and restarts applied,
+-- and the health of each target it serves (JSON).
+ALTER TABLE data_planes ADD COLUMN report TEXT NOT NULL DEFAULT '{}';

@@ -7,3 +7,6 @@ ALTER TABLE target_secrets ADD COLUMN description TEXT NOT NULL DEFAULT '';
 ALTER TABLE policy_subjects ADD COLUMN created_at TEXT NOT NULL DEFAULT '';
 UPDATE policy_subjects SET created_at = (SELECT created_at FROM policies WHERE policies.id = policy_subjects.policy_id);
 ALTER TABLE users ADD COLUMN session_generation INTEGER NOT NULL DEFAULT 0;
+-- What each data plane last reported beyond its processes: recycles and restarts applied,
+-- and the health of each target it serves (JSON).
+ALTER TABLE data_planes ADD COLUMN report TEXT NOT NULL DEFAULT '{}';

@@ -111,6 +111,8 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(auth::delete_token))
         .routes(routes!(users::list, users::create))
         .routes(routes!(users::get, users::update, users::delete))
+        .routes(routes!(users::recycle_user))
+        .routes(routes!(users::recycle_own))
         .routes(routes!(targets::list, targets::create))
         .routes(routes!(targets::get, targets::update, targets::delete))
         .routes(routes!(targets::restart_instances))

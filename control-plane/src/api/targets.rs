@@ -353,28 +353,49 @@ pub async fn update(
     Ok(Json(state.store.update_target(id, spec).await?))
 }
 
-/// What `restart-instances` did.
+/// What `restart-instances` did: the original's `{restarted, target}`, the restart generation
+/// data planes acted on, and which data planes took part.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Restarted {
-    /// The target's new restart generation; data planes stop its running processes when their
-    /// snapshot carries it, and start fresh ones on next use.
+    /// Processes stopped across every connected data plane; fresh ones start on next use.
+    pub restarted: u32,
+    pub target: Target,
+    /// The target's new restart generation, which the snapshot carries to data planes.
     pub restart_generation: i64,
+    #[serde(flatten)]
+    pub fleet: super::data_planes::Fleet,
 }
 
 /// Restart every running process (STDIO, and Kubernetes instances) of a target, on every data
-/// plane. Relayed through the snapshot: each data plane acts when it receives the new version.
+/// plane. Relayed through the snapshot; the answer waits (up to 10 s) until every connected
+/// data plane has applied it, and counts what they stopped.
 #[utoipa::path(post, path = "/api/targets/{id}/restart-instances", tag = "targets", security(("bearer" = [])),
     params(("id" = Uuid, Path)),
-    responses((status = 202, body = Restarted), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = Restarted), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn restart_instances(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<Uuid>,
-) -> ApiResult<(StatusCode, Json<Restarted>)> {
+) -> ApiResult<Json<Restarted>> {
     caller.require_admin()?;
     let restart_generation = state.store.restart_target(id).await?;
+    let target = find(&state, id).await?;
     tracing::info!(target_id = %id, restart_generation, "restart of a target's instances requested");
-    Ok((StatusCode::ACCEPTED, Json(Restarted { restart_generation })))
+    let key = id.to_string();
+    let (restarted, fleet) = super::data_planes::await_applied(
+        &state,
+        |snapshot| {
+            snapshot
+                .payload::<reflow_proto::resources::Target>(reflow_proto::snapshot::v1::ResourceType::Target, &key)
+                .is_some_and(|t| t.restart_generation >= restart_generation)
+        },
+        |plane| {
+            let done = plane.report.restarted.iter().find(|d| d.id == key && d.generation >= restart_generation);
+            done.map(|d| d.count)
+        },
+    )
+    .await?;
+    Ok(Json(Restarted { restarted, target, restart_generation, fleet }))
 }
 
 /// One running process of a target on a data plane.

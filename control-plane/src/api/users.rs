@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use reflow_common::names::validate_principal_name;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -143,4 +143,57 @@ pub async fn delete(
     caller.require_admin()?;
     state.store.delete_user(id).await?;
     Ok(Message::json("user deleted"))
+}
+
+/// What a recycle did: the original's `{recycled, user_id}` and which data planes took part.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Recycled {
+    /// The user's MCP sessions recycled across every connected data plane.
+    pub recycled: u32,
+    pub user_id: Uuid,
+    /// The user's new session generation.
+    pub session_generation: i64,
+    #[serde(flatten)]
+    pub fleet: super::data_planes::Fleet,
+}
+
+/// Recycles every MCP session of `user` on every data plane: upstream sessions and `per_user`
+/// processes opened for the user end, the client sessions stay and reopen them on next use.
+async fn recycle(state: &AppState, user: Uuid) -> ApiResult<Json<Recycled>> {
+    let session_generation = state.store.recycle_user(user).await?;
+    tracing::info!(user_id = %user, session_generation, "recycle of a user's sessions requested");
+    let key = user.to_string();
+    let (recycled, fleet) = super::data_planes::await_applied(
+        state,
+        |snapshot| {
+            snapshot
+                .payload::<reflow_proto::resources::User>(reflow_proto::snapshot::v1::ResourceType::User, &key)
+                .is_some_and(|u| u.session_generation >= session_generation)
+        },
+        |plane| {
+            let done = plane.report.recycled.iter().find(|d| d.id == key && d.generation >= session_generation);
+            done.map(|d| d.count)
+        },
+    )
+    .await?;
+    Ok(Json(Recycled { recycled, user_id: user, session_generation, fleet }))
+}
+
+/// Recycle a user's MCP sessions on every data plane (admin).
+#[utoipa::path(post, path = "/api/users/{id}/recycle", tag = "users", security(("bearer" = [])), params(("id" = Uuid, Path)),
+    responses((status = 200, body = Recycled), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn recycle_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<Recycled>> {
+    caller.require_admin()?;
+    recycle(&state, id).await
+}
+
+/// Recycle the caller's own MCP sessions on every data plane.
+#[utoipa::path(post, path = "/api/sessions/recycle", tag = "users", security(("bearer" = [])),
+    responses((status = 200, body = Recycled), (status = 401, body = ErrorBody)))]
+pub async fn recycle_own(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Recycled>> {
+    recycle(&state, caller.user.id).await
 }

@@ -292,6 +292,49 @@ pub struct DataPlaneStatus {
     pub last_rejection: Option<Rejection>,
     /// The upstream processes it runs, as it last reported them.
     pub instances: Vec<InstanceStatus>,
+    /// Recycles, restarts and target health, as it last reported them.
+    #[serde(flatten)]
+    pub report: PlaneReport,
+}
+
+/// What a data plane reports beyond its processes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PlaneReport {
+    /// Per user: the latest session generation applied, and how many sessions it recycled.
+    #[serde(default)]
+    pub recycled: Vec<Applied>,
+    /// Per target: the latest restart generation applied, and how many processes it stopped.
+    #[serde(default)]
+    pub restarted: Vec<Applied>,
+    /// Per target: its health on this data plane.
+    #[serde(default)]
+    pub targets: Vec<TargetHealth>,
+}
+
+/// A recycle or restart a data plane applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Applied {
+    /// The user id or target id.
+    pub id: String,
+    pub generation: i64,
+    pub count: u32,
+}
+
+/// A target's health on one data plane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TargetHealth {
+    pub target_id: String,
+    /// Client sessions holding an upstream session to it.
+    pub sessions: u32,
+    /// Its running processes.
+    pub processes: u32,
+    pub last_ok_at: Option<DateTime<Utc>>,
+    pub last_failure_at: Option<DateTime<Utc>>,
+    /// Why the last failure happened; for a STDIO server that exited, the tail of its stderr
+    /// with credentials masked.
+    pub last_failure: Option<String>,
+    /// Failed exchanges since the data plane started.
+    pub failures: u64,
 }
 
 /// One upstream process a data plane runs.

@@ -943,13 +943,14 @@ macro_rules! sql_store {
                 let rejection = status.last_rejection.as_ref();
                 sqlx::query(
                     "INSERT INTO data_planes (node_id, node_group, labels, build_version, control_plane_id, connected, \
-                     connected_since, last_seen, acked_version, acked_at, nack_version, nack_reason, nack_at, instances) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+                     connected_since, last_seen, acked_version, acked_at, nack_version, nack_reason, nack_at, instances, report) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
                      ON CONFLICT (node_id) DO UPDATE SET node_group = excluded.node_group, labels = excluded.labels, \
                      build_version = excluded.build_version, control_plane_id = excluded.control_plane_id, \
                      connected = excluded.connected, connected_since = excluded.connected_since, last_seen = excluded.last_seen, \
                      acked_version = excluded.acked_version, acked_at = excluded.acked_at, nack_version = excluded.nack_version, \
-                     nack_reason = excluded.nack_reason, nack_at = excluded.nack_at, instances = excluded.instances",
+                     nack_reason = excluded.nack_reason, nack_at = excluded.nack_at, instances = excluded.instances, \
+                     report = excluded.report",
                 )
                 .bind(&status.node_id)
                 .bind(&status.group)
@@ -965,6 +966,7 @@ macro_rules! sql_store {
                 .bind(rejection.map(|r| r.reason.clone()))
                 .bind(rejection.map(|r| r.at))
                 .bind(serde_json::to_string(&status.instances).unwrap_or_else(|_| "[]".into()))
+                .bind(serde_json::to_string(&status.report).unwrap_or_else(|_| "{}".into()))
                 .execute(&self.pool)
                 .await
                 .map_err(db)?;
@@ -978,6 +980,7 @@ macro_rules! sql_store {
                     .map(|row| {
                         let labels: String = row.try_get("labels").map_err(db)?;
                         let instances: String = row.try_get("instances").map_err(db)?;
+                        let report: String = row.try_get("report").map_err(db)?;
                         let last_seen: DateTime<Utc> = row.try_get("last_seen").map_err(db)?;
                         let nack_version: Option<String> = row.try_get("nack_version").map_err(db)?;
                         let last_rejection = match nack_version {
@@ -1001,6 +1004,7 @@ macro_rules! sql_store {
                             acked_at: row.try_get("acked_at").map_err(db)?,
                             last_rejection,
                             instances: serde_json::from_str(&instances).map_err(|_| corrupt("instances", &instances))?,
+                            report: serde_json::from_str(&report).map_err(|_| corrupt("report", &report))?,
                         })
                     })
                     .collect()

@@ -4,7 +4,7 @@
 //! Every request runs against one snapshot (taken once by the HTTP layer), so listing and
 //! calling decide with the same policies and the same function.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -213,6 +213,8 @@ pub struct Gateway {
     pub merged: MergedLists,
     /// What one identity may take of this data plane.
     pub shares: Arc<super::shares::Shares>,
+    /// Recycles and restarts applied, for the control plane.
+    pub recycling: super::recycle::Recycling,
 }
 
 impl Gateway {
@@ -249,6 +251,7 @@ impl Gateway {
                 settings.max_inflight_per_user,
                 settings.max_sessions_per_user,
             ),
+            recycling: Default::default(),
             settings,
         })
     }
@@ -1015,8 +1018,17 @@ impl Gateway {
     /// removed targets, closes sessions of users who may no longer connect, and tells the
     /// others which of their lists changed.
     pub fn snapshot_changed(&self, snapshot: &DataSnapshot) {
+        if !self.recycling.begin(&snapshot.version) {
+            return;
+        }
         self.merged.clear();
-        self.pool.retire(snapshot.view.targets.values());
+        let stopped = self.pool.retire(snapshot.view.targets.values());
+        self.recycling.targets(snapshot.view.targets.values(), &stopped);
+        let raised = self.recycling.users(snapshot.view.users.values());
+        let mut recycled: HashMap<&str, u32> = raised.keys().map(|user| (user.as_str(), 0)).collect();
+        for user in raised.keys() {
+            self.pool.stop_user(user);
+        }
         for session in self.sessions.all() {
             let user = snapshot.view.users.get(&session.user_id).filter(|u| u.active);
             let Some(user) = user else {
@@ -1026,6 +1038,15 @@ impl Gateway {
                 }
                 continue;
             };
+            let identity = super::recycle::identity(user);
+            let before = session.identity.swap(identity, std::sync::atomic::Ordering::Relaxed);
+            if before != 0 && before != identity {
+                self.recycle(&session);
+                if let Some(count) = recycled.get_mut(session.user_id.as_str()) {
+                    *count += 1;
+                }
+                continue;
+            }
             let mut changed = Vec::new();
             {
                 // Targets added, removed, enabled, disabled or newly (un)reachable change the
@@ -1055,6 +1076,28 @@ impl Gateway {
             for method in changed {
                 session.push(jsonrpc::notification(method, None));
             }
+        }
+        for (user, sessions) in recycled {
+            tracing::info!(user = %user, sessions, "a user's sessions were recycled");
+            self.recycling.recycled(user, raised[user], sessions);
+        }
+    }
+
+    /// Recycles a client session: its upstream sessions (opened as the user's old identity)
+    /// are closed, its lists forgotten, and the client told the lists changed. The client keeps
+    /// the session; its next request opens upstream sessions as the user is now.
+    fn recycle(&self, session: &Arc<ClientSession>) {
+        tracing::info!(target: "reflow::audit", session = %short(&session.id), user = %session.user_id, "session recycled: the user's role, groups or session generation changed");
+        session.lists.lock().unwrap().clear();
+        let owned = session.clone();
+        tokio::spawn(async move {
+            let stale: Vec<UpstreamEntry> = owned.upstreams.lock().await.drain().map(|(_, entry)| entry).collect();
+            for entry in stale {
+                entry.upstream.close().await;
+            }
+        });
+        for spec in LISTS.iter().filter(|s| s.method != "resources/templates/list") {
+            session.push(jsonrpc::notification(spec.changed, None));
         }
     }
 
@@ -1137,6 +1180,23 @@ fn map_result_uris(target: &str, method: &str, reply: &mut Value) {
             .filter_map(|m| m.get_mut("content"))
             .for_each(map_content),
         _ => {}
+    }
+}
+
+impl crate::sync::Observer for Gateway {
+    fn applied(&self, snapshot: &DataSnapshot) {
+        self.snapshot_changed(snapshot);
+    }
+
+    /// Running processes, recycles and restarts applied.
+    fn status(&self) -> reflow_proto::snapshot::v1::Status {
+        let (recycled, restarted) = self.recycling.report();
+        reflow_proto::snapshot::v1::Status {
+            instances: self.pool.instances(),
+            recycled,
+            restarted,
+            targets: Vec::new(),
+        }
     }
 }
 

@@ -313,6 +313,7 @@ async fn open_session(gateway: Arc<Gateway>, scope: Scope, caller: Caller, messa
         );
     }
     let session = Arc::new(ClientSession::new(caller.user.id.clone(), scope, false, Default::default()));
+    session.identity.store(super::recycle::identity(&caller.user), std::sync::atomic::Ordering::Relaxed);
     let reply = match gateway.handle(&session, &caller, message).await {
         Reply::Now(reply) => reply,
         _ => unreachable!("initialize is answered at once"),
@@ -457,6 +458,7 @@ fn get_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Result<Resp
         ));
     }
     let session = Arc::new(ClientSession::new(caller.user.id.clone(), scope, true, Default::default()));
+    session.identity.store(super::recycle::identity(&caller.user), std::sync::atomic::Ordering::Relaxed);
     let messages = session.outbound().receiver.lock().unwrap().take();
     gateway.sessions.insert(session.clone());
     let endpoint = Event::default().event("endpoint").data(format!("{}?sessionId={}", parts.uri.path(), session.id));

@@ -7,6 +7,7 @@
 //!   policy decision, relaying of notifications and server→client requests.
 //! - [`merged`]: merged lists shared by the sessions of one user, per snapshot.
 //! - [`session`]: client sessions and the upstream sessions they own.
+//! - [`recycle`]: what a snapshot that changes who a user is does to their sessions.
 //! - [`shares`]: what one identity may take: request rate, requests in flight, sessions.
 //! - [`names`]: prefixed names and mapped URIs on the aggregated endpoint.
 //! - [`jsonrpc`]: message classification and error codes.
@@ -16,6 +17,7 @@ pub mod http;
 pub mod jsonrpc;
 pub mod merged;
 pub mod names;
+pub mod recycle;
 pub mod session;
 pub mod shares;
 

@@ -92,6 +92,9 @@ pub struct ClientSession {
     /// Merged lists by method.
     pub lists: Mutex<HashMap<&'static str, CachedList>>,
     next_id: AtomicU64,
+    /// The user's identity (role, groups, session generation) the upstream sessions were
+    /// opened for, as [`super::recycle::identity`]; 0 until known.
+    pub identity: AtomicU64,
     /// Ends the session's upstream sessions and relay tasks.
     pub cancel: CancellationToken,
 }
@@ -118,6 +121,7 @@ impl ClientSession {
             inflight: Mutex::new(HashMap::new()),
             lists: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            identity: AtomicU64::new(0),
             cancel,
         }
     }

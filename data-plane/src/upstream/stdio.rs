@@ -815,8 +815,11 @@ impl Pool {
 
     /// Stops the processes of targets that are gone, disabled, or changed in `targets` (a new
     /// command, arguments or restart generation): a new snapshot applies to running processes.
-    pub fn retire<'t>(&self, targets: impl IntoIterator<Item = &'t Target>) {
+    /// Stops the processes whose target was restarted, changed, disabled or removed. Returns,
+    /// per target id, how many were stopped.
+    pub fn retire<'t>(&self, targets: impl IntoIterator<Item = &'t Target>) -> HashMap<String, u32> {
         let current: HashMap<&str, &Target> = targets.into_iter().map(|t| (t.id.as_str(), t)).collect();
+        let mut stopped: HashMap<String, u32> = HashMap::new();
         self.processes.lock().unwrap().retain(|_, process| {
             let keep = current.get(process.key.target_id.as_str()).is_some_and(|t| {
                 t.enabled
@@ -827,9 +830,27 @@ impl Pool {
             if !keep {
                 tracing::info!(target = %process.target_name, pid = process.pid, "stopping a STDIO server: its target was restarted, changed or removed");
                 process.stop();
+                *stopped.entry(process.key.target_id.clone()).or_default() += 1;
             }
             keep
         });
+        stopped
+    }
+
+    /// Stops the `per_user` processes of `user` (a recycle: they hold that user's old
+    /// credentials). Returns how many.
+    pub fn stop_user(&self, user: &str) -> u32 {
+        let mut stopped = 0;
+        self.processes.lock().unwrap().retain(|_, process| {
+            let keep = process.key.user() != Some(user);
+            if !keep {
+                tracing::info!(target = %process.target_name, pid = process.pid, "stopping a per-user STDIO server: its user's sessions were recycled");
+                process.stop();
+                stopped += 1;
+            }
+            keep
+        });
+        stopped
     }
 
     /// Stops every process (on shutdown): stdin closed and SIGTERM/SIGKILL after the grace
