@@ -255,6 +255,8 @@ pub struct Gateway {
     pub admin_token: String,
     pub http: reqwest::Client,
     control_plane: reflow_control_plane::ControlPlane,
+    /// The control plane's gRPC address, for more data planes.
+    grpc: String,
     data_plane: DataPlaneRun,
     shutdown: CancellationToken,
     scratch: Option<ScratchDatabase>,
@@ -320,6 +322,7 @@ impl Gateway {
             tls: None,
             max_snapshot_bytes: reflow_data_plane::sync::DEFAULT_MAX_SNAPSHOT_BYTES,
         };
+        let grpc = sync.control_plane.clone();
         let (data_plane, mcp) = match external {
             None => {
                 let data_plane = DataPlane::new(sync, Some(dir.path().join("cache"))).with_mcp(settings);
@@ -350,9 +353,35 @@ impl Gateway {
             .json()
             .await?;
         let admin_token = registered["token"].as_str().context("register the admin")?.to_string();
-        let gateway = Gateway { api, mcp, admin_token, http, control_plane, data_plane, shutdown, scratch, _dir: dir };
+        let gateway =
+            Gateway { api, mcp, admin_token, http, control_plane, grpc, data_plane, shutdown, scratch, _dir: dir };
         gateway.settled(before).await?;
         Ok(gateway)
+    }
+
+    /// Another data plane of the same control plane, in this process, named `node_id`: the
+    /// data plane and its MCP address. It stops with the gateway; it has its snapshot when this
+    /// returns.
+    pub async fn another_data_plane(&self, node_id: &str) -> anyhow::Result<(DataPlane, String)> {
+        let sync = SyncConfig {
+            control_plane: self.grpc.clone(),
+            token: DATA_PLANE_TOKEN.into(),
+            node_id: node_id.into(),
+            group: "e2e".into(),
+            labels: Default::default(),
+            tls: None,
+            max_snapshot_bytes: reflow_data_plane::sync::DEFAULT_MAX_SNAPSHOT_BYTES,
+        };
+        let settings = McpSettings { stdio_launcher: Some(stdio_launcher()), ..McpSettings::default() };
+        let data_plane = DataPlane::new(sync, None).with_mcp(settings);
+        data_plane.start_sync(self.shutdown.clone());
+        let mcp = serve(data_plane.router(), &self.shutdown).await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while data_plane.state().version() != self.control_plane.hub().current().map(|s| s.version.clone()) {
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "the second data plane got no snapshot");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok((data_plane, mcp))
     }
 
     /// The data plane, when it runs in this process.
