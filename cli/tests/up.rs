@@ -39,7 +39,9 @@ fn readme_usage_works_against_reflow_up_and_survives_a_restart() {
     let data = work.path().join("data");
     let data_arg = data.to_str().unwrap();
     let port = free_port();
-    let running = Running::start(&["up", "--data-dir", data_arg], port, work.path(), &[]);
+    // npm told never to install without asking, in the gateway's environment and (below) in
+    // the npm configuration the STDIO child reads: the README's npx example works regardless.
+    let running = Running::start(&["up", "--data-dir", data_arg], port, work.path(), &[("npm_config_yes", "false")]);
 
     let banner = std::fs::read_to_string(&running.stdout_path).unwrap();
     assert!(banner.contains("/api/auth/register") && banner.contains("/docs"), "banner: {banner}");
@@ -59,12 +61,44 @@ fn readme_usage_works_against_reflow_up_and_survives_a_restart() {
     assert_eq!((created["name"].as_str(), created["transport_type"].as_str()), (Some("github"), Some("stdio")));
     assert_eq!(created["isolation_boundary"], "per_user");
     let env = get(&running.base, &format!("/api/targets/{target}/env"), &token);
-    assert_eq!(env[0]["key"], "GITHUB_PERSONAL_ACCESS_TOKEN");
-    assert_eq!(env[0]["scope_value"], user_id.as_str());
-    assert!(env[0].get("value").is_none());
+    assert_eq!(env["user_configs"][&user_id][0]["key"], "GITHUB_PERSONAL_ACCESS_TOKEN", "{env}");
+    assert_eq!(env["entries"][0]["scope_value"], user_id.as_str());
+    assert!(!env.to_string().contains("ghp_xxxx"));
     let policies = get(&running.base, "/api/policies", &token);
     assert_eq!(policies[0]["subjects"][0]["subject_value"], "developer");
     assert_eq!(policies[0]["target_id"], target.as_str());
+
+    // The server runs: npx fetches it on first use, with npm's configuration saying yes=false.
+    let npmrc = work.path().join("npmrc");
+    std::fs::write(&npmrc, "yes=false\n").unwrap();
+    let client = reqwest::blocking::Client::new();
+    let put = client
+        .put(format!("{}/api/targets/{target}/env/default", running.base))
+        .bearer_auth(&token)
+        .json(
+            &json!([{"key": "NPM_CONFIG_USERCONFIG", "value": npmrc.to_str().unwrap(), "description": "npm settings"}]),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(put.status().as_u16(), 200);
+    let policy = policies[0]["id"].as_str().unwrap();
+    let added = client
+        .post(format!("{}/api/policies/{policy}/subjects", running.base))
+        .bearer_auth(&token)
+        .json(&json!({"subject_type": "user", "subject_value": user_id}))
+        .send()
+        .unwrap();
+    assert_eq!(added.status().as_u16(), 201);
+    eventually(Duration::from_secs(10), "the admin may use github", || {
+        let (_, answer) = mcp_request(&running.base, "/mcp/github", &token, None, initialize());
+        answer.get("result").is_some()
+    });
+    let (session, _) = mcp_request(&running.base, "/mcp/github", &token, None, initialize());
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
+    let (_, tools) = mcp_request(&running.base, "/mcp/github", &token, session.as_deref(), list);
+    let names: Vec<&str> =
+        tools["result"]["tools"].as_array().map_or(vec![], |t| t.iter().filter_map(|t| t["name"].as_str()).collect());
+    assert!(names.contains(&"create_issue"), "server-github's tools through the gateway: {tools}");
 
     assert!(running.stop().success(), "SIGTERM is a clean shutdown");
 
@@ -101,6 +135,11 @@ fn readme_usage_works_against_reflow_up_and_survives_a_restart() {
             assert!(!text.contains(secret), "{} contains {secret}", log.path().display());
         }
     }
+}
+
+fn initialize() -> Value {
+    json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+           "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "readme", "version": "0"}}})
 }
 
 fn run_expecting_failure(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {

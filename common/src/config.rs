@@ -538,6 +538,11 @@ pub struct StdioConfig {
     pub max_lifetime: Duration,
     #[serde(with = "humantime_serde")]
     pub gc_interval: Duration,
+    /// How long a server may take to start and answer `initialize` (a first `npx` run
+    /// downloads the package). A start goes on in the background when the request that
+    /// caused it stops waiting; one still not up after this is killed.
+    #[serde(with = "humantime_serde")]
+    pub start_timeout: Duration,
     pub max_processes: u32,
     /// Most STDIO servers that run for one user at once (their `per_user` processes), so one
     /// account cannot take the whole `max_processes`.
@@ -582,6 +587,7 @@ impl Default for StdioConfig {
             idle_ttl: Duration::from_secs(30 * 60),
             max_lifetime: Duration::from_secs(24 * 3600),
             gc_interval: Duration::from_secs(60),
+            start_timeout: Duration::from_secs(180),
             max_processes: 100,
             max_processes_per_user: 16,
             allowed_commands: ["npx", "uvx", "node", "python", "python3", "deno", "bunx"].map(String::from).to_vec(),

@@ -8,7 +8,8 @@
 //!   so a flood of connections cannot exhaust the process's files or memory.
 //! - **Body read timeout** (`server.body_timeout`): [`BodyTimeout`], an extension each handler
 //!   that reads a body applies to its read (the answer is a 408 in that endpoint's own format).
-//! - Each request carries the peer's address ([`axum::extract::ConnectInfo`]).
+//! - Each request carries the peer's address ([`axum::extract::ConnectInfo`]) and the local
+//!   address it arrived on ([`LocalAddr`]: which names and origins it may claim depends on it).
 //! - On shutdown the listener stops accepting and open connections finish what they were doing,
 //!   for at most [`DRAIN`].
 //!
@@ -58,6 +59,10 @@ impl Default for Limits {
 #[derive(Debug, Clone, Copy)]
 pub struct BodyTimeout(pub Duration);
 
+/// The local address a request's connection was accepted on.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalAddr(pub SocketAddr);
+
 /// Serves `router` on `listener` until `shutdown` completes, then drains.
 pub async fn serve(
     listener: TcpListener,
@@ -88,10 +93,14 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().ok();
         let service = hyper_util::service::TowerToHyperService::new(tower::util::MapRequest::new(
             router.clone(),
             move |mut request: axum::http::Request<hyper::body::Incoming>| {
                 request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                if let Some(local) = local {
+                    request.extensions_mut().insert(LocalAddr(local));
+                }
                 request
             },
         ));

@@ -423,8 +423,8 @@ async fn a_cancelled_request_stops_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_the_status_the_specification_prescribes() {
-    let settings =
-        McpSettings { max_body_bytes: 2048, allowed_hosts: vec!["127.0.0.1".into()], ..McpSettings::default() };
+    // mcp.allowed_hosts left at its default: the names a loopback listener serves.
+    let settings = McpSettings { max_body_bytes: 2048, ..McpSettings::default() };
     let gateway = Gateway::start_with(settings).await.unwrap();
     let url = format!("{}/mcp", gateway.mcp);
     let mut client = McpClient::new(&url, &gateway.admin_token);
@@ -504,6 +504,21 @@ async fn bad_input_gets_the_status_the_specification_prescribes() {
     expect(
         McpClient::read(
             fresh.post().header("content-type", "application/json").header("host", "evil.example").body(ping),
+        )
+        .await
+        .unwrap(),
+        403,
+        -32600,
+    );
+    // A rebound request: Host and Origin agree, and both name the foreign site.
+    expect(
+        McpClient::read(
+            fresh
+                .post()
+                .header("content-type", "application/json")
+                .header("host", "evil.example:3000")
+                .header("origin", "http://evil.example:3000")
+                .body(ping),
         )
         .await
         .unwrap(),

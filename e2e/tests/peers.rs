@@ -212,10 +212,8 @@ async fn conformance_suite_passes_through_the_gateway_what_it_passes_alone() {
 
     // The suite sends no Authorization header: a forwarder adds the user's token, as a
     // configured client would. Host and Origin pass through, so the DNS-rebinding scenario
-    // meets the gateway's own checks.
-    let settings =
-        McpSettings { allowed_hosts: vec!["127.0.0.1".into(), "localhost".into()], ..McpSettings::default() };
-    let gateway = Gateway::start_with(settings).await.unwrap();
+    // meets the gateway's own checks, at their defaults (no mcp.allowed_hosts).
+    let gateway = Gateway::start().await.unwrap();
     let upstream = everything(Mode::StreamableHttp, None).await.unwrap();
     gateway.target("everything", "streamable-http", &upstream.url).await.unwrap();
     gateway.allow_everyone().await.unwrap();

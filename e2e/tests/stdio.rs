@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use reflow_data_plane::mcp::McpSettings;
 use reflow_e2e::client::McpClient;
 use reflow_e2e::harness::*;
 use serde_json::{json, Value};
@@ -412,7 +413,7 @@ async fn real_stdio_servers_work_through_the_gateway() {
 async fn a_stdio_server_that_keeps_crashing_restarts_with_backoff() {
     use reflow_data_plane::upstream::stdio::{Pool, ProcessKey};
     let target = raw_target("crashy", &[], reflow_common::credentials::Isolation::Shared);
-    let pool = Pool::new(Default::default()).with_launcher(stdio_launcher());
+    let pool = std::sync::Arc::new(Pool::new(Default::default()).with_launcher(stdio_launcher()));
     let key = ProcessKey { target_id: "crashy".into(), scope: String::new() };
     let initialize = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize",
                             "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}});
@@ -470,9 +471,10 @@ async fn idle_and_old_stdio_servers_are_stopped() {
     let target = raw_target("aging", &[], reflow_common::credentials::Isolation::PerUser);
     let key = |user: &str| ProcessKey { target_id: "aging".into(), scope: format!("user:{user}") };
     // idle_ttl: unused for longer than it → stopped; in use → kept.
-    let idle =
+    let idle = std::sync::Arc::new(
         Pool::new(reflow_common::config::StdioConfig { idle_ttl: Duration::from_millis(800), ..Default::default() })
-            .with_launcher(stdio_launcher());
+            .with_launcher(stdio_launcher()),
+    );
     let quiet =
         idle.get(&target, key("quiet"), Default::default(), &initialize, Duration::from_secs(20)).await.unwrap();
     let busy = idle.get(&target, key("busy"), Default::default(), &initialize, Duration::from_secs(20)).await.unwrap();
@@ -484,11 +486,13 @@ async fn idle_and_old_stdio_servers_are_stopped() {
     tokio::time::timeout(Duration::from_secs(10), quiet.closed.cancelled()).await.expect("the idle process is stopped");
     assert!(!busy.closed.is_cancelled(), "a process in use is kept");
     // max_lifetime: older than it → stopped, however busy.
-    let aging = Pool::new(reflow_common::config::StdioConfig {
-        max_lifetime: Duration::from_millis(500),
-        ..Default::default()
-    })
-    .with_launcher(stdio_launcher());
+    let aging = std::sync::Arc::new(
+        Pool::new(reflow_common::config::StdioConfig {
+            max_lifetime: Duration::from_millis(500),
+            ..Default::default()
+        })
+        .with_launcher(stdio_launcher()),
+    );
     let old = aging.get(&target, key("old"), Default::default(), &initialize, Duration::from_secs(20)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
     old.request(1, &json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}), None).await.unwrap();
@@ -623,12 +627,14 @@ async fn a_fork_bomb_as_another_user_stays_in_its_limit_and_the_gateway_serves_o
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn starts_wait_per_key_and_a_start_that_times_out_or_is_abandoned_is_killed_and_counted() {
+async fn starts_wait_per_key_go_on_when_their_caller_stops_waiting_and_end_at_the_start_timeout() {
     use reflow_data_plane::upstream::stdio::{Pool, ProcessKey};
     let marker = format!("reflow-slow-{}", std::process::id());
     let slow = raw_target("slow", &["--slow-start", "30", &marker], reflow_common::credentials::Isolation::PerUser);
+    let late = raw_target("late", &["--slow-start", "2", &marker], reflow_common::credentials::Isolation::PerUser);
     let fast = raw_target("fast", &[], reflow_common::credentials::Isolation::PerUser);
-    let pool = std::sync::Arc::new(Pool::new(Default::default()).with_launcher(stdio_launcher()));
+    let settings = reflow_common::config::StdioConfig { start_timeout: Duration::from_secs(4), ..Default::default() };
+    let pool = std::sync::Arc::new(Pool::new(settings).with_launcher(stdio_launcher()));
     let initialize = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize",
                             "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}});
     let key = |target: &str, user: &str| ProcessKey { target_id: target.into(), scope: format!("user:{user}") };
@@ -643,26 +649,43 @@ async fn starts_wait_per_key_and_a_start_that_times_out_or_is_abandoned_is_kille
     let started = Instant::now();
     pool.get(&fast, key("fast", "b"), Default::default(), &initialize, Duration::from_secs(20)).await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(2), "a start waited on another key's: {:?}", started.elapsed());
-    // The slow start times out: killed with its group, and counted.
-    let timed_out = waiting.await.unwrap().expect_err("the slow start times out");
-    assert!(timed_out.to_string().contains("did not answer"), "{timed_out}");
-    assert_eq!(pool.failed_starts.load(std::sync::atomic::Ordering::Relaxed), 1);
-    // A start whose caller gives up (its future dropped) is killed too.
-    let abandoned = tokio::time::timeout(
-        Duration::from_millis(500),
-        pool.get(&slow, key("slow", "c"), Default::default(), &initialize, Duration::from_secs(60)),
-    )
-    .await;
-    assert!(abandoned.is_err(), "the caller gave up");
+    // The caller stops waiting after 2 s; the start goes on, and ends at stdio.start_timeout:
+    // killed with its group, and counted.
+    let gave_up = waiting.await.unwrap().expect_err("the caller stops waiting");
+    assert!(gave_up.to_string().contains("still starting"), "{gave_up}");
+    assert!(!leftovers(&marker).is_empty(), "the start goes on after its caller stopped waiting");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !leftovers(&marker).is_empty() {
-        assert!(Instant::now() < deadline, "abandoned starts left running: {:?}", leftovers(&marker));
+    while !leftovers(&marker).is_empty() || pool.failed_starts.load(std::sync::atomic::Ordering::Relaxed) < 1 {
+        assert!(Instant::now() < deadline, "a start past stdio.start_timeout left running: {:?}", leftovers(&marker));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // The key that timed out waits before its next start.
-    let refused = pool.get(&slow, key("slow", "a"), Default::default(), &initialize, Duration::from_secs(2)).await;
-    assert!(refused.is_err());
+    assert_eq!(pool.failed_starts.load(std::sync::atomic::Ordering::Relaxed), 1);
+
+    // A start that comes up after its caller stopped waiting is announced, and serves the next
+    // caller without starting again.
+    let mut announced = pool.subscribe_started();
+    let early = pool.get(&late, key("late", "c"), Default::default(), &initialize, Duration::from_millis(300)).await;
+    assert!(early.is_err(), "the caller stops waiting before the server is up");
+    let up = tokio::time::timeout(Duration::from_secs(10), announced.recv()).await.expect("announced").unwrap();
+    assert_eq!(up, "late");
+    let process = pool.get(&late, key("late", "c"), Default::default(), &initialize, Duration::from_millis(300)).await;
+    let process = process.expect("the started process serves at once");
+    assert_eq!(pool.processes().iter().filter(|p| p.key.target_id == "late").count(), 1);
+    assert!(leftovers(&marker).len() <= 2, "one process (and its launcher) for the late key");
+    // Shutdown stops starts in progress too.
+    let (pool2, slow2, initialize2) = (pool.clone(), slow.clone(), initialize.clone());
+    let _ = tokio::time::timeout(
+        Duration::from_millis(500),
+        pool2.get(&slow2, key("slow", "d"), Default::default(), &initialize2, Duration::from_secs(60)),
+    )
+    .await;
     pool.shutdown().await;
+    drop(process);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !leftovers(&marker).is_empty() {
+        assert!(Instant::now() < deadline, "left running after shutdown: {:?}", leftovers(&marker));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -715,5 +738,42 @@ async fn sessions_sharing_a_stdio_process_never_cancel_or_see_each_others_reques
     }
     // Bob's own request was cancelled: no answer reached him.
     assert!(!bob_answer.messages.iter().any(|m| text(m).starts_with("slow done")), "{:?}", bob_answer.messages);
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_slower_than_the_list_timeout_goes_on_starting_and_sessions_are_told_when_it_is_up() {
+    ensure_peers();
+    let settings = McpSettings { list_timeout: Duration::from_secs(1), ..McpSettings::default() };
+    let gateway = Gateway::start_with(settings).await.unwrap();
+    let script = workspace().join("e2e/peers/stdio_server.py");
+    gateway
+        .post(
+            "/api/targets",
+            json!({"name": "late", "transport_type": "stdio", "command": "python3",
+                   "args": [script.to_string_lossy(), "--slow-start", "4"]}),
+        )
+        .await
+        .unwrap();
+    gateway.allow_everyone().await.unwrap();
+    let mut client = McpClient::new(&format!("{}/mcp", gateway.mcp), &gateway.admin_token);
+    client.initialize().await.unwrap();
+    let listed = Instant::now();
+    let first = client.tool_names().await.unwrap();
+    assert!(listed.elapsed() < Duration::from_secs(4), "the list did not wait for the slow server");
+    assert!(!first.iter().any(|n| n.starts_with("late_")), "{first:?}");
+    let stream = client.open_stream().await.unwrap();
+    let mut body = stream.bytes_stream();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = String::new();
+    while !seen.contains("notifications/tools/list_changed") {
+        let chunk = tokio::time::timeout_at(deadline.into(), futures::StreamExt::next(&mut body)).await;
+        let chunk = chunk.expect("list_changed within 20 s").expect("the stream stays open").unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let now = client.tool_names().await.unwrap();
+    assert!(now.iter().any(|n| n.starts_with("late_")), "the server's tools are there once it is up: {now:?}");
+    let pool = &gateway.data_plane().gateway().pool;
+    assert_eq!(pool.failed_starts.load(std::sync::atomic::Ordering::Relaxed), 0, "one start, not abandoned");
     gateway.stop().await;
 }

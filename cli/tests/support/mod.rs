@@ -183,3 +183,39 @@ pub fn mcp_status(base: &str, token: &str) -> u16 {
 pub fn ready_status(base: &str) -> u16 {
     reqwest::blocking::get(format!("{base}/ready")).map(|r| r.status().as_u16()).unwrap_or(0)
 }
+
+/// One MCP request to `{base}{path}` (a JSON or SSE answer): the session id the answer names
+/// (or the one sent) and the JSON-RPC message answering `body`.
+pub fn mcp_request(base: &str, path: &str, token: &str, session: Option<&str>, body: Value) -> (Option<String>, Value) {
+    let mut request = reqwest::blocking::Client::new()
+        .post(format!("{base}{path}"))
+        .bearer_auth(token)
+        .header("accept", "application/json, text/event-stream")
+        .timeout(Duration::from_secs(180))
+        .json(&body);
+    if let Some(session) = session {
+        request = request.header("mcp-session-id", session);
+    }
+    let response = request.send().expect("the MCP endpoint answers");
+    let session = response
+        .headers()
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or(session.map(str::to_string));
+    let text = response.text().unwrap();
+    let messages: Vec<Value> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("data:"))
+        .chain(std::iter::once(text.as_str()))
+        .filter_map(|json| serde_json::from_str::<Value>(json.trim()).ok())
+        .collect();
+    // The answer to `body`, or a refusal that could not name it (`id: null`).
+    let answer = messages
+        .iter()
+        .find(|message| message.get("id") == body.get("id"))
+        .or_else(|| messages.iter().find(|message| message.get("error").is_some()))
+        .cloned()
+        .unwrap_or_else(|| panic!("no answer to {body} in {text}"));
+    (session, answer)
+}

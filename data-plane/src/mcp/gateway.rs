@@ -930,9 +930,15 @@ impl Gateway {
         let mut items = Vec::new();
         let mut offered = Vec::new();
         let mut complete = true;
+        // The targets whose items are in the merge: one that failed is not, so sessions are told
+        // when it comes up (a STDIO server still starting, say).
+        let mut sources = Vec::with_capacity(results.len());
         for (target, result) in results {
             let raw = match result {
-                Ok(raw) => raw,
+                Ok(raw) => {
+                    sources.push(target.id.clone());
+                    raw
+                }
                 Err(error) => {
                     self.count_failure(&target.name, &error);
                     complete = false;
@@ -963,7 +969,6 @@ impl Gateway {
                 items.push(item);
             }
         }
-        let sources = targets.iter().map(|t| t.id.clone()).collect();
         (Merged { items, offered, sources }, complete)
     }
 
@@ -1127,6 +1132,49 @@ impl Gateway {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(every) => self.pool.collect(),
+            }
+        }
+    }
+
+    /// Tells sessions whose lists were merged without a STDIO server that it is up now (it was
+    /// slow to start, and the lists did not wait for it), until `shutdown`.
+    pub async fn announce_started(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut started = self.pool.subscribe_started();
+        loop {
+            let target_id = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                next = started.recv() => match next {
+                    Ok(target_id) => target_id,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+            };
+            self.target_came_up(&target_id);
+        }
+    }
+
+    fn target_came_up(&self, target_id: &str) {
+        let Some(snapshot) = self.state.load() else { return };
+        self.merged.clear();
+        for session in self.sessions.all() {
+            let Some(user) = snapshot.view.users.get(&session.user_id) else { continue };
+            let reachable = Gateway::reachable(&session.scope, &snapshot, user);
+            if !reachable.iter().any(|t| t.id == target_id) {
+                continue;
+            }
+            let mut changed = Vec::new();
+            session.lists.lock().unwrap().retain(|method, list| {
+                let without = !list.merged.sources.iter().any(|source| source == target_id);
+                if without {
+                    let spec = LISTS.iter().find(|s| s.method == *method).expect("cached lists are of known methods");
+                    if !changed.contains(&spec.changed) {
+                        changed.push(spec.changed);
+                    }
+                }
+                !without
+            });
+            for method in changed {
+                session.push(jsonrpc::notification(method, None));
             }
         }
     }

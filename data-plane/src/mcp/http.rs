@@ -86,7 +86,7 @@ fn over_share(over: super::shares::OverShare) -> Response {
 
 /// Edge checks, snapshot and authentication: the caller, or the response refusing them.
 fn admit(gateway: &Gateway, parts: &Parts) -> Result<Caller, Response> {
-    check_host_and_origin(gateway, &parts.headers)?;
+    check_host_and_origin(gateway, parts)?;
     let Some(snapshot) = gateway.state.load() else {
         let mut response = refuse(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -112,32 +112,29 @@ fn admit(gateway: &Gateway, parts: &Parts) -> Result<Caller, Response> {
     Ok(Caller { snapshot, user })
 }
 
-/// DNS-rebinding and cross-origin protection: a browser page may only reach the endpoint from
-/// the gateway's own origin or a configured one, and only under an allowed host name.
-fn check_host_and_origin(gateway: &Gateway, headers: &HeaderMap) -> Result<(), Response> {
+/// DNS-rebinding and cross-origin protection (see [`super::origin`]).
+fn check_host_and_origin(gateway: &Gateway, parts: &Parts) -> Result<(), Response> {
+    let headers = &parts.headers;
+    let local = parts.extensions.get::<reflow_common::server::LocalAddr>().map(|a| a.0.ip());
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
-    let allowed = &gateway.settings.allowed_hosts;
-    if !allowed.is_empty() {
-        let name = host.map(strip_port).unwrap_or_default();
-        if !allowed.iter().any(|a| a.eq_ignore_ascii_case(name)) {
-            return Err(refuse(StatusCode::FORBIDDEN, INVALID_REQUEST, "this host name is not served here"));
-        }
+    if !super::origin::host_allowed(&gateway.settings.allowed_hosts, host, local) {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            INVALID_REQUEST,
+            "this host name is not served here (mcp.allowed_hosts names the host names clients may use)",
+        ));
     }
     if let Some(origin) = headers.get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("null");
-        let same_origin = origin.split_once("://").map(|(_, authority)| authority).is_some_and(|a| Some(a) == host);
-        if !same_origin && !gateway.settings.allowed_origins.iter().any(|o| o == origin) {
-            return Err(refuse(StatusCode::FORBIDDEN, INVALID_REQUEST, "requests from this Origin are not allowed"));
+        if !super::origin::origin_allowed(&gateway.settings.allowed_origins, origin, local) {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                INVALID_REQUEST,
+                "requests from this Origin are not allowed (cors.allowed_origins names the allowed ones)",
+            ));
         }
     }
     Ok(())
-}
-
-fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        return host.split_once(']').map_or(host, |(h, _)| &h[1..]);
-    }
-    host.rsplit_once(':').map_or(host, |(name, _)| name)
 }
 
 fn header_has(headers: &HeaderMap, name: header::HeaderName, needle: &str) -> bool {
@@ -474,17 +471,4 @@ async fn delete_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Re
     gateway.sessions.remove(&session.id);
     session.close().await;
     Ok(Response::builder().status(StatusCode::NO_CONTENT).body(Body::empty()).expect("a static response builds"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ports_are_stripped_from_hosts() {
-        assert_eq!(strip_port("example.com:8080"), "example.com");
-        assert_eq!(strip_port("example.com"), "example.com");
-        assert_eq!(strip_port("[::1]:3000"), "::1");
-        assert_eq!(strip_port("[::1]"), "::1");
-    }
 }

@@ -44,7 +44,7 @@ pub struct Merged {
     /// What each upstream offered (target id, the name or URI policies match), allowed or
     /// not: re-evaluated when the snapshot changes, to tell the client its list changed.
     pub offered: Vec<(String, String, bool)>,
-    /// The ids of the targets asked.
+    /// The ids of the targets whose items are in the merge (not those that failed).
     pub sources: Vec<String>,
 }
 

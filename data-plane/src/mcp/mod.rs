@@ -9,6 +9,7 @@
 //! - [`session`]: client sessions and the upstream sessions they own.
 //! - [`recycle`]: what a snapshot that changes who a user is does to their sessions.
 //! - [`shares`]: what one identity may take: request rate, requests in flight, sessions.
+//! - [`origin`]: DNS-rebinding and cross-origin protection: which Host and Origin headers are served.
 //! - [`names`]: prefixed names and mapped URIs on the aggregated endpoint.
 //! - [`jsonrpc`]: message classification and error codes.
 
@@ -17,6 +18,7 @@ pub mod http;
 pub mod jsonrpc;
 pub mod merged;
 pub mod names;
+pub mod origin;
 pub mod recycle;
 pub mod session;
 pub mod shares;
@@ -35,9 +37,10 @@ pub struct McpSettings {
     pub connect_timeout: Duration,
     pub list_timeout: Duration,
     pub page_size: usize,
-    /// Host names the endpoint answers to; empty: any.
+    /// Host names the endpoint answers to; empty: the names the connection's local address
+    /// serves (see [`origin`]); `*`: any.
     pub allowed_hosts: Vec<String>,
-    /// Browser origins allowed besides the gateway's own.
+    /// Browser origins allowed (`*`: any); on loopback connections loopback origins too.
     pub allowed_origins: Vec<String>,
     pub max_sessions: usize,
     /// Per-identity shares: sessions, requests in flight, request rate and burst (0: no limit).
@@ -60,6 +63,12 @@ pub struct McpSettings {
 impl McpSettings {
     pub fn from_config(config: &Config) -> Self {
         let mcp = &config.mcp;
+        if mcp.allowed_hosts.iter().any(|h| h == "*") {
+            tracing::warn!("mcp.allowed_hosts contains \"*\": any Host is served, so DNS-rebinding protection is off");
+        }
+        if config.cors.allowed_origins.iter().any(|o| o == "*") {
+            tracing::warn!("cors.allowed_origins contains \"*\": a page on any site may call the MCP endpoint with a user's credentials");
+        }
         McpSettings {
             max_body_bytes: mcp.max_body_bytes,
             max_response_bytes: mcp.max_response_bytes,

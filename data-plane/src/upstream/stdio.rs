@@ -10,8 +10,9 @@
 //!
 //! Each child runs in a room of its own:
 //! - a cleared environment: only its resolved env (limited by the isolation boundary) plus a
-//!   minimal `PATH`, and `HOME`/`TMPDIR` naming its private directory; never the data plane's
-//!   own environment (which holds the data-plane token);
+//!   minimal `PATH`, `HOME`/`TMPDIR` naming its private directory, and what keeps package
+//!   runners from prompting (`npm_config_yes=true`, …); never the data plane's own environment
+//!   (which holds the data-plane token);
 //! - a private working directory, created for it (mode 0700, owned by `stdio.run_as` when set)
 //!   under `stdio.work_dir` and removed when it stops: never the data plane's directory, which
 //!   holds its data and cache;
@@ -49,6 +50,22 @@ use super::{Sink, UpstreamError};
 use crate::mcp::jsonrpc;
 
 const CHILD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What makes package runners and their kin non-interactive: a child never waits on a prompt
+/// (its stdin is the MCP stream), whatever the machine's npm or pip configuration says
+/// (`npx` honours `yes=false` in an npmrc by refusing to install). The target's resolved env
+/// comes after, so an admin may set any of these otherwise.
+const NON_INTERACTIVE: &[(&str, &str)] = &[
+    ("npm_config_yes", "true"),
+    ("npm_config_update_notifier", "false"),
+    ("npm_config_fund", "false"),
+    ("npm_config_audit", "false"),
+    ("NO_UPDATE_NOTIFIER", "1"),
+    ("PIP_NO_INPUT", "1"),
+    ("PIP_DISABLE_PIP_VERSION_CHECK", "1"),
+    ("GIT_TERMINAL_PROMPT", "0"),
+    ("DEBIAN_FRONTEND", "noninteractive"),
+];
 /// How long a child gets to exit after its stdin closes, and then after SIGTERM.
 const GRACE: Duration = Duration::from_secs(2);
 
@@ -264,6 +281,7 @@ impl Process {
             .arg(command)
             .args(&target.args)
             .env_clear()
+            .envs(NON_INTERACTIVE.iter().copied())
             .envs(env.iter().filter(|(k, _)| !reflow_common::names::is_forbidden_env_key(k)))
             .env("PATH", CHILD_PATH)
             .env("HOME", &home)
@@ -599,16 +617,12 @@ fn restart_backoff(crashes: u32) -> Duration {
     }
 }
 
-/// Kills a process being started unless the start completes: a caller that times out or goes
-/// away mid-start leaves nothing running.
-struct StartGuard(Option<Arc<Process>>);
-
-impl Drop for StartGuard {
-    fn drop(&mut self) {
-        if let Some(process) = self.0.take() {
-            process.kill();
-        }
-    }
+/// A start in progress: the process being initialised, and where its outcome is published
+/// (`None` until it is known). Callers wait on it; the start itself does not depend on them.
+#[derive(Debug, Clone)]
+struct Starting {
+    process: Arc<Process>,
+    outcome: tokio::sync::watch::Receiver<Option<Result<(), String>>>,
 }
 
 /// The running processes, by key.
@@ -622,9 +636,12 @@ pub struct Pool {
     /// Recent crashes and failed starts by key (count, when): a key that keeps failing
     /// restarts with backoff.
     crashes: Mutex<HashMap<ProcessKey, (u32, Instant)>>,
-    /// One lock per key being started: two sessions arriving together share one process, and a
-    /// slow start holds up no other key.
-    starting: Mutex<HashMap<ProcessKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// Starts in progress by key: two sessions arriving together share one start, and a slow
+    /// start holds up no other key.
+    starting: Mutex<HashMap<ProcessKey, Starting>>,
+    /// Told the target id of every process that finished starting, for sessions that listed
+    /// without it.
+    started: tokio::sync::broadcast::Sender<String>,
     /// Starts that failed, timed out or were abandoned.
     pub failed_starts: AtomicU64,
     /// The longest stdout line (one message) accepted from a child, as `mcp.max_response_bytes`
@@ -648,6 +665,7 @@ impl Pool {
             processes: Mutex::new(HashMap::new()),
             crashes: Mutex::new(HashMap::new()),
             starting: Mutex::new(HashMap::new()),
+            started: tokio::sync::broadcast::channel(64).0,
             failed_starts: AtomicU64::new(0),
             max_message_bytes: super::DEFAULT_MAX_MESSAGE_BYTES,
         }
@@ -694,12 +712,9 @@ impl Pool {
         instances
     }
 
-    fn start_lock(&self, key: &ProcessKey) -> Arc<tokio::sync::Mutex<()>> {
-        let mut starting = self.starting.lock().unwrap();
-        // Locks no start holds or waits for are dropped, so the map stays as small as the
-        // starts in progress.
-        starting.retain(|k, lock| k == key || Arc::strong_count(lock) > 1);
-        starting.entry(key.clone()).or_default().clone()
+    /// The target ids of processes as they finish starting.
+    pub fn subscribe_started(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.started.subscribe()
     }
 
     fn count_failure(&self, key: &ProcessKey, started: Instant) {
@@ -710,14 +725,16 @@ impl Pool {
     }
 
     /// The initialised process for `key`, started (and initialised once) when missing, or
-    /// replaced when its command or env changed.
+    /// replaced when its command or env changed. Waits at most `wait` for a start: a start the
+    /// caller stops waiting for goes on in the background (up to `stdio.start_timeout`), and
+    /// [`Pool::subscribe_started`] announces it when it is up.
     pub async fn get(
-        &self,
+        self: &Arc<Self>,
         target: &Target,
         key: ProcessKey,
         env: BTreeMap<String, String>,
         initialize: &Value,
-        timeout: Duration,
+        wait: Duration,
     ) -> Result<Arc<Process>, UpstreamError> {
         let command = target.command.as_deref().unwrap_or_default();
         if !self.settings.allows(command) {
@@ -727,20 +744,60 @@ impl Pool {
         }
         let sandbox = self.sandbox.as_ref().map_err(|e| UpstreamError::Refused(e.to_string()))?;
         let wanted = fingerprint(target, &env);
-        let lock = self.start_lock(&key);
-        let _starting = lock.lock().await;
-        if let Some(existing) = self.processes.lock().unwrap().get(&key).cloned() {
-            if !existing.closed.is_cancelled() && existing.fingerprint == wanted {
-                return Ok(existing);
+        let starting = {
+            // Checking for a process or a start and beginning one happen under one lock, so two
+            // callers never start the same key twice.
+            let mut starts = self.starting.lock().unwrap();
+            if let Some(existing) = self.processes.lock().unwrap().get(&key).cloned() {
+                if !existing.closed.is_cancelled() && existing.fingerprint == wanted {
+                    return Ok(existing);
+                }
             }
+            match starts.get(&key).cloned() {
+                Some(starting) => starting,
+                None => {
+                    let starting = self.begin(&starts, target, &key, env, sandbox, initialize)?;
+                    starts.insert(key.clone(), starting.clone());
+                    starting
+                }
+            }
+        };
+        let mut outcome = starting.outcome.clone();
+        let waited = tokio::time::timeout(wait, outcome.wait_for(Option::is_some)).await;
+        let result = match waited {
+            Err(_) => {
+                return Err(UpstreamError::Refused(format!(
+                    "the STDIO server is still starting after {:.0} s; it goes on starting, and sessions are told when its tools are there",
+                    wait.as_secs_f64()
+                )))
+            }
+            Ok(Err(_)) => Err("the start was abandoned".to_string()),
+            Ok(Ok(result)) => result.clone().expect("waited for an outcome"),
+        };
+        match result {
+            Ok(()) => Ok(starting.process),
+            Err(error) => Err(UpstreamError::Refused(error)),
         }
-        let gone = self.processes.lock().unwrap().get(&key).filter(|p| p.closed.is_cancelled()).cloned();
+    }
+
+    /// Checks the key may start now (crash backoff, process limits), spawns the process and
+    /// leaves its initialisation to a task of its own. Called with the `starting` lock held.
+    fn begin(
+        self: &Arc<Self>,
+        starts: &HashMap<ProcessKey, Starting>,
+        target: &Target,
+        key: &ProcessKey,
+        env: BTreeMap<String, String>,
+        sandbox: &Sandbox,
+        initialize: &Value,
+    ) -> Result<Starting, UpstreamError> {
+        let gone = self.processes.lock().unwrap().get(key).filter(|p| p.closed.is_cancelled()).cloned();
         if let Some(gone) = gone.filter(|p| p.crashed()) {
-            self.count_failure(&key, gone.started);
+            self.count_failure(key, gone.started);
             // Counted once: the dead process leaves the pool now.
-            self.processes.lock().unwrap().remove(&key);
+            self.processes.lock().unwrap().remove(key);
         }
-        if let Some(&(count, at)) = self.crashes.lock().unwrap().get(&key) {
+        if let Some(&(count, at)) = self.crashes.lock().unwrap().get(key) {
             let wait = restart_backoff(count);
             if at.elapsed() < wait {
                 let left = (wait - at.elapsed()).as_secs_f64();
@@ -749,14 +806,17 @@ impl Pool {
                 )));
             }
         }
-        if let Some(stale) = self.processes.lock().unwrap().remove(&key) {
+        if let Some(stale) = self.processes.lock().unwrap().remove(key) {
             tracing::info!(target = %target.name, pid = stale.pid, "recycling a STDIO server (gone, or its command or env changed)");
             stale.stop();
         }
         {
             let processes = self.processes.lock().unwrap();
+            // Starts in progress count as running.
+            let mine = starts.keys().filter(|k| key.user().is_some() && k.user() == key.user()).count();
+            let starts = (starts.len(), mine);
             let running = processes.values().filter(|p| !p.closed.is_cancelled());
-            let (all, mine) = running.fold((0usize, 0usize), |(all, mine), p| {
+            let (all, mine) = running.fold(starts, |(all, mine), p| {
                 (all + 1, mine + usize::from(key.user().is_some() && p.key.user() == key.user()))
             });
             if all >= self.settings.max_processes as usize {
@@ -771,31 +831,52 @@ impl Pool {
                 )));
             }
         }
-        let started = Instant::now();
         let process = Process::spawn(target, key.clone(), env, sandbox, self.max_message_bytes)?;
-        let mut guard = StartGuard(Some(process.clone()));
-        let outcome = match tokio::time::timeout(timeout, process.request(GATEWAY, initialize, None)).await {
-            Ok(Ok(reply)) => match reply.get("result").cloned() {
-                Some(result) => Ok(result),
-                None => Err(UpstreamError::Refused(super::streamable::error_text(&reply))),
-            },
-            Ok(Err(error)) => Err(error),
-            Err(_) => Err(UpstreamError::Timeout(timeout)),
-        };
-        let result = match outcome {
-            Ok(result) => result,
-            Err(error) => {
-                tracing::warn!(target = %target.name, pid = process.pid, %error, "a STDIO server failed to start; stopped it");
-                self.failed_starts.fetch_add(1, Ordering::Relaxed);
-                self.count_failure(&key, started);
-                return Err(error);
+        let (publish, outcome) = tokio::sync::watch::channel(None);
+        let (pool, key, initialize, name) = (self.clone(), key.clone(), initialize.clone(), target.name.clone());
+        let timeout = self.settings.start_timeout;
+        let starting = process.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let outcome = match tokio::time::timeout(timeout, starting.request(GATEWAY, &initialize, None)).await {
+                Ok(Ok(reply)) => match reply.get("result").cloned() {
+                    Some(result) => Ok(result),
+                    None => Err(UpstreamError::Refused(super::streamable::error_text(&reply))),
+                },
+                Ok(Err(error)) => Err(error),
+                Err(_) => Err(UpstreamError::Timeout(timeout)),
+            };
+            let outcome = match outcome {
+                Ok(result) => {
+                    *starting.initialize_result.lock().unwrap() = Some(result);
+                    starting.send(GATEWAY, &jsonrpc::notification("notifications/initialized", None)).await
+                }
+                Err(error) => Err(error),
+            };
+            let mut starts = pool.starting.lock().unwrap();
+            starts.remove(&key);
+            match outcome {
+                Ok(()) if !starting.closed.is_cancelled() => {
+                    pool.processes.lock().unwrap().insert(key, starting.clone());
+                    drop(starts);
+                    tracing::info!(target = %name, pid = starting.pid, seconds = started.elapsed().as_secs_f64(), "STDIO server started");
+                    let _ = pool.started.send(starting.key.target_id.clone());
+                    let _ = publish.send(Some(Ok(())));
+                }
+                outcome => {
+                    drop(starts);
+                    let error = outcome
+                        .err()
+                        .map_or_else(|| "the server stopped while starting".to_string(), |e| e.to_string());
+                    tracing::warn!(target = %name, pid = starting.pid, %error, "a STDIO server failed to start; stopped it");
+                    starting.kill();
+                    pool.failed_starts.fetch_add(1, Ordering::Relaxed);
+                    pool.count_failure(&key, started);
+                    let _ = publish.send(Some(Err(error)));
+                }
             }
-        };
-        process.send(GATEWAY, &jsonrpc::notification("notifications/initialized", None)).await?;
-        *process.initialize_result.lock().unwrap() = Some(result);
-        guard.0 = None;
-        self.processes.lock().unwrap().insert(key, process.clone());
-        Ok(process)
+        });
+        Ok(Starting { process, outcome })
     }
 
     /// Stops processes idle past `idle_ttl` or older than `max_lifetime`, and forgets dead ones.
@@ -856,6 +937,9 @@ impl Pool {
     /// Stops every process (on shutdown): stdin closed and SIGTERM/SIGKILL after the grace
     /// periods, as [`Process::stop`] does.
     pub fn stop_all(&self) {
+        for (_, starting) in self.starting.lock().unwrap().drain() {
+            starting.process.kill();
+        }
         for (_, process) in self.processes.lock().unwrap().drain() {
             process.stop();
         }
@@ -864,6 +948,9 @@ impl Pool {
     /// Stops every process and waits until each group is gone (at most two grace periods,
     /// then SIGKILL): what shutdown awaits, so no child outlives the data plane.
     pub async fn shutdown(&self) {
+        for (_, starting) in self.starting.lock().unwrap().drain() {
+            starting.process.kill();
+        }
         let processes: Vec<Arc<Process>> = self.processes.lock().unwrap().drain().map(|(_, p)| p).collect();
         for process in &processes {
             process.stop();
