@@ -33,7 +33,7 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
     let stale = health.stale.as_ref().map(|(since, reason)| json!({"since": rfc3339(*since), "reason": reason}));
     match gateway.state.version() {
         Some(version) => {
-            let failures = gateway.upstream_failures.lock().unwrap().clone();
+            let failures = gateway.health.failures();
             let status = if stale.is_some() { "stale" } else { "ready" };
             let body = json!({
                 "status": status,

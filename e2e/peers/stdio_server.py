@@ -4,7 +4,7 @@ milliseconds), with tools that misbehave on purpose:
     python3 stdio_server.py [--grandchild]
 
   echo     answers {"text": "Echo: <message>"}
-  exit     exits in the middle of the request
+  exit     writes a last line to stderr (with its API_KEY) and exits in the middle of the request
   hang     never answers
   garbage  writes lines that are not JSON-RPC, then answers
   flood    sends 2,000 log notifications, then answers
@@ -125,6 +125,9 @@ def main() -> None:
                 token = (message["params"].get("_meta") or {}).get("progressToken")
                 threading.Thread(target=slow, args=(request_id, token, int(arguments.get("ms", 500))), daemon=True).start()
             elif name == "exit":
+                # Says why on stderr, as servers do, naming its API_KEY (which must not show).
+                sys.stderr.write(f"fatal: giving up (API_KEY={os.environ.get('API_KEY', '')})\n")
+                sys.stderr.flush()
                 os._exit(3)
             elif name == "hang":
                 pass

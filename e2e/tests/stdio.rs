@@ -777,3 +777,71 @@ async fn a_server_slower_than_the_list_timeout_goes_on_starting_and_sessions_are
     assert_eq!(pool.failed_starts.load(std::sync::atomic::Ordering::Relaxed), 0, "one start, not abandoned");
     gateway.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_status_shows_each_data_planes_last_failure_with_the_stderr_tail_masked() {
+    ensure_peers();
+    let gateway = Gateway::start().await.unwrap();
+    python_target(&gateway, "py", "shared").await;
+    let targets = gateway.get("/api/targets").await.unwrap();
+    let id = targets[0]["id"].as_str().unwrap().to_string();
+    let canary = "CANARY-key-5d1e";
+    gateway.post(&format!("/api/targets/{id}/env/default"), json!({"key": "API_KEY", "value": canary})).await.unwrap();
+    let gone = gateway.target("gone", "streamable-http", "http://127.0.0.1:9/mcp").await.unwrap();
+    gateway.allow_everyone().await.unwrap();
+    let mut client = McpClient::new(&format!("{}/mcp", gateway.mcp), &gateway.admin_token);
+    client.initialize().await.unwrap();
+    assert_eq!(text(&client.call("py_echo", json!({"message": "up"})).await.unwrap()), "Echo: up");
+    let status = |target: String| {
+        let gateway = &gateway;
+        async move { gateway.get(&format!("/api/targets/{target}/status")).await.unwrap() }
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let healthy = loop {
+        let now = status(id.clone()).await;
+        if now["data_planes"][0]["last_ok_at"].is_string() && now["processes"] == 1 {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "no report of the working target: {now}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        (healthy["sessions"].as_u64(), healthy["data_planes"][0]["data_plane"].as_str()),
+        (Some(1), Some("e2e"))
+    );
+    assert!(healthy["data_planes"][0]["last_failure"].is_null(), "{healthy}");
+
+    // The server exits: the status says so with its last stderr line, its API_KEY masked.
+    let crashed = client.call("py_exit", json!({})).await.unwrap();
+    assert!(crashed.get("error").is_some(), "{crashed}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let failed = loop {
+        let now = status(id.clone()).await;
+        if now["data_planes"][0]["last_failure"].as_str().is_some_and(|f| f.contains("exited")) {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "no report of the exit: {now}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let reason = failed["data_planes"][0]["last_failure"].as_str().unwrap();
+    assert!(reason.contains("fatal: giving up (API_KEY=[masked])"), "{reason}");
+    assert!(!failed.to_string().contains(canary), "{failed}");
+    assert!(failed["data_planes"][0]["last_failure_at"].is_string());
+
+    // An HTTP target that cannot be reached: the reason names it.
+    let answer = client.call("gone_anything", json!({})).await.unwrap();
+    assert!(answer.get("error").is_some());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = status(gone.clone()).await;
+        if let Some(reason) = now["data_planes"][0]["last_failure"].as_str() {
+            assert!(now["data_planes"][0]["last_ok_at"].is_null(), "{now}");
+            assert!(now["data_planes"][0]["failures"].as_u64() >= Some(1), "{now}");
+            assert!(!reason.is_empty());
+            break;
+        }
+        assert!(Instant::now() < deadline, "no report of the unreachable target: {now}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    gateway.stop().await;
+}

@@ -117,6 +117,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(targets::get, targets::update, targets::delete))
         .routes(routes!(targets::restart_instances))
         .routes(routes!(targets::instances))
+        .routes(routes!(targets::status))
         .routes(routes!(credentials::list_tokens))
         .routes(routes!(
             credentials::get_own_token,

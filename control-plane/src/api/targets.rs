@@ -438,6 +438,101 @@ pub async fn instances(
     Ok(Json(instances))
 }
 
+/// A target's health on one data plane.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PlaneHealth {
+    pub data_plane: String,
+    /// Whether that data plane is connected now (otherwise this is its last report).
+    pub connected: bool,
+    /// When the report was received.
+    pub reported_at: chrono::DateTime<chrono::Utc>,
+    /// Client sessions holding an upstream session to the target, and its running processes.
+    pub sessions: u32,
+    pub processes: u32,
+    /// When an exchange with the target last succeeded there; `null`: never.
+    pub last_ok_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub last_failure_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Why the last failure happened; for a STDIO server that exited or did not start, the
+    /// tail of its stderr with the values of its env masked.
+    pub last_failure: Option<String>,
+    /// Failed exchanges since that data plane started.
+    pub failures: u64,
+    /// Its running processes there.
+    pub instances: Vec<crate::store::InstanceStatus>,
+}
+
+/// A target's health on every data plane that reported on it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TargetStatus {
+    pub target_id: Uuid,
+    pub target_name: String,
+    pub enabled: bool,
+    /// Sessions and processes over every connected data plane.
+    pub sessions: u32,
+    pub processes: u32,
+    pub data_planes: Vec<PlaneHealth>,
+}
+
+/// How a target fares on each data plane: its last failure and why, when it last worked, and
+/// how many sessions and processes use it.
+#[utoipa::path(get, path = "/api/targets/{id}/status", tag = "targets", security(("bearer" = [])),
+    params(("id" = Uuid, Path)),
+    responses((status = 200, body = TargetStatus), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn status(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<TargetStatus>> {
+    caller.require_admin()?;
+    let target = find(&state, id).await?;
+    let key = id.to_string();
+    let mut data_planes = Vec::new();
+    for plane in state.store.list_data_planes().await? {
+        let health = plane.report.targets.iter().find(|t| t.target_id == key);
+        let instances: Vec<_> = plane.instances.iter().filter(|i| i.target_id == key).cloned().collect();
+        let Some(health) = health else {
+            if instances.is_empty() {
+                continue;
+            }
+            data_planes.push(PlaneHealth {
+                data_plane: plane.node_id,
+                connected: plane.connected,
+                reported_at: plane.last_seen,
+                sessions: 0,
+                processes: instances.len() as u32,
+                last_ok_at: None,
+                last_failure_at: None,
+                last_failure: None,
+                failures: 0,
+                instances,
+            });
+            continue;
+        };
+        data_planes.push(PlaneHealth {
+            data_plane: plane.node_id.clone(),
+            connected: plane.connected,
+            reported_at: plane.last_seen,
+            sessions: health.sessions,
+            processes: health.processes,
+            last_ok_at: health.last_ok_at,
+            last_failure_at: health.last_failure_at,
+            last_failure: health.last_failure.clone(),
+            failures: health.failures,
+            instances,
+        });
+    }
+    let connected = data_planes.iter().filter(|p| p.connected);
+    let (sessions, processes) = connected.fold((0, 0), |(s, p), plane| (s + plane.sessions, p + plane.processes));
+    Ok(Json(TargetStatus {
+        target_id: target.id,
+        target_name: target.name,
+        enabled: target.enabled,
+        sessions,
+        processes,
+        data_planes,
+    }))
+}
+
 /// Delete a target with its credentials and the policies scoped to it.
 #[utoipa::path(delete, path = "/api/targets/{id}", tag = "targets", security(("bearer" = [])), params(("id" = Uuid, Path)),
     responses((status = 200, body = Message), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]

@@ -4,8 +4,8 @@
 //! Every request runs against one snapshot (taken once by the HTTP layer), so listing and
 //! calling decide with the same policies and the same function.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -207,8 +207,8 @@ pub struct Gateway {
     upstream: UpstreamSettings,
     /// STDIO processes, shared across sessions by target and isolation key.
     pub pool: Arc<Pool>,
-    /// Failed upstream exchanges by target name, for `/ready` and operators.
-    pub upstream_failures: Mutex<BTreeMap<String, u64>>,
+    /// How each target fares here, for `/ready`, `/metrics` and the control plane.
+    pub health: super::health::Health,
     /// Merged lists shared by the sessions of one user.
     pub merged: MergedLists,
     /// What one identity may take of this data plane.
@@ -243,7 +243,7 @@ impl Gateway {
             http,
             upstream,
             pool,
-            upstream_failures: Mutex::new(BTreeMap::new()),
+            health: Default::default(),
             merged: MergedLists::default(),
             shares: super::shares::Shares::new(
                 settings.requests_per_second,
@@ -284,7 +284,7 @@ impl Gateway {
         tracing::warn!(%target, %error, "upstream request failed");
         // A failing upstream may come back with other tools: merges that include it end.
         self.merged.changed(target);
-        *self.upstream_failures.lock().unwrap().entry(target.to_string()).or_default() += 1;
+        self.health.failed(target, &error.to_string());
     }
 
     /// Answers one message from the client.
@@ -402,6 +402,7 @@ impl Gateway {
                 let upstream = self.upstream(session, caller, target).await;
                 match upstream.initialize_result().await {
                     Ok(mut result) => {
+                        self.health.ok(name);
                         // The client talks to the upstream through us: it gets the upstream's
                         // version when we speak it too.
                         match result.get("protocolVersion").and_then(Value::as_str) {
@@ -498,7 +499,11 @@ impl Gateway {
         });
         upstreams.insert(
             target.name.clone(),
-            UpstreamEntry { version: caller.snapshot.version.clone(), upstream: upstream.clone() },
+            UpstreamEntry {
+                version: caller.snapshot.version.clone(),
+                upstream: upstream.clone(),
+                held: self.health.hold(&target.name),
+            },
         );
         upstream
     }
@@ -649,6 +654,7 @@ impl Gateway {
             session.inflight.lock().unwrap().remove(&key);
             let reply = match result {
                 Ok(mut reply) => {
+                    gateway.health.ok(&target_name);
                     reply["id"] = id;
                     if session.scope == Scope::Aggregate {
                         map_result_uris(&target_name, &method, &mut reply);
@@ -936,6 +942,7 @@ impl Gateway {
         for (target, result) in results {
             let raw = match result {
                 Ok(raw) => {
+                    self.health.ok(&target.name);
                     sources.push(target.id.clone());
                     raw
                 }
@@ -1236,15 +1243,34 @@ impl crate::sync::Observer for Gateway {
         self.snapshot_changed(snapshot);
     }
 
-    /// Running processes, recycles and restarts applied.
+    /// Running processes, recycles, restarts applied and each target's health.
     fn status(&self) -> reflow_proto::snapshot::v1::Status {
         let (recycled, restarted) = self.recycling.report();
-        reflow_proto::snapshot::v1::Status {
-            instances: self.pool.instances(),
-            recycled,
-            restarted,
-            targets: Vec::new(),
+        let instances = self.pool.instances();
+        let snapshot = self.state.load();
+        let id_of = |name: &str| snapshot.as_ref().and_then(|s| s.view.targets.get(name)).map(|t| t.id.clone());
+        let mut targets = Vec::new();
+        for (name, health) in self.health.snapshot(|name| id_of(name).is_some()) {
+            let Some(target_id) = id_of(&name) else { continue };
+            let processes = instances.iter().filter(|i| i.target_id == target_id).count() as u32;
+            // A STDIO server's own exit or failed start, when it is the latest failure.
+            let exit = self.pool.last_exit(&target_id);
+            let last_failure = match (health.last_failure, exit) {
+                (Some(call), Some(exit)) => Some(if exit.0 >= call.0 { exit } else { call }),
+                (call, exit) => call.or(exit),
+            };
+            targets.push(reflow_proto::snapshot::v1::TargetHealth {
+                target_id,
+                sessions: health.sessions,
+                processes,
+                last_ok_unix: health.last_ok,
+                last_failure_unix: last_failure.as_ref().map_or(0, |f| f.0),
+                last_failure: last_failure.map(|f| f.1).unwrap_or_default(),
+                failures: health.failures,
+            });
         }
+        targets.sort_by(|a, b| a.target_id.cmp(&b.target_id));
+        reflow_proto::snapshot::v1::Status { instances, recycled, restarted, targets }
     }
 }
 

@@ -5,6 +5,7 @@
 //!   headers, JSON or SSE replies, and the legacy HTTP+SSE transport.
 //! - [`gateway`]: the methods: initialize, lists merged over targets, routed calls with the
 //!   policy decision, relaying of notifications and server→client requests.
+//! - [`health`]: how each target fares here (last success, last failure, sessions).
 //! - [`merged`]: merged lists shared by the sessions of one user, per snapshot.
 //! - [`session`]: client sessions and the upstream sessions they own.
 //! - [`recycle`]: what a snapshot that changes who a user is does to their sessions.
@@ -14,6 +15,7 @@
 //! - [`jsonrpc`]: message classification and error codes.
 
 pub mod gateway;
+pub mod health;
 pub mod http;
 pub mod jsonrpc;
 pub mod merged;

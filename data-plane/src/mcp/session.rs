@@ -50,6 +50,8 @@ pub struct UpstreamEntry {
     /// The snapshot version the entry was checked against.
     pub version: String,
     pub upstream: Arc<Upstream>,
+    /// Counts the entry among the target's sessions while it lives.
+    pub held: super::health::Held,
 }
 
 /// A session's stream to the client: the GET stream, or the legacy SSE stream. Messages wait

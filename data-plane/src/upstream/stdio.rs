@@ -66,6 +66,14 @@ const NON_INTERACTIVE: &[(&str, &str)] = &[
     ("GIT_TERMINAL_PROMPT", "0"),
     ("DEBIAN_FRONTEND", "noninteractive"),
 ];
+/// The last stderr lines of a process kept for its target's health, and the longest kept.
+const STDERR_TAIL_LINES: usize = 20;
+const STDERR_LINE_BYTES: usize = 300;
+
+/// Why each target's STDIO servers last ended on their own or failed to start, by target id:
+/// (unix seconds, reason with the tail of stderr, credentials masked).
+pub type ExitLog = Arc<Mutex<HashMap<String, (i64, String)>>>;
+
 /// How long a child gets to exit after its stdin closes, and then after SIGTERM.
 const GRACE: Duration = Duration::from_secs(2);
 
@@ -239,9 +247,49 @@ pub struct Process {
     /// Cancelled when the child is gone or being stopped.
     pub closed: CancellationToken,
     /// Set when the gateway stops the process; a process closed without it crashed.
-    stopping: AtomicBool,
+    stopping: Arc<AtomicBool>,
     /// The sessions using the process, by owner: where messages unrelated to a request go.
     subscribers: Arc<Mutex<HashMap<Owner, mpsc::Sender<Value>>>>,
+    /// Its last stderr lines, for the target's health.
+    stderr: StderrTail,
+}
+
+/// The last lines a process wrote to stderr, with the values of its env (its credentials)
+/// masked when shown.
+#[derive(Debug, Clone, Default)]
+struct StderrTail {
+    lines: Arc<Mutex<std::collections::VecDeque<String>>>,
+    /// Values to mask: the env the process got (long enough to be a secret).
+    secrets: Arc<Vec<String>>,
+    /// Cancelled when stderr ended.
+    done: CancellationToken,
+}
+
+impl StderrTail {
+    fn push(&self, mut line: String) {
+        crate::mcp::health::truncate(&mut line, STDERR_LINE_BYTES);
+        let mut lines = self.lines.lock().unwrap();
+        if lines.len() == STDERR_TAIL_LINES {
+            lines.pop_front();
+        }
+        lines.push_back(line);
+    }
+
+    /// The tail as one line, credentials masked.
+    fn text(&self) -> String {
+        let mut text = self.lines.lock().unwrap().iter().cloned().collect::<Vec<_>>().join(" | ");
+        for secret in self.secrets.iter() {
+            text = text.replace(secret.as_str(), "[masked]");
+        }
+        text
+    }
+}
+
+/// Records why a process of `target_id` ended or did not start, with its stderr tail.
+fn record_exit(exits: &ExitLog, target_id: &str, what: &str, tail: &StderrTail) {
+    let stderr = tail.text();
+    let reason = if stderr.is_empty() { what.to_string() } else { format!("{what}; stderr: {stderr}") };
+    exits.lock().unwrap().insert(target_id.to_string(), (crate::mcp::health::now(), reason));
 }
 
 impl std::fmt::Debug for Process {
@@ -265,8 +313,13 @@ impl Process {
         env: BTreeMap<String, String>,
         sandbox: &Sandbox,
         max_line: usize,
+        exits: ExitLog,
     ) -> Result<Arc<Process>, UpstreamError> {
         let command = target.command.as_deref().ok_or(UpstreamError::BadUrl)?;
+        let tail = StderrTail {
+            secrets: Arc::new(env.values().filter(|v| v.len() >= 6).cloned().collect()),
+            ..StderrTail::default()
+        };
         let launcher = sandbox.launcher.as_ref().ok_or_else(|| {
             UpstreamError::Refused(
                 "this data plane has no STDIO launcher configured, so it runs no STDIO servers".into(),
@@ -312,12 +365,14 @@ impl Process {
         let subscribers: Arc<Mutex<HashMap<Owner, mpsc::Sender<Value>>>> = Arc::default();
         let name = target.name.clone();
         tokio::spawn({
-            let name = name.clone();
+            let (name, tail) = (name.clone(), tail.clone());
             async move {
                 let mut lines = BufReader::new(stderr).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     tracing::info!(target: "reflow::stdio", target = %name, pid, "{line}");
+                    tail.push(line);
                 }
+                tail.done.cancel();
             }
         });
         let reader = Reader {
@@ -329,7 +384,9 @@ impl Process {
             closed: closed.clone(),
         };
         tokio::spawn(reader.run(stdout, max_line));
-        tokio::spawn(supervise(child, name.clone(), pid, closed.clone(), home.clone()));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let exited = Exited { exits, target_id: target.id.clone(), tail: tail.clone(), stopping: stopping.clone() };
+        tokio::spawn(supervise(child, name.clone(), pid, closed.clone(), home.clone(), exited));
         tracing::info!(target = %name, pid, scope = %key.scope, "started a STDIO server");
         Ok(Arc::new(Process {
             key,
@@ -345,8 +402,9 @@ impl Process {
             mux,
             initialize_result: Mutex::new(None),
             closed,
-            stopping: AtomicBool::new(false),
+            stopping,
             subscribers,
+            stderr: tail,
         }))
     }
 
@@ -565,10 +623,12 @@ async fn read_line(
 /// Waits for the child to exit or to be stopped. Stopping ([`Process::stop`]) has closed its
 /// stdin; after a grace period the group gets SIGTERM, then SIGKILL. Its private directory is
 /// removed once the group is gone.
-async fn supervise(mut child: Child, name: String, pid: u32, closed: CancellationToken, home: PathBuf) {
+async fn supervise(mut child: Child, name: String, pid: u32, closed: CancellationToken, home: PathBuf, exited: Exited) {
     tokio::select! {
         status = child.wait() => {
-            tracing::warn!(target = %name, pid, status = %status.map(|s| s.to_string()).unwrap_or_default(), "a STDIO server exited");
+            let status = status.map(|s| s.to_string()).unwrap_or_default();
+            tracing::warn!(target = %name, pid, %status, "a STDIO server exited");
+            exited.record(&status).await;
             closed.cancel();
             signal_group(pid, nix::sys::signal::Signal::SIGKILL);
             remove_home(&home);
@@ -576,17 +636,41 @@ async fn supervise(mut child: Child, name: String, pid: u32, closed: Cancellatio
         }
         _ = closed.cancelled() => {}
     }
-    if tokio::time::timeout(GRACE, child.wait()).await.is_err() {
-        signal_group(pid, nix::sys::signal::Signal::SIGTERM);
-        if tokio::time::timeout(GRACE, child.wait()).await.is_err() {
-            signal_group(pid, nix::sys::signal::Signal::SIGKILL);
-            let _ = child.wait().await;
+    match tokio::time::timeout(GRACE, child.wait()).await {
+        // Its output ended first, and it exited on its own.
+        Ok(status) => exited.record(&status.map(|s| s.to_string()).unwrap_or_default()).await,
+        Err(_) => {
+            signal_group(pid, nix::sys::signal::Signal::SIGTERM);
+            if tokio::time::timeout(GRACE, child.wait()).await.is_err() {
+                signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = child.wait().await;
+            }
         }
     }
     // The leader is gone; what it started in its group may not be.
     signal_group(pid, nix::sys::signal::Signal::SIGKILL);
     remove_home(&home);
     tracing::info!(target = %name, pid, "stopped a STDIO server");
+}
+
+/// Where [`supervise`] records a process that ends on its own.
+struct Exited {
+    exits: ExitLog,
+    target_id: String,
+    tail: StderrTail,
+    /// Set when the gateway stops the process (then its end is no failure).
+    stopping: Arc<AtomicBool>,
+}
+
+impl Exited {
+    async fn record(&self, status: &str) {
+        if self.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        // What it wrote last, once its stderr is read to the end (briefly).
+        let _ = tokio::time::timeout(Duration::from_millis(300), self.tail.done.cancelled()).await;
+        record_exit(&self.exits, &self.target_id, &format!("the server exited ({status})"), &self.tail);
+    }
 }
 
 fn remove_home(home: &Path) {
@@ -642,6 +726,8 @@ pub struct Pool {
     /// Told the target id of every process that finished starting, for sessions that listed
     /// without it.
     started: tokio::sync::broadcast::Sender<String>,
+    /// Why each target's processes last ended on their own or failed to start.
+    exits: ExitLog,
     /// Starts that failed, timed out or were abandoned.
     pub failed_starts: AtomicU64,
     /// The longest stdout line (one message) accepted from a child, as `mcp.max_response_bytes`
@@ -666,6 +752,7 @@ impl Pool {
             crashes: Mutex::new(HashMap::new()),
             starting: Mutex::new(HashMap::new()),
             started: tokio::sync::broadcast::channel(64).0,
+            exits: ExitLog::default(),
             failed_starts: AtomicU64::new(0),
             max_message_bytes: super::DEFAULT_MAX_MESSAGE_BYTES,
         }
@@ -710,6 +797,12 @@ impl Pool {
             .collect();
         instances.sort_by(|a, b| (&a.target_id, &a.scope, a.pid).cmp(&(&b.target_id, &b.scope, b.pid)));
         instances
+    }
+
+    /// Why `target_id`'s processes last ended on their own or failed to start: (unix seconds,
+    /// reason with the tail of stderr, credentials masked).
+    pub fn last_exit(&self, target_id: &str) -> Option<(i64, String)> {
+        self.exits.lock().unwrap().get(target_id).cloned()
     }
 
     /// The target ids of processes as they finish starting.
@@ -831,7 +924,7 @@ impl Pool {
                 )));
             }
         }
-        let process = Process::spawn(target, key.clone(), env, sandbox, self.max_message_bytes)?;
+        let process = Process::spawn(target, key.clone(), env, sandbox, self.max_message_bytes, self.exits.clone())?;
         let (publish, outcome) = tokio::sync::watch::channel(None);
         let (pool, key, initialize, name) = (self.clone(), key.clone(), initialize.clone(), target.name.clone());
         let timeout = self.settings.start_timeout;
@@ -869,6 +962,7 @@ impl Pool {
                         .err()
                         .map_or_else(|| "the server stopped while starting".to_string(), |e| e.to_string());
                     tracing::warn!(target = %name, pid = starting.pid, %error, "a STDIO server failed to start; stopped it");
+                    record_exit(&pool.exits, &key.target_id, &format!("did not start: {error}"), &starting.stderr);
                     starting.kill();
                     pool.failed_starts.fetch_add(1, Ordering::Relaxed);
                     pool.count_failure(&key, started);
