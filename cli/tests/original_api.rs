@@ -589,6 +589,8 @@ fn this_projects_spellings_still_work_and_bad_input_names_the_field_in_either() 
     eventually(std::time::Duration::from_secs(10), "the policy allows read_file", || {
         api.expect(200, "GET", "", &explain, &token, None)["allowed"] == true
     });
+    // The credential the admin's requests carry: their own token (a STDIO target per_user).
+    assert_eq!(api.expect(200, "GET", "", &explain, &token, None)["credential_source"], "user");
     let created =
         api.expect(201, "POST", "", "/api/auth/tokens", &token, Some(json!({"name": "ci", "expires_in": "30d"})));
     assert!(created["id"].is_string() && created["prefix"].is_string(), "the flat answer too: {created}");

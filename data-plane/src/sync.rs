@@ -184,20 +184,16 @@ async fn stream_once(
     }
     let _connected = Connected(state);
     let mut parts = reflow_proto::parts::Assembler::default();
-    // Reports the running instances when they change, for as long as this stream lives.
+    // The status last sent on this stream (a new stream starts with nothing reported on the
+    // control plane's side): sent again only when it changed.
+    let reported = Arc::new(tokio::sync::Mutex::new(Status::default()));
+    // Reports the status when it changes, for as long as this stream lives.
     let _reporter = report.map(|report| {
-        let (report, tx) = (report.clone(), tx.clone());
+        let (report, tx, reported) = (report.clone(), tx.clone(), reported.clone());
         AbortOnDrop(tokio::spawn(async move {
-            // A new stream starts with nothing reported on the control plane's side.
-            let mut last = Status::default();
             loop {
-                let now = report.status();
-                if now != last {
-                    let status = now.clone();
-                    if tx.send(SyncRequest { kind: Some(sync_request::Kind::Status(status)) }).await.is_err() {
-                        return;
-                    }
-                    last = now;
+                if !send_status(&report, &tx, &reported).await {
+                    return;
                 }
                 tokio::time::sleep(STATUS_EVERY).await;
             }
@@ -262,8 +258,7 @@ async fn stream_once(
                     // Recycles and restarts this update caused are reported before its Ack, so
                     // a control plane that sees the Ack knows what this data plane did.
                     report.applied(&snapshot);
-                    let status = report.status();
-                    if tx.send(SyncRequest { kind: Some(sync_request::Kind::Status(status)) }).await.is_err() {
+                    if !send_status(report, &tx, &reported).await {
                         return Err(StreamEnd::Failed("stream closed".into()));
                     }
                 }
@@ -283,6 +278,21 @@ async fn stream_once(
             return Err(StreamEnd::Failed("stream closed".into()));
         }
     }
+}
+
+/// Sends the observer's status when it differs from the one last sent; `false` when the
+/// stream is closed. The lock keeps the reporter and the apply path from interleaving.
+async fn send_status(report: &Report, tx: &mpsc::Sender<SyncRequest>, reported: &tokio::sync::Mutex<Status>) -> bool {
+    let mut last = reported.lock().await;
+    let now = report.status();
+    if now == *last {
+        return true;
+    }
+    if tx.send(SyncRequest { kind: Some(sync_request::Kind::Status(now.clone())) }).await.is_err() {
+        return false;
+    }
+    *last = now;
+    true
 }
 
 /// Aborts a task when dropped: the status reporter ends with its stream.

@@ -918,6 +918,32 @@ async fn delete_env_at(
     Ok(Message::json(format!("env {key} removed from the {} scope", describe(&scope))))
 }
 
+/// Where `user`'s token for `target` comes from, named as audit lines name it (`user`,
+/// `group:<name>`, `role:<name>`, `default`): an env `AUTH_TOKEN` that resolves wins over the
+/// token, as data planes inject it.
+pub async fn token_source(state: &AppState, target: &Target, user: &crate::store::User) -> ApiResult<Option<String>> {
+    let entries = state.store.list_secrets(target.id, None).await?;
+    let user_id = user.id.to_string();
+    let principal = Principal { user_id: &user_id, role: &user.role, groups: &user.groups };
+    let boundary = target.isolation_boundary.limiting(target.transport_type);
+    let pick = |env: bool| {
+        let candidates = entries.iter().filter(|e| {
+            if env {
+                e.kind == SecretKind::Env && e.name == "AUTH_TOKEN"
+            } else {
+                e.kind == SecretKind::Token
+            }
+        });
+        resolve(candidates.map(|e| (&e.scope, e)), &principal, boundary).map(|(scope, _)| match scope {
+            Scope::Default => "default".to_string(),
+            Scope::User(_) => "user".to_string(),
+            Scope::Group(group) => format!("group:{group}"),
+            Scope::Role(role) => format!("role:{role}"),
+        })
+    };
+    Ok(pick(true).or_else(|| pick(false)))
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct ResolveQuery {

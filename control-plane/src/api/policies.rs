@@ -293,6 +293,9 @@ pub struct Explanation {
     /// The snapshot version the answer was computed on; data planes at this version
     /// enforce exactly this answer.
     pub snapshot_version: String,
+    /// Where the token the user's requests to the target carry comes from, as audit lines name
+    /// it (`user`, `group:<name>`, `role:<name>`, `default`); `null`: no token.
+    pub credential_source: Option<String>,
 }
 
 /// Why a user may or may not use a tool, resource or prompt of a target, and which policy
@@ -343,6 +346,7 @@ pub async fn explain(
             policy_name: None,
             reason: "the user is deactivated; every request is refused before policies apply".into(),
             snapshot_version,
+            credential_source: None,
         }));
     }
     // Resources are decided on their normal form, as the data plane decides them.
@@ -358,11 +362,15 @@ pub async fn explain(
         (Some(name), true) => format!("allowed by policy {name:?}"),
         (Some(name), false) => format!("denied by policy {name:?}"),
     };
+    let target = super::targets::find(&state, query.target_id).await?;
+    let stored = state.store.get_user(query.user_id).await?.ok_or_else(|| ApiError::not_found("user"))?;
+    let credential_source = super::credentials::token_source(&state, &target, &stored).await?;
     Ok(Json(Explanation {
         allowed: decision.allowed,
         policy_id: decision.policy_id,
         policy_name: decision.policy_name,
         reason,
         snapshot_version,
+        credential_source,
     }))
 }
