@@ -48,12 +48,33 @@ pub struct Fleet {
     pub pending: Vec<String>,
 }
 
+/// [`await_applied`] for a generation the snapshot carries in the `field` of resource `id` of
+/// type `kind`, which data planes report in the list `reports` picks from their report.
+pub async fn await_generation(
+    state: &AppState,
+    kind: reflow_proto::snapshot::v1::ResourceType,
+    id: &str,
+    field: &str,
+    generation: i64,
+    reports: impl Fn(&crate::store::PlaneReport) -> &[crate::store::Applied],
+) -> ApiResult<(u32, Fleet)> {
+    await_applied(
+        state,
+        |snapshot| {
+            let payload = snapshot.payload::<serde_json::Value>(kind, id);
+            payload.and_then(|p| p[field].as_i64()).is_some_and(|carried| carried >= generation)
+        },
+        |plane| reports(&plane.report).iter().find(|d| d.id == id && d.generation >= generation).map(|d| d.count),
+    )
+    .await
+}
+
 /// After a write that bumped a generation, waits until the snapshot carries it
 /// (`in_snapshot`) and every connected data plane has either reported it (`reported`: the
 /// count it reported for that generation or a later one) or acknowledged a snapshot that
 /// carries it; returns the summed counts. Data planes report before they acknowledge, so one
 /// that acknowledged without reporting had nothing to recycle or restart.
-pub async fn await_applied(
+async fn await_applied(
     state: &AppState,
     in_snapshot: impl Fn(&crate::compile::Snapshot) -> bool,
     reported: impl Fn(&DataPlaneStatus) -> Option<u32>,

@@ -381,18 +381,13 @@ pub async fn restart_instances(
     let restart_generation = state.store.restart_target(id).await?;
     let target = find(&state, id).await?;
     tracing::info!(target_id = %id, restart_generation, "restart of a target's instances requested");
-    let key = id.to_string();
-    let (restarted, fleet) = super::data_planes::await_applied(
+    let (restarted, fleet) = super::data_planes::await_generation(
         &state,
-        |snapshot| {
-            snapshot
-                .payload::<reflow_proto::resources::Target>(reflow_proto::snapshot::v1::ResourceType::Target, &key)
-                .is_some_and(|t| t.restart_generation >= restart_generation)
-        },
-        |plane| {
-            let done = plane.report.restarted.iter().find(|d| d.id == key && d.generation >= restart_generation);
-            done.map(|d| d.count)
-        },
+        reflow_proto::snapshot::v1::ResourceType::Target,
+        &id.to_string(),
+        "restart_generation",
+        restart_generation,
+        |report| &report.restarted,
     )
     .await?;
     Ok(Json(Restarted { restarted, target, restart_generation, fleet }))

@@ -162,18 +162,13 @@ pub struct Recycled {
 async fn recycle(state: &AppState, user: Uuid) -> ApiResult<Json<Recycled>> {
     let session_generation = state.store.recycle_user(user).await?;
     tracing::info!(user_id = %user, session_generation, "recycle of a user's sessions requested");
-    let key = user.to_string();
-    let (recycled, fleet) = super::data_planes::await_applied(
+    let (recycled, fleet) = super::data_planes::await_generation(
         state,
-        |snapshot| {
-            snapshot
-                .payload::<reflow_proto::resources::User>(reflow_proto::snapshot::v1::ResourceType::User, &key)
-                .is_some_and(|u| u.session_generation >= session_generation)
-        },
-        |plane| {
-            let done = plane.report.recycled.iter().find(|d| d.id == key && d.generation >= session_generation);
-            done.map(|d| d.count)
-        },
+        reflow_proto::snapshot::v1::ResourceType::User,
+        &user.to_string(),
+        "session_generation",
+        session_generation,
+        |report| &report.recycled,
     )
     .await?;
     Ok(Json(Recycled { recycled, user_id: user, session_generation, fleet }))
