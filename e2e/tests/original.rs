@@ -58,6 +58,27 @@ impl SessionClient {
     }
 }
 
+/// Waits (up to 5 s) until the upstream at `url` no longer knows session `id`: the gateway
+/// closed it.
+async fn eventually_gone(url: &str, id: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let probe = reqwest::Client::new()
+            .post(url)
+            .header("mcp-session-id", id)
+            .header("accept", "application/json, text/event-stream")
+            .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
+            .send()
+            .await
+            .unwrap();
+        if probe.status().as_u16() == 404 {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "upstream session {id} is still open");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn bearer(headers: &Value) -> String {
     headers["authorization"].as_str().unwrap_or("none").trim_start_matches("Bearer ").to_string()
 }
@@ -76,7 +97,9 @@ async fn http_targets_resolve_user_group_role_default_at_the_default_isolation()
     };
     put(format!("/api/users/{dev}"), json!({"role": "developer", "groups": ["ops"]})).await;
     let mut client = SessionClient::connect(&format!("{}/mcp", gateway.mcp), &dev_token).await;
-    assert_eq!(bearer(&client.headers("hdr_headers").await), "none");
+    let first = client.headers("hdr_headers").await;
+    assert_eq!(bearer(&first), "none");
+    let mut upstream_session = first["mcp-session-id"].as_str().unwrap().to_string();
 
     // Each narrower scope wins over the one before, in the same client session.
     let steps = [
@@ -97,7 +120,12 @@ async fn http_targets_resolve_user_group_role_default_at_the_default_isolation()
     ];
     for (path, body, token, source) in steps {
         put(path, body).await;
-        assert_eq!(bearer(&client.headers("hdr_headers").await), token, "after setting the {source} token");
+        // The upstream session opened with the old credentials is closed at once, before the
+        // client's next request.
+        eventually_gone(&server.url, &upstream_session).await;
+        let headers = client.headers("hdr_headers").await;
+        assert_eq!(bearer(&headers), token, "after setting the {source} token");
+        upstream_session = headers["mcp-session-id"].as_str().unwrap().to_string();
         let resolved = gateway.get(&format!("/api/targets/{target}/env/resolve?user_id={dev}")).await.unwrap();
         assert_eq!(resolved["token"]["scope_type"], source, "{resolved}");
     }
@@ -158,15 +186,7 @@ async fn moving_a_user_recycles_their_sessions_on_every_data_plane() {
     let refused = client.call("hdr_add", json!({"a": 2, "b": 3})).await;
     assert!(refused.get("error").is_some(), "beta may not use add: {refused}");
     // The old upstream session is gone: the upstream no longer knows it.
-    let probe = reqwest::Client::new()
-        .post(&server.url)
-        .header("mcp-session-id", &old_upstream)
-        .header("accept", "application/json, text/event-stream")
-        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(probe.status().as_u16(), 404, "the old upstream session was closed");
+    eventually_gone(&server.url, &old_upstream).await;
 
     // A recycle counts bob's sessions on every data plane: one here, one on a second plane.
     let (_second, second_mcp) = gateway.another_data_plane("e2e-second").await.unwrap();

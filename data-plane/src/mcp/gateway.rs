@@ -4,7 +4,7 @@
 //! Every request runs against one snapshot (taken once by the HTTP layer), so listing and
 //! calling decide with the same policies and the same function.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -1037,6 +1037,7 @@ impl Gateway {
         let stopped = self.pool.retire(snapshot.view.targets.values());
         self.recycling.targets(snapshot.view.targets.values(), &stopped);
         let raised = self.recycling.users(snapshot.view.users.values());
+        let rotated = self.recycling.credentials(&snapshot.view.credentials);
         let mut recycled: HashMap<&str, u32> = raised.keys().map(|user| (user.as_str(), 0)).collect();
         for user in raised.keys() {
             self.pool.stop_user(user);
@@ -1058,6 +1059,9 @@ impl Gateway {
                     *count += 1;
                 }
                 continue;
+            }
+            if !rotated.is_empty() {
+                self.drop_rotated(&session, snapshot, user, &rotated);
             }
             let mut changed = Vec::new();
             {
@@ -1092,6 +1096,32 @@ impl Gateway {
         for (user, sessions) in recycled {
             tracing::info!(user = %user, sessions, "a user's sessions were recycled");
             self.recycling.recycled(user, raised[user], sessions);
+        }
+    }
+
+    /// Closes the session's HTTP and SSE upstream sessions to targets whose credentials changed
+    /// when what they would carry for `user` is no longer what they were opened with; the next
+    /// request opens them with the new credentials. (A STDIO process whose env changed is
+    /// replaced when next used.) A session busy opening an upstream is left to that path.
+    fn drop_rotated(&self, session: &ClientSession, snapshot: &DataSnapshot, user: &User, rotated: &HashSet<String>) {
+        let Ok(mut upstreams) = session.upstreams.try_lock() else { return };
+        let stale: Vec<String> = upstreams
+            .iter()
+            .filter(|(_, entry)| {
+                let target = &entry.upstream.target;
+                rotated.contains(&target.id)
+                    && entry.upstream.stdio.is_none()
+                    && snapshot.view.targets.get(&target.name).is_some_and(|now| {
+                        resolve_injection(&snapshot.view, &self.sealer, now, user) != entry.upstream.injection
+                    })
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some(entry) = upstreams.remove(&name) {
+                tracing::info!(session = %short(&session.id), target = %name, "the user's credentials for the target changed; closing its upstream session");
+                tokio::spawn(async move { entry.upstream.close().await });
+            }
         }
     }
 

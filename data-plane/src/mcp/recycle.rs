@@ -44,6 +44,9 @@ struct Inner {
     targets: HashMap<String, i64>,
     recycled: HashMap<String, (i64, u32)>,
     restarted: HashMap<String, (i64, u32)>,
+    /// A hash of each target's credentials (sealed values included), by target id; `None`
+    /// before the first snapshot.
+    credentials: Option<HashMap<String, u64>>,
 }
 
 impl Recycling {
@@ -93,6 +96,29 @@ impl Recycling {
             }
         }
         inner.targets.retain(|id, _| seen.contains(id.as_str()));
+    }
+
+    /// Records each target's credentials and returns the ids of targets whose credentials
+    /// changed since the last snapshot (not those seen for the first time).
+    pub fn credentials(&self, credentials: &[reflow_proto::resources::Credential]) -> HashSet<String> {
+        let mut hashes: HashMap<&str, std::collections::hash_map::DefaultHasher> = HashMap::new();
+        for credential in credentials {
+            let hasher = hashes.entry(credential.target_id.as_str()).or_default();
+            (credential.kind.as_str(), credential.scope.to_string(), &credential.name, &credential.sealed).hash(hasher);
+        }
+        let now: HashMap<String, u64> = hashes.into_iter().map(|(id, h)| (id.to_string(), h.finish())).collect();
+        let mut inner = self.inner.lock().unwrap();
+        let changed = match &inner.credentials {
+            None => HashSet::new(),
+            Some(before) => now
+                .iter()
+                .filter(|(id, hash)| before.get(*id) != Some(*hash))
+                .map(|(id, _)| id.clone())
+                .chain(before.keys().filter(|id| !now.contains_key(*id)).cloned())
+                .collect(),
+        };
+        inner.credentials = Some(now);
+        changed
     }
 
     /// Remembers that `user`'s recycle to `generation` took `sessions` sessions.
@@ -165,5 +191,28 @@ mod tests {
         let (recycled, restarted) = recycling.report();
         assert_eq!(recycled, vec![Done { id: "u".into(), generation: 4, count: 2 }]);
         assert!(restarted.is_empty());
+    }
+
+    #[test]
+    fn credentials_added_changed_or_removed_after_the_first_snapshot_count_as_changed() {
+        use reflow_common::credentials::Scope;
+        use reflow_common::model::SecretKind;
+        let credential = |target: &str, sealed: &str| reflow_proto::resources::Credential {
+            target_id: target.into(),
+            kind: SecretKind::Token,
+            scope: Scope::Default,
+            name: String::new(),
+            sealed: sealed.into(),
+        };
+        let recycling = Recycling::default();
+        assert!(recycling.credentials(&[credential("a", "1")]).is_empty(), "the first snapshot changes nothing");
+        assert!(recycling.credentials(&[credential("a", "1")]).is_empty());
+        let added = recycling.credentials(&[credential("a", "1"), credential("b", "1")]);
+        assert_eq!(added, HashSet::from(["b".to_string()]));
+        assert_eq!(
+            recycling.credentials(&[credential("a", "2"), credential("b", "1")]),
+            HashSet::from(["a".to_string()])
+        );
+        assert_eq!(recycling.credentials(&[credential("a", "2")]), HashSet::from(["b".to_string()]));
     }
 }
