@@ -598,6 +598,24 @@ fn this_projects_spellings_still_work_and_bad_input_names_the_field_in_either() 
     api.expect(200, "GET", "", &format!("/api/targets/{t}/instances"), &token, None);
     api.expect(200, "GET", "", &format!("/api/targets/{t}/status"), &token, None);
 
+    // Another user's scope is refused alike whether that user exists or not.
+    let (_, other) = api.call(
+        "POST",
+        "",
+        "/api/auth/register",
+        None,
+        Some(json!({"email": "other@example.com", "password": "secure123"})),
+    );
+    let other_token = other["token"].as_str().unwrap().to_string();
+    for user in [admin_id.clone(), uuid_like()] {
+        let path = format!("/api/targets/{t}/env/user/{user}");
+        let (status, answer) =
+            api.call("PUT", "", &path, Some(&other_token), Some(json!([{"key": "K", "value": "v"}])));
+        assert_eq!(status, 403, "{answer}");
+        let (status, _) = api.call("GET", "", &path, Some(&other_token), None);
+        assert_eq!(status, 403);
+    }
+
     // Bad input: 400 naming the field, whichever spelling; nothing half-written.
     let cases = [
         ("POST", "/api/targets".to_string(), json!({"name": "x", "bogus": 1}), "bogus"),
@@ -647,4 +665,9 @@ fn this_projects_spellings_still_work_and_bad_input_names_the_field_in_either() 
     let targets = api.expect(200, "GET", "", "/api/targets", &token, None);
     assert_eq!(targets.as_array().map(Vec::len), Some(1), "no target from a refused create");
     assert!(running.stop().success());
+}
+
+/// A user id no user has.
+fn uuid_like() -> String {
+    "7d444840-9dc0-11d1-b245-5ffdce74fad2".to_string()
 }

@@ -153,9 +153,18 @@ fn check_reveal(caller: &Caller, target: &Target, reveal: bool) -> ApiResult<()>
 /// Parses a scope from the URL (and, for the original's token bodies, the value the body
 /// names) and checks the caller may write it.
 async fn scope_for_write(state: &AppState, caller: &Caller, kind: &str, value: Option<&str>) -> ApiResult<Scope> {
-    let scope = parse_scope(state, kind, value).await?;
+    let scope = parse_scope(kind, value)?;
     if !matches!(&scope, Scope::User(id) if *id == caller.user.id.to_string()) {
         caller.require_admin()?;
+    }
+    // Looked up only once the caller may name the scope: nobody else learns which users exist.
+    if let Scope::User(id) = &scope {
+        let uuid: Uuid = id.parse().expect("parse_scope checked the id");
+        state
+            .store
+            .get_user(uuid)
+            .await?
+            .ok_or_else(|| ApiError::bad_request(format!("user scope: no user with id {id}")))?;
     }
     Ok(scope)
 }
@@ -165,7 +174,7 @@ async fn scope_for_read(state: &AppState, caller: &Caller, kind: &str, value: Op
     scope_for_write(state, caller, kind, value).await
 }
 
-async fn parse_scope(state: &AppState, kind: &str, value: Option<&str>) -> ApiResult<Scope> {
+fn parse_scope(kind: &str, value: Option<&str>) -> ApiResult<Scope> {
     let kind = ScopeKind::parse(kind)
         .ok_or_else(|| ApiError::bad_request(format!("scope {kind:?} is not one of default, role, group, user")))?;
     Ok(match (kind, value) {
@@ -185,11 +194,6 @@ async fn parse_scope(state: &AppState, kind: &str, value: Option<&str>) -> ApiRe
         (ScopeKind::User, Some(user)) => {
             let id: Uuid =
                 user.parse().map_err(|_| ApiError::bad_request(format!("user scope: {user:?} is not a user id")))?;
-            state
-                .store
-                .get_user(id)
-                .await?
-                .ok_or_else(|| ApiError::bad_request(format!("user scope: no user with id {id}")))?;
             Scope::User(id.to_string())
         }
     })

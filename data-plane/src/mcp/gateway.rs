@@ -1030,6 +1030,9 @@ impl Gateway {
     /// removed targets, closes sessions of users who may no longer connect, and tells the
     /// others which of their lists changed.
     pub fn snapshot_changed(&self, snapshot: &DataSnapshot) {
+        // One at a time, whole: the sync loop (before its Ack) and the state watcher both call
+        // this, and the second must find the first's recycles recorded, not half done.
+        let _one = self.recycling.handling();
         if !self.recycling.begin(&snapshot.version) {
             return;
         }

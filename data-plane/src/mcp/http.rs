@@ -299,9 +299,12 @@ async fn open_session(gateway: Arc<Gateway>, scope: Scope, caller: Caller, messa
             return refuse(StatusCode::NOT_FOUND, INVALID_REQUEST, &format!("no target named {name:?} is served here"));
         }
     }
-    if let Err(over) = gateway.shares.may_open_session(gateway.sessions.count_of(&caller.user.id)) {
-        return over_share(over);
-    }
+    // The slot is taken before `initialize` is awaited, so concurrent openings cannot pass the
+    // user's share.
+    let reservation = match gateway.sessions.reserve(&caller.user.id, |held| gateway.shares.may_open_session(held)) {
+        Ok(reservation) => reservation,
+        Err(over) => return over_share(over),
+    };
     if gateway.sessions.len() >= gateway.settings.max_sessions {
         return refuse(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -319,7 +322,7 @@ async fn open_session(gateway: Arc<Gateway>, scope: Scope, caller: Caller, messa
         session.close().await;
         return Json(reply).into_response();
     }
-    gateway.sessions.insert(session.clone());
+    reservation.fill(session.clone());
     let mut response = Json(reply).into_response();
     response
         .headers_mut()

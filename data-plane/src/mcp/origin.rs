@@ -30,7 +30,7 @@ pub fn host_allowed(allowed: &[String], host: Option<&str>, local: Option<IpAddr
     if is_loopback_name(name) {
         return true;
     }
-    if local.is_none_or(|ip| ip.is_loopback()) {
+    if local.is_none_or(|ip| ip.to_canonical().is_loopback()) {
         return false;
     }
     name.parse::<IpAddr>().is_ok() || machine_hostname().is_some_and(|h| h.eq_ignore_ascii_case(name))
@@ -41,7 +41,8 @@ pub fn origin_allowed(allowed: &[String], origin: &str, local: Option<IpAddr>) -
     if allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin)) {
         return true;
     }
-    let loopback_connection = local.is_none_or(|ip| ip.is_loopback());
+    // An IPv4 peer on a dual-stack listener arrives as ::ffff:127.0.0.1.
+    let loopback_connection = local.is_none_or(|ip| ip.to_canonical().is_loopback());
     let Some((scheme, authority)) = origin.split_once("://") else { return false };
     loopback_connection
         && matches!(scheme.to_ascii_lowercase().as_str(), "http" | "https")
@@ -50,7 +51,7 @@ pub fn origin_allowed(allowed: &[String], origin: &str, local: Option<IpAddr>) -
 }
 
 fn is_loopback_name(name: &str) -> bool {
-    name.eq_ignore_ascii_case("localhost") || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    name.eq_ignore_ascii_case("localhost") || name.parse::<IpAddr>().is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 /// `example.com:8080` → `example.com`; `[::1]:80` → `::1`.
@@ -117,6 +118,9 @@ mod tests {
         assert!(!origin_allowed(&[], "http://localhost@evil.example.com", LOOPBACK));
         assert!(!origin_allowed(&[], "null", LOOPBACK));
         assert!(!origin_allowed(&[], "http://localhost:5173", PUBLIC), "loopback origins only on loopback");
+        let mapped: Option<IpAddr> = Some("::ffff:127.0.0.1".parse().unwrap());
+        assert!(origin_allowed(&[], "http://localhost:5173", mapped), "a dual-stack listener's IPv4 loopback");
+        assert!(!host_allowed(&[], Some("10.1.2.3"), mapped));
         let configured = vec!["https://app.example.com".to_string()];
         assert!(origin_allowed(&configured, "https://app.example.com", PUBLIC));
         assert!(!origin_allowed(&configured, "https://other.example.com", PUBLIC));

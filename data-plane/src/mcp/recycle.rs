@@ -34,6 +34,8 @@ pub fn identity(user: &User) -> u64 {
 #[derive(Debug, Default)]
 pub struct Recycling {
     inner: Mutex<Inner>,
+    /// Held while a snapshot is handled.
+    handling: Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -50,6 +52,11 @@ struct Inner {
 }
 
 impl Recycling {
+    /// Held for the whole handling of a snapshot, so two callers never interleave.
+    pub fn handling(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.handling.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Whether `version` is new here (each snapshot is handled once).
     pub fn begin(&self, version: &str) -> bool {
         let mut inner = self.inner.lock().unwrap();

@@ -233,6 +233,32 @@ struct SessionMap {
     closed: std::collections::VecDeque<(String, &'static str)>,
 }
 
+/// A session slot taken by [`Sessions::reserve`]: filled with the session once it is open, or
+/// given back when dropped unfilled.
+#[derive(Debug)]
+pub struct Reservation<'a> {
+    sessions: &'a Sessions,
+    user_id: String,
+    filled: bool,
+}
+
+impl Reservation<'_> {
+    /// Adds the opened session in the slot taken for it.
+    pub fn fill(mut self, session: Arc<ClientSession>) {
+        debug_assert_eq!(session.user_id, self.user_id);
+        Sessions::put(&mut self.sessions.map.lock().unwrap(), session);
+        self.filled = true;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.filled {
+            self.sessions.release(&self.user_id);
+        }
+    }
+}
+
 /// Closed sessions whose reason is remembered.
 const MAX_CLOSED: usize = 1024;
 
@@ -266,10 +292,38 @@ impl Sessions {
     pub fn insert(&self, session: Arc<ClientSession>) {
         let mut map = self.map.lock().unwrap();
         *map.per_user.entry(session.user_id.clone()).or_default() += 1;
+        Sessions::put(&mut map, session);
+    }
+
+    /// Takes one of `user_id`'s session slots now, if `allowed` (told how many the user holds,
+    /// reservations included) says so: opening a session awaits its `initialize`, and slots
+    /// checked before and filled after that would let concurrent openings pass the share.
+    pub fn reserve<E>(
+        &self,
+        user_id: &str,
+        allowed: impl FnOnce(usize) -> Result<(), E>,
+    ) -> Result<Reservation<'_>, E> {
+        let mut map = self.map.lock().unwrap();
+        allowed(map.per_user.get(user_id).copied().unwrap_or(0))?;
+        *map.per_user.entry(user_id.to_string()).or_default() += 1;
+        Ok(Reservation { sessions: self, user_id: user_id.to_string(), filled: false })
+    }
+
+    fn put(map: &mut SessionMap, session: Arc<ClientSession>) {
         if let Some(replaced) = map.by_id.insert(session.id.clone(), session) {
             // Ids are 256 random bits: never in practice, but the counts stay right.
             if let Some(count) = map.per_user.get_mut(&replaced.user_id) {
                 *count -= 1;
+            }
+        }
+    }
+
+    fn release(&self, user_id: &str) {
+        let mut map = self.map.lock().unwrap();
+        if let Some(count) = map.per_user.get_mut(user_id) {
+            *count -= 1;
+            if *count == 0 {
+                map.per_user.remove(user_id);
             }
         }
     }

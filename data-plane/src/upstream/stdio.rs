@@ -266,7 +266,9 @@ struct StderrTail {
 }
 
 impl StderrTail {
-    fn push(&self, mut line: String) {
+    fn push(&self, line: String) {
+        // Masked before it is cut, so no secret is left half-visible at the cut.
+        let mut line = self.mask(line);
         crate::mcp::health::truncate(&mut line, STDERR_LINE_BYTES);
         let mut lines = self.lines.lock().unwrap();
         if lines.len() == STDERR_TAIL_LINES {
@@ -275,20 +277,27 @@ impl StderrTail {
         lines.push_back(line);
     }
 
-    /// The tail as one line, credentials masked.
-    fn text(&self) -> String {
-        let mut text = self.lines.lock().unwrap().iter().cloned().collect::<Vec<_>>().join(" | ");
+    /// `text` with every value of the process's env replaced by `[masked]`.
+    fn mask(&self, mut text: String) -> String {
         for secret in self.secrets.iter() {
-            text = text.replace(secret.as_str(), "[masked]");
+            if text.contains(secret.as_str()) {
+                text = text.replace(secret.as_str(), "[masked]");
+            }
         }
         text
+    }
+
+    /// The tail as one line (each line masked as it arrived).
+    fn text(&self) -> String {
+        self.lines.lock().unwrap().iter().cloned().collect::<Vec<_>>().join(" | ")
     }
 }
 
 /// Records why a process of `target_id` ended or did not start, with its stderr tail.
 fn record_exit(exits: &ExitLog, target_id: &str, what: &str, tail: &StderrTail) {
     let stderr = tail.text();
-    let reason = if stderr.is_empty() { what.to_string() } else { format!("{what}; stderr: {stderr}") };
+    let what = tail.mask(what.to_string());
+    let reason = if stderr.is_empty() { what } else { format!("{what}; stderr: {stderr}") };
     exits.lock().unwrap().insert(target_id.to_string(), (crate::mcp::health::now(), reason));
 }
 
@@ -709,6 +718,16 @@ struct Starting {
     outcome: tokio::sync::watch::Receiver<Option<Result<(), String>>>,
 }
 
+/// Whether a process started for `process.target` is still what `current` asks to run.
+fn still_wanted(process: &Process, current: Option<&&Target>) -> bool {
+    current.is_some_and(|t| {
+        t.enabled
+            && t.command == process.target.command
+            && t.args == process.target.args
+            && t.restart_generation == process.target.restart_generation
+    })
+}
+
 /// The running processes, by key.
 #[derive(Debug)]
 pub struct Pool {
@@ -846,6 +865,11 @@ impl Pool {
                     return Ok(existing);
                 }
             }
+            // A start of other settings (the env changed meanwhile) is not what this caller needs.
+            if let Some(stale) = starts.get(&key).filter(|s| s.process.fingerprint != wanted) {
+                stale.process.kill();
+                starts.remove(&key);
+            }
             match starts.get(&key).cloned() {
                 Some(starting) => starting,
                 None => {
@@ -947,7 +971,10 @@ impl Pool {
                 Err(error) => Err(error),
             };
             let mut starts = pool.starting.lock().unwrap();
-            starts.remove(&key);
+            // Only this start's entry: a newer start of the key may have replaced it.
+            if starts.get(&key).is_some_and(|s| Arc::ptr_eq(&s.process, &starting)) {
+                starts.remove(&key);
+            }
             match outcome {
                 Ok(()) if !starting.closed.is_cancelled() => {
                     pool.processes.lock().unwrap().insert(key, starting.clone());
@@ -955,6 +982,14 @@ impl Pool {
                     tracing::info!(target = %name, pid = starting.pid, seconds = started.elapsed().as_secs_f64(), "STDIO server started");
                     let _ = pool.started.send(starting.key.target_id.clone());
                     let _ = publish.send(Some(Ok(())));
+                }
+                // Stopped by the gateway while starting (restarted, recycled, replaced, shutdown):
+                // not a failure of the server's.
+                _ if starting.stopping.load(Ordering::Relaxed) => {
+                    drop(starts);
+                    starting.kill();
+                    let _ =
+                        publish.send(Some(Err("the start was stopped: the server was restarted or replaced".into())));
                 }
                 outcome => {
                     drop(starts);
@@ -995,13 +1030,18 @@ impl Pool {
     pub fn retire<'t>(&self, targets: impl IntoIterator<Item = &'t Target>) -> HashMap<String, u32> {
         let current: HashMap<&str, &Target> = targets.into_iter().map(|t| (t.id.as_str(), t)).collect();
         let mut stopped: HashMap<String, u32> = HashMap::new();
+        // Starts in progress of what is no longer wanted end too (they would land later, stale).
+        self.starting.lock().unwrap().retain(|_, starting| {
+            let keep = still_wanted(&starting.process, current.get(starting.process.key.target_id.as_str()));
+            if !keep {
+                tracing::info!(target = %starting.process.target_name, pid = starting.process.pid, "stopping a STDIO server while it starts: its target was restarted, changed or removed");
+                starting.process.kill();
+                *stopped.entry(starting.process.key.target_id.clone()).or_default() += 1;
+            }
+            keep
+        });
         self.processes.lock().unwrap().retain(|_, process| {
-            let keep = current.get(process.key.target_id.as_str()).is_some_and(|t| {
-                t.enabled
-                    && t.command == process.target.command
-                    && t.args == process.target.args
-                    && t.restart_generation == process.target.restart_generation
-            });
+            let keep = still_wanted(process, current.get(process.key.target_id.as_str()));
             if !keep {
                 tracing::info!(target = %process.target_name, pid = process.pid, "stopping a STDIO server: its target was restarted, changed or removed");
                 process.stop();
@@ -1016,6 +1056,14 @@ impl Pool {
     /// credentials). Returns how many.
     pub fn stop_user(&self, user: &str) -> u32 {
         let mut stopped = 0;
+        self.starting.lock().unwrap().retain(|key, starting| {
+            let keep = key.user() != Some(user);
+            if !keep {
+                starting.process.kill();
+                stopped += 1;
+            }
+            keep
+        });
         self.processes.lock().unwrap().retain(|_, process| {
             let keep = process.key.user() != Some(user);
             if !keep {
