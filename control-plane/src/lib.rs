@@ -13,6 +13,7 @@
 //! binary runs it.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod compile;
 pub mod store;

@@ -298,7 +298,114 @@ async fn migrations_are_idempotent(backend: &str) {
     again.ping().await.unwrap();
 }
 
+/// Runs one statement on the test database directly, as someone with database access would.
+async fn tamper(db: &support::TestDb, sql: &str) {
+    let url = db.url();
+    if url.starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    } else {
+        let pool = sqlx::PgPool::connect(&url).await.unwrap();
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+}
+
+fn audit_record(plane: &str, n: u32, at: chrono::DateTime<chrono::Utc>) -> reflow_control_plane::audit::AuditRecord {
+    reflow_control_plane::audit::AuditRecord {
+        id: format!("{plane}-{n}"),
+        at,
+        data_plane: plane.into(),
+        user_id: Some(format!("user-{}", n % 3)),
+        session_id: Some("s".into()),
+        client_name: Some("claude".into()),
+        client_version: Some("1".into()),
+        endpoint: "/mcp".into(),
+        protocol_version: Some("2025-11-25".into()),
+        method: "tools/call".into(),
+        target: Some("github".into()),
+        name: Some(if n % 2 == 0 { "create_issue" } else { "list_repos" }.into()),
+        decision: if n % 5 == 0 { "denied" } else { "allowed" }.into(),
+        policy_id: None,
+        policy_name: None,
+        credential_source: Some("user".into()),
+        transport: Some("stdio".into()),
+        status: 200,
+        upstream_status: None,
+        error_code: None,
+        duration_ms: u64::from(n),
+        snapshot_version: Some("v".into()),
+        trace_id: None,
+        arguments: None,
+    }
+}
+
+async fn verified(store: &DynStore) -> Result<u64, reflow_control_plane::audit::Broken> {
+    let (records, anchors) = store.audit_chains().await.unwrap();
+    reflow_control_plane::audit::verify(&records, |plane| anchors.get(plane).cloned().unwrap_or_default())
+}
+
+async fn audit_chains_detect_tampering_and_survive_pruning(backend: &str) {
+    let (store, db) = store(backend).await;
+    let start = now() - chrono::Duration::hours(10);
+    let at = |n: u32| start + chrono::Duration::minutes(i64::from(n));
+    let batch: Vec<_> = (1..=20)
+        .map(|n| audit_record("dp-a", n, at(n)))
+        .chain((1..=5).map(|n| audit_record("dp-b", n, at(n))))
+        .collect();
+    assert_eq!(store.append_audit(&batch).await.unwrap(), 25);
+    // A resend (after a lost acknowledgement) stores nothing twice.
+    assert_eq!(store.append_audit(&batch[10..]).await.unwrap(), 0);
+    let more: Vec<_> = (21..=30).map(|n| audit_record("dp-a", n, at(n))).collect();
+    assert_eq!(store.append_audit(&more).await.unwrap(), 10);
+    assert_eq!(verified(&store).await, Ok(35));
+
+    // Filters and paging, newest first.
+    let denied = store
+        .list_audit(&AuditFilter { decision: Some("denied".into()), limit: 100, ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(
+        denied.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ["dp-a-30", "dp-a-25", "dp-a-20", "dp-a-15", "dp-a-10", "dp-a-5", "dp-b-5"]
+    );
+    let page = store
+        .list_audit(&AuditFilter { target: Some("github".into()), limit: 5, offset: 5, ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 5);
+    assert_eq!(page[0].id, "dp-a-25");
+    let window = AuditFilter {
+        since: Some(at(3)),
+        until: Some(at(5)),
+        name: Some("list_repos".into()),
+        limit: 100,
+        ..Default::default()
+    };
+    assert_eq!(store.list_audit(&window).await.unwrap().len(), 2, "dp-a-3 and dp-b-3");
+    assert_eq!(store.list_audit(&AuditFilter { limit: 100, ..Default::default() }).await.unwrap()[0], more[9]);
+
+    // Retention: pruning keeps the chain verifiable from its anchor.
+    assert_eq!(store.prune_audit(at(8)).await.unwrap(), 7 + 5);
+    assert_eq!(verified(&store).await, Ok(35 - 12));
+
+    // Tampering, each kind named.
+    tamper(&db, "UPDATE audit_records SET body = REPLACE(body, 'create_issue', 'delete_repo') WHERE id = 'dp-a-12'")
+        .await;
+    let broken = verified(&store).await.unwrap_err();
+    assert_eq!((broken.id.as_str(), broken.why.contains("changed")), ("dp-a-12", true), "{broken}");
+    tamper(&db, "UPDATE audit_records SET body = REPLACE(body, 'delete_repo', 'create_issue') WHERE id = 'dp-a-12'")
+        .await;
+    assert!(verified(&store).await.is_ok());
+    tamper(&db, "UPDATE audit_records SET decision = 'allowed' WHERE id = 'dp-a-15'").await;
+    assert_eq!(verified(&store).await.unwrap_err().id, "dp-a-15");
+    tamper(&db, "UPDATE audit_records SET decision = 'denied' WHERE id = 'dp-a-15'").await;
+    tamper(&db, "DELETE FROM audit_records WHERE id = 'dp-a-20'").await;
+    let broken = verified(&store).await.unwrap_err();
+    assert_eq!((broken.seq, broken.why.contains("missing")), (21, true), "{broken}");
+}
+
 both_backends!(
+    audit_chains_detect_tampering_and_survive_pruning,
     first_registered_user_is_admin,
     concurrent_first_registrations_make_one_admin,
     users_round_trip,

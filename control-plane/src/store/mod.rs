@@ -9,6 +9,7 @@
 mod model;
 mod sql;
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -120,6 +121,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Records a data plane's status (insert or replace).
     async fn put_data_plane(&self, status: &DataPlaneStatus) -> StoreResult<()>;
     async fn list_data_planes(&self) -> StoreResult<Vec<DataPlaneStatus>>;
+    /// Appends `records` to their data planes' audit chains in one transaction, each record
+    /// once (a record whose id is stored already is skipped); returns how many were new.
+    async fn append_audit(&self, records: &[crate::audit::AuditRecord]) -> StoreResult<u64>;
+    /// Stored audit records, newest first, matching `filter`.
+    async fn list_audit(&self, filter: &AuditFilter) -> StoreResult<Vec<crate::audit::AuditRecord>>;
+    /// Every stored audit record in chain order (data plane, seq), with each data plane's
+    /// pruning anchor, for verification.
+    async fn audit_chains(
+        &self,
+    ) -> StoreResult<(Vec<crate::audit::StoredRecord>, HashMap<String, crate::audit::Anchor>)>;
+    /// Removes records older than `before`, moving each data plane's anchor to the last one
+    /// removed; returns how many were removed.
+    async fn prune_audit(&self, before: DateTime<Utc>) -> StoreResult<u64>;
     /// Records the version a control-plane replica serves.
     async fn put_control_plane(&self, status: &ControlPlaneStatus) -> StoreResult<()>;
     async fn list_control_planes(&self) -> StoreResult<Vec<ControlPlaneStatus>>;
@@ -127,6 +141,20 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// `shutdown` is cancelled. PostgreSQL: `LISTEN reflow_changes`. SQLite has one process,
     /// which signals itself, so it returns at once.
     async fn listen_for_changes(&self, notify: Arc<tokio::sync::Notify>, shutdown: tokio_util::sync::CancellationToken);
+}
+
+/// Which audit records to read: every field optional, newest first, `limit` at most 1000.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub user_id: Option<String>,
+    pub target: Option<String>,
+    pub method: Option<String>,
+    pub name: Option<String>,
+    pub decision: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    pub limit: u32,
+    pub offset: u32,
 }
 
 /// How long a request waits for a database connection before it answers 503. Short on

@@ -1025,6 +1025,213 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            async fn append_audit(&self, records: &[crate::audit::AuditRecord]) -> StoreResult<u64> {
+                let mut tx = self.pool.begin().await.map_err(db)?;
+                let mut added = 0;
+                let mut heads: HashMap<String, (i64, String)> = HashMap::new();
+                for record in records {
+                    // Times are kept to the microsecond (PostgreSQL's precision), body included,
+                    // so the column and the body agree.
+                    let mut record = record.clone();
+                    record.at = DateTime::from_timestamp_micros(record.at.timestamp_micros()).unwrap_or(record.at);
+                    let exists = sqlx::query("SELECT 1 AS one FROM audit_records WHERE id = $1")
+                        .bind(&record.id)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                    if exists.is_some() {
+                        continue;
+                    }
+                    if !heads.contains_key(&record.data_plane) {
+                        // A write first, which locks the chain's head row (PostgreSQL) or the
+                        // database (SQLite) until commit: appends to one chain never interleave.
+                        sqlx::query(
+                            "INSERT INTO audit_chains (data_plane, seq, hash) VALUES ($1, 0, '') \
+                             ON CONFLICT (data_plane) DO UPDATE SET seq = audit_chains.seq",
+                        )
+                        .bind(&record.data_plane)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                        let head = sqlx::query("SELECT seq, hash FROM audit_chains WHERE data_plane = $1")
+                            .bind(&record.data_plane)
+                            .fetch_one(&mut *tx)
+                            .await
+                            .map_err(db)?;
+                        heads.insert(
+                            record.data_plane.clone(),
+                            (head.try_get("seq").map_err(db)?, head.try_get("hash").map_err(db)?),
+                        );
+                    }
+                    let (seq, previous) = heads.get_mut(&record.data_plane).expect("head loaded");
+                    let body = record.body();
+                    let hash = crate::audit::chain_hash(previous, &body);
+                    *seq += 1;
+                    sqlx::query(
+                        "INSERT INTO audit_records (id, data_plane, seq, at, user_id, method, target, name, decision, body, prev_hash, hash) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                    )
+                    .bind(&record.id)
+                    .bind(&record.data_plane)
+                    .bind(*seq)
+                    .bind(record.at)
+                    .bind(&record.user_id)
+                    .bind(&record.method)
+                    .bind(&record.target)
+                    .bind(&record.name)
+                    .bind(&record.decision)
+                    .bind(&body)
+                    .bind(previous.as_str())
+                    .bind(&hash)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                    *previous = hash;
+                    added += 1;
+                }
+                for (plane, (seq, hash)) in &heads {
+                    sqlx::query("UPDATE audit_chains SET seq = $2, hash = $3 WHERE data_plane = $1")
+                        .bind(plane)
+                        .bind(*seq)
+                        .bind(hash)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                }
+                tx.commit().await.map_err(db)?;
+                Ok(added)
+            }
+
+            async fn list_audit(&self, filter: &AuditFilter) -> StoreResult<Vec<crate::audit::AuditRecord>> {
+                let rows = sqlx::query(
+                    "SELECT body FROM audit_records WHERE ($1 IS NULL OR user_id = $1) AND ($2 IS NULL OR target = $2) \
+                     AND ($3 IS NULL OR method = $3) AND ($4 IS NULL OR name = $4) AND ($5 IS NULL OR decision = $5) \
+                     AND ($6 IS NULL OR at >= $6) AND ($7 IS NULL OR at < $7) \
+                     ORDER BY at DESC, data_plane, seq DESC LIMIT $8 OFFSET $9",
+                )
+                .bind(&filter.user_id)
+                .bind(&filter.target)
+                .bind(&filter.method)
+                .bind(&filter.name)
+                .bind(&filter.decision)
+                .bind(filter.since)
+                .bind(filter.until)
+                .bind(i64::from(filter.limit.min(1000)))
+                .bind(i64::from(filter.offset))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+                rows.iter()
+                    .map(|row| {
+                        let body: String = row.try_get("body").map_err(db)?;
+                        serde_json::from_str(&body).map_err(|_| corrupt("audit record", &body))
+                    })
+                    .collect()
+            }
+
+            async fn audit_chains(
+                &self,
+            ) -> StoreResult<(Vec<crate::audit::StoredRecord>, HashMap<String, crate::audit::Anchor>)> {
+                let mut tx = self.pool.begin().await.map_err(db)?;
+                let rows = sqlx::query(
+                    "SELECT id, data_plane, seq, at, user_id, method, target, name, decision, body, prev_hash, hash \
+                     FROM audit_records ORDER BY data_plane, seq",
+                )
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db)?;
+                let records = rows
+                    .iter()
+                    .map(|row| {
+                        Ok(crate::audit::StoredRecord {
+                            id: row.try_get("id").map_err(db)?,
+                            data_plane: row.try_get("data_plane").map_err(db)?,
+                            seq: row.try_get("seq").map_err(db)?,
+                            at: row.try_get("at").map_err(db)?,
+                            user_id: row.try_get("user_id").map_err(db)?,
+                            method: row.try_get("method").map_err(db)?,
+                            target: row.try_get("target").map_err(db)?,
+                            name: row.try_get("name").map_err(db)?,
+                            decision: row.try_get("decision").map_err(db)?,
+                            body: row.try_get("body").map_err(db)?,
+                            prev_hash: row.try_get("prev_hash").map_err(db)?,
+                            hash: row.try_get("hash").map_err(db)?,
+                        })
+                    })
+                    .collect::<StoreResult<Vec<_>>>()?;
+                let anchors = sqlx::query("SELECT data_plane, pruned_seq, pruned_hash FROM audit_chains")
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(db)?
+                    .iter()
+                    .map(|row| {
+                        let anchor = crate::audit::Anchor {
+                            seq: row.try_get("pruned_seq").map_err(db)?,
+                            hash: row.try_get("pruned_hash").map_err(db)?,
+                        };
+                        Ok((row.try_get::<String, _>("data_plane").map_err(db)?, anchor))
+                    })
+                    .collect::<StoreResult<HashMap<_, _>>>()?;
+                tx.commit().await.map_err(db)?;
+                Ok((records, anchors))
+            }
+
+            async fn prune_audit(&self, before: DateTime<Utc>) -> StoreResult<u64> {
+                let mut tx = self.pool.begin().await.map_err(db)?;
+                // Per chain, the records before the first one at or after `before`: a chain is
+                // pruned from its start only, so what remains still links to the anchor.
+                let planes = sqlx::query(
+                    "UPDATE audit_chains SET pruned_seq = pruned_seq WHERE data_plane IN (SELECT DISTINCT data_plane FROM audit_records WHERE at < $1) \
+                     RETURNING data_plane",
+                )
+                .bind(before)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db)?;
+                let mut removed = 0;
+                for row in &planes {
+                    let plane: String = row.try_get("data_plane").map_err(db)?;
+                    let keep_from = sqlx::query(
+                        "SELECT MIN(seq) AS seq FROM audit_records WHERE data_plane = $1 AND at >= $2",
+                    )
+                    .bind(&plane)
+                    .bind(before)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db)?
+                    .try_get::<Option<i64>, _>("seq")
+                    .map_err(db)?;
+                    let last = sqlx::query(
+                        "SELECT seq, hash FROM audit_records WHERE data_plane = $1 AND ($2 IS NULL OR seq < $2) \
+                         ORDER BY seq DESC LIMIT 1",
+                    )
+                    .bind(&plane)
+                    .bind(keep_from)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                    let Some(last) = last else { continue };
+                    let (seq, hash): (i64, String) =
+                        (last.try_get("seq").map_err(db)?, last.try_get("hash").map_err(db)?);
+                    removed += sqlx::query("DELETE FROM audit_records WHERE data_plane = $1 AND seq <= $2")
+                        .bind(&plane)
+                        .bind(seq)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?
+                        .rows_affected();
+                    sqlx::query("UPDATE audit_chains SET pruned_seq = $2, pruned_hash = $3 WHERE data_plane = $1")
+                        .bind(&plane)
+                        .bind(seq)
+                        .bind(&hash)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                }
+                tx.commit().await.map_err(db)?;
+                Ok(removed)
+            }
+
             async fn list_control_planes(&self) -> StoreResult<Vec<ControlPlaneStatus>> {
                 let rows = sqlx::query("SELECT id, version, started_at, last_seen FROM control_planes ORDER BY id")
                     .fetch_all(&self.pool)
