@@ -12,59 +12,9 @@
 //! arguments, and then masked by the data plane before it ships.
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use utoipa::ToSchema;
 
-/// One MCP request, as the audit trail keeps it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct AuditRecord {
-    /// Chosen by the data plane; a record sent twice is stored once.
-    pub id: String,
-    pub at: DateTime<Utc>,
-    pub data_plane: String,
-    pub user_id: Option<String>,
-    pub session_id: Option<String>,
-    pub client_name: Option<String>,
-    pub client_version: Option<String>,
-    /// `/mcp` or `/mcp/{target}`.
-    pub endpoint: String,
-    pub protocol_version: Option<String>,
-    /// The JSON-RPC method.
-    pub method: String,
-    pub target: Option<String>,
-    /// The tool or prompt name, or the resource URI.
-    pub name: Option<String>,
-    /// `allowed`, `denied`, or `none` for requests no policy decides (initialize, ping).
-    pub decision: String,
-    /// The deciding policy; `null` with `denied` is the default deny.
-    pub policy_id: Option<String>,
-    pub policy_name: Option<String>,
-    /// Where the injected credential came from (`user`, `group:…`, `role:…`, `default`).
-    pub credential_source: Option<String>,
-    /// `streamable-http`, `sse` or `stdio`.
-    pub transport: Option<String>,
-    /// The HTTP status the client was answered with.
-    pub status: u16,
-    /// The upstream's HTTP status, when there was an upstream exchange over HTTP.
-    pub upstream_status: Option<u16>,
-    /// The JSON-RPC error code the client got, if any.
-    pub error_code: Option<i64>,
-    pub duration_ms: u64,
-    pub snapshot_version: Option<String>,
-    pub trace_id: Option<String>,
-    /// Only for targets that opt in: the arguments, secrets masked.
-    pub arguments: Option<serde_json::Value>,
-}
-
-impl AuditRecord {
-    /// The canonical body the chain hashes: serde_json of the record (field order is the
-    /// struct's, so equal records give equal bodies).
-    pub fn body(&self) -> String {
-        serde_json::to_string(self).expect("an audit record serialises")
-    }
-}
+pub use reflow_proto::audit::AuditRecord;
 
 /// The link from `previous` (a hash, empty for the first record) to a record's `body`.
 pub fn chain_hash(previous: &str, body: &str) -> String {

@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures::Stream;
 use reflow_common::crypto::{DeterministicSealer, Keyring};
 use reflow_proto::snapshot::v1::snapshot_service_server::{SnapshotService, SnapshotServiceServer};
-use reflow_proto::snapshot::v1::{sync_request, Hello, SnapshotUpdate, SyncRequest};
+use reflow_proto::snapshot::v1::{sync_request, AuditAck, AuditBatch, Hello, SnapshotUpdate, SyncRequest};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
@@ -255,6 +255,42 @@ impl SnapshotService for SnapshotGrpc {
         let session = Session::new(self.hub.clone(), self.store.clone(), &hello, tx);
         tokio::spawn(session.run(hello.have_version, inbound, self.shutdown.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    /// Stores a batch of audit records in its data plane's chain, all or none: a batch with one
+    /// bad record is refused whole, naming the record and field, so the data plane keeps it.
+    async fn ship_audit(&self, request: Request<AuditBatch>) -> Result<Response<AuditAck>, Status> {
+        self.authenticate(&request)?;
+        let batch = request.into_inner();
+        if batch.node_id.is_empty() || batch.node_id.len() > 253 {
+            return Err(Status::invalid_argument("AuditBatch.node_id must be 1 to 253 characters"));
+        }
+        if batch.records.len() > reflow_proto::audit::MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "AuditBatch.records: at most {} records per batch",
+                reflow_proto::audit::MAX_BATCH
+            )));
+        }
+        let mut records = Vec::with_capacity(batch.records.len());
+        for (i, bytes) in batch.records.iter().enumerate() {
+            let record: crate::audit::AuditRecord = serde_json::from_slice(bytes)
+                .map_err(|e| Status::invalid_argument(format!("AuditBatch.records[{i}]: not an audit record: {e}")))?;
+            reflow_proto::audit::check(&record)
+                .map_err(|(field, why)| Status::invalid_argument(format!("AuditBatch.records[{i}].{field}: {why}")))?;
+            if record.data_plane != batch.node_id {
+                return Err(Status::invalid_argument(format!(
+                    "AuditBatch.records[{i}].data_plane: {:?} is not the shipping data plane {:?}",
+                    record.data_plane, batch.node_id
+                )));
+            }
+            records.push(record);
+        }
+        let stored = self.store.append_audit(&records).await.map_err(|e| {
+            tracing::warn!(node = %batch.node_id, error = %e, "cannot store audit records; the data plane keeps them");
+            Status::unavailable("the audit trail cannot be written now; send the batch again")
+        })?;
+        let total = records.len() as u64;
+        Ok(Response::new(AuditAck { stored, duplicates: total - stored }))
     }
 }
 

@@ -138,6 +138,70 @@ async fn wrong_token_is_refused(backend: &str) {
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
 }
 
+fn shipped(node: &str, n: u32) -> Vec<u8> {
+    let record = reflow_proto::audit::AuditRecord {
+        id: format!("{node}-{n}"),
+        at: chrono::Utc::now(),
+        data_plane: node.into(),
+        user_id: Some("u".into()),
+        session_id: None,
+        client_name: None,
+        client_version: None,
+        endpoint: "/mcp".into(),
+        protocol_version: None,
+        method: "tools/call".into(),
+        target: Some("github".into()),
+        name: Some("create_issue".into()),
+        decision: "allowed".into(),
+        policy_id: None,
+        policy_name: None,
+        credential_source: Some("user".into()),
+        transport: None,
+        status: 200,
+        upstream_status: None,
+        error_code: None,
+        duration_ms: 1,
+        snapshot_version: None,
+        trace_id: None,
+        arguments: None,
+    };
+    serde_json::to_vec(&record).unwrap()
+}
+
+async fn audit_batches_are_stored_once_all_or_none_and_only_in_the_shippers_chain(backend: &str) {
+    use reflow_proto::snapshot::v1::AuditBatch;
+    let db = test_db(backend).await;
+    let cp = spawn_control_plane(&db.url(), "cp-a").await;
+    let mut client = SnapshotServiceClient::connect(cp.grpc.clone()).await.unwrap();
+    let ship = |records: Vec<Vec<u8>>, token: &str| {
+        let mut request = tonic::Request::new(AuditBatch { node_id: "dp-1".into(), records });
+        request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        request
+    };
+    let batch: Vec<Vec<u8>> = (1..=3).map(|n| shipped("dp-1", n)).collect();
+    let ack = client.ship_audit(ship(batch.clone(), DATA_PLANE_TOKEN)).await.unwrap().into_inner();
+    assert_eq!((ack.stored, ack.duplicates), (3, 0));
+    // The answer was lost and the batch comes again: nothing twice.
+    let ack = client.ship_audit(ship(batch, DATA_PLANE_TOKEN)).await.unwrap().into_inner();
+    assert_eq!((ack.stored, ack.duplicates), (0, 3));
+    let refused = client.ship_audit(ship(vec![shipped("dp-1", 9)], "not-the-token")).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    // One bad record refuses the batch whole, naming it: nothing of it is stored.
+    let mixed = vec![shipped("dp-1", 4), shipped("dp-2", 5)];
+    let refused = client.ship_audit(ship(mixed, DATA_PLANE_TOKEN)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("records[1].data_plane"), "{}", refused.message());
+    let garbage = vec![shipped("dp-1", 6), b"{\"id\": 1}".to_vec()];
+    let refused = client.ship_audit(ship(garbage, DATA_PLANE_TOKEN)).await.unwrap_err();
+    assert!(refused.message().contains("records[1]"), "{}", refused.message());
+    let store = cp.control_plane.store();
+    let all = reflow_control_plane::store::AuditFilter { limit: 100, ..Default::default() };
+    assert_eq!(store.list_audit(&all).await.unwrap().len(), 3);
+    let (records, anchors) = store.audit_chains().await.unwrap();
+    let verified = reflow_control_plane::audit::verify(&records, |p| anchors.get(p).cloned().unwrap_or_default());
+    assert_eq!(verified, Ok(3));
+}
+
 /// A hand-driven data plane: says Hello, then lets the test read updates and answer.
 struct RawPeer {
     tx: mpsc::Sender<SyncRequest>,
@@ -219,6 +283,13 @@ async fn data_plane_keeps_its_version_when_an_update_is_bad(backend: &str) {
                 drop(tx);
             });
             Ok(tonic::Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        }
+
+        async fn ship_audit(
+            &self,
+            _request: tonic::Request<reflow_proto::snapshot::v1::AuditBatch>,
+        ) -> Result<tonic::Response<reflow_proto::snapshot::v1::AuditAck>, tonic::Status> {
+            Err(tonic::Status::unimplemented("this fake serves snapshots only"))
         }
     }
     let (replies_tx, mut replies) = mpsc::channel(8);
@@ -336,6 +407,7 @@ both_backends!(
     rejections_are_recorded_and_answered,
     data_plane_keeps_its_version_when_an_update_is_bad,
     explain_names_the_deciding_policy,
+    audit_batches_are_stored_once_all_or_none_and_only_in_the_shippers_chain,
 );
 
 /// The transport of a large state does not depend on the store: run once, on SQLite.

@@ -5,10 +5,12 @@
 //! - [`snapshot::v1`]: generated messages and the `SnapshotService` client and server.
 //! - [`resources`]: what a snapshot resource's JSON payload holds, per resource type, and how
 //!   resources and whole snapshots are hashed into versions.
+//! - [`audit`]: the audit record data planes ship, and what a valid one is.
 //! - [`parts`]: updates split into bounded messages and put back together.
 //! - [`policy`]: what the policy resources mean: the one decision function the data plane
 //!   enforces and the control plane's explain endpoint reports.
 
+pub mod audit;
 pub mod parts;
 pub mod policy;
 pub mod resources;
