@@ -18,6 +18,7 @@ pub mod credentials;
 pub mod http;
 pub mod mcp;
 pub mod snapshot;
+pub mod spool;
 pub mod state;
 pub mod sync;
 pub mod upstream;
