@@ -202,6 +202,62 @@ async fn audit_batches_are_stored_once_all_or_none_and_only_in_the_shippers_chai
     assert_eq!(verified, Ok(3));
 }
 
+async fn spooled_audit_waits_while_the_control_plane_is_away_and_drains_after_a_restart(backend: &str) {
+    use reflow_data_plane::spool::{OnFull, Spool};
+    let db = test_db(backend).await;
+    let cp = spawn_control_plane(&db.url(), "cp-a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = |address: &str| reflow_data_plane::sync::SyncConfig {
+        control_plane: address.into(),
+        token: DATA_PLANE_TOKEN.into(),
+        node_id: "dp-1".into(),
+        group: "g".into(),
+        labels: Default::default(),
+        tls: None,
+        max_snapshot_bytes: reflow_data_plane::sync::DEFAULT_MAX_SNAPSHOT_BYTES,
+    };
+    let stored = || async {
+        let all = reflow_control_plane::store::AuditFilter { limit: 1000, ..Default::default() };
+        cp.control_plane.store().list_audit(&all).await.unwrap().len()
+    };
+
+    // The control plane is unreachable: batches wait in the spool.
+    let spool = std::sync::Arc::new(Spool::open(dir.path(), DATA_PLANE_TOKEN, 1 << 20, OnFull::Refuse).unwrap());
+    let pushed = std::sync::Arc::new(tokio::sync::Notify::new());
+    let away = tokio_util::sync::CancellationToken::new();
+    let dead = format!(
+        "http://127.0.0.1:{}",
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    );
+    let shipping =
+        tokio::spawn(reflow_data_plane::shipper::run(config(&dead), spool.clone(), pushed.clone(), away.clone()));
+    for batch in 0..4 {
+        spool.push((1..=25).map(|n| shipped("dp-1", batch * 100 + n)).collect()).unwrap();
+        pushed.notify_one();
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(spool.usage().1, 4, "nothing leaves while the control plane is away");
+    away.cancel();
+    shipping.await.unwrap();
+    drop(spool);
+
+    // The data plane restarts on the same spool and reaches its control plane: all drain, once.
+    let spool = std::sync::Arc::new(Spool::open(dir.path(), DATA_PLANE_TOKEN, 1 << 20, OnFull::Refuse).unwrap());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(reflow_data_plane::shipper::run(config(&cp.grpc), spool.clone(), pushed.clone(), shutdown.clone()));
+    let deadline = tokio::time::Instant::now() + CONVERGE;
+    while spool.usage().1 > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the spool did not drain: {:?}", spool.usage());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stored().await, 100);
+    assert_eq!(spool.dropped(), 0);
+    shutdown.cancel();
+    let (records, anchors) = cp.control_plane.store().audit_chains().await.unwrap();
+    let verified = reflow_control_plane::audit::verify(&records, |p| anchors.get(p).cloned().unwrap_or_default());
+    assert_eq!(verified, Ok(100));
+}
+
 /// A hand-driven data plane: says Hello, then lets the test read updates and answer.
 struct RawPeer {
     tx: mpsc::Sender<SyncRequest>,
@@ -408,6 +464,7 @@ both_backends!(
     data_plane_keeps_its_version_when_an_update_is_bad,
     explain_names_the_deciding_policy,
     audit_batches_are_stored_once_all_or_none_and_only_in_the_shippers_chain,
+    spooled_audit_waits_while_the_control_plane_is_away_and_drains_after_a_restart,
 );
 
 /// The transport of a large state does not depend on the store: run once, on SQLite.

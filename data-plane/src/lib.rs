@@ -17,6 +17,7 @@ pub mod cache;
 pub mod credentials;
 pub mod http;
 pub mod mcp;
+pub mod shipper;
 pub mod snapshot;
 pub mod spool;
 pub mod state;

@@ -178,6 +178,15 @@ impl Spool {
         Ok(())
     }
 
+    /// Sets batch `seq` aside as `.bad` (the control plane refused it as invalid): counted as
+    /// dropped, never sent again.
+    pub fn set_aside(&self, seq: u64) {
+        let Some(&(_, records)) = self.state.lock().unwrap().batches.get(&seq) else { return };
+        let path = self.path(seq, records);
+        let _ = std::fs::rename(&path, path.with_extension("bad"));
+        self.forget(seq, true);
+    }
+
     fn forget(&self, seq: u64, dropped: bool) {
         let mut state = self.state.lock().unwrap();
         if let Some((bytes, records)) = state.batches.remove(&seq) {

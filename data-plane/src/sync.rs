@@ -117,6 +117,27 @@ pub async fn run(
     }
 }
 
+/// The control plane's gRPC endpoint, with TLS when configured; the reason when it cannot be.
+pub fn endpoint(config: &SyncConfig) -> Result<Endpoint, String> {
+    let endpoint = Endpoint::from_shared(config.control_plane.clone())
+        .map_err(|e| format!("bad control-plane address: {e}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    match &config.tls {
+        Some(tls) => {
+            use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+            let mut tls_config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+            if let Some((cert, key)) = &tls.identity {
+                tls_config = tls_config.identity(Identity::from_pem(cert, key));
+            }
+            endpoint.tls_config(tls_config).map_err(|e| format!("TLS configuration: {e}"))
+        }
+        None => Ok(endpoint),
+    }
+}
+
 enum StreamEnd {
     Refused(String),
     Failed(String),
@@ -131,23 +152,7 @@ async fn stream_once(
     report: Option<&Report>,
     shutdown: &CancellationToken,
 ) -> Result<(), StreamEnd> {
-    let endpoint = Endpoint::from_shared(config.control_plane.clone())
-        .map_err(|e| StreamEnd::Failed(format!("bad control-plane address: {e}")))?
-        .connect_timeout(Duration::from_secs(3))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true);
-    let endpoint = match &config.tls {
-        Some(tls) => {
-            use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-            let mut tls_config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
-            if let Some((cert, key)) = &tls.identity {
-                tls_config = tls_config.identity(Identity::from_pem(cert, key));
-            }
-            endpoint.tls_config(tls_config).map_err(|e| StreamEnd::Failed(format!("TLS configuration: {e}")))?
-        }
-        None => endpoint,
-    };
+    let endpoint = endpoint(config).map_err(StreamEnd::Failed)?;
     let channel = endpoint.connect().await.map_err(|e| StreamEnd::Failed(format!("cannot connect: {e}")))?;
     let limit = reflow_proto::parts::MAX_MESSAGE_BYTES;
     let mut client =
