@@ -114,6 +114,7 @@ impl ControlPlane {
                 settings: Arc::new(settings),
                 hub: sync::SnapshotHub::new(id),
                 login_throttle: Arc::new(api::auth::LoginThrottle::new(config.auth.password_hash_concurrency)),
+                recycles: Default::default(),
             },
             secrets,
             data_plane_token,

@@ -33,7 +33,14 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
     let stale = health.stale.as_ref().map(|(since, reason)| json!({"since": rfc3339(*since), "reason": reason}));
     match gateway.state.version() {
         Some(version) => {
-            let failures = gateway.health.failures();
+            // By target name, as operators know them.
+            let snapshot = gateway.state.load();
+            let name_of = |id: &str| {
+                let targets = snapshot.as_ref().map(|s| &s.view.targets);
+                targets.and_then(|t| t.values().find(|t| t.id == id)).map_or_else(|| id.to_string(), |t| t.name.clone())
+            };
+            let failures: std::collections::BTreeMap<String, u64> =
+                gateway.health.failures().into_iter().map(|(id, n)| (name_of(&id), n)).collect();
             let status = if stale.is_some() { "stale" } else { "ready" };
             let body = json!({
                 "status": status,

@@ -210,6 +210,9 @@ async fn moving_a_user_recycles_their_sessions_on_every_data_plane() {
     // Bob recycles his own sessions; a user without sessions recycles none.
     let (status, own) = gateway.api_as(Method::POST, "/api/sessions/recycle", &bob_token, None).await.unwrap();
     assert_eq!((status, own["recycled"].as_u64()), (200, Some(2)), "{own}");
+    // Each recycle ships a snapshot everywhere: one per user per cooldown.
+    let (status, again) = gateway.api_as(Method::POST, "/api/sessions/recycle", &bob_token, None).await.unwrap();
+    assert_eq!((status, again["code"].as_str()), (429, Some("too_many_requests")), "{again}");
     let (_, carol_token) = gateway.user("carol@example.com").await.unwrap();
     let (status, none) = gateway.api_as(Method::POST, "/api/sessions/recycle", &carol_token, None).await.unwrap();
     assert_eq!((status, none["recycled"].as_u64()), (200, Some(0)), "{none}");

@@ -48,6 +48,8 @@ pub struct AppState {
     pub hub: Arc<SnapshotHub>,
     /// Counts login attempts per account and client (per replica) and bounds password hashing.
     pub login_throttle: Arc<auth::LoginThrottle>,
+    /// When each user last recycled their own sessions (per replica), for the cooldown.
+    pub recycles: Arc<std::sync::Mutex<std::collections::HashMap<uuid::Uuid, std::time::Instant>>>,
 }
 
 /// The parts of the configuration the API consults per request.

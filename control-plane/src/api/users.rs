@@ -189,6 +189,31 @@ pub async fn recycle_user(
 /// Recycle the caller's own MCP sessions on every data plane.
 #[utoipa::path(post, path = "/api/sessions/recycle", tag = "users", security(("bearer" = [])),
     responses((status = 200, body = Recycled), (status = 401, body = ErrorBody)))]
-pub async fn recycle_own(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Recycled>> {
-    recycle(&state, caller.user.id).await
+pub async fn recycle_own(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Recycled>, axum::response::Response> {
+    use axum::response::IntoResponse;
+    // Each recycle recompiles and ships a snapshot to every data plane: one per user per
+    // cooldown (admins recycling others are not limited).
+    {
+        let mut recycles = state.recycles.lock().unwrap();
+        recycles.retain(|_, at| at.elapsed() < RECYCLE_COOLDOWN);
+        if let Some(at) = recycles.get(&caller.user.id) {
+            let wait = (RECYCLE_COOLDOWN - at.elapsed()).as_secs() + 1;
+            let error = ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                format!("you recycled your sessions moments ago; try again in {wait} s"),
+            );
+            let mut response = error.into_response();
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(wait));
+            return Err(response);
+        }
+        recycles.insert(caller.user.id, std::time::Instant::now());
+    }
+    recycle(&state, caller.user.id).await.map_err(IntoResponse::into_response)
 }
+
+/// How often one user may recycle their own sessions.
+const RECYCLE_COOLDOWN: std::time::Duration = std::time::Duration::from_secs(5);

@@ -280,11 +280,11 @@ impl Gateway {
         })
     }
 
-    fn count_failure(&self, target: &str, error: &UpstreamError) {
-        tracing::warn!(%target, %error, "upstream request failed");
+    fn count_failure(&self, target: &Target, error: &UpstreamError) {
+        tracing::warn!(target = %target.name, %error, "upstream request failed");
         // A failing upstream may come back with other tools: merges that include it end.
-        self.merged.changed(target);
-        self.health.failed(target, &error.to_string());
+        self.merged.changed(&target.name);
+        self.health.failed(&target.id, &error.to_string());
     }
 
     /// Answers one message from the client.
@@ -402,7 +402,7 @@ impl Gateway {
                 let upstream = self.upstream(session, caller, target).await;
                 match upstream.initialize_result().await {
                     Ok(mut result) => {
-                        self.health.ok(name);
+                        self.health.ok(&target.id);
                         // The client talks to the upstream through us: it gets the upstream's
                         // version when we speak it too.
                         match result.get("protocolVersion").and_then(Value::as_str) {
@@ -412,7 +412,7 @@ impl Gateway {
                         result
                     }
                     Err(error) => {
-                        self.count_failure(name, &error);
+                        self.count_failure(target, &error);
                         return jsonrpc::error(id, SERVER_ERROR, format!("target {name:?} is unavailable: {error}"));
                     }
                 }
@@ -502,7 +502,7 @@ impl Gateway {
             UpstreamEntry {
                 version: caller.snapshot.version.clone(),
                 upstream: upstream.clone(),
-                held: self.health.hold(&target.name),
+                held: self.health.hold(&target.id),
             },
         );
         upstream
@@ -624,6 +624,7 @@ impl Gateway {
         let gateway = self.clone();
         let session = session.clone();
         let target_name = target.name.clone();
+        let failing = target.clone();
         let method = method.to_string();
         let (abort, registration) = futures::future::AbortHandle::new_pair();
         session.inflight.lock().unwrap().insert(key.clone(), (target.name.clone(), abort));
@@ -654,7 +655,7 @@ impl Gateway {
             session.inflight.lock().unwrap().remove(&key);
             let reply = match result {
                 Ok(mut reply) => {
-                    gateway.health.ok(&target_name);
+                    gateway.health.ok(&failing.id);
                     reply["id"] = id;
                     if session.scope == Scope::Aggregate {
                         map_result_uris(&target_name, &method, &mut reply);
@@ -662,7 +663,7 @@ impl Gateway {
                     reply
                 }
                 Err(error) => {
-                    gateway.count_failure(&target_name, &error);
+                    gateway.count_failure(&failing, &error);
                     jsonrpc::error(id, SERVER_ERROR, format!("target {target_name:?}: {error}"))
                 }
             };
@@ -942,12 +943,12 @@ impl Gateway {
         for (target, result) in results {
             let raw = match result {
                 Ok(raw) => {
-                    self.health.ok(&target.name);
+                    self.health.ok(&target.id);
                     sources.push(target.id.clone());
                     raw
                 }
                 Err(error) => {
-                    self.count_failure(&target.name, &error);
+                    self.count_failure(target, &error);
                     complete = false;
                     continue;
                 }
@@ -1281,10 +1282,13 @@ impl crate::sync::Observer for Gateway {
         let (recycled, restarted) = self.recycling.report();
         let instances = self.pool.instances();
         let snapshot = self.state.load();
-        let id_of = |name: &str| snapshot.as_ref().and_then(|s| s.view.targets.get(name)).map(|t| t.id.clone());
+        let known: std::collections::HashSet<&str> =
+            snapshot.iter().flat_map(|s| s.view.targets.values().map(|t| t.id.as_str())).collect();
         let mut targets = Vec::new();
-        for (name, health) in self.health.snapshot(|name| id_of(name).is_some()) {
-            let Some(target_id) = id_of(&name) else { continue };
+        for (target_id, health) in self.health.snapshot(|id| known.contains(id)) {
+            if !known.contains(target_id.as_str()) {
+                continue;
+            }
             let processes = instances.iter().filter(|i| i.target_id == target_id).count() as u32;
             // A STDIO server's own exit or failed start, when it is the latest failure.
             let exit = self.pool.last_exit(&target_id);

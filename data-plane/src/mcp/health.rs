@@ -4,7 +4,8 @@
 //! plane in `GET /api/targets/{id}/status`.
 //!
 //! Successes are recorded on the request path, so recording one is an atomic store behind a
-//! read lock; the map is keyed by target name and bounded by the targets the snapshot holds.
+//! read lock; the map is keyed by target id (a renamed target keeps its counts) and bounded by
+//! the targets the snapshot holds.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
@@ -84,7 +85,7 @@ impl Health {
         Held(stats)
     }
 
-    /// Failed exchanges by target name (for `/ready`).
+    /// Failed exchanges by target id (for `/ready`).
     pub fn failures(&self) -> std::collections::BTreeMap<String, u64> {
         let targets = self.targets.read().unwrap();
         targets
@@ -94,7 +95,7 @@ impl Health {
             .collect()
     }
 
-    /// Every target with something to say, by name; targets the snapshot no longer holds
+    /// Every target with something to say, by id; targets the snapshot no longer holds
     /// (`keep` says no) are forgotten once nothing holds them.
     pub fn snapshot(&self, keep: impl Fn(&str) -> bool) -> Vec<(String, Snapshot)> {
         let mut targets = self.targets.write().unwrap();
