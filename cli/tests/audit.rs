@@ -7,30 +7,11 @@ use reflow_control_plane::audit::AuditRecord;
 
 fn record(n: u32) -> AuditRecord {
     AuditRecord {
-        id: format!("rec-{n}"),
-        at: chrono::Utc::now(),
-        data_plane: "dp-1".into(),
         user_id: Some("u".into()),
-        session_id: None,
-        client_name: None,
-        client_version: None,
-        endpoint: "/mcp".into(),
-        protocol_version: None,
-        method: "tools/call".into(),
         target: Some("github".into()),
         name: Some("create_issue".into()),
         decision: "allowed".into(),
-        policy_id: None,
-        policy_name: None,
-        credential_source: None,
-        transport: None,
-        status: 200,
-        upstream_status: None,
-        error_code: None,
-        duration_ms: 3,
-        snapshot_version: None,
-        trace_id: None,
-        arguments: None,
+        ..AuditRecord::new(format!("rec-{n}"), "dp-1".into(), chrono::Utc::now(), "/mcp".into(), "tools/call".into())
     }
 }
 

@@ -112,31 +112,14 @@ mod tests {
     use super::*;
 
     fn record(n: u32) -> AuditRecord {
+        let at = DateTime::from_timestamp(1_800_000_000 + i64::from(n), 0).unwrap();
         AuditRecord {
-            id: format!("r{n}"),
-            at: DateTime::from_timestamp(1_800_000_000 + i64::from(n), 0).unwrap(),
-            data_plane: "dp".into(),
             user_id: Some("u".into()),
-            session_id: None,
-            client_name: None,
-            client_version: None,
-            endpoint: "/mcp".into(),
-            protocol_version: None,
-            method: "tools/call".into(),
             target: Some("t".into()),
             name: Some("echo".into()),
             decision: "allowed".into(),
-            policy_id: None,
-            policy_name: None,
-            credential_source: None,
-            transport: None,
-            status: 200,
-            upstream_status: None,
-            error_code: None,
             duration_ms: 1,
-            snapshot_version: None,
-            trace_id: None,
-            arguments: None,
+            ..AuditRecord::new(format!("r{n}"), "dp".into(), at, "/mcp".into(), "tools/call".into())
         }
     }
 

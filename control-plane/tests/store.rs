@@ -312,30 +312,25 @@ async fn tamper(db: &support::TestDb, sql: &str) {
 
 fn audit_record(plane: &str, n: u32, at: chrono::DateTime<chrono::Utc>) -> reflow_control_plane::audit::AuditRecord {
     reflow_control_plane::audit::AuditRecord {
-        id: format!("{plane}-{n}"),
-        at,
-        data_plane: plane.into(),
         user_id: Some(format!("user-{}", n % 3)),
         session_id: Some("s".into()),
         client_name: Some("claude".into()),
         client_version: Some("1".into()),
-        endpoint: "/mcp".into(),
         protocol_version: Some("2025-11-25".into()),
-        method: "tools/call".into(),
         target: Some("github".into()),
         name: Some(if n % 2 == 0 { "create_issue" } else { "list_repos" }.into()),
         decision: if n % 5 == 0 { "denied" } else { "allowed" }.into(),
-        policy_id: None,
-        policy_name: None,
         credential_source: Some("user".into()),
         transport: Some("stdio".into()),
-        status: 200,
-        upstream_status: None,
-        error_code: None,
         duration_ms: u64::from(n),
         snapshot_version: Some("v".into()),
-        trace_id: None,
-        arguments: None,
+        ..reflow_control_plane::audit::AuditRecord::new(
+            format!("{plane}-{n}"),
+            plane.into(),
+            at,
+            "/mcp".into(),
+            "tools/call".into(),
+        )
     }
 }
 

@@ -140,30 +140,18 @@ async fn wrong_token_is_refused(backend: &str) {
 
 fn shipped(node: &str, n: u32) -> Vec<u8> {
     let record = reflow_proto::audit::AuditRecord {
-        id: format!("{node}-{n}"),
-        at: chrono::Utc::now(),
-        data_plane: node.into(),
         user_id: Some("u".into()),
-        session_id: None,
-        client_name: None,
-        client_version: None,
-        endpoint: "/mcp".into(),
-        protocol_version: None,
-        method: "tools/call".into(),
         target: Some("github".into()),
         name: Some("create_issue".into()),
         decision: "allowed".into(),
-        policy_id: None,
-        policy_name: None,
         credential_source: Some("user".into()),
-        transport: None,
-        status: 200,
-        upstream_status: None,
-        error_code: None,
-        duration_ms: 1,
-        snapshot_version: None,
-        trace_id: None,
-        arguments: None,
+        ..reflow_proto::audit::AuditRecord::new(
+            format!("{node}-{n}"),
+            node.into(),
+            chrono::Utc::now(),
+            "/mcp".into(),
+            "tools/call".into(),
+        )
     };
     serde_json::to_vec(&record).unwrap()
 }

@@ -57,6 +57,38 @@ impl AuditRecord {
     }
 }
 
+impl AuditRecord {
+    /// A record with what every record has; the rest is filled in as the request goes.
+    pub fn new(id: String, data_plane: String, at: DateTime<Utc>, endpoint: String, method: String) -> Self {
+        AuditRecord {
+            id,
+            at,
+            data_plane,
+            user_id: None,
+            session_id: None,
+            client_name: None,
+            client_version: None,
+            endpoint,
+            protocol_version: None,
+            method,
+            target: None,
+            name: None,
+            decision: "none".into(),
+            policy_id: None,
+            policy_name: None,
+            credential_source: None,
+            transport: None,
+            status: 200,
+            upstream_status: None,
+            error_code: None,
+            duration_ms: 0,
+            snapshot_version: None,
+            trace_id: None,
+            arguments: None,
+        }
+    }
+}
+
 /// Why a shipped record is refused: the field and what is wrong with it.
 pub fn check(record: &AuditRecord) -> Result<(), (&'static str, String)> {
     let text = |field: &'static str, value: &str, max: usize| {
