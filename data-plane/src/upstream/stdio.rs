@@ -24,9 +24,11 @@
 //!   included).
 //!
 //! Command and arguments are an array; a shell is never involved, and the command must be in
-//! `stdio.allowed_commands`. Starts are serialised per key (two sessions arriving together share
-//! one process) but never across keys, and a start that fails or is abandoned (its caller timed
-//! out or went away) is killed with its group and counted like a crash.
+//! `stdio.allowed_commands`. One start per key at a time (two sessions arriving together share
+//! one process); a start's initialisation runs in a task of its own, so a slow server holds up
+//! no other key (the spawn itself, fork/exec and the private directory, happens under the pool's
+//! lock). A caller that stops waiting leaves the start going, up to `stdio.start_timeout`; a
+//! start that fails or passes that is killed with its group and counted like a crash.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -740,7 +742,7 @@ pub struct Pool {
     /// restarts with backoff.
     crashes: Mutex<HashMap<ProcessKey, (u32, Instant)>>,
     /// Starts in progress by key: two sessions arriving together share one start, and a slow
-    /// start holds up no other key.
+    /// initialisation holds up no other key.
     starting: Mutex<HashMap<ProcessKey, Starting>>,
     /// Told the target id of every process that finished starting, for sessions that listed
     /// without it.
