@@ -655,6 +655,12 @@ fn this_projects_spellings_still_work_and_bad_input_names_the_field_in_either() 
         let message = answer["error"].as_str().unwrap_or_default();
         assert!(message.contains(field), "{method} {path} {body}: {message:?} does not name {field}");
     }
+    // A bulk write is bounded: 257 entries are refused whole.
+    let many: Vec<Value> = (0..257).map(|i| json!({"key": format!("K{i}"), "value": "v"})).collect();
+    let (status, answer) =
+        api.call("PUT", "", &format!("/api/targets/{t}/env/default"), Some(&token), Some(json!(many)));
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("1 to 256"), "{answer}");
     // A bulk write with one bad entry writes none of them.
     let bulk = json!([{"key": "GOOD", "value": "1"}, {"key": "bad key", "value": "2"}]);
     let (status, answer) = api.call("PUT", "", &format!("/api/targets/{t}/env/default"), Some(&token), Some(bulk));

@@ -485,34 +485,19 @@ pub async fn status(
     for plane in state.store.list_data_planes().await? {
         let health = plane.report.targets.iter().find(|t| t.target_id == key);
         let instances: Vec<_> = plane.instances.iter().filter(|i| i.target_id == key).cloned().collect();
-        let Some(health) = health else {
-            if instances.is_empty() {
-                continue;
-            }
-            data_planes.push(PlaneHealth {
-                data_plane: plane.node_id,
-                connected: plane.connected,
-                reported_at: plane.last_seen,
-                sessions: 0,
-                processes: instances.len() as u32,
-                last_ok_at: None,
-                last_failure_at: None,
-                last_failure: None,
-                failures: 0,
-                instances,
-            });
+        if health.is_none() && instances.is_empty() {
             continue;
-        };
+        }
         data_planes.push(PlaneHealth {
             data_plane: plane.node_id.clone(),
             connected: plane.connected,
             reported_at: plane.last_seen,
-            sessions: health.sessions,
-            processes: health.processes,
-            last_ok_at: health.last_ok_at,
-            last_failure_at: health.last_failure_at,
-            last_failure: health.last_failure.clone(),
-            failures: health.failures,
+            sessions: health.map_or(0, |h| h.sessions),
+            processes: health.map_or(instances.len() as u32, |h| h.processes),
+            last_ok_at: health.and_then(|h| h.last_ok_at),
+            last_failure_at: health.and_then(|h| h.last_failure_at),
+            last_failure: health.and_then(|h| h.last_failure.clone()),
+            failures: health.map_or(0, |h| h.failures),
             instances,
         });
     }
