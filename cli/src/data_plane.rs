@@ -103,7 +103,14 @@ pub async fn run(args: DataPlaneArgs) -> Result<(), Failure> {
         tls,
         max_snapshot_bytes: config.data_plane.max_snapshot_bytes,
     };
-    let data_plane = DataPlane::new(sync, dp.cache_dir.map(PathBuf::from)).with_mcp(crate::mcp_settings(&config)?);
+    let cache_dir = dp.cache_dir.map(PathBuf::from);
+    let audit = crate::audit_settings(&config, &sync.node_id, cache_dir.as_deref());
+    let mut data_plane = DataPlane::new(sync, cache_dir).with_mcp(crate::mcp_settings(&config)?);
+    if let Some(audit) = audit {
+        data_plane = data_plane
+            .with_audit(&audit)
+            .map_err(|e| ConfigError::new("audit.spool_dir", format!("cannot open the audit spool: {e}")))?;
+    }
     let listener = bind(config.server.host.as_deref().unwrap_or("0.0.0.0"), config.server.port).await?;
     let shutdown = shutdown_token();
     let syncing = data_plane.start_sync(shutdown.clone());
@@ -115,6 +122,7 @@ pub async fn run(args: DataPlaneArgs) -> Result<(), Failure> {
         .await
         .map_err(anyhow::Error::from)?;
     shutdown.cancel();
+    data_plane.flush_audit();
     syncing.await.map_err(anyhow::Error::from)?;
     Ok(())
 }

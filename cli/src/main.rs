@@ -217,6 +217,41 @@ pub fn mcp_settings(config: &Config) -> Result<reflow_data_plane::mcp::McpSettin
     Ok(reflow_data_plane::mcp::McpSettings::from_config(config).with_stdio_launcher(launcher))
 }
 
+/// How the data plane keeps its audit trail, or `None` when `audit.enabled` is false. The spool
+/// lives in `audit.spool_dir`, else beside the snapshot cache, else under the system temp.
+pub fn audit_settings(
+    config: &Config,
+    node_id: &str,
+    cache_dir: Option<&std::path::Path>,
+) -> Option<reflow_data_plane::audit::AuditSettings> {
+    let audit = &config.audit;
+    if !audit.enabled {
+        tracing::warn!("audit.enabled is false: MCP requests leave no audit record");
+        return None;
+    }
+    let spool_dir = match (&audit.spool_dir, cache_dir) {
+        (Some(dir), _) => std::path::PathBuf::from(dir),
+        (None, Some(cache)) => cache.join("audit"),
+        (None, None) => {
+            let name: String =
+                node_id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+            let dir = std::env::temp_dir().join(format!("reflow-audit-{name}"));
+            tracing::warn!(dir = %dir.display(), "audit records wait in a spool under the system temp; set audit.spool_dir (or data_plane.cache_dir) so they survive a restart under another node id");
+            dir
+        }
+    };
+    let on_full = match audit.on_full {
+        reflow_common::config::AuditOnFull::DropOldest => reflow_data_plane::spool::OnFull::DropOldest,
+        reflow_common::config::AuditOnFull::Refuse => reflow_data_plane::spool::OnFull::Refuse,
+    };
+    Some(reflow_data_plane::audit::AuditSettings {
+        spool_dir,
+        spool_bytes: audit.spool_bytes,
+        on_full,
+        flush_interval: audit.flush_interval,
+    })
+}
+
 /// Starts logging to stderr (see [`reflow_common::logging`]); keep the guard until exit.
 pub fn init_logging(config: &Config) -> Result<reflow_common::logging::LogGuard, ConfigError> {
     reflow_common::logging::init(config)

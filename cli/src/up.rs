@@ -123,7 +123,13 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
         tls: None,
         max_snapshot_bytes: config.data_plane.max_snapshot_bytes,
     };
-    let data_plane = DataPlane::new(sync, Some(dir.join("cache"))).with_mcp(crate::mcp_settings(&config)?);
+    let audit = crate::audit_settings(&config, &sync.node_id, Some(&dir.join("cache")));
+    let mut data_plane = DataPlane::new(sync, Some(dir.join("cache"))).with_mcp(crate::mcp_settings(&config)?);
+    if let Some(audit) = audit {
+        data_plane = data_plane
+            .with_audit(&audit)
+            .map_err(|e| ConfigError::new("audit.spool_dir", format!("cannot open the audit spool: {e}")))?;
+    }
     let syncing = data_plane.start_sync(shutdown.clone());
     let router = data_plane.router().merge(control_plane.router());
     let local = listener.local_addr().map_err(anyhow::Error::from)?;
@@ -156,6 +162,7 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
         .await
         .map_err(anyhow::Error::from)?;
     shutdown.cancel();
+    data_plane.flush_audit();
     grpc.await.map_err(anyhow::Error::from)?.map_err(anyhow::Error::from)?;
     syncing.await.map_err(anyhow::Error::from)?;
     compiler.await.map_err(anyhow::Error::from)?;

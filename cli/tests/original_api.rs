@@ -2,8 +2,8 @@
 //! bodies its users' scripts and web UI send, checking each status and answer shape; this
 //! project's own spellings of the same operations beside it; and bad input in either spelling.
 //!
-//! [`ORIGINAL`] lists the original's operations (its audit and telemetry endpoints come with
-//! those capabilities); the walk records every operation it calls and must cover them all.
+//! [`ORIGINAL`] lists the original's operations (its telemetry endpoints come with that
+//! capability); the walk records every operation it calls and must cover them all.
 
 mod support;
 
@@ -57,6 +57,7 @@ const ORIGINAL: &[(&str, &str)] = &[
     ("DELETE", "/api/targets/{id}/env/{scope}/{scopeValue}/{key}"),
     ("GET", "/api/targets/{id}/env"),
     ("GET", "/api/targets/{id}/env/resolve"),
+    ("GET", "/api/logs"),
     ("POST", "/mcp"),
     ("GET", "/mcp"),
     ("DELETE", "/mcp"),
@@ -501,6 +502,33 @@ fn every_operation_of_the_original_works_as_written() {
     let (status, health) = api.call("GET", "/health", "/health", None, None);
     assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
 
+    // The session's initialize is in the audit trail, in the original's shape, once shipped.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let logged = loop {
+        let logs = api.expect(200, "GET", "/api/logs", "/api/logs?limit=50&offset=0", &token, None);
+        let found = logs.as_array().unwrap().iter().find(|l| l["session_id"] == session.as_str()).cloned();
+        match found {
+            Some(log) => break log,
+            None if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(100)),
+            None => panic!("the initialize was not recorded: {logs}"),
+        }
+    };
+    has_fields(
+        &logged,
+        &[
+            "id",
+            "session_id",
+            "user_id",
+            "method",
+            "target_name",
+            "request_body",
+            "response_status",
+            "duration_ms",
+            "created_at",
+        ],
+    );
+    assert_eq!((logged["method"].as_str(), logged["response_status"].as_u64()), (Some("initialize"), Some(200)));
+
     // The OpenAPI document describes both spellings.
     let (_, openapi) = api.call("GET", "", "/openapi.json", None, None);
     let paths = &openapi["paths"];
@@ -513,6 +541,8 @@ fn every_operation_of_the_original_works_as_written() {
         ("/api/users/{id}/recycle", &["post"]),
         ("/api/sessions/recycle", &["post"]),
         ("/api/targets/{id}/status", &["get"]),
+        ("/api/logs", &["get"]),
+        ("/api/logs/export", &["get"]),
     ] {
         for method in methods {
             assert!(paths[path][method].is_object(), "{method} {path} missing from the OpenAPI document");

@@ -10,64 +10,6 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use support::*;
 
-const TOKEN: &str = "split-test-data-plane-token-0123";
-const SECRETS: [(&str, &str); 2] =
-    [("JWT_SECRET", "0123456789abcdef0123456789abcdef"), ("ENCRYPTION_KEY", "fedcba9876543210fedcba9876543210")];
-
-fn start_control_plane(db: &TestDatabase, port: u16, grpc_port: u16, logs: &std::path::Path) -> Running {
-    let grpc = grpc_port.to_string();
-    let args = [
-        "control-plane",
-        "--database-url",
-        &db.url,
-        "--host",
-        "127.0.0.1",
-        "--grpc-port",
-        &grpc,
-        "--data-plane-token",
-        TOKEN,
-    ];
-    Running::start(&args, port, logs, &SECRETS)
-}
-
-fn start_data_plane(
-    grpc_port: u16,
-    token: &str,
-    node: &str,
-    port: u16,
-    cache: &std::path::Path,
-    logs: &std::path::Path,
-) -> Running {
-    let control_plane = format!("http://127.0.0.1:{grpc_port}");
-    let cache = cache.to_str().unwrap();
-    let args = [
-        "data-plane",
-        "--control-plane",
-        &control_plane,
-        "--token",
-        token,
-        "--cache-dir",
-        cache,
-        "--node-id",
-        node,
-        "--host",
-        "127.0.0.1",
-    ];
-    Running::start(&args, port, logs, &[])
-}
-
-fn create_api_token(base: &str, jwt: &str, name: &str) -> String {
-    let response: Value = reqwest::blocking::Client::new()
-        .post(format!("{base}/api/auth/tokens"))
-        .bearer_auth(jwt)
-        .json(&json!({"name": name}))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    response["token"].as_str().unwrap().to_string()
-}
-
 #[test]
 fn data_planes_outlive_the_control_plane_and_converge_when_it_returns() {
     let db = TestDatabase::create("reflow_split");
@@ -76,9 +18,9 @@ fn data_planes_outlive_the_control_plane_and_converge_when_it_returns() {
     let (cp_port, grpc_port, dp1_port, dp2_port) = (free_port(), free_port(), free_port(), free_port());
     let (cache1, cache2) = (work.path().join("cache-1"), work.path().join("cache-2"));
 
-    let cp = start_control_plane(&db, cp_port, grpc_port, logs);
-    let dp1 = start_data_plane(grpc_port, TOKEN, "dp-1", dp1_port, &cache1, logs);
-    let dp2 = start_data_plane(grpc_port, TOKEN, "dp-2", dp2_port, &cache2, logs);
+    let cp = start_control_plane(&db, cp_port, grpc_port, logs, &[]);
+    let dp1 = start_data_plane(grpc_port, DATA_PLANE_TOKEN, "dp-1", dp1_port, &cache1, logs);
+    let dp2 = start_data_plane(grpc_port, DATA_PLANE_TOKEN, "dp-2", dp2_port, &cache2, logs);
     let register = reqwest::blocking::Client::new()
         .post(format!("{}/api/auth/register", cp.base))
         .json(&json!({"email": "admin@example.com", "password": "secure123"}))
@@ -117,7 +59,7 @@ fn data_planes_outlive_the_control_plane_and_converge_when_it_returns() {
     // A data plane restarted while the control plane is down serves from its cache.
     assert!(dp1.stop().success());
     let restarted = Instant::now();
-    let dp1 = start_data_plane(grpc_port, TOKEN, "dp-1", dp1_port, &cache1, logs);
+    let dp1 = start_data_plane(grpc_port, DATA_PLANE_TOKEN, "dp-1", dp1_port, &cache1, logs);
     eventually(Duration::from_secs(2), "serving from the cache", || ready_status(&dp1.base) == 200);
     let from_cache = restarted.elapsed();
     assert_eq!(mcp_status(&dp1.base, &api_token), 200);
@@ -126,7 +68,7 @@ fn data_planes_outlive_the_control_plane_and_converge_when_it_returns() {
     eprintln!("data plane restart to serving from cache: {from_cache:?}");
 
     // The control plane returns: both reconnect, and a new change reaches both.
-    let cp = start_control_plane(&db, cp_port, grpc_port, logs);
+    let cp = start_control_plane(&db, cp_port, grpc_port, logs, &[]);
     let jwt = login(&cp.base, "admin@example.com", "secure123");
     let second_token = create_api_token(&cp.base, &jwt, "second");
     let returned = Instant::now();
@@ -156,7 +98,7 @@ fn data_planes_outlive_the_control_plane_and_converge_when_it_returns() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x40;
     std::fs::write(&cache_file, &bytes).unwrap();
-    let dp2 = start_data_plane(grpc_port, TOKEN, "dp-2", dp2_port, &cache2, logs);
+    let dp2 = start_data_plane(grpc_port, DATA_PLANE_TOKEN, "dp-2", dp2_port, &cache2, logs);
     assert_eq!(ready_status(&dp2.base), 503);
     assert_eq!(mcp_status(&dp2.base, &api_token), 503);
     eventually(Duration::from_secs(5), "the refused cache is logged", || {

@@ -44,6 +44,7 @@ pub struct Config {
     pub stdio: StdioConfig,
     pub kubernetes: KubernetesConfig,
     pub telemetry: TelemetryConfig,
+    pub audit: AuditConfig,
     pub control_plane: ControlPlaneConfig,
     pub data_plane: DataPlaneConfig,
     pub limits: LimitsConfig,
@@ -638,6 +639,52 @@ impl Default for KubernetesConfig {
     }
 }
 
+/// The audit trail: one record per MCP request, spooled on the data plane and shipped to the
+/// control plane, which chains, stores and prunes them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Record MCP requests (data plane). Default `true`.
+    pub enabled: bool,
+    /// Where the data plane's encrypted spool lives; default `<data_plane.cache_dir>/audit`,
+    /// or a directory under the system temp named by the node id.
+    pub spool_dir: Option<String>,
+    /// The spool's bound on disk, in bytes.
+    pub spool_bytes: u64,
+    /// What a full spool does: `drop_oldest` (count and drop the oldest records) or `refuse`
+    /// (keep everything and refuse new MCP requests until the control plane drains it).
+    pub on_full: AuditOnFull,
+    /// How often finished records are moved into the spool (at the latest).
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// How long the control plane keeps records (`90d`); unset keeps them all.
+    #[serde(with = "humantime_serde::option")]
+    pub retention: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditOnFull {
+    DropOldest,
+    Refuse,
+}
+
+/// The smallest `audit.spool_bytes`: room for a few batches.
+pub const MIN_AUDIT_SPOOL_BYTES: u64 = 4096;
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            enabled: true,
+            spool_dir: None,
+            spool_bytes: 256 * 1024 * 1024,
+            on_full: AuditOnFull::DropOldest,
+            flush_interval: Duration::from_millis(200),
+            retention: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
@@ -731,6 +778,16 @@ impl Config {
         }
         if self.auth.login_max_failures == 0 {
             return Err(ConfigError::new("auth.login_max_failures", "must be at least 1"));
+        }
+        if self.audit.spool_bytes < MIN_AUDIT_SPOOL_BYTES {
+            return Err(ConfigError::new("audit.spool_bytes", format!("must be at least {MIN_AUDIT_SPOOL_BYTES}")));
+        }
+        if self.audit.flush_interval < Duration::from_millis(10) || self.audit.flush_interval > Duration::from_secs(60)
+        {
+            return Err(ConfigError::new("audit.flush_interval", "must be between 10ms and 60s"));
+        }
+        if self.audit.retention.is_some_and(|r| r < Duration::from_secs(60)) {
+            return Err(ConfigError::new("audit.retention", "must be at least 1m (or unset to keep every record)"));
         }
         if self.database.max_connections == 0 {
             return Err(ConfigError::new("database.max_connections", "must be at least 1"));

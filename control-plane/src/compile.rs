@@ -166,6 +166,7 @@ pub fn compile(state: &StoreState, keys: CompileKeys<'_>) -> Result<Snapshot, Co
             auth_header_name: target.auth_header_name.clone(),
             enabled: target.enabled,
             restart_generation: target.restart_generation,
+            audit_arguments: target.audit_arguments,
         };
         insert(&mut map, ResourceType::Target, payload.id.clone(), &payload);
     }
@@ -252,6 +253,7 @@ mod tests {
                 enabled: true,
                 env_keys: vec![],
                 restart_generation: 0,
+                audit_arguments: false,
                 created_at: at(),
                 updated_at: at(),
             };

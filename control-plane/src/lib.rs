@@ -58,6 +58,8 @@ pub struct ControlPlane {
     grpc_tls: Option<GrpcTls>,
     /// The HTTP listener's limits (`server.*`).
     server_limits: reflow_common::server::Limits,
+    /// `audit.retention`: records older than this are pruned.
+    audit_retention: Option<std::time::Duration>,
 }
 
 /// TLS for the gRPC snapshot service, as PEM.
@@ -120,6 +122,7 @@ impl ControlPlane {
             data_plane_token,
             grpc_tls: None,
             server_limits: reflow_common::server::Limits::from_config(&config.server),
+            audit_retention: config.audit.retention,
         })
     }
 
@@ -152,7 +155,11 @@ impl ControlPlane {
     }
 
     /// Compiles the first snapshot, then keeps compiling on every change until `shutdown`.
+    /// With `audit.retention` set, also prunes older audit records (see [`audit::prune`]).
     pub async fn start_compiler(&self, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        if let Some(retention) = self.audit_retention {
+            tokio::spawn(audit::prune(self.state.store.clone(), retention, shutdown.clone()));
+        }
         sync::compile_once(&self.state.hub, &self.state.store, &self.secrets).await;
         tokio::spawn(sync::run_compiler(
             self.state.hub.clone(),

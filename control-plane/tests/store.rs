@@ -34,6 +34,7 @@ fn http_target(name: &str) -> TargetSpec {
         auth_header_name: None,
         enabled: true,
         env_keys: vec![],
+        audit_arguments: false,
     }
 }
 

@@ -142,6 +142,12 @@ pub fn resolve_env(
     env
 }
 
+/// Every stored value of `target` (tokens and env, at every scope), opened: what audit records
+/// mask wherever it appears in recorded arguments.
+pub fn stored_values(view: &View, sealer: &DeterministicSealer, target: &Target) -> Vec<String> {
+    view.credentials.iter().filter(|c| c.target_id == target.id).filter_map(|c| open(sealer, c)).collect()
+}
+
 /// A target's stored values at every scope: its tokens, and its env entries by key.
 type Entries<'v> = (Vec<&'v Credential>, BTreeMap<&'v str, Vec<&'v Credential>>);
 

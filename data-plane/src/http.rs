@@ -50,6 +50,17 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
                 "sessions": gateway.sessions.len(),
                 "upstream_failures": failures,
                 "stdio_failed_starts": gateway.pool.failed_starts.load(std::sync::atomic::Ordering::Relaxed),
+                "audit": gateway.audit().map(|recorder| {
+                    let audit = recorder.status();
+                    json!({
+                        "records": audit.written,
+                        "buffered": audit.buffered,
+                        "spool_bytes": audit.spool_bytes,
+                        "spool_batches": audit.spool_batches,
+                        "dropped": audit.dropped,
+                        "refusing": audit.refusing,
+                    })
+                }),
             });
             let code = if stale.is_some() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
             (code, Json(body)).into_response()
@@ -111,5 +122,27 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
         "MCP requests refused for exceeding a per-identity share (rate, sessions, in flight).",
         gateway.shares.refused().to_string(),
     );
+    if let Some(recorder) = gateway.audit() {
+        let audit = recorder.status();
+        metric("reflow_audit_records_total", "counter", "Audit records written.", audit.written.to_string());
+        metric(
+            "reflow_audit_dropped_total",
+            "counter",
+            "Audit records dropped (spool full under drop_oldest, or unreadable).",
+            audit.dropped.to_string(),
+        );
+        metric(
+            "reflow_audit_spool_bytes",
+            "gauge",
+            "Bytes of audit records waiting on disk for the control plane.",
+            audit.spool_bytes.to_string(),
+        );
+        metric(
+            "reflow_audit_refusing",
+            "gauge",
+            "Whether MCP requests are refused because audit records cannot be kept (on_full: refuse).",
+            u8::from(audit.refusing).to_string(),
+        );
+    }
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -11,7 +11,10 @@
 //! - [`upstream`]: sessions with upstream MCP servers over Streamable HTTP and legacy SSE.
 //! - [`credentials`]: what is injected into upstream requests, resolved per user.
 //! - [`http`]: `/ready` and the MCP routes.
+//! - [`audit`]: one record per MCP request; [`spool`] keeps them on disk until [`shipper`]
+//!   has them stored by the control plane.
 
+pub mod audit;
 pub mod auth;
 pub mod cache;
 pub mod credentials;
@@ -44,6 +47,7 @@ pub struct DataPlane {
     cache: Option<Cache>,
     sync: SyncConfig,
     gateway: Arc<Gateway>,
+    audit: Option<Arc<audit::Recorder>>,
 }
 
 impl DataPlane {
@@ -67,13 +71,37 @@ impl DataPlane {
             }
         }
         let gateway = Gateway::new(state.clone(), sealer.clone(), McpSettings::default());
-        DataPlane { state, sealer, cache, sync, gateway }
+        DataPlane { state, sealer, cache, sync, gateway, audit: None }
     }
 
     /// Replaces the MCP endpoint's settings (before serving).
     pub fn with_mcp(mut self, settings: McpSettings) -> Self {
         self.gateway = Gateway::new(self.state.clone(), self.sealer.clone(), settings);
+        if let Some(recorder) = &self.audit {
+            self.gateway.set_audit(recorder.clone());
+        }
         self
+    }
+
+    /// Audits every MCP request: records go to the spool in `settings.spool_dir` (what an
+    /// earlier run left there is shipped too) and, from [`DataPlane::start_sync`] on, to the
+    /// control plane.
+    pub fn with_audit(mut self, settings: &audit::AuditSettings) -> Result<Self, spool::SpoolError> {
+        let spool = spool::Spool::open(&settings.spool_dir, &self.sync.token, settings.spool_bytes, settings.on_full)?;
+        let recorder = audit::Recorder::new(self.sync.node_id.clone(), Arc::new(spool), settings);
+        self.gateway.set_audit(recorder.clone());
+        self.audit = Some(recorder);
+        Ok(self)
+    }
+
+    /// Moves every finished request's record into the spool: after serving stopped, so a
+    /// graceful restart loses none. Blocking.
+    pub fn flush_audit(&self) {
+        if let Some(recorder) = &self.audit {
+            if let Err(error) = recorder.flush() {
+                tracing::error!(%error, buffered = recorder.status().buffered, "audit records could not be spooled before exit");
+            }
+        }
     }
 
     pub fn gateway(&self) -> &Arc<Gateway> {
@@ -111,6 +139,15 @@ impl DataPlane {
                 }
             }
         });
+        if let Some(recorder) = &self.audit {
+            tokio::spawn(recorder.clone().run(shutdown.clone()));
+            tokio::spawn(shipper::run(
+                self.sync.clone(),
+                recorder.spool().clone(),
+                recorder.pushed.clone(),
+                shutdown.clone(),
+            ));
+        }
         let report: sync::Report = self.gateway.clone();
         tokio::spawn(sync::run(
             self.sync.clone(),

@@ -39,7 +39,13 @@ pub async fn run(config: SyncConfig, spool: Arc<Spool>, pushed: Arc<tokio::sync:
             continue;
         };
         let count = records.len();
-        match ship(&config, &mut client, records).await {
+        // A batch goes out under the data plane that wrote it (a restart may bring another
+        // node id; the spool it left is still shipped as its own).
+        let writer = records
+            .first()
+            .and_then(|r| serde_json::from_slice::<reflow_proto::audit::AuditRecord>(r).ok())
+            .map_or_else(|| config.node_id.clone(), |r| r.data_plane);
+        match ship(&config, &writer, &mut client, records).await {
             Ok((stored, duplicates)) => {
                 tracing::debug!(seq, stored, duplicates, "audit batch stored by the control plane");
                 if let Err(error) = spool.ack(seq) {
@@ -68,6 +74,7 @@ pub async fn run(config: SyncConfig, spool: Arc<Spool>, pushed: Arc<tokio::sync:
 
 async fn ship(
     config: &SyncConfig,
+    node_id: &str,
     client: &mut Option<SnapshotServiceClient<tonic::transport::Channel>>,
     records: Vec<Vec<u8>>,
 ) -> Result<(u64, u64), tonic::Status> {
@@ -78,7 +85,7 @@ async fn ship(
         *client = Some(SnapshotServiceClient::new(channel));
     }
     let client = client.as_mut().expect("connected above");
-    let mut request = tonic::Request::new(AuditBatch { node_id: config.node_id.clone(), records });
+    let mut request = tonic::Request::new(AuditBatch { node_id: node_id.to_string(), records });
     request.set_timeout(Duration::from_secs(30));
     let bearer = format!("Bearer {}", config.token)
         .parse()

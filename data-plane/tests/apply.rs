@@ -60,6 +60,7 @@ fn target(id: &str, name: &str) -> Resource {
         auth_header_name: None,
         enabled: true,
         restart_generation: 0,
+        audit_arguments: false,
     };
     resources::resource(ResourceType::Target, id, &payload)
 }

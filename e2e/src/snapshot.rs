@@ -169,6 +169,7 @@ fn large_state(users: usize, targets: usize, policies: usize, keyring: &Keyring)
             enabled: true,
             env_keys: vec![],
             restart_generation: 0,
+            audit_arguments: false,
             created_at: at,
             updated_at: at,
         })

@@ -460,6 +460,7 @@ fn raw_target(
         auth_header_name: None,
         enabled: true,
         restart_generation: 0,
+        audit_arguments: false,
     }
 }
 

@@ -4,6 +4,14 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+/// How a request can end: answered with a result; answered with a JSON-RPC error (the
+/// gateway's or the upstream's); the upstream failed (unreachable, HTTP error, broken reply);
+/// the upstream did not answer in time; the client went away before the answer (the exchange
+/// still finished, and what it did is recorded); the client cancelled it; refused at the HTTP
+/// level (a 4xx/5xx without a JSON-RPC exchange).
+pub const OUTCOMES: [&str; 7] =
+    ["answered", "error", "upstream_failed", "timeout", "client_gone", "cancelled", "refused"];
+
 /// The most records one `ShipAudit` batch carries.
 pub const MAX_BATCH: usize = 1000;
 
@@ -36,6 +44,8 @@ pub struct AuditRecord {
     pub credential_source: Option<String>,
     /// `streamable-http`, `sse` or `stdio`.
     pub transport: Option<String>,
+    /// How the request ended: one of [`OUTCOMES`].
+    pub outcome: String,
     /// The HTTP status the client was answered with.
     pub status: u16,
     /// The upstream's HTTP status, when there was an upstream exchange over HTTP.
@@ -78,6 +88,7 @@ impl AuditRecord {
             policy_name: None,
             credential_source: None,
             transport: None,
+            outcome: "answered".into(),
             status: 200,
             upstream_status: None,
             error_code: None,
@@ -89,46 +100,94 @@ impl AuditRecord {
     }
 }
 
+impl AuditRecord {
+    /// Calls `f` with every text field, its name and its longest length.
+    fn texts(&mut self, mut f: impl FnMut(&'static str, &mut String, usize)) {
+        f("id", &mut self.id, 128);
+        f("data_plane", &mut self.data_plane, 253);
+        f("endpoint", &mut self.endpoint, 512);
+        f("method", &mut self.method, 256);
+        f("decision", &mut self.decision, 16);
+        f("outcome", &mut self.outcome, 16);
+        for (field, value, max) in [
+            ("user_id", &mut self.user_id, 512),
+            ("session_id", &mut self.session_id, 512),
+            ("client_name", &mut self.client_name, 512),
+            ("client_version", &mut self.client_version, 512),
+            ("protocol_version", &mut self.protocol_version, 512),
+            ("target", &mut self.target, 512),
+            ("name", &mut self.name, 4096),
+            ("policy_id", &mut self.policy_id, 512),
+            ("policy_name", &mut self.policy_name, 512),
+            ("credential_source", &mut self.credential_source, 512),
+            ("transport", &mut self.transport, 512),
+            ("snapshot_version", &mut self.snapshot_version, 512),
+            ("trace_id", &mut self.trace_id, 512),
+        ] {
+            if let Some(value) = value {
+                f(field, value, max);
+            }
+        }
+    }
+
+    /// Makes the record pass [`check`] whatever a client sent: control characters go and
+    /// overlong texts are cut (at a character boundary, marked with `…`). The data plane fits
+    /// every record before spooling it, so one odd request never makes a batch refused.
+    pub fn fit(&mut self) {
+        self.texts(|_, value, max| {
+            if value.chars().any(char::is_control) {
+                value.retain(|c| !c.is_control());
+            }
+            if value.len() > max {
+                let mut end = max - '…'.len_utf8();
+                while !value.is_char_boundary(end) {
+                    end -= 1;
+                }
+                value.truncate(end);
+                value.push('…');
+            }
+        });
+    }
+}
+
 /// Why a shipped record is refused: the field and what is wrong with it.
 pub fn check(record: &AuditRecord) -> Result<(), (&'static str, String)> {
-    let text = |field: &'static str, value: &str, max: usize| {
-        if value.len() > max || value.chars().any(char::is_control) {
-            Err((field, format!("at most {max} bytes without control characters")))
-        } else {
-            Ok(())
-        }
-    };
     if record.id.is_empty() {
         return Err(("id", "required".into()));
     }
-    text("id", &record.id, 128)?;
-    text("data_plane", &record.data_plane, 253)?;
-    text("endpoint", &record.endpoint, 512)?;
-    text("method", &record.method, 256)?;
-    text("decision", &record.decision, 16)?;
-    for (field, value) in [
-        ("user_id", &record.user_id),
-        ("session_id", &record.session_id),
-        ("client_name", &record.client_name),
-        ("client_version", &record.client_version),
-        ("protocol_version", &record.protocol_version),
-        ("target", &record.target),
-        ("policy_id", &record.policy_id),
-        ("policy_name", &record.policy_name),
-        ("credential_source", &record.credential_source),
-        ("transport", &record.transport),
-        ("snapshot_version", &record.snapshot_version),
-        ("trace_id", &record.trace_id),
-    ] {
-        if let Some(value) = value {
-            text(field, value, 512)?;
+    let mut refused = None;
+    record.clone().texts(|field, value, max| {
+        if refused.is_none() && (value.len() > max || value.chars().any(char::is_control)) {
+            refused = Some((field, format!("at most {max} bytes without control characters")));
         }
+    });
+    if let Some(refused) = refused {
+        return Err(refused);
     }
-    if let Some(name) = &record.name {
-        text("name", name, 4096)?;
+    if !OUTCOMES.contains(&record.outcome.as_str()) {
+        return Err(("outcome", format!("one of {}", OUTCOMES.join(", "))));
     }
     if !matches!(record.decision.as_str(), "allowed" | "denied" | "none") {
         return Err(("decision", "one of allowed, denied, none".into()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fitted_record_passes_the_check() {
+        let mut record = AuditRecord::new("r1".into(), "dp".into(), Utc::now(), "/mcp/".into(), "tools/call".into());
+        record.endpoint.push_str(&"é".repeat(600));
+        record.name = Some(format!("evil\nname{}", "x".repeat(5000)));
+        record.client_name = Some("client\u{7}".into());
+        assert_eq!(check(&record).map_err(|e| e.0), Err("endpoint"));
+        record.fit();
+        check(&record).unwrap();
+        assert!(record.endpoint.ends_with('…') && record.endpoint.len() <= 512);
+        assert!(record.name.as_deref().unwrap().starts_with("evilname"));
+        assert_eq!(record.client_name.as_deref(), Some("client"));
+    }
 }

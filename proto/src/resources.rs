@@ -85,6 +85,9 @@ pub struct Target {
     /// Changes when an admin asks for the target's processes to be restarted.
     #[serde(default)]
     pub restart_generation: i64,
+    /// Audit records of calls to this target keep their arguments, secrets masked.
+    #[serde(default)]
+    pub audit_arguments: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

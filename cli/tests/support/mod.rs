@@ -23,8 +23,11 @@ pub struct Running {
 
 impl Running {
     pub fn start(args: &[&str], port: u16, logs: &Path, env: &[(&str, &str)]) -> Running {
-        let stdout_path = logs.join(format!("stdout-{port}.log"));
-        let stderr_path = logs.join(format!("stderr-{port}.log"));
+        // Numbered, so a process restarted on the same port keeps the earlier one's logs.
+        static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stdout_path = logs.join(format!("stdout-{port}-{n}.log"));
+        let stderr_path = logs.join(format!("stderr-{port}-{n}.log"));
         let mut command = Command::new(env!("CARGO_BIN_EXE_reflow"));
         command
             .args(args)
@@ -59,6 +62,11 @@ impl Running {
 
     /// SIGKILL: the process dies without any chance to clean up.
     pub fn kill_hard(mut self) {
+        self.kill_hard_in_place();
+    }
+
+    /// [`Running::kill_hard`], keeping the value (to be replaced by a restarted process).
+    pub fn kill_hard_in_place(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -69,6 +77,11 @@ impl Running {
 
     /// SIGTERM, then wait: a clean shutdown exits 0.
     pub fn stop(mut self) -> std::process::ExitStatus {
+        self.stop_in_place()
+    }
+
+    /// [`Running::stop`], keeping the value (to be replaced by a restarted process).
+    pub fn stop_in_place(&mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -218,4 +231,74 @@ pub fn mcp_request(base: &str, path: &str, token: &str, session: Option<&str>, b
         .cloned()
         .unwrap_or_else(|| panic!("no answer to {body} in {text}"));
     (session, answer)
+}
+
+/// The data-plane token the split-deployment tests share.
+pub const DATA_PLANE_TOKEN: &str = "split-test-data-plane-token-0123";
+pub const SECRETS: [(&str, &str); 2] =
+    [("JWT_SECRET", "0123456789abcdef0123456789abcdef"), ("ENCRYPTION_KEY", "fedcba9876543210fedcba9876543210")];
+
+/// `reflow control-plane` on `db`, with `extra` arguments.
+pub fn start_control_plane(db: &TestDatabase, port: u16, grpc_port: u16, logs: &Path, extra: &[&str]) -> Running {
+    let grpc = grpc_port.to_string();
+    let mut args = vec![
+        "control-plane",
+        "--database-url",
+        &db.url,
+        "--host",
+        "127.0.0.1",
+        "--grpc-port",
+        &grpc,
+        "--data-plane-token",
+        DATA_PLANE_TOKEN,
+    ];
+    args.extend_from_slice(extra);
+    Running::start(&args, port, logs, &SECRETS)
+}
+
+/// `reflow data-plane` named `node`, keeping its cache (and audit spool) in `cache`.
+pub fn start_data_plane(grpc_port: u16, token: &str, node: &str, port: u16, cache: &Path, logs: &Path) -> Running {
+    start_data_plane_with(grpc_port, token, node, port, cache, logs, &[])
+}
+
+/// [`start_data_plane`] with `extra` arguments.
+pub fn start_data_plane_with(
+    grpc_port: u16,
+    token: &str,
+    node: &str,
+    port: u16,
+    cache: &Path,
+    logs: &Path,
+    extra: &[&str],
+) -> Running {
+    let control_plane = format!("http://127.0.0.1:{grpc_port}");
+    let cache = cache.to_str().unwrap();
+    let mut args = vec![
+        "data-plane",
+        "--control-plane",
+        &control_plane,
+        "--token",
+        token,
+        "--cache-dir",
+        cache,
+        "--node-id",
+        node,
+        "--host",
+        "127.0.0.1",
+    ];
+    args.extend_from_slice(extra);
+    Running::start(&args, port, logs, &[])
+}
+
+/// A new API token of the user `jwt` belongs to.
+pub fn create_api_token(base: &str, jwt: &str, name: &str) -> String {
+    let response: Value = reqwest::blocking::Client::new()
+        .post(format!("{base}/api/auth/tokens"))
+        .bearer_auth(jwt)
+        .json(&json!({"name": name}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    response["token"].as_str().unwrap().to_string()
 }

@@ -9,6 +9,7 @@ pub mod credentials;
 pub mod data_planes;
 pub mod error;
 pub mod extract;
+pub mod logs;
 pub mod policies;
 pub mod targets;
 pub mod users;
@@ -84,6 +85,7 @@ pub struct ApiSettings {
         (name = "credentials", description = "Tokens and env per scope, sealed at rest"),
         (name = "policies", description = "Default-deny authorization rules (admin)"),
         (name = "data-planes", description = "Snapshot distribution status (admin)"),
+        (name = "logs", description = "The audit trail: one record per MCP request"),
         (name = "health", description = "Liveness and readiness")
     )
 )]
@@ -145,6 +147,8 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(policies::remove_subject))
         .routes(routes!(policies::explain))
         .routes(routes!(data_planes::list))
+        .routes(routes!(logs::list))
+        .routes(routes!(logs::export))
 }
 
 /// The OpenAPI document, generated from the handlers.

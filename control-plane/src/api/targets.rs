@@ -72,6 +72,9 @@ pub struct TargetInput {
     pub enabled: Option<bool>,
     /// The env keys the target declares; users may set only declared, user-settable keys.
     pub env_keys: Option<Vec<EnvKey>>,
+    /// Keep the arguments of calls to this target in the audit trail, with values under keys
+    /// that look like secrets and every stored credential value masked. Default `false`.
+    pub audit_arguments: Option<bool>,
 }
 
 fn merge<T: Clone>(input: Option<Option<T>>, current: Option<&Option<T>>) -> Option<T> {
@@ -257,6 +260,7 @@ pub fn build_spec(mut input: TargetInput, current: Option<&TargetSpec>, stdio: &
         auth_header_name,
         enabled: input.enabled.or(current.map(|c| c.enabled)).unwrap_or(true),
         env_keys,
+        audit_arguments: input.audit_arguments.or(current.map(|c| c.audit_arguments)).unwrap_or(false),
     })
 }
 

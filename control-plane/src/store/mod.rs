@@ -155,6 +155,9 @@ pub struct AuditFilter {
     pub until: Option<DateTime<Utc>>,
     pub limit: u32,
     pub offset: u32,
+    /// Only records after (older than, in listing order) the record with this id: a cursor.
+    /// A cursor whose record is gone (pruned) matches nothing.
+    pub after: Option<String>,
 }
 
 /// How long a request waits for a database connection before it answers 503. Short on

@@ -122,6 +122,7 @@ pub struct TargetSpec {
     pub auth_header_name: Option<String>,
     pub enabled: bool,
     pub env_keys: Vec<EnvKey>,
+    pub audit_arguments: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
@@ -143,6 +144,8 @@ pub struct Target {
     pub enabled: bool,
     /// The env keys the target declares.
     pub env_keys: Vec<EnvKey>,
+    /// Audit records of its calls keep their arguments (secrets masked).
+    pub audit_arguments: bool,
     /// Bumped by `restart-instances`: data planes restart the target's processes.
     pub restart_generation: i64,
     pub created_at: DateTime<Utc>,
@@ -167,6 +170,7 @@ impl Target {
             auth_header_name: self.auth_header_name.clone(),
             enabled: self.enabled,
             env_keys: self.env_keys.clone(),
+            audit_arguments: self.audit_arguments,
         }
     }
 

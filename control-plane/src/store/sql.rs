@@ -26,7 +26,7 @@ const FIRST_ADMIN_KEY: &str = "first_admin";
 const USER_COLUMNS: &str = "id, email, role, active, created_at, updated_at, session_generation";
 const TOKEN_COLUMNS: &str = "id, user_id, name, prefix, created_at, expires_at, last_used_at";
 const TARGET_COLUMNS: &str = "id, name, description, transport_type, url, command, args, image, port, health_path, \
-     statefulness, isolation_boundary, auth_type, auth_header_name, enabled, env_keys, created_at, updated_at";
+     statefulness, isolation_boundary, auth_type, auth_header_name, enabled, env_keys, audit_arguments, created_at, updated_at";
 const POLICY_COLUMNS: &str =
     "id, name, description, target_id, resource_type, pattern, effect, priority, enabled, created_at, updated_at";
 
@@ -127,6 +127,7 @@ macro_rules! sql_store {
                     auth_header_name: row.try_get("auth_header_name").map_err(db)?,
                     enabled: row.try_get("enabled").map_err(db)?,
                     env_keys: serde_json::from_str(&env_keys).map_err(|_| corrupt("env keys", &env_keys))?,
+                    audit_arguments: row.try_get("audit_arguments").map_err(db)?,
                     restart_generation: row.try_get("restart_generation").map_err(db)?,
                     created_at: row.try_get("created_at").map_err(db)?,
                     updated_at: row.try_get("updated_at").map_err(db)?,
@@ -262,7 +263,7 @@ macro_rules! sql_store {
                 Ok(())
             }
 
-            /// Binds a target's fields in column order (name … env_keys).
+            /// Binds a target's fields in column order (name … audit_arguments).
             fn bind_target<'q>(
                 query: sqlx::query::Query<'q, $Db, <$Db as sqlx::Database>::Arguments<'q>>,
                 spec: &'q TargetSpec,
@@ -283,6 +284,7 @@ macro_rules! sql_store {
                     .bind(&spec.auth_header_name)
                     .bind(spec.enabled)
                     .bind(serde_json::to_string(&spec.env_keys).unwrap_or_else(|_| "[]".into()))
+                    .bind(spec.audit_arguments)
             }
 
             /// Binds a policy's fields in column order (name … enabled).
@@ -598,7 +600,7 @@ macro_rules! sql_store {
                 let at = now();
                 let sql = format!(
                     "INSERT INTO targets ({TARGET_COLUMNS}) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $17)"
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $18)"
                 );
                 Self::bind_target(sqlx::query(&sql).bind(id), &spec)
                     .bind(at)
@@ -628,7 +630,7 @@ macro_rules! sql_store {
             async fn update_target(&self, id: Uuid, spec: TargetSpec) -> StoreResult<Target> {
                 let sql = "UPDATE targets SET name = $2, description = $3, transport_type = $4, url = $5, command = $6, \
                            args = $7, image = $8, port = $9, health_path = $10, statefulness = $11, isolation_boundary = $12, \
-                           auth_type = $13, auth_header_name = $14, enabled = $15, env_keys = $16, updated_at = $17 WHERE id = $1";
+                           auth_type = $13, auth_header_name = $14, enabled = $15, env_keys = $16, audit_arguments = $17, updated_at = $18 WHERE id = $1";
                 let updated = Self::bind_target(sqlx::query(sql).bind(id), &spec)
                 .bind(now())
                 .execute(&self.pool)
@@ -1107,6 +1109,9 @@ macro_rules! sql_store {
                     "SELECT body FROM audit_records WHERE ($1 IS NULL OR user_id = $1) AND ($2 IS NULL OR target = $2) \
                      AND ($3 IS NULL OR method = $3) AND ($4 IS NULL OR name = $4) AND ($5 IS NULL OR decision = $5) \
                      AND ($6 IS NULL OR at >= $6) AND ($7 IS NULL OR at < $7) \
+                     AND ($10 IS NULL OR EXISTS (SELECT 1 FROM audit_records c WHERE c.id = $10 AND \
+                          (audit_records.at < c.at OR (audit_records.at = c.at AND (audit_records.data_plane > c.data_plane \
+                           OR (audit_records.data_plane = c.data_plane AND audit_records.seq < c.seq)))))) \
                      ORDER BY at DESC, data_plane, seq DESC LIMIT $8 OFFSET $9",
                 )
                 .bind(&filter.user_id)
@@ -1118,6 +1123,7 @@ macro_rules! sql_store {
                 .bind(filter.until)
                 .bind(i64::from(filter.limit.min(1000)))
                 .bind(i64::from(filter.offset))
+                .bind(&filter.after)
                 .fetch_all(&self.pool)
                 .await
                 .map_err(db)?;

@@ -22,6 +22,7 @@ use super::merged::{client_hash, ListKey, Merged, MergedLists};
 use super::names;
 use super::session::{short, CachedList, ClientSession, Scope, Sessions, UpstreamEntry};
 use super::McpSettings;
+use crate::audit::{ClientGone, Trail};
 use crate::credentials::{resolve_env, resolve_injection};
 use crate::snapshot::DataSnapshot;
 use crate::state::SnapshotState;
@@ -72,6 +73,8 @@ pub struct Forwarding {
     messages: mpsc::Receiver<Value>,
     /// The user's share of requests in flight, held until the exchange ends (detached or not).
     share: Option<super::shares::InFlight>,
+    /// Marks the request's audit record when the client stops waiting before the response.
+    client_gone: Option<ClientGone>,
 }
 
 impl std::fmt::Debug for Forwarding {
@@ -100,6 +103,7 @@ impl Forwarding {
         if message.as_ref().is_none_or(jsonrpc::is_response) {
             // The response is the exchange's last act: nothing is left to run.
             self.work = None;
+            self.client_gone = None;
         }
         message
     }
@@ -107,6 +111,8 @@ impl Forwarding {
     /// Lets the exchange run on its own and returns its messages: for a reader that may wait
     /// on something else (a full client stream) while the upstream still needs answers.
     pub fn detach(mut self) -> mpsc::Receiver<Value> {
+        // Its reader goes on reading: the client has not gone.
+        self.client_gone = None;
         if let Some(work) = self.work.take() {
             let share = self.share.take();
             tokio::spawn(async move {
@@ -128,6 +134,9 @@ impl Forwarding {
 
 impl Drop for Forwarding {
     fn drop(&mut self) {
+        if let Some(gone) = self.client_gone.take() {
+            gone.mark();
+        }
         if let Some(work) = self.work.take() {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 let share = self.share.take();
@@ -215,6 +224,8 @@ pub struct Gateway {
     pub shares: Arc<super::shares::Shares>,
     /// Recycles and restarts applied, for the control plane.
     pub recycling: super::recycle::Recycling,
+    /// Where finished requests' audit records go; unset when auditing is off.
+    audit: std::sync::OnceLock<Arc<crate::audit::Recorder>>,
 }
 
 impl Gateway {
@@ -252,8 +263,18 @@ impl Gateway {
                 settings.max_sessions_per_user,
             ),
             recycling: Default::default(),
+            audit: Default::default(),
             settings,
         })
+    }
+
+    /// Audits every MCP request into `recorder` (set once, before serving).
+    pub fn set_audit(&self, recorder: Arc<crate::audit::Recorder>) {
+        let _ = self.audit.set(recorder);
+    }
+
+    pub fn audit(&self) -> Option<&Arc<crate::audit::Recorder>> {
+        self.audit.get()
     }
 
     /// Whether `name` is a target this gateway serves (HTTP, SSE or STDIO).
@@ -287,11 +308,18 @@ impl Gateway {
         self.health.failed(&target.id, &error.to_string());
     }
 
-    /// Answers one message from the client.
-    pub async fn handle(self: &Arc<Self>, session: &Arc<ClientSession>, caller: &Caller, message: Message) -> Reply {
+    /// Answers one message from the client. A request's `trail` is filled in as it goes, and
+    /// taken by the exchange when the request is forwarded (which then writes it when it ends).
+    pub async fn handle(
+        self: &Arc<Self>,
+        session: &Arc<ClientSession>,
+        caller: &Caller,
+        message: Message,
+        trail: &mut Trail,
+    ) -> Reply {
         session.touch();
         match message {
-            Message::Request { id, method, params } => self.request(session, caller, id, &method, params).await,
+            Message::Request { id, method, params } => self.request(session, caller, id, &method, params, trail).await,
             Message::Notification { method, params } => {
                 self.notification(session, caller, &method, params).await;
                 Reply::Accepted
@@ -307,6 +335,7 @@ impl Gateway {
         id: Value,
         method: &str,
         params: Option<Value>,
+        trail: &mut Trail,
     ) -> Reply {
         if method == "initialize" {
             return Reply::Now(self.initialize(session, caller, id, params).await);
@@ -325,12 +354,12 @@ impl Gateway {
             return self.list(session, caller, spec, id, params.as_ref()).await;
         }
         let routed = match method {
-            "tools/call" => self.route_named(session, caller, &id, params, Kind::Tool, "name"),
-            "prompts/get" => self.route_named(session, caller, &id, params, Kind::Prompt, "name"),
+            "tools/call" => self.route_named(session, caller, &id, params, Kind::Tool, trail),
+            "prompts/get" => self.route_named(session, caller, &id, params, Kind::Prompt, trail),
             "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
-                self.route_named(session, caller, &id, params, Kind::Resource, "uri")
+                self.route_named(session, caller, &id, params, Kind::Resource, trail)
             }
-            "completion/complete" => self.route_completion(session, caller, &id, params),
+            "completion/complete" => self.route_completion(session, caller, &id, params, trail),
             "logging/setLevel" => return Reply::Now(self.set_level(session, caller, id, params).await),
             _ => {
                 return Reply::Now(jsonrpc::error(
@@ -343,7 +372,7 @@ impl Gateway {
         match routed {
             Ok((target, params)) => {
                 let message = jsonrpc::request(id, method, Some(params));
-                self.forward(session, caller, &target, method, message).await
+                self.forward(session, caller, &target, method, message, trail.take()).await
             }
             Err(error) => Reply::Now(error),
         }
@@ -378,6 +407,13 @@ impl Gateway {
                 INVALID_PARAMS,
                 format!("initialize params.capabilities is too large: at most {MAX_CLIENT_CAPABILITIES} bytes"),
             );
+        }
+        if let Some(info) = params.get("clientInfo") {
+            let field = |name: &str| -> Box<str> {
+                let text = info.get(name).and_then(Value::as_str).unwrap_or_default();
+                text.chars().filter(|c| !c.is_control()).take(256).collect::<String>().into_boxed_str()
+            };
+            let _ = session.client.set((field("name"), field("version")));
         }
         let hash = client_hash(&upstream_params);
         let _ = session.upstream_params.set((upstream_params.into_boxed_str(), hash));
@@ -508,7 +544,7 @@ impl Gateway {
         upstream
     }
 
-    /// Resolves `params[field]` to a target and an allowed, unprefixed name.
+    /// Resolves `params.name` (`params.uri` for resources) to a target and an allowed, unprefixed name.
     fn route_named(
         &self,
         session: &ClientSession,
@@ -516,15 +552,22 @@ impl Gateway {
         id: &Value,
         params: Option<Value>,
         kind: Kind,
-        field: &str,
+        trail: &mut Trail,
     ) -> Result<(Target, Value), Value> {
+        let field = if kind == Kind::Resource { "uri" } else { "name" };
         let Some(Value::Object(mut params)) = params else {
             return Err(jsonrpc::error(id.clone(), INVALID_PARAMS, "params must be an object"));
         };
         let Some(key) = params.get(field).and_then(Value::as_str).map(str::to_string) else {
             return Err(jsonrpc::error(id.clone(), INVALID_PARAMS, format!("params.{field} must be a string")));
         };
-        let (target, inner) = self.route(session, caller, id, kind, &key)?;
+        let (target, inner) = self.route(session, caller, id, kind, &key, trail)?;
+        if target.audit_arguments && kind != Kind::Resource {
+            if let Some(arguments) = params.get("arguments") {
+                let stored = crate::credentials::stored_values(&caller.snapshot.view, &self.sealer, &target);
+                trail.arguments(arguments, &stored);
+            }
+        }
         params.insert(field.to_string(), Value::String(inner));
         Ok((target, Value::Object(params)))
     }
@@ -535,6 +578,7 @@ impl Gateway {
         caller: &Caller,
         id: &Value,
         params: Option<Value>,
+        trail: &mut Trail,
     ) -> Result<(Target, Value), Value> {
         let mut params = params.unwrap_or_default();
         let reference = params.get("ref").cloned().unwrap_or_default();
@@ -552,7 +596,7 @@ impl Gateway {
         let Some(key) = reference.get(field).and_then(Value::as_str) else {
             return Err(jsonrpc::error(id.clone(), INVALID_PARAMS, format!("params.ref.{field} must be a string")));
         };
-        let (target, inner) = self.route(session, caller, id, kind, key)?;
+        let (target, inner) = self.route(session, caller, id, kind, key, trail)?;
         params["ref"][field] = Value::String(inner);
         Ok((target, params))
     }
@@ -566,6 +610,7 @@ impl Gateway {
         id: &Value,
         kind: Kind,
         key: &str,
+        trail: &mut Trail,
     ) -> Result<(Target, String), Value> {
         let unknown = || jsonrpc::error(id.clone(), INVALID_PARAMS, format!("unknown {} {key:?}", kind_word(kind)));
         let (target_name, inner) = match &session.scope {
@@ -573,7 +618,17 @@ impl Gateway {
             Scope::Aggregate if kind == Kind::Resource => names::unmap_uri(key).ok_or_else(unknown)?,
             Scope::Aggregate => names::split(key).ok_or_else(unknown)?,
         };
-        let target = Gateway::granted(caller, target_name).ok_or_else(unknown)?;
+        if let Some(record) = trail.record() {
+            record.target = Some(target_name.to_string());
+            record.name = Some(inner.to_string());
+        }
+        let Some(target) = Gateway::granted(caller, target_name) else {
+            // Answered like an unknown target; the trail says what it was.
+            if let (Some(record), Some(_)) = (trail.record(), Gateway::servable(&caller.snapshot, target_name)) {
+                record.decision = "denied".into();
+            }
+            return Err(unknown());
+        };
         // A resource is decided on, and forwarded as, its normal form: `..` and `%2e%2e`
         // cannot walk out of an allowed prefix.
         let normal;
@@ -595,6 +650,13 @@ impl Gateway {
             policy = decision.policy_name.as_deref().unwrap_or("(none: default deny)"),
             "policy decision"
         );
+        if let Some(record) = trail.record() {
+            record.name = Some(inner.to_string());
+            record.transport = Some(target.transport_type.as_str().to_string());
+            record.decision = if decision.allowed { "allowed" } else { "denied" }.into();
+            record.policy_id = decision.policy_id;
+            record.policy_name = decision.policy_name;
+        }
         if !decision.allowed {
             return Err(jsonrpc::error(
                 id.clone(),
@@ -616,8 +678,13 @@ impl Gateway {
         target: &Target,
         method: &str,
         message: Value,
+        mut trail: Trail,
     ) -> Reply {
         let upstream = self.upstream(session, caller, target).await;
+        if let Some(record) = trail.record() {
+            record.credential_source.clone_from(&upstream.injection.token_source);
+        }
+        let client_gone = trail.client_gone();
         let (tx, rx) = mpsc::channel(crate::upstream::RELAY_CAPACITY);
         let id = message["id"].clone();
         let key = jsonrpc::id_key(&id);
@@ -626,6 +693,7 @@ impl Gateway {
         let target_name = target.name.clone();
         let failing = target.clone();
         let method = method.to_string();
+        let trail_status = if session.legacy { 202 } else { 200 };
         let (abort, registration) = futures::future::AbortHandle::new_pair();
         session.inflight.lock().unwrap().insert(key.clone(), (target.name.clone(), abort));
         let work = async move {
@@ -664,14 +732,27 @@ impl Gateway {
                 }
                 Err(error) => {
                     gateway.count_failure(&failing, &error);
+                    if let Some(record) = trail.record() {
+                        record.outcome = match error {
+                            UpstreamError::Timeout(_) => "timeout",
+                            _ => "upstream_failed",
+                        }
+                        .into();
+                        if let UpstreamError::Status(status) = error {
+                            record.upstream_status = Some(status);
+                        }
+                    }
                     jsonrpc::error(id, SERVER_ERROR, format!("target {target_name:?}: {error}"))
                 }
             };
+            trail.answered(trail_status, &reply);
+            // Written now, not after the reader took the reply: the exchange ended here.
+            drop(trail);
             // The last thing the exchange does: once the response is out, nothing remains.
             let _ = tx.send(reply).await;
         };
         let work = futures::FutureExt::map(futures::future::Abortable::new(work, registration), drop);
-        Reply::Stream(Forwarding { work: Some(Box::pin(work)), messages: rx, share: None })
+        Reply::Stream(Forwarding { work: Some(Box::pin(work)), messages: rx, share: None, client_gone })
     }
 
     /// Prepares a message an upstream sent for the client: server→client requests get a

@@ -9,13 +9,9 @@
 //! event naming `?sessionId=…` on the same path, POST there, and read every reply from the
 //! stream. The session ends when that stream closes.
 
-// The error side of these functions is the HTTP response that refuses the request, returned
-// at once; boxing it would only add an allocation to the refusal path.
-#![allow(clippy::result_large_err)]
-
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -31,6 +27,7 @@ use tokio::sync::mpsc;
 use super::gateway::{Caller, Forwarding, Gateway, Reply, SUPPORTED_VERSIONS};
 use super::jsonrpc::{self, Message, INVALID_REQUEST, PARSE_ERROR, SERVER_ERROR, UNAUTHORIZED};
 use super::session::{ClientSession, Scope};
+use crate::audit::Trail;
 use crate::auth::authenticate;
 use reflow_common::server::{read_body, BodyError, BodyTimeout};
 
@@ -49,62 +46,92 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
 }
 
 async fn post_all(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
-    post_mcp(gateway, Scope::Aggregate, request).await.unwrap_or_else(|refusal| refusal)
+    post_mcp(gateway, Scope::Aggregate, request).await.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn post_one(State(gateway): State<Arc<Gateway>>, Path(target): Path<String>, request: Request) -> Response {
-    post_mcp(gateway, Scope::Target(target), request).await.unwrap_or_else(|refusal| refusal)
+    post_mcp(gateway, Scope::Target(target), request).await.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn get_all(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
-    get_mcp(gateway, Scope::Aggregate, request).unwrap_or_else(|refusal| refusal)
+    get_mcp(gateway, Scope::Aggregate, request).unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn get_one(State(gateway): State<Arc<Gateway>>, Path(target): Path<String>, request: Request) -> Response {
-    get_mcp(gateway, Scope::Target(target), request).unwrap_or_else(|refusal| refusal)
+    get_mcp(gateway, Scope::Target(target), request).unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn delete_all(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
-    delete_mcp(gateway, Scope::Aggregate, request).await.unwrap_or_else(|refusal| refusal)
+    delete_mcp(gateway, Scope::Aggregate, request).await.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn delete_one(State(gateway): State<Arc<Gateway>>, Path(target): Path<String>, request: Request) -> Response {
-    delete_mcp(gateway, Scope::Target(target), request).await.unwrap_or_else(|refusal| refusal)
+    delete_mcp(gateway, Scope::Target(target), request).await.unwrap_or_else(IntoResponse::into_response)
 }
 
-/// A refusal: `status` with a JSON-RPC error body.
-pub fn refuse(status: StatusCode, code: i64, message: &str) -> Response {
-    (status, Json(jsonrpc::error(Value::Null, code, message))).into_response()
+/// A request refused at the HTTP level: the status, a JSON-RPC error body naming the problem,
+/// and the headers that go with it. Every refusal of the MCP endpoints is one of these.
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub code: i64,
+    pub message: String,
+    /// `Retry-After`, in seconds.
+    retry_after: Option<u64>,
+    /// `WWW-Authenticate` for a bearer token that did not authenticate.
+    challenge: bool,
+}
+
+impl Refusal {
+    pub fn new(status: StatusCode, code: i64, message: impl Into<String>) -> Self {
+        Refusal { status, code, message: message.into(), retry_after: None, challenge: false }
+    }
+
+    fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(jsonrpc::error(Value::Null, self.code, self.message))).into_response();
+        let headers = response.headers_mut();
+        if let Some(seconds) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.challenge {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"reflow\", error=\"invalid_token\""),
+            );
+        }
+        response
+    }
 }
 
 /// 429 with `Retry-After`: the caller is over one of its shares.
-fn over_share(over: super::shares::OverShare) -> Response {
-    let mut response = refuse(StatusCode::TOO_MANY_REQUESTS, SERVER_ERROR, &over.message);
-    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(over.retry_after));
-    response
+fn over_share(over: super::shares::OverShare) -> Refusal {
+    Refusal::new(StatusCode::TOO_MANY_REQUESTS, SERVER_ERROR, over.message).retry_after(over.retry_after)
 }
 
 /// Edge checks, snapshot and authentication: the caller, or the response refusing them.
-fn admit(gateway: &Gateway, parts: &Parts) -> Result<Caller, Response> {
+fn admit(gateway: &Gateway, parts: &Parts) -> Result<Caller, Refusal> {
     check_host_and_origin(gateway, parts)?;
     let Some(snapshot) = gateway.state.load() else {
-        let mut response = refuse(
+        return Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
             SERVER_ERROR,
             "this gateway has no configuration snapshot yet; try again shortly",
-        );
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-        return Err(response);
+        )
+        .retry_after(5));
     };
     let user = match authenticate(&snapshot.view, &parts.headers, parts.uri.query()) {
         Ok(user) => user.clone(),
         Err(failure) => {
-            let mut response = refuse(StatusCode::UNAUTHORIZED, UNAUTHORIZED, &failure.to_string());
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"reflow\", error=\"invalid_token\""),
-            );
-            return Err(response);
+            let mut refusal = Refusal::new(StatusCode::UNAUTHORIZED, UNAUTHORIZED, failure.to_string());
+            refusal.challenge = true;
+            return Err(refusal);
         }
     };
     // Before any work for the request: one user's flood costs everyone else nothing more.
@@ -113,12 +140,12 @@ fn admit(gateway: &Gateway, parts: &Parts) -> Result<Caller, Response> {
 }
 
 /// DNS-rebinding and cross-origin protection (see [`super::origin`]).
-fn check_host_and_origin(gateway: &Gateway, parts: &Parts) -> Result<(), Response> {
+fn check_host_and_origin(gateway: &Gateway, parts: &Parts) -> Result<(), Refusal> {
     let headers = &parts.headers;
     let local = parts.extensions.get::<reflow_common::server::LocalAddr>().map(|a| a.0.ip());
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
     if !super::origin::host_allowed(&gateway.settings.allowed_hosts, host, local) {
-        return Err(refuse(
+        return Err(Refusal::new(
             StatusCode::FORBIDDEN,
             INVALID_REQUEST,
             "this host name is not served here (mcp.allowed_hosts names the host names clients may use)",
@@ -127,7 +154,7 @@ fn check_host_and_origin(gateway: &Gateway, parts: &Parts) -> Result<(), Respons
     if let Some(origin) = headers.get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("null");
         if !super::origin::origin_allowed(&gateway.settings.allowed_origins, origin, local) {
-            return Err(refuse(
+            return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
                 INVALID_REQUEST,
                 "requests from this Origin are not allowed (cors.allowed_origins names the allowed ones)",
@@ -146,7 +173,7 @@ fn session_of(
     scope: &Scope,
     caller: &Caller,
     parts: &Parts,
-) -> Result<Option<Arc<ClientSession>>, Response> {
+) -> Result<Option<Arc<ClientSession>>, Refusal> {
     let from_header = parts.headers.get(SESSION_HEADER).map(|v| v.to_str().unwrap_or_default().to_string());
     let from_query = legacy_session_id(parts);
     let Some(id) = from_header.or(from_query) else { return Ok(None) };
@@ -154,10 +181,10 @@ fn session_of(
         Some(session) => Ok(Some(session)),
         None => {
             let why = gateway.sessions.closed_because(&id).unwrap_or("it ended or never existed");
-            Err(refuse(
+            Err(Refusal::new(
                 StatusCode::NOT_FOUND,
                 INVALID_REQUEST,
-                &format!("session not found: {why}; initialize a new one"),
+                format!("session not found: {why}; initialize a new one"),
             ))
         }
     }
@@ -167,11 +194,21 @@ fn legacy_session_id(parts: &Parts) -> Option<String> {
     parts.uri.query()?.split('&').find_map(|pair| pair.strip_prefix("sessionId=")).map(str::to_string)
 }
 
-async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Result<Response, Response> {
+async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Result<Response, Refusal> {
+    let started = Instant::now();
     let (parts, body) = request.into_parts();
     let caller = admit(&gateway, &parts)?;
+    if gateway.audit().is_some_and(|recorder| recorder.refusing()) {
+        return Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            SERVER_ERROR,
+            "this gateway cannot keep audit records right now (its audit spool is full and audit.on_full is refuse); \
+             requests resume once the control plane has taken the waiting records",
+        )
+        .retry_after(5));
+    }
     if !header_has(&parts.headers, header::CONTENT_TYPE, "application/json") {
-        return Err(refuse(
+        return Err(Refusal::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             INVALID_REQUEST,
             "Content-Type must be application/json",
@@ -181,7 +218,7 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
     let accepts_sse = accept_any || header_has(&parts.headers, header::ACCEPT, "text/event-stream");
     let accepts_json = accept_any || header_has(&parts.headers, header::ACCEPT, "application/json");
     if !accepts_sse && !accepts_json {
-        return Err(refuse(
+        return Err(Refusal::new(
             StatusCode::NOT_ACCEPTABLE,
             INVALID_REQUEST,
             "Accept must include application/json and text/event-stream",
@@ -189,11 +226,12 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
     }
     if !parts.headers.get_all(VERSION_HEADER).iter().all(|v| v.to_str().is_ok_and(|v| SUPPORTED_VERSIONS.contains(&v)))
     {
-        return Err(refuse(StatusCode::BAD_REQUEST, INVALID_REQUEST, "unsupported MCP-Protocol-Version"));
+        return Err(Refusal::new(StatusCode::BAD_REQUEST, INVALID_REQUEST, "unsupported MCP-Protocol-Version"));
     }
     let limit = gateway.settings.max_body_bytes;
-    let too_large =
-        || refuse(StatusCode::PAYLOAD_TOO_LARGE, INVALID_REQUEST, &format!("the request body exceeds {limit} bytes"));
+    let too_large = || {
+        Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, INVALID_REQUEST, format!("the request body exceeds {limit} bytes"))
+    };
     let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
     if declared.is_some_and(|length| length > limit) {
         return Err(too_large());
@@ -201,39 +239,99 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
     let timeout = parts.extensions.get::<BodyTimeout>().map_or(BodyTimeout(DEFAULT_BODY_TIMEOUT).0, |t| t.0);
     let bytes = read_body(body, limit, timeout).await.map_err(|error| match error {
         BodyError::TooLarge(_) => too_large(),
-        BodyError::Timeout(_) => refuse(StatusCode::REQUEST_TIMEOUT, INVALID_REQUEST, &error.to_string()),
-        BodyError::Broken => refuse(StatusCode::BAD_REQUEST, INVALID_REQUEST, &error.to_string()),
+        BodyError::Timeout(_) => Refusal::new(StatusCode::REQUEST_TIMEOUT, INVALID_REQUEST, error.to_string()),
+        BodyError::Broken => Refusal::new(StatusCode::BAD_REQUEST, INVALID_REQUEST, error.to_string()),
     })?;
     let value: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| refuse(StatusCode::BAD_REQUEST, PARSE_ERROR, &format!("the body is not valid JSON: {e}")))?;
-    let message = Message::classify(value).map_err(|why| refuse(StatusCode::BAD_REQUEST, INVALID_REQUEST, why))?;
+        .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, PARSE_ERROR, format!("the body is not valid JSON: {e}")))?;
+    let message =
+        Message::classify(value).map_err(|why| Refusal::new(StatusCode::BAD_REQUEST, INVALID_REQUEST, why))?;
 
-    let session = match session_of(&gateway, &scope, &caller, &parts)? {
+    // From here on, a request is audited: one record, written when the trail is dropped.
+    let mut trail = match (&message, gateway.audit()) {
+        (Message::Request { method, .. }, Some(recorder)) => {
+            let mut trail = recorder.begin(parts.uri.path(), method, started);
+            if let Some(record) = trail.record() {
+                record.user_id = Some(caller.user.id.clone());
+                record.snapshot_version = Some(caller.snapshot.version.clone());
+                record.trace_id =
+                    parts.headers.get("traceparent").and_then(|v| v.to_str().ok()).and_then(crate::audit::trace_id);
+                if let Scope::Target(name) = &scope {
+                    record.target = Some(name.clone());
+                }
+            }
+            let authorization = parts.headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+            if let Ok(token) = reflow_common::bearer::bearer_token(authorization, None) {
+                trail.mask_token(token);
+            }
+            trail
+        }
+        _ => Trail::off(),
+    };
+    let exchanged = exchange(&gateway, scope, caller, &parts, message, (accepts_sse, accepts_json), &mut trail).await;
+    if let Err(refusal) = &exchanged {
+        trail.refused(refusal.status.as_u16(), refusal.code);
+    }
+    exchanged
+}
+
+/// What the audit record learns of the session a request belongs to.
+fn note_session(trail: &mut Trail, session: &ClientSession) {
+    if let Some(record) = trail.record() {
+        record.session_id = Some(session.id.clone());
+        record.protocol_version = session.protocol_version.get().cloned();
+        if let Some((name, version)) = session.client.get() {
+            record.client_name = Some(name.to_string());
+            record.client_version = Some(version.to_string());
+        }
+    }
+}
+
+/// A classified message with an authenticated caller: its session, then the gateway's answer.
+async fn exchange(
+    gateway: &Arc<Gateway>,
+    scope: Scope,
+    caller: Caller,
+    parts: &Parts,
+    message: Message,
+    (accepts_sse, accepts_json): (bool, bool),
+    trail: &mut Trail,
+) -> Result<Response, Refusal> {
+    let session = match session_of(gateway, &scope, &caller, parts)? {
         Some(session) => session,
         None => {
             let Message::Request { method, .. } = &message else {
-                return Err(refuse(StatusCode::BAD_REQUEST, INVALID_REQUEST, "Mcp-Session-Id header is required"));
+                return Err(Refusal::new(
+                    StatusCode::BAD_REQUEST,
+                    INVALID_REQUEST,
+                    "Mcp-Session-Id header is required",
+                ));
             };
             if method != "initialize" {
-                return Err(refuse(StatusCode::BAD_REQUEST, INVALID_REQUEST, "Mcp-Session-Id header is required"));
+                return Err(Refusal::new(
+                    StatusCode::BAD_REQUEST,
+                    INVALID_REQUEST,
+                    "Mcp-Session-Id header is required",
+                ));
             }
-            return Ok(open_session(gateway, scope, caller, message).await);
+            return open_session(gateway.clone(), scope, caller, message, trail).await;
         }
     };
+    note_session(trail, &session);
     let request_id = match &message {
         Message::Request { id, .. } => id.clone(),
         _ => Value::Null,
     };
     if session.legacy && session.stream_full() {
-        close_unread(&gateway, &session).await;
-        return Err(refuse(
+        close_unread(gateway, &session).await;
+        return Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
             SERVER_ERROR,
-            &format!("this session's SSE stream is not being read, so {}", UNREAD.trim_start_matches("it ")),
+            format!("this session's SSE stream is not being read, so {}", UNREAD.trim_start_matches("it ")),
         ));
     }
     let share = gateway.shares.begin(&caller.user.id).map_err(over_share)?;
-    let mut reply = gateway.handle(&session, &caller, message).await;
+    let mut reply = gateway.handle(&session, &caller, message, trail).await;
     if let Reply::Stream(forwarding) = &mut reply {
         forwarding.hold(share);
     } else {
@@ -243,8 +341,14 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
         // Every reply of a legacy session travels on its SSE stream, whose queue is bounded: a
         // client that stops reading has its session closed, instead of replies piling up.
         let delivered = match reply {
-            Reply::Now(message) | Reply::Invalid(message) => session.push(message),
-            Reply::Serialized(text) => session.push_text(text),
+            Reply::Now(message) | Reply::Invalid(message) => {
+                trail.answered(202, &message);
+                session.push(message)
+            }
+            Reply::Serialized(text) => {
+                trail.answered(202, &Value::Null);
+                session.push_text(text)
+            }
             Reply::Stream(forwarding) => {
                 let mut messages = forwarding.detach();
                 let (gateway, session) = (gateway.clone(), session.clone());
@@ -261,8 +365,8 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
             Reply::Accepted => true,
         };
         if !delivered {
-            close_unread(&gateway, &session).await;
-            return Err(refuse(
+            close_unread(gateway, &session).await;
+            return Err(Refusal::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 SERVER_ERROR,
                 "this session's SSE stream is not being read; the session is closed",
@@ -272,9 +376,16 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
     }
     Ok(match reply {
         Reply::Accepted => StatusCode::ACCEPTED.into_response(),
-        Reply::Invalid(message) => (StatusCode::BAD_REQUEST, Json(message)).into_response(),
-        Reply::Now(message) => Json(message).into_response(),
+        Reply::Invalid(message) => {
+            trail.answered(400, &message);
+            (StatusCode::BAD_REQUEST, Json(message)).into_response()
+        }
+        Reply::Now(message) => {
+            trail.answered(200, &message);
+            Json(message).into_response()
+        }
         Reply::Serialized(text) => {
+            trail.answered(200, &Value::Null);
             ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], text).into_response()
         }
         Reply::Stream(forwarding) => stream_reply(session, request_id, forwarding, accepts_sse, accepts_json).await,
@@ -292,42 +403,55 @@ async fn close_unread(gateway: &Gateway, session: &ClientSession) {
 }
 
 /// `initialize` without a session: a new session, kept only when initialisation succeeds.
-async fn open_session(gateway: Arc<Gateway>, scope: Scope, caller: Caller, message: Message) -> Response {
+async fn open_session(
+    gateway: Arc<Gateway>,
+    scope: Scope,
+    caller: Caller,
+    message: Message,
+    trail: &mut Trail,
+) -> Result<Response, Refusal> {
     if let Scope::Target(name) = &scope {
         // A target the user has no grant on is answered like one that does not exist.
         if Gateway::granted(&caller, name).is_none() {
-            return refuse(StatusCode::NOT_FOUND, INVALID_REQUEST, &format!("no target named {name:?} is served here"));
+            return Err(Refusal::new(
+                StatusCode::NOT_FOUND,
+                INVALID_REQUEST,
+                format!("no target named {name:?} is served here"),
+            ));
         }
     }
     // The slot is taken before `initialize` is awaited, so concurrent openings cannot pass the
     // user's share.
-    let reservation = match gateway.sessions.reserve(&caller.user.id, |held| gateway.shares.may_open_session(held)) {
-        Ok(reservation) => reservation,
-        Err(over) => return over_share(over),
-    };
+    let reservation =
+        gateway.sessions.reserve(&caller.user.id, |held| gateway.shares.may_open_session(held)).map_err(over_share)?;
     if gateway.sessions.len() >= gateway.settings.max_sessions {
-        return refuse(
+        return Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
             SERVER_ERROR,
             "this gateway holds its maximum of sessions; retry later",
-        );
+        ));
     }
     let session = Arc::new(ClientSession::new(caller.user.id.clone(), scope, false, Default::default()));
     session.identity.store(super::recycle::identity(&caller.user), std::sync::atomic::Ordering::Relaxed);
-    let reply = match gateway.handle(&session, &caller, message).await {
+    let reply = match gateway.handle(&session, &caller, message, trail).await {
         Reply::Now(reply) => reply,
         _ => unreachable!("initialize is answered at once"),
     };
+    note_session(trail, &session);
+    trail.answered(200, &reply);
     if reply.get("result").is_none() {
+        if let Some(record) = trail.record() {
+            record.session_id = None;
+        }
         session.close().await;
-        return Json(reply).into_response();
+        return Ok(Json(reply).into_response());
     }
     reservation.fill(session.clone());
     let mut response = Json(reply).into_response();
     response
         .headers_mut()
         .insert(SESSION_HEADER, HeaderValue::from_str(&session.id).expect("session ids are header-safe"));
-    response
+    Ok(response)
 }
 
 /// Answers with JSON when the response comes first (the common case, and the cheaper one),
@@ -426,15 +550,15 @@ fn lease_stream(lease: Lease, first: Option<Event>) -> impl Stream<Item = Result
     futures::StreamExt::chain(futures::stream::iter(first.map(Ok)), rest)
 }
 
-fn get_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Result<Response, Response> {
+fn get_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Result<Response, Refusal> {
     let (parts, _) = request.into_parts();
     let caller = admit(&gateway, &parts)?;
     if !header_has(&parts.headers, header::ACCEPT, "text/event-stream") {
-        return Err(refuse(StatusCode::NOT_ACCEPTABLE, INVALID_REQUEST, "Accept must include text/event-stream"));
+        return Err(Refusal::new(StatusCode::NOT_ACCEPTABLE, INVALID_REQUEST, "Accept must include text/event-stream"));
     }
     if let Some(session) = session_of(&gateway, &scope, &caller, &parts)? {
         let Some(messages) = session.outbound().receiver.lock().unwrap().take() else {
-            return Err(refuse(StatusCode::CONFLICT, INVALID_REQUEST, "this session already has an open stream"));
+            return Err(Refusal::new(StatusCode::CONFLICT, INVALID_REQUEST, "this session already has an open stream"));
         };
         session.touch();
         return Ok(sse(lease_stream(Lease { session, messages: Some(messages), ends: None }, None)));
@@ -442,16 +566,16 @@ fn get_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Result<Resp
     // The legacy HTTP+SSE transport.
     if let Scope::Target(name) = &scope {
         if Gateway::granted(&caller, name).is_none() {
-            return Err(refuse(
+            return Err(Refusal::new(
                 StatusCode::NOT_FOUND,
                 INVALID_REQUEST,
-                &format!("no target named {name:?} is served here"),
+                format!("no target named {name:?} is served here"),
             ));
         }
     }
     gateway.shares.may_open_session(gateway.sessions.count_of(&caller.user.id)).map_err(over_share)?;
     if gateway.sessions.len() >= gateway.settings.max_sessions {
-        return Err(refuse(
+        return Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
             SERVER_ERROR,
             "this gateway holds its maximum of sessions",
@@ -465,11 +589,11 @@ fn get_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Result<Resp
     Ok(sse(lease_stream(Lease { session, messages, ends: Some(gateway) }, Some(endpoint))))
 }
 
-async fn delete_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Result<Response, Response> {
+async fn delete_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Result<Response, Refusal> {
     let (parts, _) = request.into_parts();
     let caller = admit(&gateway, &parts)?;
     let Some(session) = session_of(&gateway, &scope, &caller, &parts)? else {
-        return Err(refuse(StatusCode::BAD_REQUEST, INVALID_REQUEST, "Mcp-Session-Id header is required"));
+        return Err(Refusal::new(StatusCode::BAD_REQUEST, INVALID_REQUEST, "Mcp-Session-Id header is required"));
     };
     gateway.sessions.remove(&session.id);
     session.close().await;

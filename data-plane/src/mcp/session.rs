@@ -79,6 +79,8 @@ pub struct ClientSession {
     /// JSON tree would cost an idle session more than everything else it holds), with its
     /// hash for merged-list keys.
     pub upstream_params: OnceLock<(Box<str>, u64)>,
+    /// The client's `clientInfo` name and version, for audit records.
+    pub client: OnceLock<(Box<str>, Box<str>)>,
     last_used: Mutex<Instant>,
     /// Messages for the client outside any POST stream; made on first use (most sessions
     /// never need one, and its buffer is most of an idle session's memory).
@@ -116,6 +118,7 @@ impl ClientSession {
             legacy,
             protocol_version: OnceLock::new(),
             upstream_params: OnceLock::new(),
+            client: OnceLock::new(),
             last_used: Mutex::new(Instant::now()),
             outbound: OnceLock::new(),
             upstreams: tokio::sync::Mutex::new(HashMap::new()),

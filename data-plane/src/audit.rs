@@ -1,0 +1,521 @@
+//! The audit trail on the data plane: one record per MCP request, written exactly once when the
+//! request ends, whatever the ending, then batched into the encrypted spool ([`crate::spool`])
+//! that the shipper ([`crate::shipper`]) drains to the control plane.
+//!
+//! A request's [`Trail`] travels with it: the HTTP layer opens it once the message is
+//! classified, each phase fills in what it learned (who, which session, which target and name,
+//! the decision and its policy, the credential's source, the upstream's failure), and whoever
+//! holds it last drops it: the HTTP layer for an answer known at once, the upstream exchange
+//! for a forwarded call (so a client that went away still gets its call recorded, as
+//! `client_gone`, when the exchange finishes). Dropping writes the record into the
+//! [`Recorder`]'s buffer: a lock and a push, nothing on disk. The recorder's task moves the
+//! buffer into the spool every `audit.flush_interval` (or sooner, when a batch is full).
+//!
+//! When the spool is full, `audit.on_full` decides: `drop_oldest` makes room (the spool counts
+//! what it dropped), `refuse` keeps every record and the gateway refuses new MCP requests
+//! ([`Recorder::refusing`]) until the control plane has taken enough of the spool.
+//!
+//! What a record keeps of arguments, only for targets that opt in, goes through [`mask`]: values
+//! under keys that look like secrets, and every stored credential value wherever it appears,
+//! are replaced. Client tokens and credential values are never put in a record otherwise.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use reflow_proto::audit::{AuditRecord, MAX_BATCH};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::spool::{OnFull, Spool, SpoolError};
+
+/// The most records the in-memory buffer holds while the spool cannot take them (`drop_oldest`
+/// drops the oldest beyond it; `refuse` refuses new requests long before).
+const MAX_BUFFERED: usize = 50_000;
+
+/// What replaces a masked value.
+pub const MASKED: &str = "[masked]";
+
+/// The shortest stored credential value masked by value (shorter ones would mask ordinary text).
+const MIN_MASKED_VALUE: usize = 4;
+
+/// How the data plane keeps its audit trail.
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    pub spool_dir: std::path::PathBuf,
+    pub spool_bytes: u64,
+    pub on_full: OnFull,
+    pub flush_interval: Duration,
+}
+
+/// Collects finished records and moves them into the spool.
+#[derive(Debug)]
+pub struct Recorder {
+    data_plane: String,
+    spool: Arc<Spool>,
+    on_full: OnFull,
+    flush_interval: Duration,
+    buffer: Mutex<VecDeque<Vec<u8>>>,
+    /// Held while moving the buffer into the spool, so records enter it in order.
+    flushing: Mutex<()>,
+    /// A batch's worth is waiting: flush now.
+    batch_ready: tokio::sync::Notify,
+    /// Wakes the shipper when a batch entered the spool.
+    pub pushed: Arc<tokio::sync::Notify>,
+    refusing: AtomicBool,
+    /// Records dropped before they reached the spool (buffer over its bound, or a single record
+    /// larger than the whole spool).
+    dropped: AtomicU64,
+    written: AtomicU64,
+}
+
+/// What `/ready` and `/metrics` show of the trail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditStatus {
+    pub written: u64,
+    pub buffered: usize,
+    pub spool_bytes: u64,
+    pub spool_batches: usize,
+    pub dropped: u64,
+    pub refusing: bool,
+}
+
+impl Recorder {
+    pub fn new(data_plane: String, spool: Arc<Spool>, settings: &AuditSettings) -> Arc<Recorder> {
+        Arc::new(Recorder {
+            data_plane,
+            spool,
+            on_full: settings.on_full,
+            flush_interval: settings.flush_interval,
+            buffer: Mutex::new(VecDeque::new()),
+            flushing: Mutex::new(()),
+            batch_ready: tokio::sync::Notify::new(),
+            pushed: Arc::new(tokio::sync::Notify::new()),
+            refusing: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+        })
+    }
+
+    pub fn spool(&self) -> &Arc<Spool> {
+        &self.spool
+    }
+
+    /// A trail for a request to `endpoint` calling `method`, started at `started`.
+    pub fn begin(self: &Arc<Self>, endpoint: &str, method: &str, started: Instant) -> Trail {
+        let id = format!("{:032x}", rand::random::<u128>());
+        let record =
+            AuditRecord::new(id, self.data_plane.clone(), chrono::Utc::now(), endpoint.to_string(), method.to_string());
+        Trail(Some(Box::new(Open { record, started, recorder: self.clone(), ended: false, gone: None, mask: None })))
+    }
+
+    /// Whether new MCP requests are refused: `audit.on_full` is `refuse` and the records of
+    /// earlier requests cannot be kept yet.
+    pub fn refusing(&self) -> bool {
+        self.refusing.load(Ordering::Relaxed)
+    }
+
+    fn write(&self, record: &AuditRecord) {
+        let bytes = serde_json::to_vec(record).expect("an audit record serialises");
+        let ready = {
+            let mut buffer = self.buffer.lock().unwrap();
+            buffer.push_back(bytes);
+            if self.on_full == OnFull::DropOldest && buffer.len() > MAX_BUFFERED {
+                buffer.pop_front();
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            buffer.len() >= MAX_BATCH
+        };
+        self.written.fetch_add(1, Ordering::Relaxed);
+        if ready {
+            self.batch_ready.notify_one();
+        }
+    }
+
+    /// Moves every buffered record into the spool, a batch at a time. Blocking (each batch is
+    /// synced to disk). A spool that is full (`refuse`) or cannot be written keeps the rest in
+    /// the buffer, in order, and, with `refuse`, makes the gateway refuse new requests.
+    pub fn flush(&self) -> Result<(), SpoolError> {
+        let _order = self.flushing.lock().unwrap();
+        let mut size = MAX_BATCH;
+        loop {
+            let chunk: Vec<Vec<u8>> = {
+                let mut buffer = self.buffer.lock().unwrap();
+                let n = buffer.len().min(size);
+                if n == 0 {
+                    self.refusing.store(false, Ordering::Relaxed);
+                    return Ok(());
+                }
+                buffer.drain(..n).collect()
+            };
+            let put_back = |chunk: Vec<Vec<u8>>| {
+                let mut buffer = self.buffer.lock().unwrap();
+                for record in chunk.into_iter().rev() {
+                    buffer.push_front(record);
+                }
+            };
+            match self.spool.push(chunk.clone()) {
+                Ok(_) => {
+                    self.pushed.notify_one();
+                    size = MAX_BATCH;
+                }
+                Err(SpoolError::TooLarge { .. }) if chunk.len() > 1 => {
+                    put_back(chunk);
+                    size = size.min(chunk_len_half(size));
+                }
+                Err(error @ SpoolError::TooLarge { .. }) => {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(%error, "an audit record larger than the whole spool was dropped (raise audit.spool_bytes)");
+                }
+                Err(error) => {
+                    put_back(chunk);
+                    if self.on_full == OnFull::Refuse && !self.refusing.swap(true, Ordering::Relaxed) {
+                        tracing::error!(%error, "audit records cannot be kept: refusing MCP requests until the control plane takes the spool (audit.on_full is refuse)");
+                    }
+                    return Err(error);
+                }
+            }
+        }
+    }
+
+    /// Moves the buffer into the spool every flush interval, or as soon as a batch is full,
+    /// until `shutdown` (then once more).
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut warned = None::<Instant>;
+        loop {
+            let stopping = tokio::select! {
+                _ = shutdown.cancelled() => true,
+                _ = self.batch_ready.notified() => false,
+                _ = tokio::time::sleep(self.flush_interval) => false,
+            };
+            let recorder = self.clone();
+            let result = tokio::task::spawn_blocking(move || recorder.flush()).await;
+            if let Ok(Err(error)) = result {
+                // Once a minute is enough while the spool stays full.
+                if warned.is_none_or(|at| at.elapsed() > Duration::from_secs(60)) {
+                    tracing::warn!(%error, buffered = self.buffer.lock().unwrap().len(), "audit records wait in memory");
+                    warned = Some(Instant::now());
+                }
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+
+    pub fn status(&self) -> AuditStatus {
+        let (spool_bytes, spool_batches) = self.spool.usage();
+        AuditStatus {
+            written: self.written.load(Ordering::Relaxed),
+            buffered: self.buffer.lock().unwrap().len(),
+            spool_bytes,
+            spool_batches,
+            dropped: self.dropped.load(Ordering::Relaxed) + self.spool.dropped(),
+            refusing: self.refusing(),
+        }
+    }
+}
+
+fn chunk_len_half(size: usize) -> usize {
+    (size / 2).max(1)
+}
+
+/// One request's record on its way; written when dropped. Off (no audit) it does nothing.
+#[derive(Debug, Default)]
+pub struct Trail(Option<Box<Open>>);
+
+#[derive(Debug)]
+struct Open {
+    record: AuditRecord,
+    started: Instant,
+    recorder: Arc<Recorder>,
+    /// Whether the ending (status, outcome) was set; a trail dropped before is `cancelled`.
+    ended: bool,
+    /// Set when the client stopped waiting for the answer.
+    gone: Option<Arc<AtomicBool>>,
+    /// The client's own token, masked wherever recorded arguments carry it.
+    mask: Option<Box<str>>,
+}
+
+/// Tells a forwarded request's trail that its client went away before the answer.
+#[derive(Debug, Clone)]
+pub struct ClientGone(Arc<AtomicBool>);
+
+impl ClientGone {
+    pub fn mark(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Trail {
+    /// A trail that records nothing.
+    pub fn off() -> Trail {
+        Trail(None)
+    }
+
+    /// The record being filled in, when auditing is on.
+    pub fn record(&mut self) -> Option<&mut AuditRecord> {
+        self.0.as_mut().map(|open| &mut open.record)
+    }
+
+    /// Hands the trail on (to the exchange that finishes the request), leaving this one off.
+    pub fn take(&mut self) -> Trail {
+        Trail(self.0.take())
+    }
+
+    /// Masks `token` (the caller's own credential) in any arguments this trail records.
+    pub fn mask_token(&mut self, token: &str) {
+        if let Some(open) = &mut self.0 {
+            open.mask = Some(token.into());
+        }
+    }
+
+    /// What marks this trail's client as gone.
+    pub fn client_gone(&mut self) -> Option<ClientGone> {
+        let open = self.0.as_mut()?;
+        Some(ClientGone(open.gone.get_or_insert_with(Default::default).clone()))
+    }
+
+    /// The request was answered with HTTP `status` and `reply` (a JSON-RPC message).
+    pub fn answered(&mut self, status: u16, reply: &Value) {
+        let Some(open) = &mut self.0 else { return };
+        let record = &mut open.record;
+        record.status = status;
+        if let Some(code) = reply.pointer("/error/code").and_then(Value::as_i64) {
+            record.error_code = Some(code);
+            if record.outcome == "answered" {
+                record.outcome = "error".into();
+            }
+        }
+        open.ended = true;
+    }
+
+    /// The request was refused at the HTTP level with `status` and JSON-RPC `code`.
+    pub fn refused(&mut self, status: u16, code: i64) {
+        let Some(open) = &mut self.0 else { return };
+        open.record.status = status;
+        open.record.error_code = Some(code);
+        open.record.outcome = "refused".into();
+        open.ended = true;
+    }
+
+    /// Records `arguments` (masked) for a target that opted in; `stored` are the target's stored
+    /// credential values.
+    pub fn arguments(&mut self, arguments: &Value, stored: &[String]) {
+        let Some(open) = &mut self.0 else { return };
+        let mut secrets: Vec<&str> = stored.iter().map(String::as_str).collect();
+        if let Some(token) = &open.mask {
+            secrets.push(token);
+        }
+        open.record.arguments = Some(mask(arguments, &secrets));
+    }
+}
+
+impl Drop for Trail {
+    fn drop(&mut self) {
+        let Some(mut open) = self.0.take() else { return };
+        let record = &mut open.record;
+        if !open.ended {
+            record.outcome = "cancelled".into();
+        } else if open.gone.as_ref().is_some_and(|gone| gone.load(Ordering::Relaxed)) {
+            record.outcome = "client_gone".into();
+        }
+        record.duration_ms = u64::try_from(open.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        record.fit();
+        open.recorder.write(record);
+    }
+}
+
+/// Whether an argument's key names something secret (`password`, `api_key`, `Authorization`,
+/// `client-secret`, `accessToken`…): compared without case, `-` or `_`.
+pub fn secret_key(key: &str) -> bool {
+    const WORDS: [&str; 11] = [
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "apikey",
+        "authorization",
+        "credential",
+        "privatekey",
+        "accesskey",
+        "cookie",
+        "signature",
+    ];
+    let folded: String = key.chars().filter(|c| *c != '-' && *c != '_').flat_map(char::to_lowercase).collect();
+    folded == "auth" || folded == "key" || folded == "pin" || WORDS.iter().any(|word| folded.contains(word))
+}
+
+/// `value` with every value under a secret-looking key, and every occurrence of a value of
+/// `secrets`, replaced by [`MASKED`].
+pub fn mask(value: &Value, secrets: &[&str]) -> Value {
+    match value {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(key, value)| {
+                    let masked = if secret_key(key) { Value::String(MASKED.into()) } else { mask(value, secrets) };
+                    (key.clone(), masked)
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(|item| mask(item, secrets)).collect()),
+        Value::String(text) => {
+            let mut text = text.clone();
+            for secret in secrets.iter().filter(|s| s.len() >= MIN_MASKED_VALUE) {
+                if text.contains(secret) {
+                    text = text.replace(secret, MASKED);
+                }
+            }
+            Value::String(text)
+        }
+        other => other.clone(),
+    }
+}
+
+/// The trace id of a W3C `traceparent` header (`00-<trace id>-<span id>-<flags>`), if valid.
+pub fn trace_id(traceparent: &str) -> Option<String> {
+    let mut parts = traceparent.trim().split('-');
+    let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let valid = hex(version, 2) && version != "ff" && hex(trace, 32) && hex(span, 16) && hex(flags, 2);
+    (valid && trace.bytes().any(|b| b != b'0')).then(|| trace.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn secrets_are_masked_by_key_and_by_value() {
+        let arguments = json!({
+            "query": "select 1 -- with sk-live-canary inside",
+            "apiKey": "anything",
+            "client_secret": {"nested": "x"},
+            "Authorization": "Bearer abc",
+            "pages": [1, "sk-live-canary", {"password": 7}],
+            "monkey": "not a key",
+            "limit": 3,
+        });
+        let masked = mask(&arguments, &["sk-live-canary", "abc"]);
+        assert_eq!(
+            masked,
+            json!({
+                "query": "select 1 -- with [masked] inside",
+                "apiKey": MASKED,
+                "client_secret": MASKED,
+                "Authorization": MASKED,
+                "pages": [1, MASKED, {"password": MASKED}],
+                "monkey": "not a key",
+                "limit": 3,
+            })
+        );
+        assert!(!masked.to_string().contains("canary"));
+        // Too short to mask by value without masking ordinary words.
+        assert_eq!(mask(&json!("a b c"), &["b"]), json!("a b c"));
+    }
+
+    #[test]
+    fn trace_ids_come_from_valid_traceparents_only() {
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(trace_id(&format!("00-{id}-00f067aa0ba902b7-01")).as_deref(), Some(id));
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(trace_id(bad), None, "{bad:?}");
+        }
+    }
+
+    fn recorder(dir: &std::path::Path, bytes: u64, on_full: OnFull) -> Arc<Recorder> {
+        let settings = AuditSettings {
+            spool_dir: dir.to_path_buf(),
+            spool_bytes: bytes,
+            on_full,
+            flush_interval: Duration::from_millis(50),
+        };
+        let spool = Arc::new(Spool::open(dir, "token-token-token-token", bytes, on_full).unwrap());
+        Recorder::new("dp-test".into(), spool, &settings)
+    }
+
+    fn spooled(recorder: &Recorder) -> Vec<AuditRecord> {
+        let mut records = Vec::new();
+        while let Some((seq, batch)) = recorder.spool().oldest().unwrap() {
+            records.extend(batch.iter().map(|r| serde_json::from_slice::<AuditRecord>(r).unwrap()));
+            recorder.spool().ack(seq).unwrap();
+        }
+        records
+    }
+
+    #[test]
+    fn every_ending_writes_one_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let recorder = recorder(dir.path(), 1 << 20, OnFull::Refuse);
+        let started = Instant::now();
+        let mut answered = recorder.begin("/mcp", "tools/call", started);
+        answered.answered(200, &json!({"jsonrpc": "2.0", "id": 1, "result": {}}));
+        drop(answered);
+        let mut failed = recorder.begin("/mcp", "tools/call", started);
+        failed.answered(200, &json!({"jsonrpc": "2.0", "id": 2, "error": {"code": -32003, "message": "no"}}));
+        drop(failed);
+        let mut refused = recorder.begin("/mcp/x", "tools/list", started);
+        refused.refused(404, -32600);
+        drop(refused);
+        drop(recorder.begin("/mcp", "tools/call", started));
+        let mut gone = recorder.begin("/mcp", "tools/call", started);
+        let mark = gone.client_gone().unwrap();
+        let mut handed_on = gone.take();
+        drop(gone);
+        mark.mark();
+        handed_on.answered(200, &json!({"jsonrpc": "2.0", "id": 5, "result": {}}));
+        drop(handed_on);
+        drop(Trail::off());
+        recorder.flush().unwrap();
+        let records = spooled(&recorder);
+        let outcomes: Vec<(&str, u16, Option<i64>)> =
+            records.iter().map(|r| (r.outcome.as_str(), r.status, r.error_code)).collect();
+        assert_eq!(
+            outcomes,
+            [
+                ("answered", 200, None),
+                ("error", 200, Some(-32003)),
+                ("refused", 404, Some(-32600)),
+                ("cancelled", 200, None),
+                ("client_gone", 200, None),
+            ]
+        );
+        let ids: std::collections::HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids.len(), 5, "ids are unique");
+        assert!(records.iter().all(|r| reflow_proto::audit::check(r).is_ok()));
+    }
+
+    #[test]
+    fn a_full_spool_under_refuse_keeps_every_record_and_refuses_until_it_drains() {
+        let dir = tempfile::tempdir().unwrap();
+        let recorder = recorder(dir.path(), 4096, OnFull::Refuse);
+        let mut n = 0;
+        while !recorder.refusing() {
+            for _ in 0..10 {
+                let mut trail = recorder.begin("/mcp", "tools/call", Instant::now());
+                trail.answered(200, &json!({"result": {}}));
+                n += 1;
+            }
+            let _ = recorder.flush();
+            assert!(n < 10_000, "a 4 KiB spool fills");
+        }
+        assert_eq!(recorder.status().dropped, 0);
+        // The control plane takes everything: the buffer follows, and requests are accepted.
+        let mut got = spooled(&recorder);
+        while recorder.status().buffered > 0 {
+            let _ = recorder.flush();
+            got.extend(spooled(&recorder));
+        }
+        recorder.flush().unwrap();
+        assert!(!recorder.refusing());
+        assert_eq!(got.len(), n, "none lost");
+    }
+}

@@ -1,0 +1,4 @@
+-- Whether audit records of calls to a target keep their arguments (secrets masked).
+-- (SQLite and PostgreSQL alike.)
+
+ALTER TABLE targets ADD COLUMN audit_arguments BOOLEAN NOT NULL DEFAULT FALSE;
