@@ -17,6 +17,7 @@
 //! - [`model`]: the fixed vocabularies (transport types, effects, subject types, …).
 //! - [`uri`]: the normal form of resource URIs that policies decide on.
 //! - [`logging`]: line-buffered, control-character-escaped logs to stderr.
+//! - [`text`]: the Unix clock and cutting text to a size, keeping its tail.
 //! - `server` (feature `server`): the HTTP listener every role serves through, with header and
 //!   body timeouts and a connection limit.
 
@@ -33,4 +34,5 @@ pub mod names;
 pub mod net;
 #[cfg(feature = "server")]
 pub mod server;
+pub mod text;
 pub mod uri;

@@ -107,29 +107,6 @@ pub fn verify<'r>(
     Ok(checked)
 }
 
-/// Removes records older than `retention` now and then until `shutdown`: every tenth of the
-/// retention, between a minute and an hour apart. Pruning moves each chain's anchor, so
-/// `reflow audit verify` still passes; replicas pruning at once serialise on the chains' rows.
-pub async fn prune(
-    store: crate::store::DynStore,
-    retention: std::time::Duration,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    let every = (retention / 10).clamp(std::time::Duration::from_secs(60), std::time::Duration::from_secs(3600));
-    loop {
-        let Ok(age) = chrono::Duration::from_std(retention) else { return };
-        match store.prune_audit(chrono::Utc::now() - age).await {
-            Ok(0) => {}
-            Ok(removed) => tracing::info!(removed, "audit records past audit.retention pruned"),
-            Err(error) => tracing::warn!(%error, "audit pruning failed; retrying later"),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

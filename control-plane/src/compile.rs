@@ -14,7 +14,7 @@ use reflow_common::crypto::{DeterministicSealer, Keyring};
 use reflow_proto::resources::{self, Credential, Settings, SETTINGS_ID};
 use reflow_proto::snapshot::v1::{Resource, ResourceRef, ResourceType};
 
-use crate::api::credentials::secret_aad;
+use crate::store::secret_aad;
 use crate::store::StoreState;
 
 /// What the compiler needs besides the store state.

@@ -155,10 +155,10 @@ impl ControlPlane {
     }
 
     /// Compiles the first snapshot, then keeps compiling on every change until `shutdown`.
-    /// With `audit.retention` set, also prunes older audit records (see [`audit::prune`]).
+    /// With `audit.retention` set, also prunes older audit records (see [`prune_audit`]).
     pub async fn start_compiler(&self, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
         if let Some(retention) = self.audit_retention {
-            tokio::spawn(audit::prune(self.state.store.clone(), retention, shutdown.clone()));
+            tokio::spawn(prune_audit(self.state.store.clone(), retention, shutdown.clone()));
         }
         sync::compile_once(&self.state.hub, &self.state.store, &self.secrets).await;
         tokio::spawn(sync::run_compiler(
@@ -293,6 +293,29 @@ pub fn default_instance_id() -> String {
     let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
     let host = if host.is_empty() { "reflow".to_string() } else { host };
     format!("{host}-{}", std::process::id())
+}
+
+/// Removes records older than `retention` now and then until `shutdown`: every tenth of the
+/// retention, between a minute and an hour apart. Pruning moves each chain's anchor, so
+/// `reflow audit verify` still passes; replicas pruning at once serialise on the chains' rows.
+async fn prune_audit(
+    store: crate::store::DynStore,
+    retention: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let every = (retention / 10).clamp(std::time::Duration::from_secs(60), std::time::Duration::from_secs(3600));
+    loop {
+        let Ok(age) = chrono::Duration::from_std(retention) else { return };
+        match store.prune_audit(chrono::Utc::now() - age).await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "audit records past audit.retention pruned"),
+            Err(error) => tracing::warn!(%error, "audit pruning failed; retrying later"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
 }
 
 /// Binds `host:port`, naming the address when that fails.

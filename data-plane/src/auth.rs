@@ -14,41 +14,8 @@ use sha2::{Digest, Sha256};
 
 use crate::snapshot::View;
 
-/// At most this many verified JWTs are remembered per snapshot; the memory is cleared when full.
-const VERIFIED_CAPACITY: usize = 65_536;
-
-/// JWTs already verified under one snapshot's key (a new snapshot starts empty): verifying
-/// (an HMAC and two JSON decodes) is most of what authenticating a request costs, and a client
-/// sends the same token with every request. A remembered token still has its time bounds
-/// checked at every use, and its user looked up in the snapshot. Only tokens that verified are
-/// remembered, so a client cannot fill this with garbage.
-#[derive(Debug, Default)]
-pub struct VerifiedTokens(std::sync::RwLock<std::collections::HashMap<String, Verified>>);
-
-#[derive(Debug, Clone)]
-struct Verified {
-    sub: String,
-    not_before: i64,
-    expires: i64,
-}
-
-impl VerifiedTokens {
-    fn get(&self, token: &str) -> Option<Verified> {
-        self.0.read().unwrap().get(token).cloned()
-    }
-
-    fn remember(&self, token: &str, verified: Verified) {
-        let mut tokens = self.0.write().unwrap();
-        if tokens.len() >= VERIFIED_CAPACITY {
-            tokens.clear();
-        }
-        tokens.insert(token.to_string(), verified);
-    }
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-}
+use crate::snapshot::Verified;
+use reflow_common::text::unix_now;
 
 /// A JWT's subject: from the remembered verification when there is one (time bounds checked
 /// as jsonwebtoken checks them, with the same leeway), verified and remembered otherwise.

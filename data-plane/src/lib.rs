@@ -7,6 +7,7 @@
 //! - [`sync`]: the stream to the control plane: reconnect, apply, acknowledge or reject.
 //! - [`cache`]: the encrypted on-disk copy used to restart while the control plane is away.
 //! - [`auth`]: authenticating clients from the snapshot.
+//! - [`jsonrpc`]: JSON-RPC 2.0 messages, shared by both sides of the gateway.
 //! - [`mcp`]: the client-facing MCP gateway (`/mcp`, `/mcp/{target}`, legacy SSE).
 //! - [`upstream`]: sessions with upstream MCP servers over Streamable HTTP and legacy SSE.
 //! - [`credentials`]: what is injected into upstream requests, resolved per user.
@@ -19,6 +20,7 @@ pub mod auth;
 pub mod cache;
 pub mod credentials;
 pub mod http;
+pub mod jsonrpc;
 pub mod mcp;
 pub mod shipper;
 pub mod snapshot;

@@ -49,7 +49,7 @@ pub struct JwtSettings {
     pub audience: String,
     pub verifier: reflow_common::jwt::Verifier,
     /// Tokens verified under this key.
-    pub verified: crate::auth::VerifiedTokens,
+    pub verified: VerifiedTokens,
 }
 
 impl std::fmt::Debug for JwtSettings {
@@ -270,5 +270,36 @@ pub fn as_full_update(snapshot: &DataSnapshot) -> SnapshotUpdate {
         removals: Vec::new(),
         control_plane_id: String::new(),
         more: false,
+    }
+}
+/// At most this many verified JWTs are remembered per snapshot; the memory is cleared when full.
+const VERIFIED_CAPACITY: usize = 65_536;
+
+/// JWTs already verified under one snapshot's key (a new snapshot starts empty): verifying
+/// (an HMAC and two JSON decodes) is most of what authenticating a request costs, and a client
+/// sends the same token with every request. A remembered token still has its time bounds
+/// checked at every use, and its user looked up in the snapshot. Only tokens that verified are
+/// remembered, so a client cannot fill this with garbage.
+#[derive(Debug, Default)]
+pub struct VerifiedTokens(std::sync::RwLock<std::collections::HashMap<String, Verified>>);
+
+#[derive(Debug, Clone)]
+pub(crate) struct Verified {
+    pub(crate) sub: String,
+    pub(crate) not_before: i64,
+    pub(crate) expires: i64,
+}
+
+impl VerifiedTokens {
+    pub(crate) fn get(&self, token: &str) -> Option<Verified> {
+        self.0.read().unwrap().get(token).cloned()
+    }
+
+    pub(crate) fn remember(&self, token: &str, verified: Verified) {
+        let mut tokens = self.0.write().unwrap();
+        if tokens.len() >= VERIFIED_CAPACITY {
+            tokens.clear();
+        }
+        tokens.insert(token.to_string(), verified);
     }
 }

@@ -3,12 +3,12 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use reflow_data_plane::mcp::jsonrpc::Message;
+use reflow_data_plane::jsonrpc::Message;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) else { return };
     if let Ok(Message::Request { id, method, params }) = Message::classify(value) {
-        let again = reflow_data_plane::mcp::jsonrpc::request(id.clone(), &method, params.clone());
+        let again = reflow_data_plane::jsonrpc::request(id.clone(), &method, params.clone());
         assert_eq!(Message::classify(again), Ok(Message::Request { id, method, params }));
     }
 });

@@ -26,7 +26,6 @@ use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use reflow_common::credentials::{resolve, Principal, Scope, ScopeKind};
-use reflow_common::crypto::Aad;
 use reflow_common::names::{
     changes_execution, is_forbidden_env_key, is_reserved_destination, validate_env_key_syntax, validate_header_name,
     validate_principal_name,
@@ -47,11 +46,7 @@ const MAX_DESCRIPTION_LEN: usize = 1024;
 /// Most entries one bulk `PUT` of env entries sets.
 const MAX_BULK_ENTRIES: usize = 256;
 
-/// The associated data binding a sealed secret to its row: a ciphertext copied to another
-/// target, scope, key or kind does not open.
-pub fn secret_aad(target_id: Uuid, kind: SecretKind, scope: &Scope, name: &str) -> Aad {
-    Aad::new("target_secret", &[&target_id.to_string(), kind.as_str(), scope.kind().as_str(), scope.value(), name])
-}
+pub use crate::store::secret_aad;
 
 /// A stable id for an env entry (its row has a composite key): the same target, scope and key
 /// always give the same id.

@@ -180,6 +180,20 @@ impl Target {
     }
 }
 
+/// The associated data binding a sealed secret to its row: a ciphertext copied to another
+/// target, scope, key or kind does not open.
+pub fn secret_aad(
+    target_id: Uuid,
+    kind: reflow_common::model::SecretKind,
+    scope: &Scope,
+    name: &str,
+) -> reflow_common::crypto::Aad {
+    reflow_common::crypto::Aad::new(
+        "target_secret",
+        &[&target_id.to_string(), kind.as_str(), scope.kind().as_str(), scope.value(), name],
+    )
+}
+
 /// A sealed secret of a target at one scope. `name` is the env key, or empty for the token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SecretEntry {

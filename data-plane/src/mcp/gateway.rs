@@ -8,22 +8,24 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
 use reflow_common::crypto::DeterministicSealer;
 use reflow_common::model::TransportType;
 use reflow_proto::policy::{decide, may_allow_any, Kind};
 use reflow_proto::resources::{Target, User};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::jsonrpc::{self, Message, FORBIDDEN, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, SERVER_ERROR};
-use super::merged::{client_hash, ListKey, Merged, MergedLists};
-use super::names;
-use super::session::{short, CachedList, ClientSession, Scope, Sessions, UpstreamEntry};
+use super::error::McpError;
+use super::exchange::Forwarding;
+use super::lists::LISTS;
+use super::merged::{client_hash, MergedLists};
+use super::session::{short, ClientSession, Sessions, UpstreamEntry};
 use super::McpSettings;
-use crate::audit::{ClientGone, Trail};
+use super::Scope;
+use crate::audit::Trail;
 use crate::credentials::{resolve_env, resolve_injection};
+use crate::jsonrpc::{self, Message};
 use crate::snapshot::DataSnapshot;
 use crate::state::SnapshotState;
 use crate::upstream::stdio::{Pool, ProcessKey};
@@ -32,8 +34,6 @@ use crate::upstream::{StdioBinding, Upstream, UpstreamError, UpstreamSettings};
 /// Protocol versions of the session era this gateway speaks, newest first.
 pub const SUPPORTED_VERSIONS: [&str; 4] = ["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
 pub const LATEST_VERSION: &str = SUPPORTED_VERSIONS[0];
-/// Upstream list pages fetched at most, against an upstream whose cursors never end.
-const MAX_UPSTREAM_PAGES: usize = 1000;
 /// The most bytes of a client's `initialize` capabilities a session keeps (real clients send a
 /// few hundred).
 pub const MAX_CLIENT_CAPABILITIES: usize = 64 * 1024;
@@ -60,160 +60,16 @@ pub enum Reply {
     Invalid(Value),
 }
 
-/// A request on its way to an upstream: the exchange itself, and the messages it produces for
-/// the client (relayed notifications and requests, then the response).
-///
-/// Whoever reads the messages drives the exchange, so the common case (a JSON answer) runs
-/// in the HTTP request's own task. Dropped before the response (the client went away), the
-/// exchange is left to finish on its own: a disconnection is not a cancellation, only
-/// `notifications/cancelled` is.
-pub struct Forwarding {
-    work: Option<futures::future::BoxFuture<'static, ()>>,
-    /// Bounded: the exchange waits for its reader rather than queueing without limit.
-    messages: mpsc::Receiver<Value>,
-    /// The user's share of requests in flight, held until the exchange ends (detached or not).
-    share: Option<super::shares::InFlight>,
-    /// Marks the request's audit record when the client stops waiting before the response.
-    client_gone: Option<ClientGone>,
-}
-
-impl std::fmt::Debug for Forwarding {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Forwarding").field("running", &self.work.is_some()).finish_non_exhaustive()
-    }
-}
-
-impl Forwarding {
-    /// The next message for the client; `None` once the exchange ended (after the response,
-    /// or without one when it was cancelled).
-    pub async fn next(&mut self) -> Option<Value> {
-        let message = match self.work.as_mut() {
-            Some(work) => {
-                tokio::select! {
-                    biased;
-                    message = self.messages.recv() => message,
-                    () = work => {
-                        self.work = None;
-                        self.messages.recv().await
-                    }
-                }
-            }
-            None => self.messages.recv().await,
-        };
-        if message.as_ref().is_none_or(jsonrpc::is_response) {
-            // The response is the exchange's last act: nothing is left to run.
-            self.work = None;
-            self.client_gone = None;
-        }
-        message
-    }
-
-    /// Lets the exchange run on its own and returns its messages: for a reader that may wait
-    /// on something else (a full client stream) while the upstream still needs answers.
-    pub fn detach(mut self) -> mpsc::Receiver<Value> {
-        // Its reader goes on reading: the client has not gone.
-        self.client_gone = None;
-        if let Some(work) = self.work.take() {
-            let share = self.share.take();
-            tokio::spawn(async move {
-                work.await;
-                drop(share);
-            });
-        }
-        let (_, closed) = mpsc::channel(1);
-        std::mem::replace(&mut self.messages, closed)
-    }
-}
-
-impl Forwarding {
-    /// Keeps `share` (a request in flight) until the exchange ends.
-    pub fn hold(&mut self, share: super::shares::InFlight) {
-        self.share = Some(share);
-    }
-}
-
-impl Drop for Forwarding {
-    fn drop(&mut self) {
-        if let Some(gone) = self.client_gone.take() {
-            gone.mark();
-        }
-        if let Some(work) = self.work.take() {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                let share = self.share.take();
-                runtime.spawn(async move {
-                    work.await;
-                    drop(share);
-                });
-            }
-        }
-    }
-}
-
-/// A list method and how its items are named.
-#[derive(Debug)]
-struct ListSpec {
-    method: &'static str,
-    field: &'static str,
-    /// The item field that names it: what policies match and what gets prefixed or mapped.
-    key: &'static str,
-    capability: &'static str,
-    kind: Kind,
-    changed: &'static str,
-}
-
-const LISTS: [ListSpec; 4] = [
-    ListSpec {
-        method: "tools/list",
-        field: "tools",
-        key: "name",
-        capability: "tools",
-        kind: Kind::Tool,
-        changed: "notifications/tools/list_changed",
-    },
-    ListSpec {
-        method: "prompts/list",
-        field: "prompts",
-        key: "name",
-        capability: "prompts",
-        kind: Kind::Prompt,
-        changed: "notifications/prompts/list_changed",
-    },
-    ListSpec {
-        method: "resources/list",
-        field: "resources",
-        key: "uri",
-        capability: "resources",
-        kind: Kind::Resource,
-        changed: "notifications/resources/list_changed",
-    },
-    ListSpec {
-        method: "resources/templates/list",
-        field: "resourceTemplates",
-        key: "uriTemplate",
-        capability: "resources",
-        kind: Kind::Resource,
-        changed: "notifications/resources/list_changed",
-    },
-];
-
-fn kind_word(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Tool => "tool",
-        Kind::Prompt => "prompt",
-        Kind::Resource => "resource",
-    }
-}
-
 /// The gateway: sessions, the upstream HTTP client, and the snapshot they are served from.
 #[derive(Debug)]
 pub struct Gateway {
     pub state: Arc<SnapshotState>,
-    sealer: DeterministicSealer,
+    pub(super) sealer: DeterministicSealer,
     pub sessions: Sessions,
     /// One pooled client for every upstream.
-    http: reqwest::Client,
+    pub(super) http: reqwest::Client,
     pub settings: McpSettings,
-    upstream: UpstreamSettings,
+    pub(super) upstream: UpstreamSettings,
     /// STDIO processes, shared across sessions by target and isolation key.
     pub pool: Arc<Pool>,
     /// How each target fares here, for `/ready`, `/metrics` and the control plane.
@@ -225,7 +81,7 @@ pub struct Gateway {
     /// Recycles and restarts applied, for the control plane.
     pub recycling: super::recycle::Recycling,
     /// Where finished requests' audit records go; unset when auditing is off.
-    audit: std::sync::OnceLock<Arc<crate::audit::Recorder>>,
+    pub(super) audit: std::sync::OnceLock<Arc<crate::audit::Recorder>>,
 }
 
 impl Gateway {
@@ -293,7 +149,7 @@ impl Gateway {
             .filter(|t| may_allow_any(&caller.snapshot.view.policies, &caller.user, &t.id))
     }
 
-    fn stdio_binding(&self, caller: &Caller, target: &Target) -> Option<StdioBinding> {
+    pub(super) fn stdio_binding(&self, caller: &Caller, target: &Target) -> Option<StdioBinding> {
         (target.transport_type == TransportType::Stdio).then(|| StdioBinding {
             pool: self.pool.clone(),
             key: ProcessKey::new(target, &caller.user),
@@ -301,7 +157,7 @@ impl Gateway {
         })
     }
 
-    fn count_failure(&self, target: &Target, error: &UpstreamError) {
+    pub(super) fn count_failure(&self, target: &Target, error: &UpstreamError) {
         tracing::warn!(target = %target.name, %error, "upstream request failed");
         // A failing upstream may come back with other tools: merges that include it end.
         self.merged.changed(&target.name);
@@ -328,7 +184,7 @@ impl Gateway {
         }
     }
 
-    async fn request(
+    pub(super) async fn request(
         self: &Arc<Self>,
         session: &Arc<ClientSession>,
         caller: &Caller,
@@ -344,41 +200,31 @@ impl Gateway {
             return Reply::Now(jsonrpc::result(id, json!({})));
         }
         if session.protocol_version.get().is_none() {
-            return Reply::Now(jsonrpc::error(
-                id,
-                INVALID_REQUEST,
-                "the session is not initialised: send initialize first",
-            ));
+            return Reply::Now(McpError::NotInitialized.into_jsonrpc(id));
         }
         if let Some(spec) = LISTS.iter().find(|s| s.method == method) {
             return self.list(session, caller, spec, id, params.as_ref()).await;
         }
         let routed = match method {
-            "tools/call" => self.route_named(session, caller, &id, params, Kind::Tool, trail),
-            "prompts/get" => self.route_named(session, caller, &id, params, Kind::Prompt, trail),
+            "tools/call" => self.route_named(session, caller, params, Kind::Tool, trail),
+            "prompts/get" => self.route_named(session, caller, params, Kind::Prompt, trail),
             "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
-                self.route_named(session, caller, &id, params, Kind::Resource, trail)
+                self.route_named(session, caller, params, Kind::Resource, trail)
             }
-            "completion/complete" => self.route_completion(session, caller, &id, params, trail),
+            "completion/complete" => self.route_completion(session, caller, params, trail),
             "logging/setLevel" => return Reply::Now(self.set_level(session, caller, id, params).await),
-            _ => {
-                return Reply::Now(jsonrpc::error(
-                    id,
-                    METHOD_NOT_FOUND,
-                    format!("method {method:?} is not supported by this gateway"),
-                ))
-            }
+            _ => return Reply::Now(McpError::MethodNotFound(method.to_string()).into_jsonrpc(id)),
         };
         match routed {
             Ok((target, params)) => {
                 let message = jsonrpc::request(id, method, Some(params));
                 self.forward(session, caller, &target, method, message, trail.take()).await
             }
-            Err(error) => Reply::Now(error),
+            Err(error) => Reply::Now(error.into_jsonrpc(id)),
         }
     }
 
-    async fn initialize(
+    pub(super) async fn initialize(
         self: &Arc<Self>,
         session: &Arc<ClientSession>,
         caller: &Caller,
@@ -386,11 +232,11 @@ impl Gateway {
         params: Option<Value>,
     ) -> Value {
         if session.protocol_version.get().is_some() {
-            return jsonrpc::error(id, INVALID_REQUEST, "the session is already initialised");
+            return McpError::AlreadyInitialized.into_jsonrpc(id);
         }
         let params = params.unwrap_or_default();
         let Some(requested) = params.get("protocolVersion").and_then(Value::as_str) else {
-            return jsonrpc::error(id, INVALID_PARAMS, "initialize needs params.protocolVersion");
+            return McpError::invalid_params("initialize needs params.protocolVersion").into_jsonrpc(id);
         };
         let mut version = if SUPPORTED_VERSIONS.contains(&requested) { requested } else { LATEST_VERSION }.to_string();
         let capabilities = params.get("capabilities").cloned().filter(Value::is_object).unwrap_or_else(|| json!({}));
@@ -402,11 +248,10 @@ impl Gateway {
         .to_string();
         // Kept for the session's life and sent to every upstream it opens: bounded.
         if upstream_params.len() > MAX_CLIENT_CAPABILITIES {
-            return jsonrpc::error(
-                id,
-                INVALID_PARAMS,
-                format!("initialize params.capabilities is too large: at most {MAX_CLIENT_CAPABILITIES} bytes"),
-            );
+            return McpError::invalid_params(format!(
+                "initialize params.capabilities is too large: at most {MAX_CLIENT_CAPABILITIES} bytes"
+            ))
+            .into_jsonrpc(id);
         }
         if let Some(info) = params.get("clientInfo") {
             let field = |name: &str| -> Box<str> {
@@ -433,7 +278,7 @@ impl Gateway {
             }),
             Scope::Target(name) => {
                 let Some(target) = Gateway::granted(caller, name) else {
-                    return jsonrpc::error(id, INVALID_PARAMS, format!("unknown target {name:?}"));
+                    return McpError::Unknown { kind: "target", name: name.clone() }.into_jsonrpc(id);
                 };
                 let upstream = self.upstream(session, caller, target).await;
                 match upstream.initialize_result().await {
@@ -449,7 +294,7 @@ impl Gateway {
                     }
                     Err(error) => {
                         self.count_failure(target, &error);
-                        return jsonrpc::error(id, SERVER_ERROR, format!("target {name:?} is unavailable: {error}"));
+                        return McpError::Unavailable { target: name.clone(), error }.into_jsonrpc(id);
                     }
                 }
             }
@@ -460,7 +305,7 @@ impl Gateway {
     }
 
     /// Params for `initialize` upstream: the client's version and capabilities, our identity.
-    fn upstream_initialize_params(session: &ClientSession) -> Value {
+    pub(super) fn upstream_initialize_params(session: &ClientSession) -> Value {
         session.upstream_params.get().and_then(|(params, _)| serde_json::from_str(params).ok()).unwrap_or_else(|| {
             json!({
                 "protocolVersion": LATEST_VERSION,
@@ -544,570 +389,6 @@ impl Gateway {
         upstream
     }
 
-    /// Resolves `params.name` (`params.uri` for resources) to a target and an allowed, unprefixed name.
-    fn route_named(
-        &self,
-        session: &ClientSession,
-        caller: &Caller,
-        id: &Value,
-        params: Option<Value>,
-        kind: Kind,
-        trail: &mut Trail,
-    ) -> Result<(Target, Value), Value> {
-        let field = if kind == Kind::Resource { "uri" } else { "name" };
-        let Some(Value::Object(mut params)) = params else {
-            return Err(jsonrpc::error(id.clone(), INVALID_PARAMS, "params must be an object"));
-        };
-        let Some(key) = params.get(field).and_then(Value::as_str).map(str::to_string) else {
-            return Err(jsonrpc::error(id.clone(), INVALID_PARAMS, format!("params.{field} must be a string")));
-        };
-        let (target, inner) = self.route(session, caller, id, kind, &key, trail)?;
-        if target.audit_arguments && kind != Kind::Resource {
-            if let Some(arguments) = params.get("arguments") {
-                let stored = crate::credentials::stored_values(&caller.snapshot.view, &self.sealer, &target);
-                trail.arguments(arguments, &stored);
-            }
-        }
-        params.insert(field.to_string(), Value::String(inner));
-        Ok((target, Value::Object(params)))
-    }
-
-    fn route_completion(
-        &self,
-        session: &ClientSession,
-        caller: &Caller,
-        id: &Value,
-        params: Option<Value>,
-        trail: &mut Trail,
-    ) -> Result<(Target, Value), Value> {
-        let mut params = params.unwrap_or_default();
-        let reference = params.get("ref").cloned().unwrap_or_default();
-        let (kind, field) = match reference.get("type").and_then(Value::as_str) {
-            Some("ref/prompt") => (Kind::Prompt, "name"),
-            Some("ref/resource") => (Kind::Resource, "uri"),
-            _ => {
-                return Err(jsonrpc::error(
-                    id.clone(),
-                    INVALID_PARAMS,
-                    "params.ref.type must be ref/prompt or ref/resource",
-                ))
-            }
-        };
-        let Some(key) = reference.get(field).and_then(Value::as_str) else {
-            return Err(jsonrpc::error(id.clone(), INVALID_PARAMS, format!("params.ref.{field} must be a string")));
-        };
-        let (target, inner) = self.route(session, caller, id, kind, key, trail)?;
-        params["ref"][field] = Value::String(inner);
-        Ok((target, params))
-    }
-
-    /// Finds the target of `key` and decides. Unknown and denied are told apart so users can
-    /// tell a typo from a missing grant; the explain endpoint says which policy decided.
-    fn route(
-        &self,
-        session: &ClientSession,
-        caller: &Caller,
-        id: &Value,
-        kind: Kind,
-        key: &str,
-        trail: &mut Trail,
-    ) -> Result<(Target, String), Value> {
-        let unknown = || jsonrpc::error(id.clone(), INVALID_PARAMS, format!("unknown {} {key:?}", kind_word(kind)));
-        let (target_name, inner) = match &session.scope {
-            Scope::Target(name) => (name.as_str(), key),
-            Scope::Aggregate if kind == Kind::Resource => names::unmap_uri(key).ok_or_else(unknown)?,
-            Scope::Aggregate => names::split(key).ok_or_else(unknown)?,
-        };
-        if let Some(record) = trail.record() {
-            record.target = Some(target_name.to_string());
-            record.name = Some(inner.to_string());
-        }
-        let Some(target) = Gateway::granted(caller, target_name) else {
-            // Answered like an unknown target; the trail says what it was.
-            if let (Some(record), Some(_)) = (trail.record(), Gateway::servable(&caller.snapshot, target_name)) {
-                record.decision = "denied".into();
-            }
-            return Err(unknown());
-        };
-        // A resource is decided on, and forwarded as, its normal form: `..` and `%2e%2e`
-        // cannot walk out of an allowed prefix.
-        let normal;
-        let inner = if kind == Kind::Resource {
-            normal = reflow_common::uri::normalize(inner)
-                .map_err(|e| jsonrpc::error(id.clone(), INVALID_PARAMS, format!("resource {key:?}: {e}")))?;
-            normal.as_str()
-        } else {
-            inner
-        };
-        let decision = decide(&caller.snapshot.view.policies, &caller.user, &target.id, kind, inner);
-        tracing::info!(
-            target: "reflow::audit",
-            user = %caller.user.id,
-            target = %target.name,
-            kind = kind_word(kind),
-            name = %inner,
-            allowed = decision.allowed,
-            policy = decision.policy_name.as_deref().unwrap_or("(none: default deny)"),
-            "policy decision"
-        );
-        if let Some(record) = trail.record() {
-            record.name = Some(inner.to_string());
-            record.transport = Some(target.transport_type.as_str().to_string());
-            record.decision = if decision.allowed { "allowed" } else { "denied" }.into();
-            record.policy_id = decision.policy_id;
-            record.policy_name = decision.policy_name;
-        }
-        if !decision.allowed {
-            return Err(jsonrpc::error(
-                id.clone(),
-                FORBIDDEN,
-                format!("{} {key:?} is not allowed for this user", kind_word(kind)),
-            ));
-        }
-        Ok((target.clone(), inner.to_string()))
-    }
-
-    /// Sends `message` to `target` and streams back what it relays, ending with its response.
-    ///
-    /// The exchange is not a task of its own: the HTTP layer drives it while waiting for the
-    /// reply (see [`Forwarding`]), which spares a spawn and two cross-thread wake-ups per call.
-    async fn forward(
-        self: &Arc<Self>,
-        session: &Arc<ClientSession>,
-        caller: &Caller,
-        target: &Target,
-        method: &str,
-        message: Value,
-        mut trail: Trail,
-    ) -> Reply {
-        let upstream = self.upstream(session, caller, target).await;
-        if let Some(record) = trail.record() {
-            record.credential_source.clone_from(&upstream.injection.token_source);
-        }
-        let client_gone = trail.client_gone();
-        let (tx, rx) = mpsc::channel(crate::upstream::RELAY_CAPACITY);
-        let id = message["id"].clone();
-        let key = jsonrpc::id_key(&id);
-        let gateway = self.clone();
-        let session = session.clone();
-        let target_name = target.name.clone();
-        let failing = target.clone();
-        let method = method.to_string();
-        let trail_status = if session.legacy { 202 } else { 200 };
-        let (abort, registration) = futures::future::AbortHandle::new_pair();
-        session.inflight.lock().unwrap().insert(key.clone(), (target.name.clone(), abort));
-        let work = async move {
-            let (sink, mut relayed) = crate::upstream::Sink::channel();
-            let result = {
-                let request = upstream.request(&message, Some(&sink));
-                tokio::pin!(request);
-                loop {
-                    tokio::select! {
-                        biased;
-                        Some(message) = relayed.recv() => {
-                            if let Some(message) = gateway.relay(&session, &target_name, message) {
-                                // Waits for the reader (who also drives this exchange).
-                                let _ = tx.send(message).await;
-                            }
-                        }
-                        result = &mut request => break result,
-                    }
-                }
-            };
-            drop(sink);
-            while let Ok(message) = relayed.try_recv() {
-                if let Some(message) = gateway.relay(&session, &target_name, message) {
-                    let _ = tx.send(message).await;
-                }
-            }
-            session.inflight.lock().unwrap().remove(&key);
-            let reply = match result {
-                Ok(mut reply) => {
-                    gateway.health.ok(&failing.id);
-                    reply["id"] = id;
-                    if session.scope == Scope::Aggregate {
-                        map_result_uris(&target_name, &method, &mut reply);
-                    }
-                    reply
-                }
-                Err(error) => {
-                    gateway.count_failure(&failing, &error);
-                    if let Some(record) = trail.record() {
-                        record.outcome = match error {
-                            UpstreamError::Timeout(_) => "timeout",
-                            _ => "upstream_failed",
-                        }
-                        .into();
-                        if let UpstreamError::Status(status) = error {
-                            record.upstream_status = Some(status);
-                        }
-                    }
-                    jsonrpc::error(id, SERVER_ERROR, format!("target {target_name:?}: {error}"))
-                }
-            };
-            trail.answered(trail_status, &reply);
-            // Written now, not after the reader took the reply: the exchange ended here.
-            drop(trail);
-            // The last thing the exchange does: once the response is out, nothing remains.
-            let _ = tx.send(reply).await;
-        };
-        let work = futures::FutureExt::map(futures::future::Abortable::new(work, registration), drop);
-        Reply::Stream(Forwarding { work: Some(Box::pin(work)), messages: rx, share: None, client_gone })
-    }
-
-    /// Prepares a message an upstream sent for the client: server→client requests get a
-    /// gateway id (and are remembered so the answer finds its way back), URIs are mapped,
-    /// and list changes drop the merged list they affect.
-    fn relay(&self, session: &ClientSession, target: &str, mut message: Value) -> Option<Value> {
-        let method = message.get("method").and_then(Value::as_str).map(str::to_string);
-        let Some(method) = method else {
-            return None; // a stray response: nothing waits for it
-        };
-        if let Some(upstream_id) = message.get("id").cloned() {
-            let gateway_id = session.next_id("srv");
-            session.remember_pending(
-                gateway_id.clone(),
-                target.to_string(),
-                upstream_id,
-                self.settings.request_timeout,
-            );
-            message["id"] = Value::String(gateway_id);
-            return Some(message);
-        }
-        let changed: &[&str] = match method.as_str() {
-            "notifications/tools/list_changed" => &["tools/list"],
-            "notifications/prompts/list_changed" => &["prompts/list"],
-            "notifications/resources/list_changed" => &["resources/list", "resources/templates/list"],
-            _ => &[],
-        };
-        if !changed.is_empty() {
-            invalidate(session, changed);
-            self.list_changed_elsewhere(session, target, &method, changed);
-        }
-        match method.as_str() {
-            "notifications/resources/updated" if session.scope == Scope::Aggregate => {
-                if let Some(uri) = message.pointer("/params/uri").and_then(Value::as_str) {
-                    message["params"]["uri"] = Value::String(names::map_uri(target, uri));
-                }
-            }
-            "notifications/cancelled" => {
-                // The upstream withdraws a request it made of the client.
-                let upstream_id = message.pointer("/params/requestId").cloned()?;
-                let mut pending = session.pending.lock().unwrap();
-                let gateway_id =
-                    pending.iter().find(|(_, (t, id, _))| t == target && *id == upstream_id).map(|(g, _)| g.clone())?;
-                pending.remove(&gateway_id);
-                message["params"]["requestId"] = Value::String(gateway_id);
-            }
-            _ => {}
-        }
-        Some(message)
-    }
-
-    /// An upstream told one session its list changed. Merges that include the target are
-    /// stale for everyone, and sessions that were served such a merge without an upstream
-    /// session of their own to that target (so no notification of their own) are told too.
-    fn list_changed_elsewhere(&self, from: &ClientSession, target: &str, notification: &str, methods: &[&str]) {
-        self.merged.changed(target);
-        let Some(target_id) = self.state.load().and_then(|s| s.view.targets.get(target).map(|t| t.id.clone())) else {
-            return;
-        };
-        for session in self.sessions.all() {
-            if session.id == from.id {
-                continue;
-            }
-            // Busy: told anyway (one list_changed too many is harmless, one too few is not).
-            let has_own = session.upstreams.try_lock().map(|u| u.contains_key(target)).unwrap_or(false);
-            let listed = session
-                .lists
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|(method, list)| methods.contains(method) && list.merged.sources.contains(&target_id));
-            if listed && !has_own {
-                invalidate(&session, methods);
-                session.push(jsonrpc::notification(notification, None));
-            }
-        }
-    }
-
-    async fn client_response(&self, session: &Arc<ClientSession>, id: Value, mut body: Map<String, Value>) -> Reply {
-        let entry = id.as_str().and_then(|gateway_id| session.pending.lock().unwrap().remove(gateway_id));
-        let Some((target, upstream_id, _)) = entry else {
-            return Reply::Invalid(jsonrpc::error(
-                id,
-                INVALID_REQUEST,
-                "no request of this session is waiting for this response",
-            ));
-        };
-        body.insert("id".into(), upstream_id);
-        body.insert("jsonrpc".into(), json!("2.0"));
-        let upstream = session.upstreams.lock().await.get(&target).map(|e| e.upstream.clone());
-        if let Some(upstream) = upstream {
-            let message = Value::Object(body);
-            tokio::spawn(async move {
-                if let Err(error) = upstream.send(&message).await {
-                    tracing::warn!(target = %upstream.target.name, %error, "could not pass the client's answer upstream");
-                }
-            });
-        }
-        Reply::Accepted
-    }
-
-    async fn notification(&self, session: &Arc<ClientSession>, caller: &Caller, method: &str, params: Option<Value>) {
-        let targets: Vec<String> = match method {
-            "notifications/cancelled" => {
-                // The upstream is told, and the gateway stops waiting for it: the client will
-                // ignore any late response, and its reply stream ends now.
-                let Some(request_id) = params.as_ref().and_then(|p| p.get("requestId")) else { return };
-                let entry = session.inflight.lock().unwrap().remove(&jsonrpc::id_key(request_id));
-                entry
-                    .map(|(target, exchange)| {
-                        exchange.abort();
-                        target
-                    })
-                    .into_iter()
-                    .collect()
-            }
-            // Only upstreams the user may still reach hear of it.
-            "notifications/roots/list_changed" => session
-                .upstreams
-                .lock()
-                .await
-                .keys()
-                .filter(|name| Gateway::granted(caller, name).is_some())
-                .cloned()
-                .collect(),
-            _ => return,
-        };
-        let message = jsonrpc::notification(method, params);
-        for target in targets {
-            let upstream = session.upstreams.lock().await.get(&target).map(|e| e.upstream.clone());
-            if let Some(upstream) = upstream {
-                let message = message.clone();
-                tokio::spawn(async move {
-                    let _ = upstream.send(&message).await;
-                });
-            }
-        }
-    }
-
-    /// `logging/setLevel` reaches every upstream the session has opened that the user may
-    /// still reach.
-    async fn set_level(
-        &self,
-        session: &Arc<ClientSession>,
-        caller: &Caller,
-        id: Value,
-        params: Option<Value>,
-    ) -> Value {
-        if params.as_ref().and_then(|p| p.get("level")).and_then(Value::as_str).is_none() {
-            return jsonrpc::error(id, INVALID_PARAMS, "params.level must be a string");
-        }
-        let upstreams: Vec<Arc<Upstream>> = session
-            .upstreams
-            .lock()
-            .await
-            .iter()
-            .filter(|(name, _)| Gateway::granted(caller, name).is_some())
-            .map(|(_, e)| e.upstream.clone())
-            .collect();
-        let requests = upstreams.iter().map(|upstream| {
-            let message = jsonrpc::request(json!(session.next_id("level")), "logging/setLevel", params.clone());
-            async move {
-                let supports =
-                    upstream.initialize_result().await.is_ok_and(|r| r.pointer("/capabilities/logging").is_some());
-                if supports {
-                    let _ = upstream.request(&message, None).await;
-                }
-            }
-        });
-        futures::future::join_all(requests).await;
-        jsonrpc::result(id, json!({}))
-    }
-
-    /// The targets a list on `scope` asks for `user`: servable, and reachable by some policy.
-    fn reachable<'s>(scope: &Scope, snapshot: &'s DataSnapshot, user: &User) -> Vec<&'s Target> {
-        let view = &snapshot.view;
-        let candidates: Vec<&Target> = match scope {
-            Scope::Aggregate => view.targets.keys().filter_map(|name| Gateway::servable(snapshot, name)).collect(),
-            Scope::Target(name) => Gateway::servable(snapshot, name).into_iter().collect(),
-        };
-        candidates.into_iter().filter(|t| may_allow_any(&view.policies, user, &t.id)).collect()
-    }
-
-    async fn list(
-        self: &Arc<Self>,
-        session: &Arc<ClientSession>,
-        caller: &Caller,
-        spec: &'static ListSpec,
-        id: Value,
-        params: Option<&Value>,
-    ) -> Reply {
-        if let Some(cursor) = params.and_then(|p| p.get("cursor")).filter(|c| !c.is_null()) {
-            let lists = session.lists.lock().unwrap();
-            let page = cursor.as_str().and_then(decode_cursor).and_then(|(generation, offset)| {
-                lists
-                    .get(spec.method)
-                    .filter(|l| l.generation == generation && offset <= l.merged.items.len())
-                    .map(|l| (l, offset))
-            });
-            return match page {
-                Some((list, offset)) => Reply::Serialized(self.page(spec, list, offset, &id)),
-                None => Reply::Now(jsonrpc::error(
-                    id,
-                    INVALID_PARAMS,
-                    "the cursor is invalid or has expired; list again without one",
-                )),
-            };
-        }
-        let targets = Gateway::reachable(&session.scope, &caller.snapshot, &caller.user);
-        let ttl = self.settings.list_cache_ttl;
-        let key = (!ttl.is_zero()).then(|| ListKey {
-            version: caller.snapshot.version.clone(),
-            user_id: caller.user.id.clone(),
-            scope: session.scope.clone(),
-            method: spec.method,
-            client: session.upstream_params.get().map_or(0, |(_, hash)| *hash),
-        });
-        let merged = match key.as_ref().and_then(|key| self.merged.get(key, ttl)) {
-            Some(merged) => merged,
-            None => {
-                let epochs = self.merged.epochs(targets.iter().map(|t| t.name.as_str()));
-                let (merged, complete) = self.merge(session, caller, spec, &targets).await;
-                let merged = Arc::new(merged);
-                // A merge that finished after the snapshot moved on is served, never kept.
-                if let (Some(key), true, false) = (key, complete, self.snapshot_moved_on(caller)) {
-                    self.merged.keep(key, merged.clone(), epochs, ttl);
-                }
-                merged
-            }
-        };
-        let generation = session.next_number();
-        let list = CachedList { generation, merged };
-        let reply = self.page(spec, &list, 0, &id);
-        session.lists.lock().unwrap().insert(spec.method, list);
-        if self.snapshot_moved_on(caller) {
-            // The snapshot changed while this list was made, after its sessions were checked.
-            session.push(jsonrpc::notification(spec.changed, None));
-        }
-        Reply::Serialized(reply)
-    }
-
-    /// Whether a newer snapshot than the one `caller` is served from is active now.
-    fn snapshot_moved_on(&self, caller: &Caller) -> bool {
-        self.state.load().is_some_and(|s| s.version != caller.snapshot.version)
-    }
-
-    /// Asks every target in parallel and merges what the user may see; `false` with the merge
-    /// when some target failed (its items are missing).
-    async fn merge(
-        self: &Arc<Self>,
-        session: &Arc<ClientSession>,
-        caller: &Caller,
-        spec: &'static ListSpec,
-        targets: &[&Target],
-    ) -> (Merged, bool) {
-        let fetches = targets.iter().map(|target| async move {
-            let fetched =
-                tokio::time::timeout(self.settings.list_timeout, self.fetch_all(session, caller, target, spec)).await;
-            (*target, fetched.unwrap_or(Err(UpstreamError::Timeout(self.settings.list_timeout))))
-        });
-        let results = futures::future::join_all(fetches).await;
-        let aggregate = session.scope == Scope::Aggregate;
-        let mut items = Vec::new();
-        let mut offered = Vec::new();
-        let mut complete = true;
-        // The targets whose items are in the merge: one that failed is not, so sessions are told
-        // when it comes up (a STDIO server still starting, say).
-        let mut sources = Vec::with_capacity(results.len());
-        for (target, result) in results {
-            let raw = match result {
-                Ok(raw) => {
-                    self.health.ok(&target.id);
-                    sources.push(target.id.clone());
-                    raw
-                }
-                Err(error) => {
-                    self.count_failure(target, &error);
-                    complete = false;
-                    continue;
-                }
-            };
-            for mut item in raw {
-                let Some(key) = item.get(spec.key).and_then(Value::as_str).map(str::to_string) else { continue };
-                // Decided as a call on it would be: resources by their normal form (one that
-                // cannot be normalised cannot be called, so it is not listed either).
-                let decided = match spec.kind {
-                    Kind::Resource => reflow_common::uri::normalize(&key).ok(),
-                    _ => Some(key.clone()),
-                };
-                let Some(decided) = decided else { continue };
-                let allowed =
-                    decide(&caller.snapshot.view.policies, &caller.user, &target.id, spec.kind, &decided).allowed;
-                offered.push((target.id.clone(), decided, allowed));
-                if !allowed {
-                    continue;
-                }
-                if aggregate {
-                    item[spec.key] = Value::String(match spec.kind {
-                        Kind::Resource => names::map_uri(&target.name, &key),
-                        _ => names::prefixed(&target.name, &key),
-                    });
-                }
-                items.push(item);
-            }
-        }
-        (Merged { items, offered, sources }, complete)
-    }
-
-    /// The response carrying one page of a merged list, serialised straight from the shared
-    /// items (building a JSON tree of the page would copy every item).
-    fn page(&self, spec: &ListSpec, list: &CachedList, offset: usize, id: &Value) -> String {
-        let items = &list.merged.items;
-        let end = (offset + self.settings.page_size).min(items.len());
-        let page = serde_json::to_string(&items[offset..end]).expect("JSON values serialise");
-        let cursor = if end < items.len() {
-            format!(r#","nextCursor":"{}""#, encode_cursor(list.generation, end))
-        } else {
-            String::new()
-        };
-        format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{{"{}":{page}{cursor}}}}}"#, spec.field)
-    }
-
-    /// Every page of one upstream list (empty when the upstream lacks the capability).
-    async fn fetch_all(
-        self: &Arc<Self>,
-        session: &Arc<ClientSession>,
-        caller: &Caller,
-        target: &Target,
-        spec: &ListSpec,
-    ) -> Result<Vec<Value>, UpstreamError> {
-        let upstream = self.upstream(session, caller, target).await;
-        let initialized = upstream.initialize_result().await?;
-        if initialized.pointer(&format!("/capabilities/{}", spec.capability)).is_none() {
-            return Ok(Vec::new());
-        }
-        let mut items = Vec::new();
-        let mut cursor: Option<String> = None;
-        for _ in 0..MAX_UPSTREAM_PAGES {
-            let params = cursor.as_ref().map(|c| json!({"cursor": c}));
-            let reply =
-                upstream.request(&jsonrpc::request(json!(session.next_id("list")), spec.method, params), None).await?;
-            let Some(result) = reply.get("result") else {
-                return Err(UpstreamError::Refused(format!("{} failed: {}", spec.method, reply["error"]["message"])));
-            };
-            if let Some(page) = result.get(spec.field).and_then(Value::as_array) {
-                items.extend(page.iter().cloned());
-            }
-            match result.get("nextCursor").and_then(Value::as_str) {
-                Some(next) if !next.is_empty() && Some(next) != cursor.as_deref() => cursor = Some(next.to_string()),
-                _ => break,
-            }
-        }
-        Ok(items)
-    }
-
     /// Called when a new snapshot is active: stops STDIO processes of restarted, changed or
     /// removed targets, closes sessions of users who may no longer connect, and tells the
     /// others which of their lists changed.
@@ -1188,7 +469,13 @@ impl Gateway {
     /// when what they would carry for `user` is no longer what they were opened with; the next
     /// request opens them with the new credentials. (A STDIO process whose env changed is
     /// replaced when next used.) A session busy opening an upstream is left to that path.
-    fn drop_rotated(&self, session: &ClientSession, snapshot: &DataSnapshot, user: &User, rotated: &HashSet<String>) {
+    pub(super) fn drop_rotated(
+        &self,
+        session: &ClientSession,
+        snapshot: &DataSnapshot,
+        user: &User,
+        rotated: &HashSet<String>,
+    ) {
         let Ok(mut upstreams) = session.upstreams.try_lock() else { return };
         let stale: Vec<String> = upstreams
             .iter()
@@ -1213,7 +500,7 @@ impl Gateway {
     /// Recycles a client session: its upstream sessions (opened as the user's old identity)
     /// are closed, its lists forgotten, and the client told the lists changed. The client keeps
     /// the session; its next request opens upstream sessions as the user is now.
-    fn recycle(&self, session: &Arc<ClientSession>) {
+    pub(super) fn recycle(&self, session: &Arc<ClientSession>) {
         tracing::info!(target: "reflow::audit", session = %short(&session.id), user = %session.user_id, "session recycled: the user's role, groups or session generation changed");
         session.lists.lock().unwrap().clear();
         let owned = session.clone();
@@ -1275,7 +562,7 @@ impl Gateway {
         }
     }
 
-    fn target_came_up(&self, target_id: &str) {
+    pub(super) fn target_came_up(&self, target_id: &str) {
         let Some(snapshot) = self.state.load() else { return };
         self.merged.clear();
         for session in self.sessions.all() {
@@ -1299,57 +586,6 @@ impl Gateway {
                 session.push(jsonrpc::notification(method, None));
             }
         }
-    }
-}
-
-fn invalidate(session: &ClientSession, methods: &[&str]) {
-    session.lists.lock().unwrap().retain(|method, _| !methods.contains(method));
-}
-
-fn encode_cursor(generation: u64, offset: usize) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{generation}:{offset}"))
-}
-
-fn decode_cursor(cursor: &str) -> Option<(u64, usize)> {
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(cursor).ok()?;
-    let text = String::from_utf8(bytes).ok()?;
-    let (generation, offset) = text.split_once(':')?;
-    Some((generation.parse().ok()?, offset.parse().ok()?))
-}
-
-/// Maps the URIs a result carries (read contents, resource links, embedded resources) so the
-/// client can use them through the aggregated endpoint.
-fn map_result_uris(target: &str, method: &str, reply: &mut Value) {
-    let Some(result) = reply.get_mut("result") else { return };
-    let map = |value: &mut Value| {
-        if let Some(uri) = value.get("uri").and_then(Value::as_str) {
-            value["uri"] = Value::String(names::map_uri(target, uri));
-        }
-    };
-    let map_content = |content: &mut Value| match content.get("type").and_then(Value::as_str) {
-        Some("resource_link") => map(content),
-        Some("resource") => {
-            if let Some(resource) = content.get_mut("resource") {
-                map(resource)
-            }
-        }
-        _ => {}
-    };
-    match method {
-        "resources/read" => {
-            result.get_mut("contents").and_then(Value::as_array_mut).into_iter().flatten().for_each(map)
-        }
-        "tools/call" => {
-            result.get_mut("content").and_then(Value::as_array_mut).into_iter().flatten().for_each(map_content)
-        }
-        "prompts/get" => result
-            .get_mut("messages")
-            .and_then(Value::as_array_mut)
-            .into_iter()
-            .flatten()
-            .filter_map(|m| m.get_mut("content"))
-            .for_each(map_content),
-        _ => {}
     }
 }
 
@@ -1389,29 +625,5 @@ impl crate::sync::Observer for Gateway {
         }
         targets.sort_by(|a, b| a.target_id.cmp(&b.target_id));
         reflow_proto::snapshot::v1::Status { instances, recycled, restarted, targets }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cursors_round_trip_and_garbage_is_refused() {
-        assert_eq!(decode_cursor(&encode_cursor(7, 100)), Some((7, 100)));
-        assert_eq!(decode_cursor("not base64!"), None);
-        assert_eq!(decode_cursor(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("x:1")), None);
-    }
-
-    #[test]
-    fn result_uris_are_mapped() {
-        let mut reply = json!({"result": {"content": [
-            {"type": "text", "text": "hi"},
-            {"type": "resource_link", "uri": "test://a"},
-            {"type": "resource", "resource": {"uri": "test://b", "text": "x"}},
-        ]}});
-        map_result_uris("t", "tools/call", &mut reply);
-        assert_eq!(reply["result"]["content"][1]["uri"], "reflow+t+test://a");
-        assert_eq!(reply["result"]["content"][2]["resource"]["uri"], "reflow+t+test://b");
     }
 }

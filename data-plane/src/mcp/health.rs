@@ -39,9 +39,7 @@ impl Drop for Held {
     }
 }
 
-pub fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
+use reflow_common::text::unix_now as now;
 
 /// A target's health as reported.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,7 +72,7 @@ impl Health {
         let stats = self.stats(target);
         stats.failures.fetch_add(1, Ordering::Relaxed);
         let mut reason = reason.to_string();
-        truncate(&mut reason, MAX_REASON);
+        reflow_common::text::keep_tail(&mut reason, MAX_REASON);
         *stats.last_failure.lock().unwrap() = Some((now(), reason));
     }
 
@@ -115,19 +113,6 @@ impl Health {
     }
 }
 
-/// Cuts `text` to at most `max` bytes on a character boundary, keeping the end (where the
-/// reason for a failure usually is).
-pub fn truncate(text: &mut String, max: usize) {
-    if text.len() <= max {
-        return;
-    }
-    let mut start = text.len() - max;
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    *text = format!("…{}", &text[start..]);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,7 +138,7 @@ mod tests {
     #[test]
     fn long_reasons_keep_their_end() {
         let mut text = format!("{}the end", "x".repeat(5000));
-        truncate(&mut text, 100);
+        reflow_common::text::keep_tail(&mut text, 100);
         assert!(text.ends_with("the end") && text.len() <= 100 + '…'.len_utf8());
     }
 }

@@ -24,11 +24,14 @@ use futures::Stream;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::gateway::{Caller, Forwarding, Gateway, Reply, SUPPORTED_VERSIONS};
-use super::jsonrpc::{self, Message, INVALID_REQUEST, PARSE_ERROR, SERVER_ERROR, UNAUTHORIZED};
-use super::session::{ClientSession, Scope};
+use super::error::{McpError, Refusal};
+use super::exchange::Forwarding;
+use super::gateway::{Caller, Gateway, Reply, SUPPORTED_VERSIONS};
+use super::session::ClientSession;
+use super::Scope;
 use crate::audit::Trail;
 use crate::auth::authenticate;
+use crate::jsonrpc::{self, Message, INVALID_REQUEST, PARSE_ERROR, SERVER_ERROR};
 use reflow_common::server::{read_body, BodyError, BodyTimeout};
 
 /// The body timeout when the listener did not set one (a router served by other means).
@@ -69,52 +72,6 @@ async fn delete_one(State(gateway): State<Arc<Gateway>>, Path(target): Path<Stri
     delete_mcp(gateway, Scope::Target(target), request).await.unwrap_or_else(IntoResponse::into_response)
 }
 
-/// A request refused at the HTTP level: the status, a JSON-RPC error body naming the problem,
-/// and the headers that go with it. Every refusal of the MCP endpoints is one of these.
-#[derive(Debug)]
-pub struct Refusal {
-    pub status: StatusCode,
-    pub code: i64,
-    pub message: String,
-    /// `Retry-After`, in seconds.
-    retry_after: Option<u64>,
-    /// `WWW-Authenticate` for a bearer token that did not authenticate.
-    challenge: bool,
-}
-
-impl Refusal {
-    pub fn new(status: StatusCode, code: i64, message: impl Into<String>) -> Self {
-        Refusal { status, code, message: message.into(), retry_after: None, challenge: false }
-    }
-
-    fn retry_after(mut self, seconds: u64) -> Self {
-        self.retry_after = Some(seconds);
-        self
-    }
-}
-
-impl IntoResponse for Refusal {
-    fn into_response(self) -> Response {
-        let mut response = (self.status, Json(jsonrpc::error(Value::Null, self.code, self.message))).into_response();
-        let headers = response.headers_mut();
-        if let Some(seconds) = self.retry_after {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        }
-        if self.challenge {
-            headers.insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"reflow\", error=\"invalid_token\""),
-            );
-        }
-        response
-    }
-}
-
-/// 429 with `Retry-After`: the caller is over one of its shares.
-fn over_share(over: super::shares::OverShare) -> Refusal {
-    Refusal::new(StatusCode::TOO_MANY_REQUESTS, SERVER_ERROR, over.message).retry_after(over.retry_after)
-}
-
 /// Edge checks, snapshot and authentication: the caller, or the response refusing them.
 fn admit(gateway: &Gateway, parts: &Parts) -> Result<Caller, Refusal> {
     check_host_and_origin(gateway, parts)?;
@@ -129,13 +86,11 @@ fn admit(gateway: &Gateway, parts: &Parts) -> Result<Caller, Refusal> {
     let user = match authenticate(&snapshot.view, &parts.headers, parts.uri.query()) {
         Ok(user) => user.clone(),
         Err(failure) => {
-            let mut refusal = Refusal::new(StatusCode::UNAUTHORIZED, UNAUTHORIZED, failure.to_string());
-            refusal.challenge = true;
-            return Err(refusal);
+            return Err(Refusal::unauthenticated(failure.to_string()));
         }
     };
     // Before any work for the request: one user's flood costs everyone else nothing more.
-    gateway.shares.admit(&user.id).map_err(over_share)?;
+    gateway.shares.admit(&user.id).map_err(Refusal::over_share)?;
     Ok(Caller { snapshot, user })
 }
 
@@ -226,7 +181,7 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
     }
     if !parts.headers.get_all(VERSION_HEADER).iter().all(|v| v.to_str().is_ok_and(|v| SUPPORTED_VERSIONS.contains(&v)))
     {
-        return Err(Refusal::new(StatusCode::BAD_REQUEST, INVALID_REQUEST, "unsupported MCP-Protocol-Version"));
+        return Err(Refusal::bad_request("unsupported MCP-Protocol-Version"));
     }
     let limit = gateway.settings.max_body_bytes;
     let too_large = || {
@@ -240,12 +195,11 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
     let bytes = read_body(body, limit, timeout).await.map_err(|error| match error {
         BodyError::TooLarge(_) => too_large(),
         BodyError::Timeout(_) => Refusal::new(StatusCode::REQUEST_TIMEOUT, INVALID_REQUEST, error.to_string()),
-        BodyError::Broken => Refusal::new(StatusCode::BAD_REQUEST, INVALID_REQUEST, error.to_string()),
+        BodyError::Broken => Refusal::bad_request(error.to_string()),
     })?;
     let value: Value = serde_json::from_slice(&bytes)
         .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, PARSE_ERROR, format!("the body is not valid JSON: {e}")))?;
-    let message =
-        Message::classify(value).map_err(|why| Refusal::new(StatusCode::BAD_REQUEST, INVALID_REQUEST, why))?;
+    let message = Message::classify(value).map_err(Refusal::bad_request)?;
 
     // From here on, a request is audited: one record, written when the trail is dropped.
     let mut trail = match (&message, gateway.audit()) {
@@ -301,18 +255,10 @@ async fn exchange(
         Some(session) => session,
         None => {
             let Message::Request { method, .. } = &message else {
-                return Err(Refusal::new(
-                    StatusCode::BAD_REQUEST,
-                    INVALID_REQUEST,
-                    "Mcp-Session-Id header is required",
-                ));
+                return Err(Refusal::bad_request("Mcp-Session-Id header is required"));
             };
             if method != "initialize" {
-                return Err(Refusal::new(
-                    StatusCode::BAD_REQUEST,
-                    INVALID_REQUEST,
-                    "Mcp-Session-Id header is required",
-                ));
+                return Err(Refusal::bad_request("Mcp-Session-Id header is required"));
             }
             return open_session(gateway.clone(), scope, caller, message, trail).await;
         }
@@ -330,7 +276,7 @@ async fn exchange(
             format!("this session's SSE stream is not being read, so {}", UNREAD.trim_start_matches("it ")),
         ));
     }
-    let share = gateway.shares.begin(&caller.user.id).map_err(over_share)?;
+    let share = gateway.shares.begin(&caller.user.id).map_err(Refusal::over_share)?;
     let mut reply = gateway.handle(&session, &caller, message, trail).await;
     if let Reply::Stream(forwarding) = &mut reply {
         forwarding.hold(share);
@@ -422,8 +368,10 @@ async fn open_session(
     }
     // The slot is taken before `initialize` is awaited, so concurrent openings cannot pass the
     // user's share.
-    let reservation =
-        gateway.sessions.reserve(&caller.user.id, |held| gateway.shares.may_open_session(held)).map_err(over_share)?;
+    let reservation = gateway
+        .sessions
+        .reserve(&caller.user.id, |held| gateway.shares.may_open_session(held))
+        .map_err(Refusal::over_share)?;
     if gateway.sessions.len() >= gateway.settings.max_sessions {
         return Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -459,7 +407,7 @@ async fn open_session(
 /// A request the client cancelled ends without an upstream response; a JSON reply still needs a
 /// body, so it gets an error the client will ignore.
 fn cancelled(id: Value) -> Response {
-    Json(jsonrpc::error(id, SERVER_ERROR, "the request was cancelled")).into_response()
+    Json(McpError::Cancelled.into_jsonrpc(id)).into_response()
 }
 
 async fn stream_reply(
@@ -573,7 +521,7 @@ fn get_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Result<Resp
             ));
         }
     }
-    gateway.shares.may_open_session(gateway.sessions.count_of(&caller.user.id)).map_err(over_share)?;
+    gateway.shares.may_open_session(gateway.sessions.count_of(&caller.user.id)).map_err(Refusal::over_share)?;
     if gateway.sessions.len() >= gateway.settings.max_sessions {
         return Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -593,7 +541,7 @@ async fn delete_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Re
     let (parts, _) = request.into_parts();
     let caller = admit(&gateway, &parts)?;
     let Some(session) = session_of(&gateway, &scope, &caller, &parts)? else {
-        return Err(Refusal::new(StatusCode::BAD_REQUEST, INVALID_REQUEST, "Mcp-Session-Id header is required"));
+        return Err(Refusal::bad_request("Mcp-Session-Id header is required"));
     };
     gateway.sessions.remove(&session.id);
     session.close().await;

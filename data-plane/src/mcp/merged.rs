@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::session::Scope;
+use super::Scope;
 
 /// Most entries held, and most list items over all entries: past either, expired entries
 /// are dropped, and everything if that is not enough.
@@ -128,6 +128,14 @@ impl MergedLists {
     pub fn clear(&self) {
         *self.entries.lock().unwrap() = Entries::default();
     }
+}
+
+/// The merged list a session was last served for a method, kept so cursors page over a
+/// stable result (`generation` names it in cursors).
+#[derive(Debug)]
+pub struct CachedList {
+    pub generation: u64,
+    pub merged: Arc<Merged>,
 }
 
 #[cfg(test)]

@@ -12,22 +12,33 @@
 //! - [`shares`]: what one identity may take: request rate, requests in flight, sessions.
 //! - [`origin`]: DNS-rebinding and cross-origin protection: which Host and Origin headers are served.
 //! - [`names`]: prefixed names and mapped URIs on the aggregated endpoint.
-//! - [`jsonrpc`]: message classification and error codes.
 
+pub mod error;
+pub mod exchange;
 pub mod gateway;
 pub mod health;
 pub mod http;
-pub mod jsonrpc;
+pub mod lists;
 pub mod merged;
 pub mod names;
 pub mod origin;
 pub mod recycle;
+pub mod route;
 pub mod session;
 pub mod shares;
 
 use std::time::Duration;
 
 use reflow_common::config::{Config, StdioConfig};
+
+/// Which endpoint a session was opened on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// `/mcp`: every reachable target, names prefixed.
+    Aggregate,
+    /// `/mcp/{target}`: one target, names as the upstream gives them.
+    Target(String),
+}
 
 /// How the MCP endpoint behaves; from the `mcp`, `session` and `cors` config sections.
 #[derive(Debug, Clone)]

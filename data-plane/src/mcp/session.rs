@@ -16,7 +16,8 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::merged::Merged;
+use super::merged::CachedList;
+use super::Scope;
 use crate::upstream::Upstream;
 
 /// Messages the client has not yet taken from its GET (or legacy SSE) stream, at most: past
@@ -27,23 +28,6 @@ pub const OUTBOUND_CAPACITY: usize = 256;
 pub const OUTBOUND_MAX_BYTES: usize = 16 * 1024 * 1024;
 /// Server→client requests one session may have waiting for its answer.
 pub const MAX_PENDING: usize = 64;
-
-/// Which endpoint a session was opened on.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Scope {
-    /// `/mcp`: every reachable target, names prefixed.
-    Aggregate,
-    /// `/mcp/{target}`: one target, names as the upstream gives them.
-    Target(String),
-}
-
-/// The merged list a session was last served for a method, kept so cursors page over a
-/// stable result (`generation` names it in cursors).
-#[derive(Debug)]
-pub struct CachedList {
-    pub generation: u64,
-    pub merged: Arc<Merged>,
-}
 
 #[derive(Debug)]
 pub struct UpstreamEntry {

@@ -38,7 +38,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::credentials::Injection;
-use crate::mcp::jsonrpc;
+use crate::jsonrpc;
 
 /// Where a request's intermediate messages (its progress, its server→client requests) go:
 /// bounded, because the reader that fills it (a shared STDIO process's, an SSE stream's) must

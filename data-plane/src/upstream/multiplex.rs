@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use super::Sink;
-use crate::mcp::jsonrpc;
+use crate::jsonrpc;
 
 /// Who a request belongs to: one per [`super::Upstream`], that is per client session.
 pub type Owner = u64;

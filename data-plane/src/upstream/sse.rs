@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::event_stream::EventParser;
 use super::streamable::parse_event_data;
 use super::{describe, owner_of, Sink, UpstreamError};
-use crate::mcp::jsonrpc;
+use crate::jsonrpc;
 
 struct Waiter {
     reply: oneshot::Sender<Value>,

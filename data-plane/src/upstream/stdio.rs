@@ -49,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::multiplex::{Multiplexer, Owner, Route, GATEWAY};
 use super::{Sink, UpstreamError};
-use crate::mcp::jsonrpc;
+use crate::jsonrpc;
 
 const CHILD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -271,7 +271,7 @@ impl StderrTail {
     fn push(&self, line: String) {
         // Masked before it is cut, so no secret is left half-visible at the cut.
         let mut line = self.mask(line);
-        crate::mcp::health::truncate(&mut line, STDERR_LINE_BYTES);
+        reflow_common::text::keep_tail(&mut line, STDERR_LINE_BYTES);
         let mut lines = self.lines.lock().unwrap();
         if lines.len() == STDERR_TAIL_LINES {
             lines.pop_front();
@@ -300,7 +300,7 @@ fn record_exit(exits: &ExitLog, target_id: &str, what: &str, tail: &StderrTail) 
     let stderr = tail.text();
     let what = tail.mask(what.to_string());
     let reason = if stderr.is_empty() { what } else { format!("{what}; stderr: {stderr}") };
-    exits.lock().unwrap().insert(target_id.to_string(), (crate::mcp::health::now(), reason));
+    exits.lock().unwrap().insert(target_id.to_string(), (reflow_common::text::unix_now(), reason));
 }
 
 impl std::fmt::Debug for Process {

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::event_stream::EventParser;
 use super::{describe, Sink, UpstreamError};
-use crate::mcp::jsonrpc;
+use crate::jsonrpc;
 
 const SESSION_HEADER: &str = "mcp-session-id";
 const VERSION_HEADER: &str = "mcp-protocol-version";

@@ -1,0 +1,383 @@
+//! The exchange with an upstream: a routed request forwarded and its response relayed, with
+//! what the upstream sends meanwhile (notifications, server→client requests) relayed to the
+//! client; and the client's own responses, notifications and `logging/setLevel`.
+
+use std::sync::Arc;
+
+use reflow_proto::resources::Target;
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
+
+use super::error::McpError;
+use super::gateway::{Caller, Gateway, Reply};
+use super::lists::invalidate;
+use super::names;
+use super::route::map_result_uris;
+use super::session::ClientSession;
+use super::Scope;
+use crate::audit::{ClientGone, Trail};
+use crate::jsonrpc;
+use crate::upstream::{Upstream, UpstreamError};
+
+/// A request on its way to an upstream: the exchange itself, and the messages it produces for
+/// the client (relayed notifications and requests, then the response).
+///
+/// Whoever reads the messages drives the exchange, so the common case (a JSON answer) runs
+/// in the HTTP request's own task. Dropped before the response (the client went away), the
+/// exchange is left to finish on its own: a disconnection is not a cancellation, only
+/// `notifications/cancelled` is.
+pub struct Forwarding {
+    work: Option<futures::future::BoxFuture<'static, ()>>,
+    /// Bounded: the exchange waits for its reader rather than queueing without limit.
+    messages: mpsc::Receiver<Value>,
+    /// The user's share of requests in flight, held until the exchange ends (detached or not).
+    share: Option<super::shares::InFlight>,
+    /// Marks the request's audit record when the client stops waiting before the response.
+    client_gone: Option<ClientGone>,
+}
+
+impl std::fmt::Debug for Forwarding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwarding").field("running", &self.work.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl Forwarding {
+    /// The next message for the client; `None` once the exchange ended (after the response,
+    /// or without one when it was cancelled).
+    pub async fn next(&mut self) -> Option<Value> {
+        let message = match self.work.as_mut() {
+            Some(work) => {
+                tokio::select! {
+                    biased;
+                    message = self.messages.recv() => message,
+                    () = work => {
+                        self.work = None;
+                        self.messages.recv().await
+                    }
+                }
+            }
+            None => self.messages.recv().await,
+        };
+        if message.as_ref().is_none_or(jsonrpc::is_response) {
+            // The response is the exchange's last act: nothing is left to run.
+            self.work = None;
+            self.client_gone = None;
+        }
+        message
+    }
+
+    /// Lets the exchange run on its own and returns its messages: for a reader that may wait
+    /// on something else (a full client stream) while the upstream still needs answers.
+    pub fn detach(mut self) -> mpsc::Receiver<Value> {
+        // Its reader goes on reading: the client has not gone.
+        self.client_gone = None;
+        if let Some(work) = self.work.take() {
+            let share = self.share.take();
+            tokio::spawn(async move {
+                work.await;
+                drop(share);
+            });
+        }
+        let (_, closed) = mpsc::channel(1);
+        std::mem::replace(&mut self.messages, closed)
+    }
+}
+
+impl Forwarding {
+    /// Keeps `share` (a request in flight) until the exchange ends.
+    pub fn hold(&mut self, share: super::shares::InFlight) {
+        self.share = Some(share);
+    }
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        if let Some(gone) = self.client_gone.take() {
+            gone.mark();
+        }
+        if let Some(work) = self.work.take() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let share = self.share.take();
+                runtime.spawn(async move {
+                    work.await;
+                    drop(share);
+                });
+            }
+        }
+    }
+}
+
+impl Gateway {
+    /// Sends `message` to `target` and streams back what it relays, ending with its response.
+    ///
+    /// The exchange is not a task of its own: the HTTP layer drives it while waiting for the
+    /// reply (see [`Forwarding`]), which spares a spawn and two cross-thread wake-ups per call.
+    pub(super) async fn forward(
+        self: &Arc<Self>,
+        session: &Arc<ClientSession>,
+        caller: &Caller,
+        target: &Target,
+        method: &str,
+        message: Value,
+        mut trail: Trail,
+    ) -> Reply {
+        let upstream = self.upstream(session, caller, target).await;
+        if let Some(record) = trail.record() {
+            record.credential_source.clone_from(&upstream.injection.token_source);
+        }
+        let client_gone = trail.client_gone();
+        let (tx, rx) = mpsc::channel(crate::upstream::RELAY_CAPACITY);
+        let id = message["id"].clone();
+        let key = jsonrpc::id_key(&id);
+        let gateway = self.clone();
+        let session = session.clone();
+        let target_name = target.name.clone();
+        let failing = target.clone();
+        let method = method.to_string();
+        let trail_status = if session.legacy { 202 } else { 200 };
+        let (abort, registration) = futures::future::AbortHandle::new_pair();
+        session.inflight.lock().unwrap().insert(key.clone(), (target.name.clone(), abort));
+        let work = async move {
+            let (sink, mut relayed) = crate::upstream::Sink::channel();
+            let result = {
+                let request = upstream.request(&message, Some(&sink));
+                tokio::pin!(request);
+                loop {
+                    tokio::select! {
+                        biased;
+                        Some(message) = relayed.recv() => {
+                            if let Some(message) = gateway.relay(&session, &target_name, message) {
+                                // Waits for the reader (who also drives this exchange).
+                                let _ = tx.send(message).await;
+                            }
+                        }
+                        result = &mut request => break result,
+                    }
+                }
+            };
+            drop(sink);
+            while let Ok(message) = relayed.try_recv() {
+                if let Some(message) = gateway.relay(&session, &target_name, message) {
+                    let _ = tx.send(message).await;
+                }
+            }
+            session.inflight.lock().unwrap().remove(&key);
+            let reply = match result {
+                Ok(mut reply) => {
+                    gateway.health.ok(&failing.id);
+                    reply["id"] = id;
+                    if session.scope == Scope::Aggregate {
+                        map_result_uris(&target_name, &method, &mut reply);
+                    }
+                    reply
+                }
+                Err(error) => {
+                    gateway.count_failure(&failing, &error);
+                    if let Some(record) = trail.record() {
+                        record.outcome = match error {
+                            UpstreamError::Timeout(_) => "timeout",
+                            _ => "upstream_failed",
+                        }
+                        .into();
+                        if let UpstreamError::Status(status) = error {
+                            record.upstream_status = Some(status);
+                        }
+                    }
+                    McpError::Upstream { target: target_name.clone(), error }.into_jsonrpc(id)
+                }
+            };
+            trail.answered(trail_status, &reply);
+            // Written now, not after the reader took the reply: the exchange ended here.
+            drop(trail);
+            // The last thing the exchange does: once the response is out, nothing remains.
+            let _ = tx.send(reply).await;
+        };
+        let work = futures::FutureExt::map(futures::future::Abortable::new(work, registration), drop);
+        Reply::Stream(Forwarding { work: Some(Box::pin(work)), messages: rx, share: None, client_gone })
+    }
+
+    /// Prepares a message an upstream sent for the client: server→client requests get a
+    /// gateway id (and are remembered so the answer finds its way back), URIs are mapped,
+    /// and list changes drop the merged list they affect.
+    pub(super) fn relay(&self, session: &ClientSession, target: &str, mut message: Value) -> Option<Value> {
+        let method = message.get("method").and_then(Value::as_str).map(str::to_string);
+        let Some(method) = method else {
+            return None; // a stray response: nothing waits for it
+        };
+        if let Some(upstream_id) = message.get("id").cloned() {
+            let gateway_id = session.next_id("srv");
+            session.remember_pending(
+                gateway_id.clone(),
+                target.to_string(),
+                upstream_id,
+                self.settings.request_timeout,
+            );
+            message["id"] = Value::String(gateway_id);
+            return Some(message);
+        }
+        let changed: &[&str] = match method.as_str() {
+            "notifications/tools/list_changed" => &["tools/list"],
+            "notifications/prompts/list_changed" => &["prompts/list"],
+            "notifications/resources/list_changed" => &["resources/list", "resources/templates/list"],
+            _ => &[],
+        };
+        if !changed.is_empty() {
+            invalidate(session, changed);
+            self.list_changed_elsewhere(session, target, &method, changed);
+        }
+        match method.as_str() {
+            "notifications/resources/updated" if session.scope == Scope::Aggregate => {
+                if let Some(uri) = message.pointer("/params/uri").and_then(Value::as_str) {
+                    message["params"]["uri"] = Value::String(names::map_uri(target, uri));
+                }
+            }
+            "notifications/cancelled" => {
+                // The upstream withdraws a request it made of the client.
+                let upstream_id = message.pointer("/params/requestId").cloned()?;
+                let mut pending = session.pending.lock().unwrap();
+                let gateway_id =
+                    pending.iter().find(|(_, (t, id, _))| t == target && *id == upstream_id).map(|(g, _)| g.clone())?;
+                pending.remove(&gateway_id);
+                message["params"]["requestId"] = Value::String(gateway_id);
+            }
+            _ => {}
+        }
+        Some(message)
+    }
+
+    /// An upstream told one session its list changed. Merges that include the target are
+    /// stale for everyone, and sessions that were served such a merge without an upstream
+    /// session of their own to that target (so no notification of their own) are told too.
+    pub(super) fn list_changed_elsewhere(
+        &self,
+        from: &ClientSession,
+        target: &str,
+        notification: &str,
+        methods: &[&str],
+    ) {
+        self.merged.changed(target);
+        let Some(target_id) = self.state.load().and_then(|s| s.view.targets.get(target).map(|t| t.id.clone())) else {
+            return;
+        };
+        for session in self.sessions.all() {
+            if session.id == from.id {
+                continue;
+            }
+            // Busy: told anyway (one list_changed too many is harmless, one too few is not).
+            let has_own = session.upstreams.try_lock().map(|u| u.contains_key(target)).unwrap_or(false);
+            let listed = session
+                .lists
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(method, list)| methods.contains(method) && list.merged.sources.contains(&target_id));
+            if listed && !has_own {
+                invalidate(&session, methods);
+                session.push(jsonrpc::notification(notification, None));
+            }
+        }
+    }
+
+    pub(super) async fn client_response(
+        &self,
+        session: &Arc<ClientSession>,
+        id: Value,
+        mut body: Map<String, Value>,
+    ) -> Reply {
+        let entry = id.as_str().and_then(|gateway_id| session.pending.lock().unwrap().remove(gateway_id));
+        let Some((target, upstream_id, _)) = entry else {
+            return Reply::Invalid(McpError::NoWaitingRequest.into_jsonrpc(id));
+        };
+        body.insert("id".into(), upstream_id);
+        body.insert("jsonrpc".into(), json!("2.0"));
+        let upstream = session.upstreams.lock().await.get(&target).map(|e| e.upstream.clone());
+        if let Some(upstream) = upstream {
+            let message = Value::Object(body);
+            tokio::spawn(async move {
+                if let Err(error) = upstream.send(&message).await {
+                    tracing::warn!(target = %upstream.target.name, %error, "could not pass the client's answer upstream");
+                }
+            });
+        }
+        Reply::Accepted
+    }
+
+    pub(super) async fn notification(
+        &self,
+        session: &Arc<ClientSession>,
+        caller: &Caller,
+        method: &str,
+        params: Option<Value>,
+    ) {
+        let targets: Vec<String> = match method {
+            "notifications/cancelled" => {
+                // The upstream is told, and the gateway stops waiting for it: the client will
+                // ignore any late response, and its reply stream ends now.
+                let Some(request_id) = params.as_ref().and_then(|p| p.get("requestId")) else { return };
+                let entry = session.inflight.lock().unwrap().remove(&jsonrpc::id_key(request_id));
+                entry
+                    .map(|(target, exchange)| {
+                        exchange.abort();
+                        target
+                    })
+                    .into_iter()
+                    .collect()
+            }
+            // Only upstreams the user may still reach hear of it.
+            "notifications/roots/list_changed" => session
+                .upstreams
+                .lock()
+                .await
+                .keys()
+                .filter(|name| Gateway::granted(caller, name).is_some())
+                .cloned()
+                .collect(),
+            _ => return,
+        };
+        let message = jsonrpc::notification(method, params);
+        for target in targets {
+            let upstream = session.upstreams.lock().await.get(&target).map(|e| e.upstream.clone());
+            if let Some(upstream) = upstream {
+                let message = message.clone();
+                tokio::spawn(async move {
+                    let _ = upstream.send(&message).await;
+                });
+            }
+        }
+    }
+
+    /// `logging/setLevel` reaches every upstream the session has opened that the user may
+    /// still reach.
+    pub(super) async fn set_level(
+        &self,
+        session: &Arc<ClientSession>,
+        caller: &Caller,
+        id: Value,
+        params: Option<Value>,
+    ) -> Value {
+        if params.as_ref().and_then(|p| p.get("level")).and_then(Value::as_str).is_none() {
+            return McpError::invalid_params("params.level must be a string").into_jsonrpc(id);
+        }
+        let upstreams: Vec<Arc<Upstream>> = session
+            .upstreams
+            .lock()
+            .await
+            .iter()
+            .filter(|(name, _)| Gateway::granted(caller, name).is_some())
+            .map(|(_, e)| e.upstream.clone())
+            .collect();
+        let requests = upstreams.iter().map(|upstream| {
+            let message = jsonrpc::request(json!(session.next_id("level")), "logging/setLevel", params.clone());
+            async move {
+                let supports =
+                    upstream.initialize_result().await.is_ok_and(|r| r.pointer("/capabilities/logging").is_some());
+                if supports {
+                    let _ = upstream.request(&message, None).await;
+                }
+            }
+        });
+        futures::future::join_all(requests).await;
+        jsonrpc::result(id, json!({}))
+    }
+}
