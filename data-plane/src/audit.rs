@@ -77,6 +77,9 @@ pub struct AuditStatus {
     pub buffered: usize,
     pub spool_bytes: u64,
     pub spool_batches: usize,
+    /// Bytes and records written into the spool since start.
+    pub spooled_bytes: u64,
+    pub spooled_records: u64,
     pub dropped: u64,
     pub refusing: bool,
 }
@@ -206,7 +209,10 @@ impl Recorder {
 
     pub fn status(&self) -> AuditStatus {
         let (spool_bytes, spool_batches) = self.spool.usage();
+        let (spooled_bytes, spooled_records) = self.spool.spooled();
         AuditStatus {
+            spooled_bytes,
+            spooled_records,
             written: self.written.load(Ordering::Relaxed),
             buffered: self.buffer.lock().unwrap().len(),
             spool_bytes,

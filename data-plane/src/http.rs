@@ -57,6 +57,8 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
                         "buffered": audit.buffered,
                         "spool_bytes": audit.spool_bytes,
                         "spool_batches": audit.spool_batches,
+                        "spooled_bytes": audit.spooled_bytes,
+                        "spooled_records": audit.spooled_records,
                         "dropped": audit.dropped,
                         "refusing": audit.refusing,
                     })

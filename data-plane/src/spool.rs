@@ -59,6 +59,9 @@ pub struct Spool {
     on_full: OnFull,
     state: Mutex<State>,
     dropped: AtomicU64,
+    /// Bytes and records written into the spool since it was opened.
+    spooled_bytes: AtomicU64,
+    spooled_records: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -99,6 +102,8 @@ impl Spool {
             on_full,
             state: Mutex::new(state),
             dropped: AtomicU64::new(0),
+            spooled_bytes: AtomicU64::new(0),
+            spooled_records: AtomicU64::new(0),
         })
     }
 
@@ -139,6 +144,8 @@ impl Spool {
         state.batches.insert(seq, (bytes, count));
         state.bytes += bytes;
         state.next = seq + 1;
+        self.spooled_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.spooled_records.fetch_add(count, Ordering::Relaxed);
         Ok(seq)
     }
 
@@ -200,6 +207,11 @@ impl Spool {
     /// Records dropped (spool full under `drop_oldest`, or a batch that did not open).
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Bytes and records written since the spool was opened (what a record costs on disk).
+    pub fn spooled(&self) -> (u64, u64) {
+        (self.spooled_bytes.load(Ordering::Relaxed), self.spooled_records.load(Ordering::Relaxed))
     }
 
     /// Bytes on disk, and batches waiting.

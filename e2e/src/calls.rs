@@ -236,3 +236,62 @@ async fn three_ways(
     let gateway = run(load(&paths.gateway, gateway_token, &paths.gateway_tool), Some(gateway_pid)).await?;
     Ok((gateway, proxy, direct))
 }
+
+/// `tools/call` through two gateways alike but for the audit trail: off, and on (every call
+/// recorded, spooled and shipped to the control plane). At each level both are driven in turn
+/// (their order alternating), so the ratios come from one run; then what one record costs in
+/// the spool, from the audited data plane's `/ready`.
+pub async fn audit_cost(program: &Path, levels: &[usize], duration: Duration) -> anyhow::Result<Vec<Value>> {
+    let (_fast, fast_port) = spawn_server(program, "fast upstream", &["serve-fast-upstream", "--tools", "1"]).await?;
+    let fast = format!("http://127.0.0.1:{fast_port}/mcp");
+    let off = Gateway::start_external(program).await?;
+    let on = Gateway::start_external_audited(program).await?;
+    for gateway in [&off, &on] {
+        gateway.target("fast", "streamable-http", &fast).await?;
+        gateway.allow_everyone().await?;
+    }
+    let (off_url, on_url) = (format!("{}/mcp", off.mcp), format!("{}/mcp", on.mcp));
+    let mut results = Vec::new();
+    for (i, &concurrency) in levels.iter().enumerate() {
+        let load = |url| Load { url, token: "", tool: "fast_echo", concurrency, duration, rate: None };
+        let drive = |gateway: &Gateway, url| {
+            let pid = gateway.data_plane_pid();
+            let token = gateway.admin_token.clone();
+            async move { run(Load { token: &token, ..load(url) }, pid).await }
+        };
+        let (off_run, on_run) = if i % 2 == 0 {
+            let off_run = drive(&off, &off_url).await?;
+            (off_run, drive(&on, &on_url).await?)
+        } else {
+            let on_run = drive(&on, &on_url).await?;
+            (drive(&off, &off_url).await?, on_run)
+        };
+        let cpu = |run: &Run| run.cpu_us_per_call.unwrap_or(f64::NAN);
+        results.push(json!({
+            "scenario": "audit",
+            "concurrency": concurrency,
+            "off_rps": off_run.rps,
+            "on_rps": on_run.rps,
+            "rps_ratio": on_run.rps / off_run.rps,
+            "off_cpu_us_per_call": cpu(&off_run),
+            "on_cpu_us_per_call": cpu(&on_run),
+            "cpu_ratio": cpu(&off_run) / cpu(&on_run),
+            "on_p50_ms": percentile(&on_run.latencies, 50.0),
+            "off_p50_ms": percentile(&off_run.latencies, 50.0),
+        }));
+    }
+    let ready: Value = reqwest::get(format!("{}/ready", on.mcp)).await?.json().await?;
+    let audit = &ready["audit"];
+    let (bytes, records) =
+        (audit["spooled_bytes"].as_f64().unwrap_or(0.0), audit["spooled_records"].as_f64().unwrap_or(0.0));
+    anyhow::ensure!(records > 0.0, "the audited data plane spooled no record: {ready}");
+    results.push(json!({
+        "scenario": "audit_spool",
+        "records": records,
+        "bytes_per_record": bytes / records,
+        "dropped": audit["dropped"],
+    }));
+    off.stop().await;
+    on.stop().await;
+    Ok(results)
+}

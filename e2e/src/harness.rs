@@ -282,16 +282,28 @@ impl Gateway {
     }
 
     pub async fn start_with(settings: McpSettings) -> anyhow::Result<Gateway> {
-        Gateway::launch(settings, None).await
+        Gateway::launch(settings, None, false).await
+    }
+
+    /// [`Gateway::start_with`], with the data plane keeping an audit trail (spooled in the
+    /// gateway's directory, shipped to its control plane): see [`Gateway::audit_records`].
+    pub async fn start_audited(settings: McpSettings) -> anyhow::Result<Gateway> {
+        Gateway::launch(settings, None, true).await
     }
 
     /// A gateway whose data plane is a separate process: `program serve-data-plane …` (the
     /// benchmark's own binary, which runs [`run_data_plane`]). The control plane stays here.
     pub async fn start_external(program: &Path) -> anyhow::Result<Gateway> {
-        Gateway::launch(McpSettings::default(), Some(program)).await
+        Gateway::launch(McpSettings::default(), Some(program), false).await
     }
 
-    async fn launch(mut settings: McpSettings, external: Option<&Path>) -> anyhow::Result<Gateway> {
+    /// [`Gateway::start_external`] with the data plane keeping an audit trail, shipped to the
+    /// control plane (the default of `reflow data-plane`).
+    pub async fn start_external_audited(program: &Path) -> anyhow::Result<Gateway> {
+        Gateway::launch(McpSettings::default(), Some(program), true).await
+    }
+
+    async fn launch(mut settings: McpSettings, external: Option<&Path>, audit: bool) -> anyhow::Result<Gateway> {
         if settings.stdio_launcher.is_none() {
             settings.stdio_launcher = Some(stdio_launcher());
         }
@@ -325,20 +337,25 @@ impl Gateway {
         let grpc = sync.control_plane.clone();
         let (data_plane, mcp) = match external {
             None => {
-                let data_plane = DataPlane::new(sync, Some(dir.path().join("cache"))).with_mcp(settings);
+                let mut data_plane = DataPlane::new(sync, Some(dir.path().join("cache"))).with_mcp(settings);
+                if audit {
+                    data_plane = data_plane.with_audit(&audit_settings(&dir.path().join("audit")))?;
+                }
                 data_plane.start_sync(shutdown.clone());
                 let mcp = serve(data_plane.router(), &shutdown).await?;
                 (DataPlaneRun::InProcess(data_plane), mcp)
             }
             Some(program) => {
                 let port = free_port();
-                let mut process = Process::spawn(
-                    "data plane",
-                    Command::new(program)
-                        .arg("serve-data-plane")
-                        .args(["--control-plane", &sync.control_plane, "--token", DATA_PLANE_TOKEN])
-                        .args(["--listen", &format!("127.0.0.1:{port}")]),
-                )?;
+                let mut command = Command::new(program);
+                command
+                    .arg("serve-data-plane")
+                    .args(["--control-plane", &sync.control_plane, "--token", DATA_PLANE_TOKEN])
+                    .args(["--listen", &format!("127.0.0.1:{port}")]);
+                if audit {
+                    command.arg("--audit");
+                }
+                let mut process = Process::spawn("data plane", &mut command)?;
                 process.wait_for_port(port, Duration::from_secs(30)).await?;
                 (DataPlaneRun::Child(process), format!("http://127.0.0.1:{port}"))
             }
@@ -382,6 +399,20 @@ impl Gateway {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok((data_plane, mcp))
+    }
+
+    /// Every audit record the control plane has stored (newest first), once at least `count`
+    /// are there (or after 20 s, with what there is).
+    pub async fn audit_records(&self, count: usize) -> Vec<reflow_proto::audit::AuditRecord> {
+        let all = reflow_control_plane::store::AuditFilter { limit: 1000, ..Default::default() };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let records = self.control_plane.store().list_audit(&all).await.unwrap_or_default();
+            if records.len() >= count || tokio::time::Instant::now() > deadline {
+                return records;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The data plane, when it runs in this process.
@@ -553,7 +584,7 @@ impl Drop for Gateway {
 
 /// A data plane serving on `listen`, synced from `control_plane`, logging like `reflow
 /// data-plane` does (info to stderr): the body of the benchmark's separate data-plane process.
-pub async fn run_data_plane(control_plane: &str, token: &str, listen: &str) -> anyhow::Result<()> {
+pub async fn run_data_plane(control_plane: &str, token: &str, listen: &str, audit: bool) -> anyhow::Result<()> {
     let _logs = reflow_common::logging::init(&reflow_common::config::Config::default())?;
     let dir = tempfile::tempdir()?;
     let sync = SyncConfig {
@@ -567,12 +598,26 @@ pub async fn run_data_plane(control_plane: &str, token: &str, listen: &str) -> a
     };
     // The benchmark drives one user at full speed: no per-identity shares.
     let settings = McpSettings::default().with_stdio_launcher(std::env::current_exe()?).without_shares();
-    let data_plane = DataPlane::new(sync, Some(dir.path().join("cache"))).with_mcp(settings);
+    let mut data_plane = DataPlane::new(sync, Some(dir.path().join("cache"))).with_mcp(settings);
+    if audit {
+        data_plane = data_plane.with_audit(&audit_settings(&dir.path().join("audit")))?;
+    }
     let shutdown = CancellationToken::new();
     data_plane.start_sync(shutdown.clone());
     let listener = tokio::net::TcpListener::bind(listen).await?;
     reflow_common::server::serve(listener, data_plane.router(), Default::default(), std::future::pending()).await?;
     Ok(())
+}
+
+/// The audit trail as `reflow data-plane` keeps it by default, spooled in `dir`.
+pub fn audit_settings(dir: &Path) -> reflow_data_plane::audit::AuditSettings {
+    let defaults = reflow_common::config::AuditConfig::default();
+    reflow_data_plane::audit::AuditSettings {
+        spool_dir: dir.to_path_buf(),
+        spool_bytes: defaults.spool_bytes,
+        on_full: reflow_data_plane::spool::OnFull::DropOldest,
+        flush_interval: defaults.flush_interval,
+    }
 }
 
 /// A control plane on the store at `url` with its compiler running, its gRPC snapshot service
