@@ -42,18 +42,29 @@ fn send(client: &reqwest::blocking::Client, method: reqwest::Method, url: &str, 
     answer
 }
 
-/// An MCP session on `base`: initialize (as client `audit-test 1.2.3`), initialized, tools/list.
-fn open_session(base: &str, token: &str) -> String {
+/// `initialize` on `base` as client `name`: the session, when it was accepted.
+fn initialize(base: &str, token: &str, (name, version): (&str, &str)) -> Option<String> {
     let (session, answer) = mcp_request(
         base,
         "/mcp",
         token,
         None,
         json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-11-25",
-               "capabilities": {}, "clientInfo": {"name": "audit-test", "version": "1.2.3"}}}),
+               "capabilities": {}, "clientInfo": {"name": name, "version": version}}}),
     );
-    assert!(answer.get("result").is_some(), "{answer}");
-    let session = session.unwrap();
+    answer.get("result").and(session)
+}
+
+/// Whether `tools/list` in `session` lists something.
+fn lists_tools(base: &str, token: &str, session: &str) -> bool {
+    let (_, list) =
+        mcp_request(base, "/mcp", token, Some(session), json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}));
+    list["result"]["tools"].as_array().is_some_and(|t| !t.is_empty())
+}
+
+/// An MCP session on `base`: initialize (as client `audit-test 1.2.3`), initialized, tools/list.
+fn open_session(base: &str, token: &str) -> String {
+    let session = initialize(base, token, ("audit-test", "1.2.3")).expect("initialize is accepted");
     let accepted = reqwest::blocking::Client::new()
         .post(format!("{base}/mcp"))
         .bearer_auth(token)
@@ -63,9 +74,7 @@ fn open_session(base: &str, token: &str) -> String {
         .send()
         .unwrap();
     assert_eq!(accepted.status().as_u16(), 202);
-    let (_, list) =
-        mcp_request(base, "/mcp", token, Some(&session), json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}));
-    assert!(list["result"]["tools"].as_array().is_some_and(|t| !t.is_empty()), "{list}");
+    assert!(lists_tools(base, token, &session));
     session
 }
 
@@ -264,7 +273,7 @@ fn ten_thousand_calls_through_two_data_planes_are_each_recorded_once_across_cras
     }
     assert_eq!(calls_per_plane, [5000, 5000]);
     // The other user: one session, one call to a target it has no grant on.
-    let other_session = open_session_without_list(&dp2.base, &other_token);
+    let other_session = initialize(&dp2.base, &other_token, ("other", "9")).expect("initialize is accepted");
     let (status, refused) = call(&http, &dp2.base, &other_token, &other_session, 99_999);
     assert_eq!(status, 200);
     assert!(refused["error"]["message"].as_str().is_some_and(|m| m.contains("unknown tool")), "{refused}");
@@ -326,21 +335,7 @@ fn ten_thousand_calls_through_two_data_planes_are_each_recorded_once_across_cras
     // Reading it back: the original's paging and shape, filters, the cursor, own records only.
     let page: Vec<Value> = get_list(&cp.base, "/api/logs?limit=50&offset=0", &jwt);
     assert_eq!(page.len(), 50);
-    for field in [
-        "id",
-        "session_id",
-        "user_id",
-        "method",
-        "target_name",
-        "request_body",
-        "response_status",
-        "duration_ms",
-        "created_at",
-        "decision",
-        "policy_id",
-        "credential_source",
-        "outcome",
-    ] {
+    for field in REQUEST_LOG.iter().copied().chain(["decision", "policy_id", "credential_source", "outcome"]) {
         assert!(page[0].get(field).is_some(), "{field} missing from {}", page[0]);
     }
     let everything = all_logs(&cp.base, &jwt, "");
@@ -389,34 +384,9 @@ fn ten_thousand_calls_through_two_data_planes_are_each_recorded_once_across_cras
     }
 }
 
-/// An initialize that succeeds only once the snapshot grants something: a session, or `None`.
+/// A session whose tool list is not empty (the snapshot grants something), or `None`.
 fn open_probe(base: &str, token: &str) -> Option<String> {
-    let (session, answer) = mcp_request(
-        base,
-        "/mcp",
-        token,
-        None,
-        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-11-25",
-               "capabilities": {}, "clientInfo": {"name": "probe", "version": "0"}}}),
-    );
-    answer.get("result")?;
-    let session = session?;
-    let (_, list) =
-        mcp_request(base, "/mcp", token, Some(&session), json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}));
-    list["result"]["tools"].as_array().is_some_and(|t| !t.is_empty()).then_some(session)
-}
-
-fn open_session_without_list(base: &str, token: &str) -> String {
-    let (session, answer) = mcp_request(
-        base,
-        "/mcp",
-        token,
-        None,
-        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-11-25",
-               "capabilities": {}, "clientInfo": {"name": "other", "version": "9"}}}),
-    );
-    assert!(answer.get("result").is_some(), "{answer}");
-    session.unwrap()
+    initialize(base, token, ("probe", "0")).filter(|session| lists_tools(base, token, session))
 }
 
 fn get_list(base: &str, path: &str, token: &str) -> Vec<Value> {

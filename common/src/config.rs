@@ -1013,6 +1013,10 @@ telemetry:    { enabled: false, endpoint: "otel-collector:4317" }
             ("data_plane: { control_plane: 'http://cp:50051' }", "data_plane.control_plane"),
             ("data_plane: { control_plane: 'http://10.0.0.2:50051' }", "data_plane.control_plane"),
             ("control_plane: { tls: { cert: a.pem } }", "control_plane.tls.key"),
+            ("audit: { on_full: block }", "audit.on_full"),
+            ("audit: { spool_bytes: 100 }", "audit.spool_bytes"),
+            ("audit: { flush_interval: 5m }", "audit.flush_interval"),
+            ("audit: { retention: 5s }", "audit.retention"),
         ];
         for (text, key) in cases {
             let err = Config::from_yaml(text, &HashMap::new()).unwrap_err();

@@ -351,7 +351,10 @@ async fn audit_chains_detect_tampering_and_survive_pruning(backend: &str) {
     assert_eq!(store.append_audit(&batch).await.unwrap(), 25);
     // A resend (after a lost acknowledgement) stores nothing twice.
     assert_eq!(store.append_audit(&batch[10..]).await.unwrap(), 0);
-    let more: Vec<_> = (21..=30).map(|n| audit_record("dp-a", n, at(n))).collect();
+    let mut more: Vec<_> = (21..=30).map(|n| audit_record("dp-a", n, at(n))).collect();
+    // The same record twice in one batch, and one stored already: each once.
+    more.push(more[3].clone());
+    more.push(batch[0].clone());
     assert_eq!(store.append_audit(&more).await.unwrap(), 10);
     assert_eq!(verified(&store).await, Ok(35));
 
@@ -400,7 +403,19 @@ async fn audit_chains_detect_tampering_and_survive_pruning(backend: &str) {
     assert_eq!((broken.seq, broken.why.contains("missing")), (21, true), "{broken}");
 }
 
+async fn audit_batches_larger_than_one_insert_are_stored_whole(backend: &str) {
+    let (store, _db) = store(backend).await;
+    // More rows than one INSERT writes (500), over two chains, and the data planes' largest batch.
+    let batch: Vec<_> = (1..=reflow_proto::audit::MAX_BATCH as u32)
+        .map(|n| audit_record(if n % 3 == 0 { "dp-b" } else { "dp-a" }, n, now()))
+        .collect();
+    assert_eq!(store.append_audit(&batch).await.unwrap(), 1000);
+    assert_eq!(store.append_audit(&batch).await.unwrap(), 0, "sent again: stored once");
+    assert_eq!(verified(&store).await, Ok(1000));
+}
+
 both_backends!(
+    audit_batches_larger_than_one_insert_are_stored_whole,
     audit_chains_detect_tampering_and_survive_pruning,
     first_registered_user_is_admin,
     concurrent_first_registrations_make_one_admin,

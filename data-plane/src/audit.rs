@@ -158,20 +158,20 @@ impl Recorder {
                     buffer.push_front(record);
                 }
             };
-            match self.spool.push(chunk.clone()) {
+            match self.spool.push(chunk) {
                 Ok(_) => {
                     self.pushed.notify_one();
                     size = MAX_BATCH;
                 }
-                Err(SpoolError::TooLarge { .. }) if chunk.len() > 1 => {
+                Err((SpoolError::TooLarge { .. }, chunk)) if chunk.len() > 1 => {
+                    size = chunk_len_half(chunk.len());
                     put_back(chunk);
-                    size = size.min(chunk_len_half(size));
                 }
-                Err(error @ SpoolError::TooLarge { .. }) => {
+                Err((error @ SpoolError::TooLarge { .. }, _)) => {
                     self.dropped.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(%error, "an audit record larger than the whole spool was dropped (raise audit.spool_bytes)");
                 }
-                Err(error) => {
+                Err((error, chunk)) => {
                     put_back(chunk);
                     if self.on_full == OnFull::Refuse && !self.refusing.swap(true, Ordering::Relaxed) {
                         tracing::error!(%error, "audit records cannot be kept: refusing MCP requests until the control plane takes the spool (audit.on_full is refuse)");

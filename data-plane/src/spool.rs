@@ -23,6 +23,8 @@ use reflow_proto::snapshot::v1::AuditBatch;
 /// The key purpose the spool's key is derived for from the data-plane token.
 const SPOOL_KEY_PURPOSE: &str = "reflow audit spool v1";
 const SUFFIX: &str = "batch";
+/// The most record bytes kept in memory beside their files, for the shipper.
+const MAX_RECENT_BYTES: u64 = 32 * 1024 * 1024;
 
 /// What a full spool does with a new batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,10 +61,16 @@ pub struct Spool {
     on_full: OnFull,
     state: Mutex<State>,
     dropped: AtomicU64,
+    /// The records of batches written by this process and not yet handed to the shipper: it
+    /// ships them without reading and opening their files again. Bounded by [`MAX_RECENT_BYTES`].
+    recent: Mutex<Recent>,
     /// Bytes and records written into the spool since it was opened.
     spooled_bytes: AtomicU64,
     spooled_records: AtomicU64,
 }
+
+/// Batches' records by sequence number, and their bytes in all.
+type Recent = (BTreeMap<u64, Vec<Vec<u8>>>, u64);
 
 #[derive(Debug, Default)]
 struct State {
@@ -102,6 +110,7 @@ impl Spool {
             on_full,
             state: Mutex::new(state),
             dropped: AtomicU64::new(0),
+            recent: Mutex::new((BTreeMap::new(), 0)),
             spooled_bytes: AtomicU64::new(0),
             spooled_records: AtomicU64::new(0),
         })
@@ -111,26 +120,29 @@ impl Spool {
         self.dir.join(format!("{seq:020}-{records}.{SUFFIX}"))
     }
 
-    /// Stores a batch of records (each an audit record's JSON); returns its sequence number.
-    pub fn push(&self, records: Vec<Vec<u8>>) -> Result<u64, SpoolError> {
+    /// Stores a batch of records (each an audit record's JSON); returns its sequence number, or
+    /// the error with the records, which are still the caller's.
+    pub fn push(&self, records: Vec<Vec<u8>>) -> Result<u64, (SpoolError, Vec<Vec<u8>>)> {
         let count = records.len() as u64;
         let mut state = self.state.lock().unwrap();
         let seq = state.next;
-        let plain = AuditBatch { node_id: String::new(), records }.encode_to_vec();
-        let sealed = self.keyring.seal(&plain, &aad(seq));
+        let batch = AuditBatch { node_id: String::new(), records };
+        let sealed = self.keyring.seal(&batch.encode_to_vec(), &aad(seq));
+        let records = batch.records;
         let bytes = sealed.len() as u64;
         if bytes > self.max_bytes {
-            return Err(SpoolError::TooLarge { bytes, max: self.max_bytes });
+            return Err((SpoolError::TooLarge { bytes, max: self.max_bytes }, records));
         }
         while state.bytes + bytes > self.max_bytes {
             match self.on_full {
-                OnFull::Refuse => return Err(SpoolError::Full { bytes: state.bytes, max: self.max_bytes }),
+                OnFull::Refuse => return Err((SpoolError::Full { bytes: state.bytes, max: self.max_bytes }, records)),
                 OnFull::DropOldest => {
                     let (&oldest, &(size, records)) =
                         state.batches.iter().next().expect("a spool over its size holds a batch");
                     let _ = std::fs::remove_file(self.path(oldest, records));
                     state.batches.remove(&oldest);
                     state.bytes -= size;
+                    self.forget_recent(oldest);
                     self.dropped.fetch_add(records, Ordering::Relaxed);
                     tracing::warn!(
                         records,
@@ -140,13 +152,28 @@ impl Spool {
             }
         }
         let path = self.path(seq, count);
-        write_atomically(&path, &sealed).map_err(|source| SpoolError::Io { path, source })?;
+        if let Err(source) = write_atomically(&path, &sealed) {
+            return Err((SpoolError::Io { path, source }, records));
+        }
         state.batches.insert(seq, (bytes, count));
         state.bytes += bytes;
         state.next = seq + 1;
         self.spooled_bytes.fetch_add(bytes, Ordering::Relaxed);
         self.spooled_records.fetch_add(count, Ordering::Relaxed);
+        let size: u64 = records.iter().map(|r| r.len() as u64).sum();
+        let mut recent = self.recent.lock().unwrap();
+        if recent.1 + size <= MAX_RECENT_BYTES {
+            recent.0.insert(seq, records);
+            recent.1 += size;
+        }
         Ok(seq)
+    }
+
+    fn forget_recent(&self, seq: u64) -> Option<Vec<Vec<u8>>> {
+        let mut recent = self.recent.lock().unwrap();
+        let records = recent.0.remove(&seq)?;
+        recent.1 -= records.iter().map(|r| r.len() as u64).sum::<u64>();
+        Some(records)
     }
 
     /// The oldest batch still waiting: its sequence number and records. A batch that does not
@@ -157,6 +184,11 @@ impl Spool {
             else {
                 return Ok(None);
             };
+            // Written by this process: its records are still at hand (handed over once; a batch
+            // sent again is read from its file).
+            if let Some(records) = self.forget_recent(seq) {
+                return Ok(Some((seq, records)));
+            }
             let path = self.path(seq, records);
             let sealed = std::fs::read(&path).map_err(|source| SpoolError::Io { path: path.clone(), source })?;
             let batch =
@@ -195,6 +227,7 @@ impl Spool {
     }
 
     fn forget(&self, seq: u64, dropped: bool) {
+        self.forget_recent(seq);
         let mut state = self.state.lock().unwrap();
         if let Some((bytes, records)) = state.batches.remove(&seq) {
             state.bytes -= bytes;
@@ -281,10 +314,10 @@ mod tests {
         let refusing = Spool::open(&dir.path().join("refuse"), "t", one * 2, OnFull::Refuse).unwrap();
         let kept = refusing.push(records(0, 10)).unwrap();
         refusing.push(records(10, 10)).unwrap();
-        assert!(matches!(refusing.push(records(20, 10)), Err(SpoolError::Full { .. })));
+        assert!(matches!(refusing.push(records(20, 10)), Err((SpoolError::Full { .. }, _))));
         assert_eq!(refusing.dropped(), 0, "nothing lost");
         refusing.ack(kept).unwrap();
         refusing.push(records(20, 10)).expect("room again once the control plane took a batch");
-        assert!(matches!(refusing.push(records(0, 1000)), Err(SpoolError::TooLarge { .. })));
+        assert!(matches!(refusing.push(records(0, 1000)), Err((SpoolError::TooLarge { .. }, _))));
     }
 }

@@ -302,3 +302,16 @@ pub fn create_api_token(base: &str, jwt: &str, name: &str) -> String {
         .unwrap();
     response["token"].as_str().unwrap().to_string()
 }
+
+/// The fields of the original gateway's `RequestLog` (`GET /api/logs`).
+pub const REQUEST_LOG: &[&str] = &[
+    "id",
+    "session_id",
+    "user_id",
+    "method",
+    "target_name",
+    "request_body",
+    "response_status",
+    "duration_ms",
+    "created_at",
+];

@@ -1028,22 +1028,33 @@ macro_rules! sql_store {
             }
 
             async fn append_audit(&self, records: &[crate::audit::AuditRecord]) -> StoreResult<u64> {
+                // Rows written per INSERT: 12 bound values each, well inside both backends' limits.
+                const ROWS_PER_INSERT: usize = 500;
                 let mut tx = self.pool.begin().await.map_err(db)?;
-                let mut added = 0;
+                // One query for the ids stored already (a batch sent again after a lost answer).
+                let mut stored = std::collections::HashSet::new();
+                for ids in records.chunks(ROWS_PER_INSERT) {
+                    let mut query = sqlx::QueryBuilder::<$Db>::new("SELECT id FROM audit_records WHERE id IN (");
+                    let mut list = query.separated(", ");
+                    for record in ids {
+                        list.push_bind(record.id.as_str());
+                    }
+                    query.push(")");
+                    for row in query.build().fetch_all(&mut *tx).await.map_err(db)? {
+                        stored.insert(row.try_get::<String, _>("id").map_err(db)?);
+                    }
+                }
                 let mut heads: HashMap<String, (i64, String)> = HashMap::new();
+                let mut rows = Vec::with_capacity(records.len());
                 for record in records {
+                    // Once, even when a batch holds the same record twice.
+                    if !stored.insert(record.id.clone()) {
+                        continue;
+                    }
                     // Times are kept to the microsecond (PostgreSQL's precision), body included,
                     // so the column and the body agree.
                     let mut record = record.clone();
                     record.at = DateTime::from_timestamp_micros(record.at.timestamp_micros()).unwrap_or(record.at);
-                    let exists = sqlx::query("SELECT 1 AS one FROM audit_records WHERE id = $1")
-                        .bind(&record.id)
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .map_err(db)?;
-                    if exists.is_some() {
-                        continue;
-                    }
                     if !heads.contains_key(&record.data_plane) {
                         // A write first, which locks the chain's head row (PostgreSQL) or the
                         // database (SQLite) until commit: appends to one chain never interleave.
@@ -1069,27 +1080,27 @@ macro_rules! sql_store {
                     let body = record.body();
                     let hash = crate::audit::chain_hash(previous, &body);
                     *seq += 1;
-                    sqlx::query(
-                        "INSERT INTO audit_records (id, data_plane, seq, at, user_id, method, target, name, decision, body, prev_hash, hash) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-                    )
-                    .bind(&record.id)
-                    .bind(&record.data_plane)
-                    .bind(*seq)
-                    .bind(record.at)
-                    .bind(&record.user_id)
-                    .bind(&record.method)
-                    .bind(&record.target)
-                    .bind(&record.name)
-                    .bind(&record.decision)
-                    .bind(&body)
-                    .bind(previous.as_str())
-                    .bind(&hash)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
-                    *previous = hash;
-                    added += 1;
+                    rows.push((*seq, std::mem::replace(previous, hash.clone()), hash, body, record));
+                }
+                for chunk in rows.chunks(ROWS_PER_INSERT) {
+                    let mut insert = sqlx::QueryBuilder::<$Db>::new(
+                        "INSERT INTO audit_records (id, data_plane, seq, at, user_id, method, target, name, decision, body, prev_hash, hash) ",
+                    );
+                    insert.push_values(chunk, |mut row, (seq, previous, hash, body, record)| {
+                        row.push_bind(record.id.as_str())
+                            .push_bind(record.data_plane.as_str())
+                            .push_bind(*seq)
+                            .push_bind(record.at)
+                            .push_bind(record.user_id.as_deref())
+                            .push_bind(record.method.as_str())
+                            .push_bind(record.target.as_deref())
+                            .push_bind(record.name.as_deref())
+                            .push_bind(record.decision.as_str())
+                            .push_bind(body.as_str())
+                            .push_bind(previous.as_str())
+                            .push_bind(hash.as_str());
+                    });
+                    insert.build().execute(&mut *tx).await.map_err(db)?;
                 }
                 for (plane, (seq, hash)) in &heads {
                     sqlx::query("UPDATE audit_chains SET seq = $2, hash = $3 WHERE data_plane = $1")
@@ -1101,7 +1112,7 @@ macro_rules! sql_store {
                         .map_err(db)?;
                 }
                 tx.commit().await.map_err(db)?;
-                Ok(added)
+                Ok(rows.len() as u64)
             }
 
             async fn list_audit(&self, filter: &AuditFilter) -> StoreResult<Vec<crate::audit::AuditRecord>> {
