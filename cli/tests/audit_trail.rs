@@ -221,12 +221,15 @@ fn ten_thousand_calls_through_two_data_planes_are_each_recorded_once_across_cras
     );
     let other_jwt = other["token"].as_str().unwrap().to_string();
     let other_token = create_api_token(&cp.base, &other_jwt, "other");
+    let mut probes = 0;
     for dp in [&dp1, &dp2] {
         eventually(Duration::from_secs(20), "the policy reaches the data plane", || {
-            open_probe(&dp.base, &token).is_some() && mcp_status(&dp.base, &other_token) == 200
+            let (granted, taken) = open_probe(&dp.base, &token);
+            probes += usize::from(taken);
+            granted.is_some() && mcp_status(&dp.base, &other_token) == 200
         });
     }
-    let (mut initializes, mut lists) = (0, 0);
+    let (mut initializes, mut lists) = (probes, probes);
     let mut s1 = open_session(&dp1.base, &token);
     let s2 = open_session(&dp2.base, &token);
     initializes += 2;
@@ -290,9 +293,8 @@ fn ten_thousand_calls_through_two_data_planes_are_each_recorded_once_across_cras
     assert_eq!(ids.len(), records.len(), "no id twice");
     let mine: Vec<&Value> = records.iter().filter(|r| r["user_id"] == admin_id.as_str()).collect();
     let count = |method: &str| mine.iter().filter(|r| r["method"] == method).count();
-    // The probes that waited for the policy were initializes and lists too.
     assert_eq!(count("tools/call"), 10_000);
-    assert!(count("initialize") >= initializes && count("tools/list") >= lists);
+    assert_eq!((count("initialize"), count("tools/list")), (initializes, lists), "one per initialize and list");
     let calls: Vec<&&Value> = mine.iter().filter(|r| r["method"] == "tools/call").collect();
     let mut per_plane = BTreeMap::new();
     for record in &calls {
@@ -384,9 +386,13 @@ fn ten_thousand_calls_through_two_data_planes_are_each_recorded_once_across_cras
     }
 }
 
-/// A session whose tool list is not empty (the snapshot grants something), or `None`.
-fn open_probe(base: &str, token: &str) -> Option<String> {
-    initialize(base, token, ("probe", "0")).filter(|session| lists_tools(base, token, session))
+/// A session whose tool list is not empty (the snapshot grants something), or `None`; and
+/// whether the data plane took the probe (an `initialize` and a `tools/list` recorded).
+fn open_probe(base: &str, token: &str) -> (Option<String>, bool) {
+    match initialize(base, token, ("probe", "0")) {
+        Some(session) => (lists_tools(base, token, &session).then_some(session), true),
+        None => (None, false),
+    }
 }
 
 fn get_list(base: &str, path: &str, token: &str) -> Vec<Value> {
@@ -428,7 +434,7 @@ fn a_full_spool_under_refuse_fails_closed_and_resumes_when_the_control_plane_dra
     );
     let mut session = None;
     eventually(Duration::from_secs(20), "the policy reaches the data plane", || {
-        session = open_probe(&dp.base, &token);
+        session = open_probe(&dp.base, &token).0;
         session.is_some()
     });
     let session = session.unwrap();
