@@ -356,6 +356,9 @@ fn ten_thousand_calls_through_two_data_planes_are_each_recorded_once_across_cras
     let bad = http.get(format!("{}/api/logs?limit=0", cp.base)).bearer_auth(&jwt).send().unwrap();
     assert_eq!(bad.status().as_u16(), 400);
     assert!(bad.text().unwrap().contains("limit"));
+    let long = http.get(format!("{}/api/logs?name={}", cp.base, "n".repeat(5000))).bearer_auth(&jwt).send().unwrap();
+    assert_eq!(long.status().as_u16(), 400);
+    assert!(long.text().unwrap().contains("name: at most 4096 bytes"));
     let export = http.get(format!("{}/api/logs/export?method=tools/call", cp.base)).bearer_auth(&jwt).send().unwrap();
     assert_eq!(export.headers()["content-type"], "application/x-ndjson");
     let exported = export.text().unwrap();

@@ -30,9 +30,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::spool::{OnFull, Spool, SpoolError};
 
-/// The most records the in-memory buffer holds while the spool cannot take them (`drop_oldest`
-/// drops the oldest beyond it; `refuse` refuses new requests long before).
-const MAX_BUFFERED: usize = 50_000;
+/// The most record bytes the in-memory buffer holds while the spool cannot take them
+/// (`drop_oldest` drops the oldest beyond it; `refuse` refuses new requests long before).
+const MAX_BUFFERED_BYTES: usize = 64 * 1024 * 1024;
 
 /// What replaces a masked value.
 pub const MASKED: &str = "[masked]";
@@ -56,7 +56,8 @@ pub struct Recorder {
     spool: Arc<Spool>,
     on_full: OnFull,
     flush_interval: Duration,
-    buffer: Mutex<VecDeque<Vec<u8>>>,
+    /// Finished records not yet in the spool, and their bytes.
+    buffer: Mutex<Buffer>,
     /// Held while moving the buffer into the spool, so records enter it in order.
     flushing: Mutex<()>,
     /// A batch's worth is waiting: flush now.
@@ -68,6 +69,12 @@ pub struct Recorder {
     /// larger than the whole spool).
     dropped: AtomicU64,
     written: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Buffer {
+    records: VecDeque<Vec<u8>>,
+    bytes: usize,
 }
 
 /// What `/ready` and `/metrics` show of the trail.
@@ -91,7 +98,7 @@ impl Recorder {
             spool,
             on_full: settings.on_full,
             flush_interval: settings.flush_interval,
-            buffer: Mutex::new(VecDeque::new()),
+            buffer: Mutex::new(Buffer::default()),
             flushing: Mutex::new(()),
             batch_ready: tokio::sync::Notify::new(),
             pushed: Arc::new(tokio::sync::Notify::new()),
@@ -123,12 +130,14 @@ impl Recorder {
         let bytes = serde_json::to_vec(record).expect("an audit record serialises");
         let ready = {
             let mut buffer = self.buffer.lock().unwrap();
-            buffer.push_back(bytes);
-            if self.on_full == OnFull::DropOldest && buffer.len() > MAX_BUFFERED {
-                buffer.pop_front();
+            buffer.bytes += bytes.len();
+            buffer.records.push_back(bytes);
+            while self.on_full == OnFull::DropOldest && buffer.bytes > MAX_BUFFERED_BYTES {
+                let Some(oldest) = buffer.records.pop_front() else { break };
+                buffer.bytes -= oldest.len();
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
-            buffer.len() >= MAX_BATCH
+            buffer.records.len() >= MAX_BATCH
         };
         self.written.fetch_add(1, Ordering::Relaxed);
         if ready {
@@ -145,17 +154,20 @@ impl Recorder {
         loop {
             let chunk: Vec<Vec<u8>> = {
                 let mut buffer = self.buffer.lock().unwrap();
-                let n = buffer.len().min(size);
+                let n = buffer.records.len().min(size);
                 if n == 0 {
                     self.refusing.store(false, Ordering::Relaxed);
                     return Ok(());
                 }
-                buffer.drain(..n).collect()
+                let chunk: Vec<Vec<u8>> = buffer.records.drain(..n).collect();
+                buffer.bytes -= chunk.iter().map(Vec::len).sum::<usize>();
+                chunk
             };
             let put_back = |chunk: Vec<Vec<u8>>| {
                 let mut buffer = self.buffer.lock().unwrap();
                 for record in chunk.into_iter().rev() {
-                    buffer.push_front(record);
+                    buffer.bytes += record.len();
+                    buffer.records.push_front(record);
                 }
             };
             match self.spool.push(chunk) {
@@ -197,7 +209,7 @@ impl Recorder {
             if let Ok(Err(error)) = result {
                 // Once a minute is enough while the spool stays full.
                 if warned.is_none_or(|at| at.elapsed() > Duration::from_secs(60)) {
-                    tracing::warn!(%error, buffered = self.buffer.lock().unwrap().len(), "audit records wait in memory");
+                    tracing::warn!(%error, buffered = self.buffer.lock().unwrap().records.len(), "audit records wait in memory");
                     warned = Some(Instant::now());
                 }
             }
@@ -214,7 +226,7 @@ impl Recorder {
             spooled_bytes,
             spooled_records,
             written: self.written.load(Ordering::Relaxed),
-            buffered: self.buffer.lock().unwrap().len(),
+            buffered: self.buffer.lock().unwrap().records.len(),
             spool_bytes,
             spool_batches,
             dropped: self.dropped.load(Ordering::Relaxed) + self.spool.dropped(),
@@ -497,6 +509,26 @@ mod tests {
         let ids: std::collections::HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids.len(), 5, "ids are unique");
         assert!(records.iter().all(|r| reflow_proto::audit::check(r).is_ok()));
+    }
+
+    #[test]
+    fn memory_held_for_records_is_bounded_in_bytes_under_drop_oldest() {
+        let dir = tempfile::tempdir().unwrap();
+        let recorder = recorder(dir.path(), 1 << 20, OnFull::DropOldest);
+        // Records as large as a client can make them (recorded arguments at their bound).
+        let arguments = json!({"blob": "x".repeat(reflow_proto::audit::MAX_ARGUMENTS_BYTES - 20)});
+        let mut n = 0;
+        while recorder.status().dropped == 0 {
+            let mut trail = recorder.begin("/mcp", "tools/call", Instant::now());
+            trail.arguments(&arguments, &[]);
+            trail.answered(200, &json!({"result": {}}));
+            drop(trail);
+            n += 1;
+            assert!(n < 10_000, "{MAX_BUFFERED_BYTES} bytes fill within 10,000 records of 16 KiB");
+        }
+        let buffered = recorder.buffer.lock().unwrap().bytes;
+        assert!(buffered <= MAX_BUFFERED_BYTES, "{buffered}");
+        assert_eq!(recorder.status().buffered + 1, n, "the oldest one dropped");
     }
 
     #[test]

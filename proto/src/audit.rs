@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 pub const OUTCOMES: [&str; 7] =
     ["answered", "error", "upstream_failed", "timeout", "client_gone", "cancelled", "refused"];
 
+/// The most bytes of recorded arguments (as JSON) a record keeps; larger ones are replaced by a
+/// note saying how large they were.
+pub const MAX_ARGUMENTS_BYTES: usize = 16 * 1024;
+
 /// The most records one `ShipAudit` batch carries.
 pub const MAX_BATCH: usize = 1000;
 
@@ -134,6 +138,14 @@ impl AuditRecord {
     /// overlong texts are cut (at a character boundary, marked with `…`). The data plane fits
     /// every record before spooling it, so one odd request never makes a batch refused.
     pub fn fit(&mut self) {
+        if let Some(arguments) = &self.arguments {
+            let bytes = arguments.to_string().len();
+            if bytes > MAX_ARGUMENTS_BYTES {
+                self.arguments = Some(serde_json::json!({
+                    "omitted": format!("the arguments take {bytes} bytes, more than the {MAX_ARGUMENTS_BYTES} a record keeps")
+                }));
+            }
+        }
         self.texts(|_, value, max| {
             if value.chars().any(char::is_control) {
                 value.retain(|c| !c.is_control());
@@ -164,6 +176,9 @@ pub fn check(record: &AuditRecord) -> Result<(), (&'static str, String)> {
     if let Some(refused) = refused {
         return Err(refused);
     }
+    if record.arguments.as_ref().is_some_and(|a| a.to_string().len() > MAX_ARGUMENTS_BYTES) {
+        return Err(("arguments", format!("at most {MAX_ARGUMENTS_BYTES} bytes as JSON")));
+    }
     if !OUTCOMES.contains(&record.outcome.as_str()) {
         return Err(("outcome", format!("one of {}", OUTCOMES.join(", "))));
     }
@@ -184,10 +199,19 @@ mod tests {
         record.name = Some(format!("evil\nname{}", "x".repeat(5000)));
         record.client_name = Some("client\u{7}".into());
         assert_eq!(check(&record).map_err(|e| e.0), Err("endpoint"));
+        let large = serde_json::json!({"blob": "x".repeat(MAX_ARGUMENTS_BYTES)});
+        let only_arguments = AuditRecord {
+            arguments: Some(large.clone()),
+            ..AuditRecord::new("r2".into(), "dp".into(), Utc::now(), "/mcp".into(), "tools/call".into())
+        };
+        assert_eq!(check(&only_arguments).map_err(|e| e.0), Err("arguments"));
+        record.arguments = Some(large);
         record.fit();
         check(&record).unwrap();
         assert!(record.endpoint.ends_with('…') && record.endpoint.len() <= 512);
         assert!(record.name.as_deref().unwrap().starts_with("evilname"));
         assert_eq!(record.client_name.as_deref(), Some("client"));
+        let omitted = record.arguments.as_ref().unwrap()["omitted"].as_str().unwrap();
+        assert!(omitted.contains(&format!("{} bytes", MAX_ARGUMENTS_BYTES + 11)), "{omitted}");
     }
 }

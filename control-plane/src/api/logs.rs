@@ -153,9 +153,16 @@ fn filter(caller: &Caller, query: LogQuery) -> ApiResult<AuditFilter> {
     if limit == 0 || limit > MAX_LIMIT {
         return Err(ApiError::bad_request(format!("limit: between 1 and {MAX_LIMIT}")));
     }
-    for (field, value) in [("cursor", &query.cursor), ("target", &query.target), ("method", &query.method)] {
-        if value.as_ref().is_some_and(|v| v.len() > 512) {
-            return Err(ApiError::bad_request(format!("{field}: at most 512 bytes")));
+    // No longer than what a record can hold.
+    for (field, value, max) in [
+        ("cursor", &query.cursor, 128),
+        ("user_id", &user_id, 512),
+        ("target", &query.target, 512),
+        ("method", &query.method, 256),
+        ("name", &query.name, 4096),
+    ] {
+        if value.as_ref().is_some_and(|v| v.len() > max) {
+            return Err(ApiError::bad_request(format!("{field}: at most {max} bytes")));
         }
     }
     Ok(AuditFilter {
