@@ -105,14 +105,22 @@ pub async fn run(args: DataPlaneArgs) -> Result<(), Failure> {
     };
     let cache_dir = dp.cache_dir.map(PathBuf::from);
     let audit = crate::audit_settings(&config, &sync.node_id, cache_dir.as_deref());
+    let node_id = sync.node_id.clone();
     let mut data_plane = DataPlane::new(sync, cache_dir).with_mcp(crate::mcp_settings(&config)?);
     if let Some(audit) = audit {
         data_plane = data_plane
             .with_audit(&audit)
             .map_err(|e| ConfigError::new("audit.spool_dir", format!("cannot open the audit spool: {e}")))?;
     }
-    let listener = bind(config.server.host.as_deref().unwrap_or("0.0.0.0"), config.server.port).await?;
+    let host = config.server.host.as_deref().unwrap_or("0.0.0.0");
+    let listener = bind(host, config.server.port).await?;
     let shutdown = shutdown_token();
+    let export = reflow_common::telemetry::ExportSettings::from_config(&config.telemetry, "data-plane", &node_id);
+    data_plane = data_plane.with_export(export);
+    if let Some(port) = config.telemetry.metrics_port {
+        crate::serve_metrics(host, port, vec![data_plane.registry()], shutdown.clone()).await?;
+        data_plane = data_plane.without_metrics_route();
+    }
     let syncing = data_plane.start_sync(shutdown.clone());
     let router =
         data_plane.router().route("/health", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }));

@@ -252,6 +252,41 @@ pub fn audit_settings(
     })
 }
 
+/// Serves `/metrics` over `registries` on a port of its own (`telemetry.metrics_port`) until
+/// `shutdown`.
+pub async fn serve_metrics(
+    host: &str,
+    port: u16,
+    registries: Vec<std::sync::Arc<reflow_common::telemetry::metrics::Registry>>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, Failure> {
+    let listener = reflow_control_plane::bind(host, port).await?;
+    tracing::info!(address = %listener.local_addr().map_err(anyhow::Error::from)?, "metrics listening");
+    let router = reflow_common::telemetry::metrics::router(registries);
+    Ok(tokio::spawn(async move {
+        if let Err(error) =
+            reflow_common::server::serve(listener, router, Default::default(), shutdown.cancelled_owned()).await
+        {
+            tracing::error!(%error, "the metrics listener failed");
+        }
+    }))
+}
+
+/// Pushes `registry` (and, for a data plane, spans) over OTLP when `telemetry.enabled`.
+pub fn export_metrics(
+    config: &Config,
+    role: &'static str,
+    instance: &str,
+    registry: std::sync::Arc<reflow_common::telemetry::metrics::Registry>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<(), ConfigError> {
+    if let Some(settings) = reflow_common::telemetry::ExportSettings::from_config(&config.telemetry, role, instance) {
+        reflow_common::telemetry::Exporter::start(settings, registry, shutdown)
+            .map_err(|e| ConfigError::new("telemetry.endpoint", e))?;
+    }
+    Ok(())
+}
+
 /// Starts logging to stderr (see [`reflow_common::logging`]); keep the guard until exit.
 pub fn init_logging(config: &Config) -> Result<reflow_common::logging::LogGuard, ConfigError> {
     reflow_common::logging::init(config)
@@ -383,6 +418,12 @@ async fn control_plane(args: ControlPlaneArgs) -> Result<(), Failure> {
     let host = config.server.host.clone().unwrap_or_else(|| "0.0.0.0".into());
     let listener = bind(&host, config.server.port).await?;
     let shutdown = shutdown_token();
+    let instance = config.control_plane.id.clone().unwrap_or_else(reflow_control_plane::default_instance_id);
+    export_metrics(&config, "control-plane", &instance, control_plane.registry(), shutdown.clone())?;
+    if let Some(port) = config.telemetry.metrics_port {
+        serve_metrics(&host, port, vec![control_plane.registry()], shutdown.clone()).await?;
+        control_plane = control_plane.without_metrics_route();
+    }
     let compiler = control_plane.start_compiler(shutdown.clone()).await;
     let grpc = if config.control_plane.data_plane_token.is_some() {
         let grpc_listener = bind(&host, config.control_plane.grpc_port).await?;

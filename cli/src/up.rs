@@ -130,8 +130,22 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
             .with_audit(&audit)
             .map_err(|e| ConfigError::new("audit.spool_dir", format!("cannot open the audit spool: {e}")))?;
     }
+    // One process, one /metrics: both planes' families (their names do not overlap).
+    let control_plane = control_plane.without_metrics_route();
+    let registries = vec![data_plane.registry(), control_plane.registry()];
+    data_plane = data_plane
+        .without_metrics_route()
+        .with_export(reflow_common::telemetry::ExportSettings::from_config(&config.telemetry, "data-plane", "local"));
+    crate::export_metrics(&config, "control-plane", "local", control_plane.registry(), shutdown.clone())?;
+    let metrics = match config.telemetry.metrics_port {
+        Some(port) => {
+            crate::serve_metrics(&host, port, registries, shutdown.clone()).await?;
+            axum::Router::new()
+        }
+        None => reflow_common::telemetry::metrics::router(registries),
+    };
     let syncing = data_plane.start_sync(shutdown.clone());
-    let router = data_plane.router().merge(control_plane.router());
+    let router = data_plane.router().merge(control_plane.router()).merge(metrics);
     let local = listener.local_addr().map_err(anyhow::Error::from)?;
     let shown_host = if local.ip().is_unspecified() { "localhost".to_string() } else { local.ip().to_string() };
     let base = format!("http://{shown_host}:{}", local.port());

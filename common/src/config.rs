@@ -685,13 +685,38 @@ impl Default for AuditConfig {
     }
 }
 
+/// OpenTelemetry export and the Prometheus endpoint (both planes).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
+    /// Export traces and metrics over OTLP. `/metrics` is served either way.
     pub enabled: bool,
+    /// The collector: `host:port` (TLS unless `insecure`), `https://…` or `http://…` (plain).
     pub endpoint: String,
+    /// `grpc` (OTLP/gRPC, port 4317 by custom) or `http` (OTLP/HTTP with protobuf bodies, 4318).
+    pub protocol: OtlpProtocol,
     pub service_name: String,
+    /// Send to the collector without TLS. An opt-in: logged as a warning.
     pub insecure: bool,
+    /// The share of traces started here that are exported, 0 to 1; a client's sampled flag
+    /// decides for traces it started.
+    pub sample_ratio: f64,
+    /// How often metrics are pushed over OTLP.
+    #[serde(with = "humantime_serde")]
+    pub export_interval: Duration,
+    /// How long one export may take before it is given up (its spans are counted as dropped).
+    #[serde(with = "humantime_serde")]
+    pub export_timeout: Duration,
+    /// Serve `/metrics` on this port (on `server.host`) instead of the main one.
+    pub metrics_port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OtlpProtocol {
+    Grpc,
+    #[serde(alias = "http/protobuf")]
+    Http,
 }
 
 impl Default for TelemetryConfig {
@@ -699,8 +724,13 @@ impl Default for TelemetryConfig {
         TelemetryConfig {
             enabled: false,
             endpoint: "localhost:4317".into(),
+            protocol: OtlpProtocol::Grpc,
             service_name: "reflow-gateway".into(),
-            insecure: true,
+            insecure: false,
+            sample_ratio: 1.0,
+            export_interval: Duration::from_secs(15),
+            export_timeout: Duration::from_secs(5),
+            metrics_port: None,
         }
     }
 }
@@ -788,6 +818,32 @@ impl Config {
         }
         if self.audit.retention.is_some_and(|r| r < Duration::from_secs(60)) {
             return Err(ConfigError::new("audit.retention", "must be at least 1m (or unset to keep every record)"));
+        }
+        let telemetry = &self.telemetry;
+        if !(0.0..=1.0).contains(&telemetry.sample_ratio) {
+            return Err(ConfigError::new("telemetry.sample_ratio", "must be between 0 and 1"));
+        }
+        if telemetry.export_interval < Duration::from_secs(1) || telemetry.export_interval > Duration::from_secs(3600) {
+            return Err(ConfigError::new("telemetry.export_interval", "must be between 1s and 1h"));
+        }
+        if telemetry.export_timeout < Duration::from_millis(100) || telemetry.export_timeout > Duration::from_secs(60) {
+            return Err(ConfigError::new("telemetry.export_timeout", "must be between 100ms and 60s"));
+        }
+        if telemetry.enabled {
+            let endpoint = telemetry.endpoint.trim();
+            let rest = endpoint.strip_prefix("http://").or_else(|| endpoint.strip_prefix("https://")).unwrap_or(endpoint);
+            if rest.is_empty() || rest.contains(char::is_whitespace) || endpoint.contains("://") && !endpoint.starts_with("http") {
+                return Err(ConfigError::new(
+                    "telemetry.endpoint",
+                    "must be host:port, http://host:port or https://host:port",
+                ));
+            }
+            if endpoint.starts_with("https://") && telemetry.insecure {
+                return Err(ConfigError::new("telemetry.insecure", "cannot be true with an https:// endpoint"));
+            }
+        }
+        if telemetry.metrics_port == Some(0) || telemetry.metrics_port.is_some_and(|p| p == self.server.port) {
+            return Err(ConfigError::new("telemetry.metrics_port", "must be a port other than server.port"));
         }
         if self.database.max_connections == 0 {
             return Err(ConfigError::new("database.max_connections", "must be at least 1"));
@@ -1017,6 +1073,13 @@ telemetry:    { enabled: false, endpoint: "otel-collector:4317" }
             ("audit: { spool_bytes: 100 }", "audit.spool_bytes"),
             ("audit: { flush_interval: 5m }", "audit.flush_interval"),
             ("audit: { retention: 5s }", "audit.retention"),
+            ("telemetry: { sample_ratio: 1.5 }", "telemetry.sample_ratio"),
+            ("telemetry: { protocol: thrift }", "telemetry.protocol"),
+            ("telemetry: { enabled: true, endpoint: '' }", "telemetry.endpoint"),
+            ("telemetry: { enabled: true, endpoint: 'grpc://c:4317' }", "telemetry.endpoint"),
+            ("telemetry: { enabled: true, endpoint: 'https://c:4317', insecure: true }", "telemetry.insecure"),
+            ("telemetry: { export_interval: 10ms }", "telemetry.export_interval"),
+            ("telemetry: { metrics_port: 3000 }", "telemetry.metrics_port"),
         ];
         for (text, key) in cases {
             let err = Config::from_yaml(text, &HashMap::new()).unwrap_err();

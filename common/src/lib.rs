@@ -20,6 +20,8 @@
 //! - [`text`]: the Unix clock and cutting text to a size, keeping its tail.
 //! - `server` (feature `server`): the HTTP listener every role serves through, with header and
 //!   body timeouts and a connection limit.
+//! - `telemetry` (feature `telemetry`): the metrics registry, W3C trace context, and the
+//!   OTLP exporter.
 
 pub mod bearer;
 pub mod config;
@@ -34,5 +36,7 @@ pub mod names;
 pub mod net;
 #[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "telemetry")]
+pub mod telemetry;
 pub mod text;
 pub mod uri;

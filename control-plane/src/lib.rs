@@ -8,6 +8,7 @@
 //! - [`auth`]: password hashing, issued JWTs and API tokens.
 //! - [`compile`]: the pure snapshot compiler (store state → versioned snapshot).
 //! - [`sync`]: the compiler loop, the snapshot hub and the gRPC snapshot service.
+//! - [`observe`]: the control plane's metrics and the live activity feed.
 //!
 //! [`ControlPlane`] wires these from a [`reflow_common::config::Config`]; the `reflow`
 //! binary runs it.
@@ -16,6 +17,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod compile;
+pub mod observe;
 pub mod store;
 pub mod sync;
 
@@ -97,6 +99,7 @@ impl ControlPlane {
             limits: config.limits.clone(),
             trusted_proxies: reflow_common::net::parse_trusted(&config.server.trusted_proxies)
                 .map_err(|e| ConfigError::new("server.trusted_proxies", e))?,
+            metrics_route: true,
         };
         let data_plane_token = config.control_plane.data_plane_token.clone();
         let secrets = sync::CompilerSecrets {
@@ -138,6 +141,20 @@ impl ControlPlane {
 
     pub fn hub(&self) -> &Arc<sync::SnapshotHub> {
         &self.state.hub
+    }
+
+    /// Leaves `/metrics` out of [`ControlPlane::router`]: it is served elsewhere (a port of its
+    /// own, or beside a data plane's, from [`ControlPlane::registry`]).
+    pub fn without_metrics_route(mut self) -> Self {
+        let mut settings = self.state.settings.as_ref().clone();
+        settings.metrics_route = false;
+        self.state.settings = Arc::new(settings);
+        self
+    }
+
+    /// The control plane's metrics.
+    pub fn registry(&self) -> Arc<reflow_common::telemetry::metrics::Registry> {
+        self.state.hub.observe.registry.clone()
     }
 
     /// The HTTP router of the control plane.

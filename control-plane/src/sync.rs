@@ -51,6 +51,8 @@ pub struct SnapshotHub {
     current: watch::Sender<Option<Arc<Snapshot>>>,
     /// Recent versions, newest last, so a data plane holding one of them gets a diff.
     history: Mutex<VecDeque<Arc<Snapshot>>>,
+    /// Metrics and the activity feed.
+    pub observe: Arc<crate::observe::Observe>,
 }
 
 impl SnapshotHub {
@@ -61,6 +63,7 @@ impl SnapshotHub {
             changes: Arc::new(Notify::new()),
             current: watch::channel(None).0,
             history: Mutex::new(VecDeque::new()),
+            observe: crate::observe::Observe::new(),
         })
     }
 
@@ -101,6 +104,7 @@ impl SnapshotHub {
                 history.pop_front();
             }
         }
+        self.observe.published(&snapshot.version);
         self.current.send_replace(Some(snapshot));
         true
     }
@@ -127,11 +131,24 @@ pub struct CompilerSecrets {
 
 /// Loads the state and compiles it once. Errors are logged; the previous version stays.
 pub async fn compile_once(hub: &SnapshotHub, store: &DynStore, secrets: &CompilerSecrets) -> bool {
+    let started = std::time::Instant::now();
+    let published = compile_and_publish(hub, store, secrets).await;
+    let result = match published {
+        Some(true) => "published",
+        Some(false) => "unchanged",
+        None => "failed",
+    };
+    hub.observe.compiled(result, started.elapsed().as_secs_f64());
+    published.unwrap_or(false)
+}
+
+/// Whether a new version was published; `None` when compiling failed.
+async fn compile_and_publish(hub: &SnapshotHub, store: &DynStore, secrets: &CompilerSecrets) -> Option<bool> {
     let state = match store.load_state().await {
         Ok(state) => state,
         Err(error) => {
             tracing::warn!(%error, "cannot load state to compile a snapshot; keeping the current version");
-            return false;
+            return None;
         }
     };
     let keys = CompileKeys {
@@ -154,11 +171,11 @@ pub async fn compile_once(hub: &SnapshotHub, store: &DynStore, secrets: &Compile
                     }
                 }
             }
-            published
+            Some(published)
         }
         Err(error) => {
             tracing::error!(%error, "snapshot compilation failed; keeping the current version");
-            false
+            None
         }
     }
 }
@@ -290,6 +307,7 @@ impl SnapshotService for SnapshotGrpc {
             Status::unavailable("the audit trail cannot be written now; send the batch again")
         })?;
         let total = records.len() as u64;
+        self.hub.observe.ingested(stored, &records);
         Ok(Response::new(AuditAck { stored, duplicates: total - stored }))
     }
 }
@@ -302,6 +320,8 @@ struct Session {
     /// the stream.
     status: watch::Sender<DataPlaneStatus>,
     _writer: tokio::task::JoinHandle<()>,
+    /// Shows the stream in the control plane's metrics while it lasts.
+    _following: crate::observe::Following,
     /// The snapshot the data plane holds after applying everything sent so far.
     sent: Option<Arc<Snapshot>>,
     /// The snapshot it acknowledged last.
@@ -344,7 +364,8 @@ impl Session {
             }
         });
         tracing::info!(node = %hello.node_id, group = %hello.group, build = %hello.build_version, have = %hello.have_version, "data plane connected");
-        Session { hub, tx, status, _writer: writer, sent: None, acked: None }
+        let following = hub.observe.follow(status.subscribe());
+        Session { hub, tx, status, _writer: writer, _following: following, sent: None, acked: None }
     }
 
     /// Sends what turns the data plane's state into `target`: a diff from what it will hold,
@@ -487,6 +508,8 @@ fn plane_report(report: &reflow_proto::snapshot::v1::Status) -> crate::store::Pl
     };
     let at = |secs: i64| (secs > 0).then(|| chrono::DateTime::from_timestamp(secs, 0)).flatten();
     crate::store::PlaneReport {
+        sessions: report.sessions,
+        audit_spool_bytes: report.audit_spool_bytes,
         recycled: applied(&report.recycled),
         restarted: applied(&report.restarted),
         targets: report

@@ -22,17 +22,21 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use reflow_proto::audit::{AuditRecord, MAX_BATCH};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::spool::{OnFull, Spool, SpoolError};
+use crate::telemetry::{Leg, Telemetry, Trace};
 
 /// The most record bytes the in-memory buffer holds while the spool cannot take them
 /// (`drop_oldest` drops the oldest beyond it; `refuse` refuses new requests long before).
 const MAX_BUFFERED_BYTES: usize = 64 * 1024 * 1024;
+
+/// The most upstream exchanges one request keeps spans of (a fan-out over many targets).
+const MAX_LEGS: usize = 256;
 
 /// What replaces a masked value.
 pub const MASKED: &str = "[masked]";
@@ -112,12 +116,10 @@ impl Recorder {
         &self.spool
     }
 
-    /// A trail for a request to `endpoint` calling `method`, started at `started`.
+    /// A trail for a request to `endpoint` calling `method`, started at `started`, recorded here.
+    #[cfg(test)]
     pub fn begin(self: &Arc<Self>, endpoint: &str, method: &str, started: Instant) -> Trail {
-        let id = format!("{:032x}", rand::random::<u128>());
-        let record =
-            AuditRecord::new(id, self.data_plane.clone(), chrono::Utc::now(), endpoint.to_string(), method.to_string());
-        Trail(Some(Box::new(Open { record, started, recorder: self.clone(), ended: false, gone: None, mask: None })))
+        Trail::begin(&Arc::new(Telemetry::new()), Some(self), endpoint, method, started, None, None)
     }
 
     /// Whether new MCP requests are refused: `audit.on_full` is `refuse` and the records of
@@ -239,7 +241,8 @@ fn chunk_len_half(size: usize) -> usize {
     (size / 2).max(1)
 }
 
-/// One request's record on its way; written when dropped. Off (no audit) it does nothing.
+/// One request's record on its way: written into the audit trail (when on) and counted and
+/// traced ([`crate::telemetry`]) when dropped. Off (not a request) it does nothing.
 #[derive(Debug, Default)]
 pub struct Trail(Option<Box<Open>>);
 
@@ -247,13 +250,33 @@ pub struct Trail(Option<Box<Open>>);
 struct Open {
     record: AuditRecord,
     started: Instant,
-    recorder: Arc<Recorder>,
+    /// The same instant on the wall clock, for spans.
+    wall: SystemTime,
+    recorder: Option<Arc<Recorder>>,
+    telemetry: Arc<Telemetry>,
     /// Whether the ending (status, outcome) was set; a trail dropped before is `cancelled`.
     ended: bool,
     /// Set when the client stopped waiting for the answer.
     gone: Option<Arc<AtomicBool>>,
     /// The client's own token, masked wherever recorded arguments carry it.
     mask: Option<Box<str>>,
+    trace: Option<Trace>,
+    /// The JSON-RPC id, for the span.
+    request_id: Option<String>,
+    /// The answer was a tool result with `isError`.
+    tool_error: bool,
+    /// Upstream exchanges made for the request, for their client spans (sampled traces only).
+    legs: Vec<Leg>,
+}
+
+/// An upstream exchange starting: what to send upstream as `traceparent`, and since when.
+#[derive(Debug)]
+pub struct LegStart {
+    span_id: [u8; 8],
+    /// Set when the request is part of a trace.
+    pub traceparent: Option<String>,
+    wall: SystemTime,
+    started: Instant,
 }
 
 /// Tells a forwarded request's trail that its client went away before the answer.
@@ -267,14 +290,84 @@ impl ClientGone {
 }
 
 impl Trail {
+    /// A trail for a request to `endpoint` calling `method`, started at `started`: counted by
+    /// `telemetry`, recorded by `recorder` when auditing is on, in the trace continuing
+    /// `parent` (the client's context).
+    pub fn begin(
+        telemetry: &Arc<Telemetry>,
+        recorder: Option<&Arc<Recorder>>,
+        endpoint: &str,
+        method: &str,
+        started: Instant,
+        parent: Option<reflow_common::telemetry::trace::SpanContext>,
+        request_id: Option<String>,
+    ) -> Trail {
+        let id = if recorder.is_some() { format!("{:032x}", rand::random::<u128>()) } else { String::new() };
+        let data_plane = recorder.map(|r| r.data_plane.clone()).unwrap_or_default();
+        let mut record = AuditRecord::new(id, data_plane, chrono::Utc::now(), endpoint.to_string(), method.to_string());
+        let trace = telemetry.trace(parent);
+        record.trace_id = trace.map(|t| t.context.trace_id_hex());
+        Trail(Some(Box::new(Open {
+            record,
+            started,
+            wall: SystemTime::now() - started.elapsed(),
+            recorder: recorder.cloned(),
+            telemetry: telemetry.clone(),
+            ended: false,
+            gone: None,
+            mask: None,
+            trace,
+            request_id,
+            tool_error: false,
+            legs: Vec::new(),
+        })))
+    }
+
     /// A trail that records nothing.
     pub fn off() -> Trail {
         Trail(None)
     }
 
-    /// The record being filled in, when auditing is on.
+    /// The record being filled in (none when off).
     pub fn record(&mut self) -> Option<&mut AuditRecord> {
         self.0.as_mut().map(|open| &mut open.record)
+    }
+
+    /// The request's trace id, for log lines.
+    pub fn trace_id(&self) -> Option<&str> {
+        self.0.as_ref().and_then(|open| open.record.trace_id.as_deref())
+    }
+
+    /// Starts an upstream exchange for this request.
+    pub fn leg(&self) -> LegStart {
+        let span_id = reflow_common::telemetry::trace::new_span_id();
+        let trace = self.0.as_ref().and_then(|open| open.trace);
+        let traceparent = trace.map(|trace| {
+            if trace.own {
+                reflow_common::telemetry::trace::SpanContext { span_id, ..trace.context }.traceparent()
+            } else {
+                trace.context.traceparent()
+            }
+        });
+        LegStart { span_id, traceparent, wall: SystemTime::now(), started: Instant::now() }
+    }
+
+    /// An upstream exchange ended; `error` is its `error.type` when it failed.
+    pub fn leg_done(&mut self, leg: LegStart, target: &str, transport: &'static str, method: &str, error: Option<String>) {
+        let Some(open) = &mut self.0 else { return };
+        open.telemetry.upstream(target, method, leg.started.elapsed().as_secs_f64(), error.as_deref());
+        let exported = open.trace.is_some_and(|t| t.own && t.context.sampled) && open.telemetry.exporter().is_some();
+        if exported && open.legs.len() < MAX_LEGS {
+            open.legs.push(Leg {
+                span_id: leg.span_id,
+                target: target.to_string(),
+                method: method.to_string(),
+                start: leg.wall,
+                end: SystemTime::now(),
+                transport,
+                error,
+            });
+        }
     }
 
     /// Hands the trail on (to the exchange that finishes the request), leaving this one off.
@@ -300,6 +393,7 @@ impl Trail {
         let Some(open) = &mut self.0 else { return };
         let record = &mut open.record;
         record.status = status;
+        open.tool_error = reply.pointer("/result/isError") == Some(&Value::Bool(true));
         if let Some(code) = reply.pointer("/error/code").and_then(Value::as_i64) {
             record.error_code = Some(code);
             if record.outcome == "answered" {
@@ -339,9 +433,30 @@ impl Drop for Trail {
         } else if open.gone.as_ref().is_some_and(|gone| gone.load(Ordering::Relaxed)) {
             record.outcome = "client_gone".into();
         }
-        record.duration_ms = u64::try_from(open.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        record.fit();
-        open.recorder.write(record);
+        let elapsed = open.started.elapsed();
+        record.duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+        let error_type = match (record.error_code, open.tool_error, record.outcome.as_str()) {
+            (Some(code), _, _) => Some(code.to_string()),
+            (None, true, _) => Some("tool_error".to_string()),
+            (None, false, "answered") => None,
+            (None, false, outcome) => Some(outcome.to_string()),
+        };
+        open.telemetry.finish(record, elapsed.as_secs_f64(), error_type.as_deref());
+        if let (Some(trace), Some(exporter)) = (open.trace, open.telemetry.exporter()) {
+            if trace.own && trace.context.sampled {
+                let end = open.wall + elapsed;
+                let request_id = open.request_id.as_deref();
+                for span in
+                    crate::telemetry::spans(record, &trace, open.wall, end, error_type.as_deref(), request_id, &open.legs)
+                {
+                    exporter.record(span);
+                }
+            }
+        }
+        if let Some(recorder) = &open.recorder {
+            record.fit();
+            recorder.write(record);
+        }
     }
 }
 
@@ -391,15 +506,6 @@ pub fn mask(value: &Value, secrets: &[&str]) -> Value {
     }
 }
 
-/// The trace id of a W3C `traceparent` header (`00-<trace id>-<span id>-<flags>`), if valid.
-pub fn trace_id(traceparent: &str) -> Option<String> {
-    let mut parts = traceparent.trim().split('-');
-    let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    let valid = hex(version, 2) && version != "ff" && hex(trace, 32) && hex(span, 16) && hex(flags, 2);
-    (valid && trace.bytes().any(|b| b != b'0')).then(|| trace.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -432,21 +538,6 @@ mod tests {
         assert!(!masked.to_string().contains("canary"));
         // Too short to mask by value without masking ordinary words.
         assert_eq!(mask(&json!("a b c"), &["b"]), json!("a b c"));
-    }
-
-    #[test]
-    fn trace_ids_come_from_valid_traceparents_only() {
-        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
-        assert_eq!(trace_id(&format!("00-{id}-00f067aa0ba902b7-01")).as_deref(), Some(id));
-        for bad in [
-            "",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
-        ] {
-            assert_eq!(trace_id(bad), None, "{bad:?}");
-        }
     }
 
     fn recorder(dir: &std::path::Path, bytes: u64, on_full: OnFull) -> Arc<Recorder> {

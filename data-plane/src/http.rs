@@ -1,4 +1,5 @@
-//! The data plane's HTTP surface: readiness, metrics, and the MCP endpoints of [`crate::mcp`].
+//! The data plane's HTTP surface: readiness, metrics ([`crate::telemetry`]), and the MCP
+//! endpoints of [`crate::mcp`].
 
 use std::sync::Arc;
 
@@ -11,12 +12,15 @@ use serde_json::json;
 
 use crate::mcp::gateway::Gateway;
 
-pub fn router(gateway: Arc<Gateway>) -> Router {
-    Router::new()
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
-        .with_state(gateway.clone())
-        .merge(crate::mcp::http::routes(gateway))
+/// `/ready` and the MCP endpoints; with `metrics`, `/metrics` too.
+pub fn router(gateway: Arc<Gateway>, metrics: bool) -> Router {
+    let router = Router::new().route("/ready", get(ready)).with_state(gateway.clone());
+    let router = if metrics {
+        router.merge(reflow_common::telemetry::metrics::router(vec![gateway.telemetry.registry.clone()]))
+    } else {
+        router
+    };
+    router.merge(crate::mcp::http::routes(gateway))
 }
 
 fn rfc3339(at: std::time::SystemTime) -> String {
@@ -75,76 +79,3 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
     }
 }
 
-/// The data plane's state in the Prometheus text format.
-async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
-    use std::fmt::Write as _;
-    let health = gateway.state.health();
-    let stale_seconds =
-        health.stale.as_ref().map_or(0.0, |(since, _)| since.elapsed().unwrap_or_default().as_secs_f64());
-    let mut text = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
-    };
-    metric(
-        "reflow_snapshot_loaded",
-        "gauge",
-        "Whether a snapshot is being served.",
-        u8::from(gateway.state.version().is_some()).to_string(),
-    );
-    metric(
-        "reflow_snapshot_connected",
-        "gauge",
-        "Whether the stream to the control plane is open.",
-        u8::from(health.connected).to_string(),
-    );
-    metric(
-        "reflow_snapshot_stale",
-        "gauge",
-        "Whether the control plane's snapshot cannot be applied (the served one lags).",
-        u8::from(health.stale.is_some()).to_string(),
-    );
-    metric(
-        "reflow_snapshot_stale_seconds",
-        "gauge",
-        "How long the data plane has been stale.",
-        format!("{stale_seconds:.3}"),
-    );
-    metric("reflow_snapshot_rejections_total", "counter", "Snapshot updates rejected.", health.rejections.to_string());
-    metric("reflow_sessions", "gauge", "MCP client sessions held.", gateway.sessions.len().to_string());
-    metric("reflow_stdio_processes", "gauge", "STDIO servers running.", gateway.pool.instances().len().to_string());
-    metric(
-        "reflow_stdio_failed_starts_total",
-        "counter",
-        "STDIO server starts that failed, timed out or were abandoned.",
-        gateway.pool.failed_starts.load(std::sync::atomic::Ordering::Relaxed).to_string(),
-    );
-    metric(
-        "reflow_refused_total",
-        "counter",
-        "MCP requests refused for exceeding a per-identity share (rate, sessions, in flight).",
-        gateway.shares.refused().to_string(),
-    );
-    if let Some(recorder) = gateway.audit() {
-        let audit = recorder.status();
-        metric("reflow_audit_records_total", "counter", "Audit records written.", audit.written.to_string());
-        metric(
-            "reflow_audit_dropped_total",
-            "counter",
-            "Audit records dropped (spool full under drop_oldest, or unreadable).",
-            audit.dropped.to_string(),
-        );
-        metric(
-            "reflow_audit_spool_bytes",
-            "gauge",
-            "Bytes of audit records waiting on disk for the control plane.",
-            audit.spool_bytes.to_string(),
-        );
-        metric(
-            "reflow_audit_refusing",
-            "gauge",
-            "Whether MCP requests are refused because audit records cannot be kept (on_full: refuse).",
-            u8::from(audit.refusing).to_string(),
-        );
-    }
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
-}

@@ -104,6 +104,27 @@ pub fn error(id: Value, code: i64, message: impl Into<String>) -> Value {
 }
 
 /// Whether `message` is a response (result or error) rather than a request or notification.
+/// Sets `params._meta[key]` of a request (params made an object when absent; a request whose
+/// params are an array is left alone).
+pub fn set_meta(message: &mut Value, key: &str, value: &str) {
+    let Some(object) = message.as_object_mut() else { return };
+    let params = object.entry("params").or_insert_with(|| Value::Object(Default::default()));
+    let Some(params) = params.as_object_mut() else { return };
+    let meta = params.entry("_meta").or_insert_with(|| Value::Object(Default::default()));
+    if let Some(meta) = meta.as_object_mut() {
+        meta.insert(key.to_string(), Value::String(value.to_string()));
+    }
+}
+
+/// The `error.type` of an answer: its JSON-RPC error code, or `tool_error` for a tool result
+/// with `isError`.
+pub fn error_type(reply: &Value) -> Option<String> {
+    if let Some(code) = reply.pointer("/error/code").and_then(Value::as_i64) {
+        return Some(code.to_string());
+    }
+    (reply.pointer("/result/isError") == Some(&Value::Bool(true))).then(|| "tool_error".to_string())
+}
+
 pub fn is_response(message: &Value) -> bool {
     message.get("method").is_none() && message.get("id").is_some()
 }

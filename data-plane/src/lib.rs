@@ -27,6 +27,7 @@ pub mod snapshot;
 pub mod spool;
 pub mod state;
 pub mod sync;
+pub mod telemetry;
 pub mod upstream;
 
 use std::path::PathBuf;
@@ -50,6 +51,9 @@ pub struct DataPlane {
     sync: SyncConfig,
     gateway: Arc<Gateway>,
     audit: Option<Arc<audit::Recorder>>,
+    export: Option<Box<reflow_common::telemetry::ExportSettings>>,
+    /// Whether [`DataPlane::router`] serves `/metrics` (not when it has a port of its own).
+    metrics_route: bool,
 }
 
 impl DataPlane {
@@ -73,7 +77,7 @@ impl DataPlane {
             }
         }
         let gateway = Gateway::new(state.clone(), sealer.clone(), McpSettings::default());
-        DataPlane { state, sealer, cache, sync, gateway, audit: None }
+        DataPlane { state, sealer, cache, sync, gateway, audit: None, export: None, metrics_route: true }
     }
 
     /// Replaces the MCP endpoint's settings (before serving).
@@ -96,6 +100,12 @@ impl DataPlane {
         Ok(self)
     }
 
+    /// Exports traces and metrics over OTLP (from [`DataPlane::start_sync`] on).
+    pub fn with_export(mut self, settings: Option<reflow_common::telemetry::ExportSettings>) -> Self {
+        self.export = settings.map(Box::new);
+        self
+    }
+
     /// Moves every finished request's record into the spool: after serving stopped, so a
     /// graceful restart loses none. Blocking.
     pub fn flush_audit(&self) {
@@ -114,9 +124,21 @@ impl DataPlane {
         &self.state
     }
 
-    /// `/ready`, `/mcp` and `/mcp/{target}`.
+    /// `/ready`, `/metrics`, `/mcp` and `/mcp/{target}`.
     pub fn router(&self) -> axum::Router {
-        http::router(self.gateway.clone())
+        http::router(self.gateway.clone(), self.metrics_route)
+    }
+
+    /// Leaves `/metrics` out of [`DataPlane::router`]: it is served elsewhere (a port of its
+    /// own, or beside the control plane's, from [`DataPlane::registry`]).
+    pub fn without_metrics_route(mut self) -> Self {
+        self.metrics_route = false;
+        self
+    }
+
+    /// The data plane's metrics.
+    pub fn registry(&self) -> Arc<reflow_common::telemetry::metrics::Registry> {
+        self.gateway.telemetry.registry.clone()
     }
 
     /// Keeps the snapshot in sync until `shutdown`, and runs the gateway's housekeeping:
@@ -149,6 +171,13 @@ impl DataPlane {
                 recorder.pushed.clone(),
                 shutdown.clone(),
             ));
+        }
+        if let Some(settings) = &self.export {
+            let registry = self.gateway.telemetry.registry.clone();
+            match reflow_common::telemetry::Exporter::start(settings.as_ref().clone(), registry, shutdown.clone()) {
+                Ok(exporter) => self.gateway.telemetry.set_exporter(exporter),
+                Err(error) => tracing::error!(%error, "telemetry cannot be exported"),
+            }
         }
         let report: sync::Report = self.gateway.clone();
         tokio::spawn(sync::run(

@@ -27,6 +27,8 @@ pub struct SyncHealth {
     pub stale: Option<(SystemTime, String)>,
     /// Updates rejected since start.
     pub rejections: u64,
+    /// When the snapshot served now was stored (from the control plane or the cache).
+    pub stored_at: Option<SystemTime>,
 }
 
 impl SnapshotState {
@@ -70,6 +72,7 @@ impl SnapshotState {
 
     pub fn store_arc(&self, snapshot: Arc<DataSnapshot>) {
         self.current.store(Some(snapshot));
+        self.health.lock().unwrap().stored_at = Some(SystemTime::now());
         self.changed.send_modify(|n| *n += 1);
     }
 

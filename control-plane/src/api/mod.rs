@@ -10,6 +10,7 @@ pub mod data_planes;
 pub mod error;
 pub mod extract;
 pub mod logs;
+pub mod observability;
 pub mod policies;
 pub mod targets;
 pub mod users;
@@ -67,6 +68,8 @@ pub struct ApiSettings {
     pub limits: reflow_common::config::LimitsConfig,
     /// Proxies whose `X-Forwarded-For` names the client.
     pub trusted_proxies: Vec<reflow_common::net::Cidr>,
+    /// Whether the router serves `/metrics` (not when it has a port of its own).
+    pub metrics_route: bool,
 }
 
 #[derive(OpenApi)]
@@ -86,6 +89,7 @@ pub struct ApiSettings {
         (name = "policies", description = "Default-deny authorization rules (admin)"),
         (name = "data-planes", description = "Snapshot distribution status (admin)"),
         (name = "logs", description = "The audit trail: one record per MCP request"),
+        (name = "observability", description = "Live activity and current state (admin)"),
         (name = "health", description = "Liveness and readiness")
     )
 )]
@@ -149,6 +153,8 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(data_planes::list))
         .routes(routes!(logs::list))
         .routes(routes!(logs::export))
+        .routes(routes!(observability::feed))
+        .routes(routes!(observability::snapshot))
 }
 
 /// The OpenAPI document, generated from the handlers.
@@ -160,11 +166,17 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub fn router(state: AppState) -> Router {
     let settings = state.settings.clone();
     let hub = state.hub.clone();
+    let registry = hub.observe.registry.clone();
     let (router, openapi) = api_router().with_state(state).split_for_parts();
     let document = Arc::new(openapi.clone());
     let mut router = router
         .route("/openapi.json", get(move || async move { Json(document.as_ref().clone()) }))
         .merge(Scalar::with_url("/docs", openapi))
+        .merge(if settings.metrics_route {
+            reflow_common::telemetry::metrics::router(vec![registry])
+        } else {
+            Router::new()
+        })
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
@@ -173,7 +185,18 @@ pub fn router(state: AppState) -> Router {
             let hub = hub.clone();
             async move {
                 let writes = !matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+                let started = std::time::Instant::now();
+                let (method, route) = if writes {
+                    let route = request.extensions().get::<axum::extract::MatchedPath>();
+                    (request.method().to_string(), route.map_or("unmatched", |r| r.as_str()).to_string())
+                } else {
+                    Default::default()
+                };
                 let response = next.run(request).await;
+                if writes {
+                    let seconds = started.elapsed().as_secs_f64();
+                    hub.observe.admin_write(&method, &route, response.status().as_u16(), seconds);
+                }
                 // Every committed write may change the snapshot; recompiling is cheap when it did not.
                 if writes && response.status().is_success() {
                     hub.changed();

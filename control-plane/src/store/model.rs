@@ -318,6 +318,12 @@ pub struct DataPlaneStatus {
 /// What a data plane reports beyond its processes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PlaneReport {
+    /// MCP client sessions it holds.
+    #[serde(default)]
+    pub sessions: u32,
+    /// Bytes of audit records waiting in its spool for the control plane.
+    #[serde(default)]
+    pub audit_spool_bytes: u64,
     /// Per user: the latest session generation applied, and how many sessions it recycled.
     #[serde(default)]
     pub recycled: Vec<Applied>,

@@ -119,10 +119,15 @@ impl Gateway {
         caller: &Caller,
         target: &Target,
         method: &str,
-        message: Value,
+        mut message: Value,
         mut trail: Trail,
     ) -> Reply {
         let upstream = self.upstream(session, caller, target).await;
+        let leg = trail.leg();
+        if let Some(traceparent) = &leg.traceparent {
+            jsonrpc::set_meta(&mut message, "traceparent", traceparent);
+        }
+        let transport = target.transport_type.as_str();
         if let Some(record) = trail.record() {
             record.credential_source.clone_from(&upstream.injection.token_source);
         }
@@ -163,6 +168,12 @@ impl Gateway {
                 }
             }
             session.inflight.lock().unwrap().remove(&key);
+            let leg_error = match &result {
+                Ok(reply) => jsonrpc::error_type(reply),
+                Err(UpstreamError::Timeout(_)) => Some("timeout".to_string()),
+                Err(_) => Some("upstream_failed".to_string()),
+            };
+            trail.leg_done(leg, &target_name, transport, &method, leg_error);
             let reply = match result {
                 Ok(mut reply) => {
                     gateway.health.ok(&failing.id);

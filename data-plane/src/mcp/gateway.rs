@@ -82,6 +82,8 @@ pub struct Gateway {
     pub recycling: super::recycle::Recycling,
     /// Where finished requests' audit records go; unset when auditing is off.
     pub(super) audit: std::sync::OnceLock<Arc<crate::audit::Recorder>>,
+    /// Metrics and traces of the traffic.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 impl Gateway {
@@ -103,10 +105,13 @@ impl Gateway {
             pool = pool.with_launcher(launcher.clone());
         }
         let pool = Arc::new(pool);
-        Arc::new(Gateway {
+        let telemetry = Arc::new(crate::telemetry::Telemetry::new());
+        let sessions = Sessions::default();
+        sessions.observe_durations(telemetry.session_duration.with(&[]));
+        let gateway = Arc::new(Gateway {
             state,
             sealer,
-            sessions: Sessions::default(),
+            sessions,
             http,
             upstream,
             pool,
@@ -120,8 +125,11 @@ impl Gateway {
             ),
             recycling: Default::default(),
             audit: Default::default(),
+            telemetry,
             settings,
-        })
+        });
+        crate::telemetry::collect_state(&gateway);
+        gateway
     }
 
     /// Audits every MCP request into `recorder` (set once, before serving).
@@ -203,7 +211,7 @@ impl Gateway {
             return Reply::Now(McpError::NotInitialized.into_jsonrpc(id));
         }
         if let Some(spec) = LISTS.iter().find(|s| s.method == method) {
-            return self.list(session, caller, spec, id, params.as_ref()).await;
+            return self.list(session, caller, spec, id, params.as_ref(), trail).await;
         }
         let routed = match method {
             "tools/call" => self.route_named(session, caller, params, Kind::Tool, trail),
@@ -624,6 +632,9 @@ impl crate::sync::Observer for Gateway {
             });
         }
         targets.sort_by(|a, b| a.target_id.cmp(&b.target_id));
-        reflow_proto::snapshot::v1::Status { instances, recycled, restarted, targets }
+        // Rounded to the KiB, so a spool that merely breathes does not make every check a report.
+        let audit_spool_bytes = self.audit().map_or(0, |recorder| recorder.status().spool_bytes / 1024 * 1024);
+        let sessions = self.sessions.len() as u32;
+        reflow_proto::snapshot::v1::Status { instances, recycled, restarted, targets, sessions, audit_spool_bytes }
     }
 }

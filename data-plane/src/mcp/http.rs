@@ -30,6 +30,7 @@ use super::gateway::{Caller, Gateway, Reply, SUPPORTED_VERSIONS};
 use super::session::ClientSession;
 use super::Scope;
 use crate::audit::Trail;
+use reflow_common::telemetry::trace::SpanContext;
 use crate::auth::authenticate;
 use crate::jsonrpc::{self, Message, INVALID_REQUEST, PARSE_ERROR, SERVER_ERROR};
 use reflow_common::server::{read_body, BodyError, BodyTimeout};
@@ -201,15 +202,26 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
         .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, PARSE_ERROR, format!("the body is not valid JSON: {e}")))?;
     let message = Message::classify(value).map_err(Refusal::bad_request)?;
 
-    // From here on, a request is audited: one record, written when the trail is dropped.
-    let mut trail = match (&message, gateway.audit()) {
-        (Message::Request { method, .. }, Some(recorder)) => {
-            let mut trail = recorder.begin(parts.uri.path(), method, started);
+    // From here on, a request has its record: counted, traced and audited when the trail is
+    // dropped.
+    let mut trail = match &message {
+        Message::Request { id, method, params } => {
+            let parent = params
+                .as_ref()
+                .and_then(|p| p.pointer("/_meta/traceparent"))
+                .and_then(Value::as_str)
+                .or_else(|| parts.headers.get("traceparent").and_then(|v| v.to_str().ok()))
+                .and_then(SpanContext::parse);
+            let request_id = Some(match id {
+                Value::String(text) => text.clone(),
+                other => other.to_string(),
+            });
+            let recorder = gateway.audit();
+            let mut trail =
+                Trail::begin(&gateway.telemetry, recorder, parts.uri.path(), method, started, parent, request_id);
             if let Some(record) = trail.record() {
                 record.user_id = Some(caller.user.id.clone());
                 record.snapshot_version = Some(caller.snapshot.version.clone());
-                record.trace_id =
-                    parts.headers.get("traceparent").and_then(|v| v.to_str().ok()).and_then(crate::audit::trace_id);
                 if let Scope::Target(name) = &scope {
                     record.target = Some(name.clone());
                 }
@@ -222,7 +234,12 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
         }
         _ => Trail::off(),
     };
-    let exchanged = exchange(&gateway, scope, caller, &parts, message, (accepts_sse, accepts_json), &mut trail).await;
+    let span = trail.trace_id().map(|trace_id| tracing::info_span!("mcp", trace_id = %trace_id));
+    let exchanging = exchange(&gateway, scope, caller, &parts, message, (accepts_sse, accepts_json), &mut trail);
+    let exchanged = match span {
+        Some(span) => tracing::Instrument::instrument(exchanging, span).await,
+        None => exchanging.await,
+    };
     if let Err(refusal) = &exchanged {
         trail.refused(refusal.status.as_u16(), refusal.code);
     }

@@ -16,6 +16,7 @@ use super::merged::{CachedList, ListKey, Merged};
 use super::names;
 use super::session::ClientSession;
 use super::Scope;
+use crate::audit::{LegStart, Trail};
 use crate::jsonrpc;
 use crate::snapshot::DataSnapshot;
 use crate::upstream::UpstreamError;
@@ -88,6 +89,7 @@ impl Gateway {
         spec: &'static ListSpec,
         id: Value,
         params: Option<&Value>,
+        trail: &mut Trail,
     ) -> Reply {
         if let Some(cursor) = params.and_then(|p| p.get("cursor")).filter(|c| !c.is_null()) {
             let lists = session.lists.lock().unwrap();
@@ -115,7 +117,7 @@ impl Gateway {
             Some(merged) => merged,
             None => {
                 let epochs = self.merged.epochs(targets.iter().map(|t| t.name.as_str()));
-                let (merged, complete) = self.merge(session, caller, spec, &targets).await;
+                let (merged, complete) = self.merge(session, caller, spec, &targets, trail).await;
                 let merged = Arc::new(merged);
                 // A merge that finished after the snapshot moved on is served, never kept.
                 if let (Some(key), true, false) = (key, complete, self.snapshot_moved_on(caller)) {
@@ -148,10 +150,14 @@ impl Gateway {
         caller: &Caller,
         spec: &'static ListSpec,
         targets: &[&Target],
+        trail: &mut Trail,
     ) -> (Merged, bool) {
-        let fetches = targets.iter().map(|target| async move {
-            let fetched =
-                tokio::time::timeout(self.settings.list_timeout, self.fetch_all(session, caller, target, spec)).await;
+        // One leg (a client span) per target, whatever pages it takes.
+        let legs: Vec<LegStart> = targets.iter().map(|_| trail.leg()).collect();
+        let fetches = targets.iter().zip(&legs).map(|(target, leg)| async move {
+            let traceparent = leg.traceparent.as_deref();
+            let fetch = self.fetch_all(session, caller, target, spec, traceparent);
+            let fetched = tokio::time::timeout(self.settings.list_timeout, fetch).await;
             (*target, fetched.unwrap_or(Err(UpstreamError::Timeout(self.settings.list_timeout))))
         });
         let results = futures::future::join_all(fetches).await;
@@ -162,7 +168,13 @@ impl Gateway {
         // The targets whose items are in the merge: one that failed is not, so sessions are told
         // when it comes up (a STDIO server still starting, say).
         let mut sources = Vec::with_capacity(results.len());
-        for (target, result) in results {
+        for ((target, result), leg) in results.into_iter().zip(legs) {
+            let error = match &result {
+                Ok(_) => None,
+                Err(UpstreamError::Timeout(_)) => Some("timeout".to_string()),
+                Err(_) => Some("upstream_failed".to_string()),
+            };
+            trail.leg_done(leg, &target.name, target.transport_type.as_str(), spec.method, error);
             let raw = match result {
                 Ok(raw) => {
                     self.health.ok(&target.id);
@@ -203,6 +215,7 @@ impl Gateway {
         caller: &Caller,
         target: &Target,
         spec: &ListSpec,
+        traceparent: Option<&str>,
     ) -> Result<Vec<Value>, UpstreamError> {
         let upstream = self.upstream(session, caller, target).await;
         let initialized = upstream.initialize_result().await?;
@@ -213,8 +226,11 @@ impl Gateway {
         let mut cursor: Option<String> = None;
         for _ in 0..MAX_UPSTREAM_PAGES {
             let params = cursor.as_ref().map(|c| json!({"cursor": c}));
-            let reply =
-                upstream.request(&jsonrpc::request(json!(session.next_id("list")), spec.method, params), None).await?;
+            let mut request = jsonrpc::request(json!(session.next_id("list")), spec.method, params);
+            if let Some(traceparent) = traceparent {
+                jsonrpc::set_meta(&mut request, "traceparent", traceparent);
+            }
+            let reply = upstream.request(&request, None).await?;
             let Some(result) = reply.get("result") else {
                 return Err(UpstreamError::Refused(format!("{} failed: {}", spec.method, reply["error"]["message"])));
             };

@@ -66,6 +66,8 @@ pub struct ClientSession {
     /// The client's `clientInfo` name and version, for audit records.
     pub client: OnceLock<(Box<str>, Box<str>)>,
     last_used: Mutex<Instant>,
+    /// When the session was opened.
+    pub opened: Instant,
     /// Messages for the client outside any POST stream; made on first use (most sessions
     /// never need one, and its buffer is most of an idle session's memory).
     outbound: OnceLock<Outbound>,
@@ -104,6 +106,7 @@ impl ClientSession {
             upstream_params: OnceLock::new(),
             client: OnceLock::new(),
             last_used: Mutex::new(Instant::now()),
+            opened: Instant::now(),
             outbound: OnceLock::new(),
             upstreams: tokio::sync::Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
@@ -211,8 +214,17 @@ pub struct Sessions {
     map: Mutex<SessionMap>,
 }
 
+impl Sessions {
+    /// Observes each session's lifetime into `durations` when it is removed.
+    pub fn observe_durations(&self, durations: Arc<reflow_common::telemetry::metrics::Histogram>) {
+        self.map.lock().unwrap().durations = Some(durations);
+    }
+}
+
 #[derive(Debug, Default)]
 struct SessionMap {
+    /// Session lifetimes, observed on removal.
+    durations: Option<Arc<reflow_common::telemetry::metrics::Histogram>>,
     by_id: HashMap<String, Arc<ClientSession>>,
     per_user: HashMap<String, usize>,
     /// Why recently closed sessions were closed by the gateway (the last [`MAX_CLOSED`]), so
@@ -252,6 +264,9 @@ const MAX_CLOSED: usize = 1024;
 impl SessionMap {
     fn remove(&mut self, id: &str) -> Option<Arc<ClientSession>> {
         let session = self.by_id.remove(id)?;
+        if let Some(durations) = &self.durations {
+            durations.observe(session.opened.elapsed().as_secs_f64());
+        }
         if let Some(count) = self.per_user.get_mut(&session.user_id) {
             *count -= 1;
             if *count == 0 {

@@ -97,6 +97,16 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// Reads a response body whole, but never more than `limit` bytes.
+/// The trace context a message carries in `params._meta.traceparent`, also as the HTTP header
+/// (W3C Trace Context), for upstreams that trace at the transport.
+pub(crate) fn with_traceparent(request: reqwest::RequestBuilder, message: &Value) -> reqwest::RequestBuilder {
+    let context = message.pointer("/params/_meta/traceparent").and_then(Value::as_str);
+    match context.and_then(reflow_common::telemetry::trace::SpanContext::parse) {
+        Some(context) => request.header("traceparent", context.traceparent()),
+        None => request,
+    }
+}
+
 pub(crate) async fn read_capped(response: reqwest::Response, limit: usize) -> Result<Vec<u8>, UpstreamError> {
     if response.content_length().is_some_and(|length| length > limit as u64) {
         return Err(UpstreamError::TooLarge(limit));

@@ -136,10 +136,8 @@ impl Connection {
     }
 
     pub async fn send(&self, message: &Value) -> Result<(), UpstreamError> {
-        let response = self
-            .http
-            .post(self.post_url.clone())
-            .headers(self.headers.clone())
+        let request = self.http.post(self.post_url.clone()).headers(self.headers.clone());
+        let response = super::with_traceparent(request, message)
             .json(message)
             .send()
             .await

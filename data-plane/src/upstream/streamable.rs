@@ -78,12 +78,13 @@ impl Connection {
 
     async fn post(&self, message: &Value, sink: Option<&Sink>) -> Result<Posted, UpstreamError> {
         let body = serde_json::to_vec(message).expect("a JSON value serialises");
-        let response = self
+        let request = self
             .http
             .post(self.url.clone())
             .headers(self.headers.clone())
             .header(header::CONTENT_TYPE, "application/json")
-            .header(header::ACCEPT, ACCEPT_BOTH)
+            .header(header::ACCEPT, ACCEPT_BOTH);
+        let response = super::with_traceparent(request, message)
             .body(body)
             .send()
             .await
