@@ -133,9 +133,11 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
     // One process, one /metrics: both planes' families (their names do not overlap).
     let control_plane = control_plane.without_metrics_route();
     let registries = vec![data_plane.registry(), control_plane.registry()];
-    data_plane = data_plane
-        .without_metrics_route()
-        .with_export(reflow_common::telemetry::ExportSettings::from_config(&config.telemetry, "data-plane", "local"));
+    data_plane = data_plane.without_metrics_route().with_export(reflow_common::telemetry::ExportSettings::from_config(
+        &config.telemetry,
+        "data-plane",
+        "local",
+    ));
     crate::export_metrics(&config, "control-plane", "local", control_plane.registry(), shutdown.clone())?;
     let metrics = match config.telemetry.metrics_port {
         Some(port) => {

@@ -2,8 +2,8 @@
 //! bodies its users' scripts and web UI send, checking each status and answer shape; this
 //! project's own spellings of the same operations beside it; and bad input in either spelling.
 //!
-//! [`ORIGINAL`] lists the original's operations (its telemetry endpoints come with that
-//! capability); the walk records every operation it calls and must cover them all.
+//! [`ORIGINAL`] lists the original's operations; the walk records every operation it calls and
+//! must cover them all.
 
 mod support;
 
@@ -58,6 +58,8 @@ const ORIGINAL: &[(&str, &str)] = &[
     ("GET", "/api/targets/{id}/env"),
     ("GET", "/api/targets/{id}/env/resolve"),
     ("GET", "/api/logs"),
+    ("GET", "/api/observability/ws"),
+    ("GET", "/api/observability/snapshot"),
     ("POST", "/mcp"),
     ("GET", "/mcp"),
     ("DELETE", "/mcp"),
@@ -515,6 +517,17 @@ fn every_operation_of_the_original_works_as_written() {
     };
     has_fields(&logged, REQUEST_LOG);
     assert_eq!((logged["method"].as_str(), logged["response_status"].as_u64()), (Some("initialize"), Some(200)));
+
+    // The original's observability endpoints: current activity, and the live feed (a WebSocket,
+    // driven in e2e/tests/telemetry.rs; a plain GET is told what it is).
+    let path = "/api/observability/snapshot";
+    let activity = api.expect(200, "GET", path, path, &token, None);
+    has_fields(&activity, &["data_planes", "sessions", "stdio_processes", "recent_requests", "error_rates"]);
+    let recent = activity["recent_requests"].as_array().unwrap();
+    assert!(recent.iter().any(|r| r["session_id"] == session.as_str() && r["method"] == "initialize"), "{activity}");
+    let path = "/api/observability/ws";
+    let plain = api.expect(400, "GET", path, path, &token, None);
+    assert!(plain.to_string().contains("WebSocket"), "{plain}");
 
     // The OpenAPI document describes both spellings.
     let (_, openapi) = api.call("GET", "", "/openapi.json", None, None);

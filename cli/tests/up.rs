@@ -227,3 +227,34 @@ fn committed_openapi_document_matches_the_code() {
         "docs/openapi.json is out of date: run `cargo run -p reflow -- openapi > docs/openapi.json`"
     );
 }
+
+#[test]
+fn metrics_of_both_planes_are_served_on_the_main_port_or_a_port_of_their_own() {
+    let work = tempfile::tempdir().unwrap();
+    let client = reqwest::blocking::Client::new();
+    let families = |text: &str| {
+        for family in ["# TYPE mcp_requests_total counter", "# TYPE reflow_snapshot_compiles_total counter"] {
+            assert!(text.contains(family), "{family} in {text}");
+        }
+    };
+
+    let port = free_port();
+    let data = work.path().join("one");
+    let running = Running::start(&["up", "--data-dir", data.to_str().unwrap()], port, work.path(), &[]);
+    let response = client.get(format!("{}/metrics", running.base)).send().unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    families(&response.text().unwrap());
+    assert!(running.stop().success());
+
+    let (port, metrics_port) = (free_port(), free_port());
+    let config = work.path().join("metrics.yaml");
+    std::fs::write(&config, format!("telemetry: {{ metrics_port: {metrics_port} }}\n")).unwrap();
+    let data = work.path().join("two");
+    let args = ["up", "--config", config.to_str().unwrap(), "--data-dir", data.to_str().unwrap()];
+    let running = Running::start(&args, port, work.path(), &[]);
+    assert_eq!(client.get(format!("{}/metrics", running.base)).send().unwrap().status().as_u16(), 404);
+    let response = client.get(format!("http://127.0.0.1:{metrics_port}/metrics")).send().unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    families(&response.text().unwrap());
+    assert!(running.stop().success());
+}

@@ -831,8 +831,12 @@ impl Config {
         }
         if telemetry.enabled {
             let endpoint = telemetry.endpoint.trim();
-            let rest = endpoint.strip_prefix("http://").or_else(|| endpoint.strip_prefix("https://")).unwrap_or(endpoint);
-            if rest.is_empty() || rest.contains(char::is_whitespace) || endpoint.contains("://") && !endpoint.starts_with("http") {
+            let rest =
+                endpoint.strip_prefix("http://").or_else(|| endpoint.strip_prefix("https://")).unwrap_or(endpoint);
+            if rest.is_empty()
+                || rest.contains(char::is_whitespace)
+                || endpoint.contains("://") && !endpoint.starts_with("http")
+            {
                 return Err(ConfigError::new(
                     "telemetry.endpoint",
                     "must be host:port, http://host:port or https://host:port",

@@ -222,7 +222,8 @@ impl Observe {
             "How many snapshot versions this replica has published (versions are content hashes: see reflow_snapshot_info).",
             &[],
         );
-        let info = r.gauge("reflow.snapshot.info", "The snapshot version served (1 for the current one).", &["version"]);
+        let info =
+            r.gauge("reflow.snapshot.info", "The snapshot version served (1 for the current one).", &["version"]);
         let connected = r.gauge("reflow.data_planes.connected", "Data planes connected to this replica.", &[]);
         let behind = r.gauge(
             "reflow.data_planes.behind",
@@ -332,5 +333,51 @@ pub struct Following {
 impl Drop for Following {
     fn drop(&mut self) {
         self.observe.planes.lock().unwrap().remove(&self.stream);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(i: u64) -> reflow_proto::audit::AuditRecord {
+        let mut record = reflow_proto::audit::AuditRecord::new(
+            format!("{i:032x}"),
+            "dp".into(),
+            chrono::Utc::now(),
+            "/mcp".into(),
+            "tools/call".into(),
+        );
+        record.target = Some(if i % 4 == 0 { "flaky" } else { "steady" }.into());
+        record.outcome = if i % 4 == 0 { "upstream_failed" } else { "answered" }.into();
+        record
+    }
+
+    #[test]
+    fn a_viewer_that_never_reads_holds_a_bounded_backlog_and_learns_what_it_lost() {
+        let observe = Observe::new();
+        let mut stalled = observe.feed.subscribe();
+        for i in 0..10_000 {
+            observe.ingested(1, &[record(i)]);
+        }
+        // The channel is a ring of FEED_CAPACITY slots: the viewer is told what it lost, and no
+        // more than the capacity is left waiting for it.
+        match stalled.try_recv() {
+            Err(broadcast::error::TryRecvError::Lagged(missed)) => assert_eq!(missed, 10_000 - FEED_CAPACITY as u64),
+            other => panic!("expected a lag: {other:?}"),
+        }
+        assert_eq!(stalled.len(), FEED_CAPACITY, "no more than the capacity waits for it");
+        // What is left is the newest events, in order.
+        let first: serde_json::Value = serde_json::from_str(&stalled.try_recv().unwrap()).unwrap();
+        assert_eq!(first["type"], "request");
+        assert_eq!(observe.feed.recent(usize::MAX).len(), RECENT);
+
+        let rates = observe.feed.error_rates();
+        assert_eq!(rates.overall.requests, RECENT as u64);
+        assert_eq!(rates.by_target["flaky"].errors, rates.by_target["flaky"].requests);
+        assert_eq!(rates.by_target["steady"].errors, 0);
+        let text = observe.registry.prometheus();
+        assert!(text.contains("reflow_audit_ingested_records_total 10000\n"), "{text}");
+        assert!(text.contains("reflow_feed_viewers 1\n"), "{text}");
     }
 }

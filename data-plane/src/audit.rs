@@ -353,7 +353,14 @@ impl Trail {
     }
 
     /// An upstream exchange ended; `error` is its `error.type` when it failed.
-    pub fn leg_done(&mut self, leg: LegStart, target: &str, transport: &'static str, method: &str, error: Option<String>) {
+    pub fn leg_done(
+        &mut self,
+        leg: LegStart,
+        target: &str,
+        transport: &'static str,
+        method: &str,
+        error: Option<String>,
+    ) {
         let Some(open) = &mut self.0 else { return };
         open.telemetry.upstream(target, method, leg.started.elapsed().as_secs_f64(), error.as_deref());
         let exported = open.trace.is_some_and(|t| t.own && t.context.sampled) && open.telemetry.exporter().is_some();
@@ -444,13 +451,12 @@ impl Drop for Trail {
         open.telemetry.finish(record, elapsed.as_secs_f64(), error_type.as_deref());
         if let (Some(trace), Some(exporter)) = (open.trace, open.telemetry.exporter()) {
             if trace.own && trace.context.sampled {
-                let end = open.wall + elapsed;
+                let (start, end, legs) = (open.wall, open.wall + elapsed, &open.legs);
                 let request_id = open.request_id.as_deref();
-                for span in
-                    crate::telemetry::spans(record, &trace, open.wall, end, error_type.as_deref(), request_id, &open.legs)
-                {
-                    exporter.record(span);
-                }
+                let error = error_type.as_deref();
+                exporter.record(1 + legs.len(), || {
+                    crate::telemetry::spans(record, &trace, start, end, error, request_id, legs)
+                });
             }
         }
         if let Some(recorder) = &open.recorder {

@@ -78,4 +78,3 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
         }
     }
 }
-

@@ -145,7 +145,11 @@ impl Telemetry {
                 let sampled = parent.map_or_else(|| exporter.sample(), |p| p.sampled);
                 let trace_id = parent.map_or_else(reflow_common::telemetry::trace::new_trace_id, |p| p.trace_id);
                 let span_id = reflow_common::telemetry::trace::new_span_id();
-                Some(Trace { context: SpanContext { trace_id, span_id, sampled }, parent: parent.map(|p| p.span_id), own: true })
+                Some(Trace {
+                    context: SpanContext { trace_id, span_id, sampled },
+                    parent: parent.map(|p| p.span_id),
+                    own: true,
+                })
             }
             (None, Some(parent)) => Some(Trace { context: parent, parent: None, own: false }),
             (None, None) => None,
@@ -321,7 +325,8 @@ pub fn collect_state(gateway: &Arc<crate::mcp::gateway::Gateway>) {
     let counter = |name, help| r.counter(name, help, &[]);
     let loaded = gauge("reflow.snapshot.loaded", "Whether a snapshot is being served.");
     let connected = gauge("reflow.snapshot.connected", "Whether the stream to the control plane is open.");
-    let stale = gauge("reflow.snapshot.stale", "Whether the control plane's snapshot cannot be applied (the served one lags).");
+    let stale =
+        gauge("reflow.snapshot.stale", "Whether the control plane's snapshot cannot be applied (the served one lags).");
     let stale_seconds = gauge("reflow.snapshot.stale_seconds", "How long the data plane has been stale.");
     let age = gauge("reflow.snapshot.age_seconds", "Seconds since the snapshot served was stored.");
     let rejections = counter("reflow.snapshot.rejections_total", "Snapshot updates rejected.");

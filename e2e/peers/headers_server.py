@@ -1,9 +1,10 @@
-"""An MCP server (Python SDK MCPServer) whose `headers` tool returns the HTTP headers it received.
+"""An MCP server (Python SDK MCPServer) whose `headers` tool returns the HTTP headers it received,
+and whose `meta` tool returns the request's `_meta`.
 
     python headers_server.py PORT
 
 Serves http://127.0.0.1:PORT/mcp. Lets tests see exactly what the gateway sends upstream:
-injected credentials, and never the client's own token.
+injected credentials, never the client's own token, and the trace context.
 """
 
 import json
@@ -18,6 +19,12 @@ server = MCPServer("reflow-headers-server", version="0.1.0")
 def headers(ctx: Context) -> str:
     """Return the request headers as JSON."""
     return json.dumps(dict(ctx.headers or {}), sort_keys=True)
+
+
+@server.tool()
+def meta(ctx: Context) -> str:
+    """Return the request's _meta as JSON."""
+    return json.dumps(dict(ctx.request_context.meta or {}), sort_keys=True, default=str)
 
 
 @server.tool()

@@ -242,10 +242,63 @@ async fn three_ways(
 /// (their order alternating), so the ratios come from one run; then what one record costs in
 /// the spool, from the audited data plane's `/ready`.
 pub async fn audit_cost(program: &Path, levels: &[usize], duration: Duration) -> anyhow::Result<Vec<Value>> {
+    let on = Gateway::start_external_audited(program).await?;
+    let (mut results, on) = on_off(program, "audit", on, levels, duration).await?;
+    let ready: Value = reqwest::get(format!("{}/ready", on.mcp)).await?.json().await?;
+    let audit = &ready["audit"];
+    let (bytes, records) =
+        (audit["spooled_bytes"].as_f64().unwrap_or(0.0), audit["spooled_records"].as_f64().unwrap_or(0.0));
+    anyhow::ensure!(records > 0.0, "the audited data plane spooled no record: {ready}");
+    results.push(json!({
+        "scenario": "audit_spool",
+        "records": records,
+        "bytes_per_record": bytes / records,
+        "dropped": audit["dropped"],
+    }));
+    on.stop().await;
+    Ok(results)
+}
+
+/// tools/call through a data plane exporting telemetry (every trace sampled) to a collector
+/// that accepts connections and never answers, against one without telemetry: the exporter
+/// must cost calls nothing while it waits and drops. Then what the exporter counted.
+pub async fn telemetry_cost(program: &Path, levels: &[usize], duration: Duration) -> anyhow::Result<Vec<Value>> {
+    // A black hole: connections are taken and held, nothing is ever read or answered.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = format!("http://{}", hole.local_addr()?);
+    let held = tokio::spawn(async move {
+        let mut connections = Vec::new();
+        while let Ok((connection, _)) = hole.accept().await {
+            connections.push(connection);
+        }
+    });
+    let on = Gateway::start_external_exporting(program, &endpoint).await?;
+    let (mut results, on) = on_off(program, "telemetry", on, levels, duration).await?;
+    let metrics = reqwest::get(format!("{}/metrics", on.mcp)).await?.text().await?;
+    let read =
+        |name: &str| metrics.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok()).unwrap_or(f64::NAN);
+    let (dropped, failures) =
+        (read("reflow_telemetry_spans_dropped_total "), read("reflow_telemetry_export_failures_total "));
+    anyhow::ensure!(read("reflow_telemetry_spans_exported_total ") == 0.0, "a black hole took spans");
+    results.push(json!({"scenario": "telemetry_export", "spans_dropped": dropped, "export_failures": failures}));
+    on.stop().await;
+    held.abort();
+    Ok(results)
+}
+
+/// Drives the fast upstream's `echo` through a plain data plane ("off") and `on` at each
+/// concurrency level in turn (their order alternating), so the ratios come from one run;
+/// returns a row per level, and `on` for what the scenario reads of it after.
+pub async fn on_off(
+    program: &Path,
+    scenario: &str,
+    on: Gateway,
+    levels: &[usize],
+    duration: Duration,
+) -> anyhow::Result<(Vec<Value>, Gateway)> {
     let (_fast, fast_port) = spawn_server(program, "fast upstream", &["serve-fast-upstream", "--tools", "1"]).await?;
     let fast = format!("http://127.0.0.1:{fast_port}/mcp");
     let off = Gateway::start_external(program).await?;
-    let on = Gateway::start_external_audited(program).await?;
     for gateway in [&off, &on] {
         gateway.target("fast", "streamable-http", &fast).await?;
         gateway.allow_everyone().await?;
@@ -268,7 +321,7 @@ pub async fn audit_cost(program: &Path, levels: &[usize], duration: Duration) ->
         };
         let cpu = |run: &Run| run.cpu_us_per_call.unwrap_or(f64::NAN);
         results.push(json!({
-            "scenario": "audit",
+            "scenario": scenario,
             "concurrency": concurrency,
             "off_rps": off_run.rps,
             "on_rps": on_run.rps,
@@ -280,18 +333,6 @@ pub async fn audit_cost(program: &Path, levels: &[usize], duration: Duration) ->
             "off_p50_ms": percentile(&off_run.latencies, 50.0),
         }));
     }
-    let ready: Value = reqwest::get(format!("{}/ready", on.mcp)).await?.json().await?;
-    let audit = &ready["audit"];
-    let (bytes, records) =
-        (audit["spooled_bytes"].as_f64().unwrap_or(0.0), audit["spooled_records"].as_f64().unwrap_or(0.0));
-    anyhow::ensure!(records > 0.0, "the audited data plane spooled no record: {ready}");
-    results.push(json!({
-        "scenario": "audit_spool",
-        "records": records,
-        "bytes_per_record": bytes / records,
-        "dropped": audit["dropped"],
-    }));
     off.stop().await;
-    on.stop().await;
-    Ok(results)
+    Ok((results, on))
 }

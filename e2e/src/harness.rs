@@ -282,28 +282,49 @@ impl Gateway {
     }
 
     pub async fn start_with(settings: McpSettings) -> anyhow::Result<Gateway> {
-        Gateway::launch(settings, None, false).await
+        Gateway::launch(settings, None, false, None).await
+    }
+
+    /// [`Gateway::start_with`], with the data plane exporting traces and metrics over OTLP as
+    /// `export` says, and auditing when `audit`.
+    pub async fn start_exporting(
+        settings: McpSettings,
+        export: reflow_common::telemetry::ExportSettings,
+        audit: bool,
+    ) -> anyhow::Result<Gateway> {
+        Gateway::launch(settings, None, audit, Some(export)).await
     }
 
     /// [`Gateway::start_with`], with the data plane keeping an audit trail (spooled in the
     /// gateway's directory, shipped to its control plane): see [`Gateway::audit_records`].
     pub async fn start_audited(settings: McpSettings) -> anyhow::Result<Gateway> {
-        Gateway::launch(settings, None, true).await
+        Gateway::launch(settings, None, true, None).await
     }
 
     /// A gateway whose data plane is a separate process: `program serve-data-plane …` (the
     /// benchmark's own binary, which runs [`run_data_plane`]). The control plane stays here.
     pub async fn start_external(program: &Path) -> anyhow::Result<Gateway> {
-        Gateway::launch(McpSettings::default(), Some(program), false).await
+        Gateway::launch(McpSettings::default(), Some(program), false, None).await
     }
 
     /// [`Gateway::start_external`] with the data plane keeping an audit trail, shipped to the
     /// control plane (the default of `reflow data-plane`).
     pub async fn start_external_audited(program: &Path) -> anyhow::Result<Gateway> {
-        Gateway::launch(McpSettings::default(), Some(program), true).await
+        Gateway::launch(McpSettings::default(), Some(program), true, None).await
     }
 
-    async fn launch(mut settings: McpSettings, external: Option<&Path>, audit: bool) -> anyhow::Result<Gateway> {
+    /// [`Gateway::start_external`] with the data plane exporting traces and metrics over
+    /// OTLP/gRPC to `endpoint` (`http://…`).
+    pub async fn start_external_exporting(program: &Path, endpoint: &str) -> anyhow::Result<Gateway> {
+        Gateway::launch(McpSettings::default(), Some(program), false, Some(otlp_settings(endpoint, "bench"))).await
+    }
+
+    async fn launch(
+        mut settings: McpSettings,
+        external: Option<&Path>,
+        audit: bool,
+        export: Option<reflow_common::telemetry::ExportSettings>,
+    ) -> anyhow::Result<Gateway> {
         if settings.stdio_launcher.is_none() {
             settings.stdio_launcher = Some(stdio_launcher());
         }
@@ -337,7 +358,8 @@ impl Gateway {
         let grpc = sync.control_plane.clone();
         let (data_plane, mcp) = match external {
             None => {
-                let mut data_plane = DataPlane::new(sync, Some(dir.path().join("cache"))).with_mcp(settings);
+                let mut data_plane =
+                    DataPlane::new(sync, Some(dir.path().join("cache"))).with_mcp(settings).with_export(export);
                 if audit {
                     data_plane = data_plane.with_audit(&audit_settings(&dir.path().join("audit")))?;
                 }
@@ -354,6 +376,9 @@ impl Gateway {
                     .args(["--listen", &format!("127.0.0.1:{port}")]);
                 if audit {
                     command.arg("--audit");
+                }
+                if let Some(export) = &export {
+                    command.args(["--otlp", &export.endpoint]);
                 }
                 let mut process = Process::spawn("data plane", &mut command)?;
                 process.wait_for_port(port, Duration::from_secs(30)).await?;
@@ -413,6 +438,21 @@ impl Gateway {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The control plane, which runs in this process.
+    pub fn control_plane(&self) -> &reflow_control_plane::ControlPlane {
+        &self.control_plane
+    }
+
+    /// The data plane's and the control plane's `/metrics`, one after the other.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let mut text = String::new();
+        for base in [&self.mcp, &self.api] {
+            let response = self.http.get(format!("{base}/metrics")).send().await?.error_for_status()?;
+            text.push_str(&response.text().await?);
+        }
+        Ok(text)
     }
 
     /// The data plane, when it runs in this process.
@@ -584,7 +624,27 @@ impl Drop for Gateway {
 
 /// A data plane serving on `listen`, synced from `control_plane`, logging like `reflow
 /// data-plane` does (info to stderr): the body of the benchmark's separate data-plane process.
-pub async fn run_data_plane(control_plane: &str, token: &str, listen: &str, audit: bool) -> anyhow::Result<()> {
+/// Export settings for OTLP/gRPC to `endpoint` (plain text, every trace sampled, metrics
+/// pushed every second).
+pub fn otlp_settings(endpoint: &str, instance: &str) -> reflow_common::telemetry::ExportSettings {
+    let config = reflow_common::config::TelemetryConfig {
+        enabled: true,
+        endpoint: endpoint.to_string(),
+        service_name: "reflow-e2e".into(),
+        export_interval: Duration::from_secs(1),
+        export_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    reflow_common::telemetry::ExportSettings::from_config(&config, "data-plane", instance).expect("enabled")
+}
+
+pub async fn run_data_plane(
+    control_plane: &str,
+    token: &str,
+    listen: &str,
+    audit: bool,
+    otlp: Option<&str>,
+) -> anyhow::Result<()> {
     let _logs = reflow_common::logging::init(&reflow_common::config::Config::default())?;
     let dir = tempfile::tempdir()?;
     let sync = SyncConfig {
@@ -598,7 +658,9 @@ pub async fn run_data_plane(control_plane: &str, token: &str, listen: &str, audi
     };
     // The benchmark drives one user at full speed: no per-identity shares.
     let settings = McpSettings::default().with_stdio_launcher(std::env::current_exe()?).without_shares();
-    let mut data_plane = DataPlane::new(sync, Some(dir.path().join("cache"))).with_mcp(settings);
+    let mut data_plane = DataPlane::new(sync, Some(dir.path().join("cache")))
+        .with_mcp(settings)
+        .with_export(otlp.map(|endpoint| otlp_settings(endpoint, "bench")));
     if audit {
         data_plane = data_plane.with_audit(&audit_settings(&dir.path().join("audit")))?;
     }

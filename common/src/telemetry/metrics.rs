@@ -22,8 +22,9 @@ pub const MAX_SERIES: usize = 1000;
 pub const OVERFLOW: &str = "_other";
 
 /// Histogram bounds for request durations, in seconds (the semantic conventions' advice).
-pub const DURATION_BUCKETS: &[f64] =
-    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0, 300.0];
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0, 300.0,
+];
 
 /// Histogram bounds for session lifetimes, in seconds.
 pub const SESSION_BUCKETS: &[f64] = &[1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0];
@@ -113,7 +114,11 @@ impl Histogram {
 impl Cell for Histogram {
     const KIND: &'static str = "histogram";
     fn new(bounds: &'static [f64]) -> Self {
-        Histogram { bounds, counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(), sum_micros: AtomicU64::new(0) }
+        Histogram {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+        }
     }
 }
 
@@ -212,8 +217,11 @@ fn escape(value: &str) -> String {
 }
 
 fn label_text(names: &[&str], values: &[Box<str>], extra: Option<(&str, &str)>) -> String {
-    let mut pairs: Vec<String> =
-        names.iter().zip(values).map(|(name, value)| format!("{}=\"{}\"", name.replace('.', "_"), escape(value))).collect();
+    let mut pairs: Vec<String> = names
+        .iter()
+        .zip(values)
+        .map(|(name, value)| format!("{}=\"{}\"", name.replace('.', "_"), escape(value)))
+        .collect();
     if let Some((name, value)) = extra {
         pairs.push(format!("{name}=\"{value}\""));
     }
@@ -241,29 +249,47 @@ trait Collect: Send + Sync {
     fn otlp(&self, start: u64, now: u64) -> otlp::Metric;
 }
 
-impl Collect for Family<Counter> {
-    fn prometheus(&self, out: &mut String) {
+impl<C: Cell> Family<C> {
+    /// A counter's or gauge's text: a line per series (a counter without labels shows 0 before
+    /// its first count).
+    fn scalar_text(&self, out: &mut String, value: impl Fn(&C) -> String) {
         let name = self.prometheus_name();
-        let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} counter", self.help);
-        if self.labels.is_empty() && self.series_count() == 0 {
+        let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} {}", self.help, C::KIND);
+        if C::KIND == "counter" && self.labels.is_empty() && self.series_count() == 0 {
             let _ = writeln!(out, "{name} 0");
         }
         self.each(|labels, cell| {
-            let _ = writeln!(out, "{name}{} {}", label_text(self.labels, labels, None), cell.get());
+            let _ = writeln!(out, "{name}{} {}", label_text(self.labels, labels, None), value(cell));
         });
     }
 
-    fn otlp(&self, start: u64, now: u64) -> otlp::Metric {
+    fn number_points(
+        &self,
+        start: u64,
+        now: u64,
+        value: impl Fn(&C) -> otlp::number_data_point::Value,
+    ) -> Vec<otlp::NumberDataPoint> {
         let mut points = Vec::new();
         self.each(|labels, cell| {
             points.push(otlp::NumberDataPoint {
                 attributes: attributes(self.labels, labels),
                 start_time_unix_nano: start,
                 time_unix_nano: now,
-                value: Some(otlp::number_data_point::Value::AsInt(cell.get() as i64)),
+                value: Some(value(cell)),
                 ..Default::default()
             });
         });
+        points
+    }
+}
+
+impl Collect for Family<Counter> {
+    fn prometheus(&self, out: &mut String) {
+        self.scalar_text(out, |cell| cell.get().to_string());
+    }
+
+    fn otlp(&self, start: u64, now: u64) -> otlp::Metric {
+        let points = self.number_points(start, now, |cell| otlp::number_data_point::Value::AsInt(cell.get() as i64));
         metric(
             self,
             otlp::metric::Data::Sum(otlp::Sum {
@@ -277,23 +303,11 @@ impl Collect for Family<Counter> {
 
 impl Collect for Family<Gauge> {
     fn prometheus(&self, out: &mut String) {
-        let name = self.prometheus_name();
-        let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} gauge", self.help);
-        self.each(|labels, cell| {
-            let _ = writeln!(out, "{name}{} {}", label_text(self.labels, labels, None), cell.get());
-        });
+        self.scalar_text(out, |cell| cell.get().to_string());
     }
 
     fn otlp(&self, _start: u64, now: u64) -> otlp::Metric {
-        let mut points = Vec::new();
-        self.each(|labels, cell| {
-            points.push(otlp::NumberDataPoint {
-                attributes: attributes(self.labels, labels),
-                time_unix_nano: now,
-                value: Some(otlp::number_data_point::Value::AsDouble(cell.get())),
-                ..Default::default()
-            });
-        });
+        let points = self.number_points(0, now, |cell| otlp::number_data_point::Value::AsDouble(cell.get()));
         metric(self, otlp::metric::Data::Gauge(otlp::Gauge { data_points: points }))
     }
 }
@@ -308,7 +322,8 @@ impl Collect for Family<Histogram> {
             for (i, count) in counts.iter().enumerate() {
                 cumulative += count;
                 let le = self.buckets.get(i).map_or_else(|| "+Inf".to_string(), f64::to_string);
-                let _ = writeln!(out, "{name}_bucket{} {cumulative}", label_text(self.labels, labels, Some(("le", &le))));
+                let _ =
+                    writeln!(out, "{name}_bucket{} {cumulative}", label_text(self.labels, labels, Some(("le", &le))));
             }
             let text = label_text(self.labels, labels, None);
             let _ = writeln!(out, "{name}_sum{text} {}\n{name}_count{text} {cumulative}", cell.sum());
@@ -392,7 +407,12 @@ impl Registry {
         family
     }
 
-    pub fn counter(&self, name: &'static str, help: &'static str, labels: &'static [&'static str]) -> Arc<Family<Counter>> {
+    pub fn counter(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &'static [&'static str],
+    ) -> Arc<Family<Counter>> {
         self.family(name, help, "1", labels, &[])
     }
 

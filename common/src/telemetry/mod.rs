@@ -110,8 +110,15 @@ pub struct Exporter {
 // One per exporter, built once: the size of the larger variant does not matter.
 #[allow(clippy::large_enum_variant)]
 enum Client {
-    Grpc { traces: TraceServiceClient<tonic::transport::Channel>, metrics: MetricsServiceClient<tonic::transport::Channel> },
-    Http { http: reqwest::Client, traces: String, metrics: String },
+    Grpc {
+        traces: TraceServiceClient<tonic::transport::Channel>,
+        metrics: MetricsServiceClient<tonic::transport::Channel>,
+    },
+    Http {
+        http: reqwest::Client,
+        traces: String,
+        metrics: String,
+    },
 }
 
 impl Exporter {
@@ -134,7 +141,10 @@ impl Exporter {
                         .map_err(|e| format!("telemetry.endpoint: {e}"))?;
                 }
                 let channel = endpoint.connect_lazy();
-                Client::Grpc { traces: TraceServiceClient::new(channel.clone()), metrics: MetricsServiceClient::new(channel) }
+                Client::Grpc {
+                    traces: TraceServiceClient::new(channel.clone()),
+                    metrics: MetricsServiceClient::new(channel),
+                }
             }
             OtlpProtocol::Http => Client::Http {
                 http: reqwest::Client::builder()
@@ -153,10 +163,17 @@ impl Exporter {
         Ok(exporter)
     }
 
-    /// Queues a finished span; drops it (counted) when the queue is full.
-    pub fn record(&self, span: trace::Span) {
-        if self.spans.try_send(span).is_err() {
-            self.counts.spans_dropped.fetch_add(1, Ordering::Relaxed);
+    /// Queues finished spans, made by `spans` only when the queue has room for `n` of them;
+    /// what does not fit is dropped and counted (a collector that is away costs a check).
+    pub fn record(&self, n: usize, spans: impl FnOnce() -> Vec<trace::Span>) {
+        if self.spans.capacity() < n {
+            self.counts.spans_dropped.fetch_add(n as u64, Ordering::Relaxed);
+            return;
+        }
+        for span in spans() {
+            if self.spans.try_send(span).is_err() {
+                self.counts.spans_dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 

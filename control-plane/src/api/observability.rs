@@ -12,7 +12,7 @@ use serde::Serialize;
 use tokio::sync::broadcast::error::RecvError;
 use utoipa::ToSchema;
 
-use super::error::{ApiResult, ErrorBody};
+use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::Caller;
 use super::AppState;
 use crate::observe::{ActivityEvent, ErrorRates};
@@ -25,9 +25,21 @@ const SNAPSHOT_RECENT: usize = 100;
 /// target, tool, duration_ms, status, outcome, decision, trace_id, …}`), and
 /// `{"type":"lagged","missed":N}` when this viewer fell behind and lost `N` events.
 #[utoipa::path(get, path = "/api/observability/ws", tag = "observability", security(("bearer" = [])),
-    responses((status = 101, description = "WebSocket of activity events"), (status = 403, body = ErrorBody)))]
-pub async fn feed(State(state): State<AppState>, caller: Caller, upgrade: WebSocketUpgrade) -> ApiResult<Response> {
+    responses((status = 101, description = "WebSocket of activity events"),
+        (status = 400, description = "Not a WebSocket upgrade", body = ErrorBody), (status = 403, body = ErrorBody)))]
+pub async fn feed(
+    State(state): State<AppState>,
+    caller: Caller,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> ApiResult<Response> {
     caller.require_admin()?;
+    let upgrade = upgrade.map_err(|rejection| {
+        ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "websocket_required",
+            format!("this endpoint is a WebSocket (GET with Upgrade: websocket): {rejection}"),
+        )
+    })?;
     let observe = state.hub.observe.clone();
     Ok(upgrade.on_upgrade(move |socket| view(socket, observe)))
 }

@@ -30,10 +30,10 @@ use super::gateway::{Caller, Gateway, Reply, SUPPORTED_VERSIONS};
 use super::session::ClientSession;
 use super::Scope;
 use crate::audit::Trail;
-use reflow_common::telemetry::trace::SpanContext;
 use crate::auth::authenticate;
 use crate::jsonrpc::{self, Message, INVALID_REQUEST, PARSE_ERROR, SERVER_ERROR};
 use reflow_common::server::{read_body, BodyError, BodyTimeout};
+use reflow_common::telemetry::trace::SpanContext;
 
 /// The body timeout when the listener did not set one (a router served by other means).
 const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);

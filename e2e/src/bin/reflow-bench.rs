@@ -29,9 +29,9 @@ struct Args {
     /// database on the server this URL names, instead of using a temporary SQLite file.
     #[arg(long)]
     database_url: Option<String>,
-    /// Run only these scenarios (repeatable): propagation, policy-change, calls, audit, stdio,
-    /// lists, sessions.
-    #[arg(long, value_parser = ["propagation", "policy-change", "calls", "audit", "stdio", "lists", "sessions"])]
+    /// Run only these scenarios (repeatable): propagation, policy-change, calls, audit,
+    /// telemetry, stdio, lists, sessions.
+    #[arg(long, value_parser = ["propagation", "policy-change", "calls", "audit", "telemetry", "stdio", "lists", "sessions"])]
     only: Vec<String>,
 }
 
@@ -51,6 +51,9 @@ enum Server {
         /// Keep an audit trail (spooled and shipped).
         #[arg(long)]
         audit: bool,
+        /// Export traces and metrics over OTLP/gRPC to this endpoint.
+        #[arg(long)]
+        otlp: Option<String>,
     },
     /// The in-repo fast MCP upstream.
     #[command(hide = true)]
@@ -72,10 +75,41 @@ enum Server {
     },
 }
 
+/// The rows of an on/off comparison ([`reflow_e2e::calls::on_off`]), and the extra rows some
+/// scenarios add.
+fn print_on_off(rows: &[serde_json::Value]) {
+    println!(
+        "{:>6} {:>10} {:>10} {:>8} {:>11} {:>11} {:>8}",
+        "conc", "off/s", "on/s", "on/off", "off us/call", "on us/call", "off/on"
+    );
+    for result in rows {
+        let f = |key: &str| result[key].as_f64().unwrap_or(f64::NAN);
+        match result["scenario"].as_str() {
+            Some("audit_spool") => {
+                println!("  spool: {:.0} bytes per record ({} records)", f("bytes_per_record"), result["records"])
+            }
+            Some("telemetry_export") => println!(
+                "  export: {} spans dropped, {} exports failed, none sent",
+                result["spans_dropped"], result["export_failures"]
+            ),
+            _ => println!(
+                "{:>6} {:>10.0} {:>10.0} {:>8.2} {:>11.1} {:>11.1} {:>8.2}",
+                result["concurrency"].as_u64().unwrap_or(0),
+                f("off_rps"),
+                f("on_rps"),
+                f("rps_ratio"),
+                f("off_cpu_us_per_call"),
+                f("on_cpu_us_per_call"),
+                f("cpu_ratio")
+            ),
+        }
+    }
+}
+
 async fn serve(server: Server) -> anyhow::Result<()> {
     match server {
-        Server::ServeDataPlane { control_plane, token, listen, audit } => {
-            reflow_e2e::harness::run_data_plane(&control_plane, &token, &listen, audit).await
+        Server::ServeDataPlane { control_plane, token, listen, audit, otlp } => {
+            reflow_e2e::harness::run_data_plane(&control_plane, &token, &listen, audit, otlp.as_deref()).await
         }
         Server::ServeFastUpstream { listen, tools, authorization } => {
             let listener = tokio::net::TcpListener::bind(&listen).await?;
@@ -184,28 +218,16 @@ async fn run() -> anyhow::Result<()> {
 
     if want("audit") {
         println!("\ntools/call with the audit trail on (recorded, spooled, shipped) vs off, fast upstream");
-        println!(
-            "{:>6} {:>10} {:>10} {:>8} {:>11} {:>11} {:>8}",
-            "conc", "off/s", "on/s", "on/off", "off us/call", "on us/call", "off/on"
-        );
-        for result in reflow_e2e::calls::audit_cost(&program, &[1, 8, 32], duration).await? {
-            let f = |key: &str| result[key].as_f64().unwrap_or(f64::NAN);
-            if result["scenario"] == "audit_spool" {
-                println!("  spool: {:.0} bytes per record ({} records)", f("bytes_per_record"), result["records"]);
-            } else {
-                println!(
-                    "{:>6} {:>10.0} {:>10.0} {:>8.2} {:>11.1} {:>11.1} {:>8.2}",
-                    result["concurrency"].as_u64().unwrap_or(0),
-                    f("off_rps"),
-                    f("on_rps"),
-                    f("rps_ratio"),
-                    f("off_cpu_us_per_call"),
-                    f("on_cpu_us_per_call"),
-                    f("cpu_ratio")
-                );
-            }
-            results.push(result);
-        }
+        let rows = reflow_e2e::calls::audit_cost(&program, &[1, 8, 32], duration).await?;
+        print_on_off(&rows);
+        results.extend(rows);
+    }
+
+    if want("telemetry") {
+        println!("\ntools/call with telemetry on, exporting to a collector that never answers, vs off, fast upstream");
+        let rows = reflow_e2e::calls::telemetry_cost(&program, &[1, 8, 32], duration).await?;
+        print_on_off(&rows);
+        results.extend(rows);
     }
 
     if want("stdio") {
