@@ -115,7 +115,7 @@ pub async fn run(args: DataPlaneArgs) -> Result<(), Failure> {
     let host = config.server.host.as_deref().unwrap_or("0.0.0.0");
     let listener = bind(host, config.server.port).await?;
     let shutdown = shutdown_token();
-    let export = reflow_common::telemetry::ExportSettings::from_config(&config.telemetry, "data-plane", &node_id);
+    let export = reflow_common::telemetry::ExportSettings::from_config(&config.telemetry, "data-plane", &node_id)?;
     data_plane = data_plane.with_export(export);
     if let Some(port) = config.telemetry.metrics_port {
         crate::serve_metrics(host, port, vec![data_plane.registry()], shutdown.clone()).await?;

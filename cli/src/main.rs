@@ -280,7 +280,7 @@ pub fn export_metrics(
     registry: std::sync::Arc<reflow_common::telemetry::metrics::Registry>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), ConfigError> {
-    if let Some(settings) = reflow_common::telemetry::ExportSettings::from_config(&config.telemetry, role, instance) {
+    if let Some(settings) = reflow_common::telemetry::ExportSettings::from_config(&config.telemetry, role, instance)? {
         reflow_common::telemetry::Exporter::start(settings, registry, shutdown)
             .map_err(|e| ConfigError::new("telemetry.endpoint", e))?;
     }

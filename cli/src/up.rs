@@ -137,7 +137,7 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
         &config.telemetry,
         "data-plane",
         "local",
-    ));
+    )?);
     crate::export_metrics(&config, "control-plane", "local", control_plane.registry(), shutdown.clone())?;
     let metrics = match config.telemetry.metrics_port {
         Some(port) => {

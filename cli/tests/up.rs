@@ -161,6 +161,8 @@ fn bad_config_exits_2_naming_the_key() {
         ("encryption:\n  key: short\n", "encryption.key"),
         ("jwt:\n  secret: ${REFLOW_TEST_UNSET_VARIABLE}\n", "REFLOW_TEST_UNSET_VARIABLE"),
         ("logging:\n  format: xml\n", "logging.format"),
+        ("telemetry:\n  sample_ratio: 2\n", "telemetry.sample_ratio"),
+        ("telemetry:\n  enabled: true\n  ca: /nonexistent/ca.pem\n", "telemetry.ca"),
     ];
     for (text, needle) in cases {
         let path = work.path().join("config.yaml");
@@ -256,5 +258,46 @@ fn metrics_of_both_planes_are_served_on_the_main_port_or_a_port_of_their_own() {
     let response = client.get(format!("http://127.0.0.1:{metrics_port}/metrics")).send().unwrap();
     assert_eq!(response.status().as_u16(), 200);
     families(&response.text().unwrap());
+    assert!(running.stop().success());
+}
+
+#[test]
+fn log_lines_of_a_request_carry_its_trace_id() {
+    let work = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let data = work.path().join("data");
+    let running = Running::start(&["up", "--data-dir", data.to_str().unwrap()], port, work.path(), &[]);
+    let client = reqwest::blocking::Client::new();
+    let base = &running.base;
+    let registered: Value = client
+        .post(format!("{base}/api/auth/register"))
+        .json(&json!({"email": "admin@example.com", "password": "secure123"}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let token = registered["token"].as_str().unwrap().to_string();
+    let dead = format!("http://127.0.0.1:{}/mcp", free_port());
+    for (path, body) in [
+        ("/api/targets", json!({"name": "dead", "transport_type": "streamable-http", "url": dead})),
+        ("/api/policies", json!({"name": "all", "effect": "allow", "subjects": [{"subject_type": "everyone"}]})),
+    ] {
+        let response = client.post(format!("{base}{path}")).bearer_auth(&token).json(&body).send().unwrap();
+        assert!(response.status().is_success(), "{path}: {}", response.text().unwrap());
+    }
+    let (session, _) = mcp_request(base, "/mcp", &token, None, initialize());
+    let trace = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                      "params": {"name": "dead_anything", "arguments": {},
+                                 "_meta": {"traceparent": format!("00-{trace}-00f067aa0ba902b7-01")}}});
+    eventually(Duration::from_secs(10), "the call reaches the (dead) upstream", || {
+        let (_, answer) = mcp_request(base, "/mcp", &token, session.as_deref(), call.clone());
+        answer["error"]["code"] == -32000
+    });
+    eventually(Duration::from_secs(5), "log lines with the trace id", || {
+        let logs = running.stderr();
+        logs.lines().any(|l| l.contains("policy decision") && l.contains(trace))
+            && logs.lines().any(|l| l.contains("upstream request failed") && l.contains(trace))
+    });
     assert!(running.stop().success());
 }

@@ -698,6 +698,9 @@ pub struct TelemetryConfig {
     pub service_name: String,
     /// Send to the collector without TLS. An opt-in: logged as a warning.
     pub insecure: bool,
+    /// PEM file of the CA the collector's certificate is checked against (default: the
+    /// public web roots).
+    pub ca: Option<String>,
     /// The share of traces started here that are exported, 0 to 1; a client's sampled flag
     /// decides for traces it started.
     pub sample_ratio: f64,
@@ -727,6 +730,7 @@ impl Default for TelemetryConfig {
             protocol: OtlpProtocol::Grpc,
             service_name: "reflow-gateway".into(),
             insecure: false,
+            ca: None,
             sample_ratio: 1.0,
             export_interval: Duration::from_secs(15),
             export_timeout: Duration::from_secs(5),

@@ -635,7 +635,9 @@ pub fn otlp_settings(endpoint: &str, instance: &str) -> reflow_common::telemetry
         export_timeout: Duration::from_secs(1),
         ..Default::default()
     };
-    reflow_common::telemetry::ExportSettings::from_config(&config, "data-plane", instance).expect("enabled")
+    reflow_common::telemetry::ExportSettings::from_config(&config, "data-plane", instance)
+        .expect("no CA file to read")
+        .expect("enabled")
 }
 
 pub async fn run_data_plane(

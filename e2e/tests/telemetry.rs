@@ -101,7 +101,7 @@ fn export_to(endpoint: &str) -> ExportSettings {
         export_interval: Duration::from_secs(1),
         ..TelemetryConfig::default()
     };
-    ExportSettings::from_config(&config, "data-plane", "e2e").unwrap()
+    ExportSettings::from_config(&config, "data-plane", "e2e").unwrap().unwrap()
 }
 
 /// The spans of trace `trace_id` once there are at least `n`.
@@ -597,5 +597,64 @@ async fn a_collector_that_never_answers_loses_spans_not_calls() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     held.abort();
+    gateway.stop().await;
+}
+
+/// An OTLP/HTTP collector (protobuf bodies on `/v1/traces` and `/v1/metrics`).
+async fn http_collector() -> (Collector, String) {
+    use axum::body::Bytes;
+    use prost::Message as _;
+    let collector = Collector::default();
+    let (spans, names) = (collector.spans.clone(), collector.metric_names.clone());
+    let router = axum::Router::new()
+        .route(
+            "/v1/traces",
+            axum::routing::post(move |headers: axum::http::HeaderMap, body: Bytes| async move {
+                assert_eq!(headers["content-type"], "application/x-protobuf");
+                let request = ExportTraceServiceRequest::decode(body).unwrap();
+                let received = request.resource_spans.into_iter().flat_map(|r| r.scope_spans).flat_map(|s| s.spans);
+                spans.lock().unwrap().extend(received);
+                ExportTraceServiceResponse::default().encode_to_vec()
+            }),
+        )
+        .route(
+            "/v1/metrics",
+            axum::routing::post(move |body: Bytes| async move {
+                let request = ExportMetricsServiceRequest::decode(body).unwrap();
+                let received =
+                    request.resource_metrics.into_iter().flat_map(|r| r.scope_metrics).flat_map(|s| s.metrics);
+                names.lock().unwrap().extend(received.map(|m| m.name));
+                ExportMetricsServiceResponse::default().encode_to_vec()
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (collector, address)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_and_metrics_also_travel_over_otlp_http() {
+    let (collector, endpoint) = http_collector().await;
+    let mut export = reflow_e2e::harness::otlp_settings(&endpoint, "e2e");
+    export.protocol = OtlpProtocol::Http;
+    let gateway = Gateway::start_exporting(McpSettings::default(), export, false).await.unwrap();
+    let upstream = python_server("headers_server.py", &[]).await.unwrap();
+    gateway.target("hdr", "streamable-http", &upstream.url).await.unwrap();
+    gateway.allow_everyone().await.unwrap();
+    let mut client = McpClient::new(&format!("{}/mcp", gateway.mcp), &gateway.admin_token);
+    client.initialize().await.unwrap();
+    let trace = "3af7651916cd43dd8448eb211c80319f";
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "hdr_add", "arguments": {"a": 1, "b": 2}}});
+    let answer = traced(&client, &body, &format!("00-{trace}-b7ad6b7169203331-01")).await;
+    assert!(answer.message().get("result").is_some(), "{:?}", answer.messages);
+    let spans = spans_of(&collector, trace, 2).await;
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+    assert!(spans.iter().any(|s| s.kind == SpanKind::Server as i32 && s.name == "tools/call add"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !collector.metric_names.lock().unwrap().contains("mcp.requests.total") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(collector.metric_names.lock().unwrap().contains("mcp.requests.total"));
     gateway.stop().await;
 }

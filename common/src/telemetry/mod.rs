@@ -57,14 +57,28 @@ pub struct ExportSettings {
     pub sample_ratio: f64,
     pub interval: Duration,
     pub timeout: Duration,
+    /// The CA (PEM) the collector's certificate must chain to; unset: the public web roots.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl ExportSettings {
     /// `None` when `telemetry.enabled` is false. A plain-text endpoint is an opt-in, logged.
-    pub fn from_config(config: &TelemetryConfig, role: &'static str, instance: &str) -> Option<ExportSettings> {
+    /// Fails (naming the key) when `telemetry.ca` cannot be read.
+    pub fn from_config(
+        config: &TelemetryConfig,
+        role: &'static str,
+        instance: &str,
+    ) -> Result<Option<ExportSettings>, crate::config::ConfigError> {
         if !config.enabled {
-            return None;
+            return Ok(None);
         }
+        let ca_pem = match &config.ca {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| crate::config::ConfigError::new("telemetry.ca", format!("cannot read {path}: {e}")))?,
+            ),
+            None => None,
+        };
         let endpoint = config.endpoint.trim().trim_end_matches('/');
         let endpoint = if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
             endpoint.to_string()
@@ -76,7 +90,7 @@ impl ExportSettings {
         if endpoint.starts_with("http://") {
             tracing::warn!(%endpoint, "telemetry is exported without TLS (telemetry.insecure or an http:// endpoint)");
         }
-        Some(ExportSettings {
+        Ok(Some(ExportSettings {
             endpoint,
             protocol: config.protocol,
             service_name: config.service_name.clone(),
@@ -85,7 +99,8 @@ impl ExportSettings {
             sample_ratio: config.sample_ratio,
             interval: config.export_interval,
             timeout: config.export_timeout,
-        })
+            ca_pem,
+        }))
     }
 }
 
@@ -136,9 +151,12 @@ impl Exporter {
                     .connect_timeout(settings.timeout)
                     .timeout(settings.timeout);
                 if settings.endpoint.starts_with("https://") {
-                    endpoint = endpoint
-                        .tls_config(tonic::transport::ClientTlsConfig::new().with_webpki_roots())
-                        .map_err(|e| format!("telemetry.endpoint: {e}"))?;
+                    let tls = match &settings.ca_pem {
+                        Some(pem) => tonic::transport::ClientTlsConfig::new()
+                            .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+                        None => tonic::transport::ClientTlsConfig::new().with_webpki_roots(),
+                    };
+                    endpoint = endpoint.tls_config(tls).map_err(|e| format!("telemetry.endpoint: {e}"))?;
                 }
                 let channel = endpoint.connect_lazy();
                 Client::Grpc {
@@ -147,11 +165,15 @@ impl Exporter {
                 }
             }
             OtlpProtocol::Http => Client::Http {
-                http: reqwest::Client::builder()
-                    .timeout(settings.timeout)
-                    .connect_timeout(settings.timeout)
-                    .build()
-                    .map_err(|e| format!("telemetry: {e}"))?,
+                http: {
+                    let mut builder =
+                        reqwest::Client::builder().timeout(settings.timeout).connect_timeout(settings.timeout);
+                    if let Some(pem) = &settings.ca_pem {
+                        let ca = reqwest::Certificate::from_pem(pem).map_err(|e| format!("telemetry.ca: {e}"))?;
+                        builder = builder.tls_built_in_root_certs(false).add_root_certificate(ca);
+                    }
+                    builder.build().map_err(|e| format!("telemetry: {e}"))?
+                },
                 traces: format!("{}/v1/traces", settings.endpoint),
                 metrics: format!("{}/v1/metrics", settings.endpoint),
             },
