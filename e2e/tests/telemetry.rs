@@ -555,6 +555,9 @@ async fn the_live_feed_shows_every_call_within_a_second_and_a_stalled_viewer_slo
     assert!(value(&metrics, "reflow_audit_ingested_records_total", &[]) >= 101.0);
     assert_eq!(value(&metrics, "reflow_data_planes_connected", &[]), 1.0);
     assert_eq!(value(&metrics, "reflow_data_planes_behind", &[]), 0.0);
+    let created = [("method", "POST"), ("route", "/api/targets"), ("status", "2xx")];
+    assert_eq!(value(&metrics, "reflow_admin_write_duration_seconds_count", &created), 1.0, "the target created");
+    assert!(value(&metrics, "reflow_snapshot_compiles_total", &[("result", "published")]) >= 2.0);
     reader.abort();
     gateway.stop().await;
 }
