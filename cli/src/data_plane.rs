@@ -117,6 +117,8 @@ pub async fn run(args: DataPlaneArgs) -> Result<(), Failure> {
     let shutdown = shutdown_token();
     let export = reflow_common::telemetry::ExportSettings::from_config(&config.telemetry, "data-plane", &node_id)?;
     data_plane = data_plane.with_export(export);
+    let export_stop = tokio_util::sync::CancellationToken::new();
+    let exporting = data_plane.start_export(export_stop.clone())?;
     if let Some(port) = config.telemetry.metrics_port {
         crate::serve_metrics(host, port, vec![data_plane.registry()], shutdown.clone()).await?;
         data_plane = data_plane.without_metrics_route();
@@ -132,5 +134,6 @@ pub async fn run(args: DataPlaneArgs) -> Result<(), Failure> {
     shutdown.cancel();
     data_plane.flush_audit();
     syncing.await.map_err(anyhow::Error::from)?;
+    crate::stop_export(&config, export_stop, [exporting]).await;
     Ok(())
 }

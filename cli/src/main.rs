@@ -272,19 +272,33 @@ pub async fn serve_metrics(
     }))
 }
 
-/// Pushes `registry` (and, for a data plane, spans) over OTLP when `telemetry.enabled`.
+/// Pushes `registry` over OTLP when `telemetry.enabled`, until `shutdown`; the handle ends
+/// after the last push.
 pub fn export_metrics(
     config: &Config,
     role: &'static str,
     instance: &str,
     registry: std::sync::Arc<reflow_common::telemetry::metrics::Registry>,
     shutdown: tokio_util::sync::CancellationToken,
-) -> Result<(), ConfigError> {
-    if let Some(settings) = reflow_common::telemetry::ExportSettings::from_config(&config.telemetry, role, instance)? {
-        reflow_common::telemetry::Exporter::start(settings, registry, shutdown)
-            .map_err(|e| ConfigError::new("telemetry.endpoint", e))?;
+) -> Result<Option<tokio::task::JoinHandle<()>>, ConfigError> {
+    match reflow_common::telemetry::ExportSettings::from_config(&config.telemetry, role, instance)? {
+        Some(settings) => Ok(Some(reflow_common::telemetry::Exporter::start(settings, registry, shutdown)?.1)),
+        None => Ok(None),
     }
-    Ok(())
+}
+
+/// Ends an exporter started with its own token: cancels it and waits for its last export
+/// (bounded by `telemetry.export_timeout`, and a second for the rest).
+pub async fn stop_export(
+    config: &Config,
+    stop: tokio_util::sync::CancellationToken,
+    running: impl IntoIterator<Item = Option<tokio::task::JoinHandle<()>>>,
+) {
+    stop.cancel();
+    let wait = config.telemetry.export_timeout * 2 + std::time::Duration::from_secs(1);
+    for handle in running.into_iter().flatten() {
+        let _ = tokio::time::timeout(wait, handle).await;
+    }
 }
 
 /// Starts logging to stderr (see [`reflow_common::logging`]); keep the guard until exit.
@@ -419,7 +433,8 @@ async fn control_plane(args: ControlPlaneArgs) -> Result<(), Failure> {
     let listener = bind(&host, config.server.port).await?;
     let shutdown = shutdown_token();
     let instance = config.control_plane.id.clone().unwrap_or_else(reflow_control_plane::default_instance_id);
-    export_metrics(&config, "control-plane", &instance, control_plane.registry(), shutdown.clone())?;
+    let export_stop = tokio_util::sync::CancellationToken::new();
+    let exporting = export_metrics(&config, "control-plane", &instance, control_plane.registry(), export_stop.clone())?;
     if let Some(port) = config.telemetry.metrics_port {
         serve_metrics(&host, port, vec![control_plane.registry()], shutdown.clone()).await?;
         control_plane = control_plane.without_metrics_route();
@@ -444,5 +459,6 @@ async fn control_plane(args: ControlPlaneArgs) -> Result<(), Failure> {
         grpc.await.map_err(anyhow::Error::from)?.map_err(anyhow::Error::from)?;
     }
     compiler.await.map_err(anyhow::Error::from)?;
+    stop_export(&config, export_stop, [exporting]).await;
     Ok(())
 }

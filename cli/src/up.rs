@@ -138,7 +138,11 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
         "data-plane",
         "local",
     )?);
-    crate::export_metrics(&config, "control-plane", "local", control_plane.registry(), shutdown.clone())?;
+    let export_stop = tokio_util::sync::CancellationToken::new();
+    let exporting = [
+        data_plane.start_export(export_stop.clone())?,
+        crate::export_metrics(&config, "control-plane", "local", control_plane.registry(), export_stop.clone())?,
+    ];
     let metrics = match config.telemetry.metrics_port {
         Some(port) => {
             crate::serve_metrics(&host, port, registries, shutdown.clone()).await?;
@@ -182,5 +186,6 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
     grpc.await.map_err(anyhow::Error::from)?.map_err(anyhow::Error::from)?;
     syncing.await.map_err(anyhow::Error::from)?;
     compiler.await.map_err(anyhow::Error::from)?;
+    crate::stop_export(&config, export_stop, exporting).await;
     Ok(())
 }

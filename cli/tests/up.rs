@@ -277,7 +277,8 @@ fn log_lines_of_a_request_carry_its_trace_id() {
         .json()
         .unwrap();
     let token = registered["token"].as_str().unwrap().to_string();
-    let dead = format!("http://127.0.0.1:{}/mcp", free_port());
+    // Port 1: nothing listens there (a free port could be handed to this gateway itself).
+    let dead = "http://127.0.0.1:1/mcp";
     for (path, body) in [
         ("/api/targets", json!({"name": "dead", "transport_type": "streamable-http", "url": dead})),
         ("/api/policies", json!({"name": "all", "effect": "allow", "subjects": [{"subject_type": "everyone"}]})),
@@ -285,7 +286,12 @@ fn log_lines_of_a_request_carry_its_trace_id() {
         let response = client.post(format!("{base}{path}")).bearer_auth(&token).json(&body).send().unwrap();
         assert!(response.status().is_success(), "{path}: {}", response.text().unwrap());
     }
-    let (session, _) = mcp_request(base, "/mcp", &token, None, initialize());
+    // The data plane knows the new account once its snapshot has it.
+    let mut session = None;
+    eventually(Duration::from_secs(10), "a session", || {
+        session = mcp_request(base, "/mcp", &token, None, initialize()).0;
+        session.is_some()
+    });
     let trace = "5bf92f3577b34da6a3ce929d0e0e4736";
     let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
                       "params": {"name": "dead_anything", "arguments": {},

@@ -837,10 +837,7 @@ impl Config {
             let endpoint = telemetry.endpoint.trim();
             let rest =
                 endpoint.strip_prefix("http://").or_else(|| endpoint.strip_prefix("https://")).unwrap_or(endpoint);
-            if rest.is_empty()
-                || rest.contains(char::is_whitespace)
-                || endpoint.contains("://") && !endpoint.starts_with("http")
-            {
+            if rest.is_empty() || rest.contains(char::is_whitespace) || rest.contains("://") {
                 return Err(ConfigError::new(
                     "telemetry.endpoint",
                     "must be host:port, http://host:port or https://host:port",
@@ -1085,6 +1082,7 @@ telemetry:    { enabled: false, endpoint: "otel-collector:4317" }
             ("telemetry: { protocol: thrift }", "telemetry.protocol"),
             ("telemetry: { enabled: true, endpoint: '' }", "telemetry.endpoint"),
             ("telemetry: { enabled: true, endpoint: 'grpc://c:4317' }", "telemetry.endpoint"),
+            ("telemetry: { enabled: true, endpoint: 'httpx://c:4317' }", "telemetry.endpoint"),
             ("telemetry: { enabled: true, endpoint: 'https://c:4317', insecure: true }", "telemetry.insecure"),
             ("telemetry: { export_interval: 10ms }", "telemetry.export_interval"),
             ("telemetry: { metrics_port: 3000 }", "telemetry.metrics_port"),

@@ -38,6 +38,9 @@ const MAX_BUFFERED_BYTES: usize = 64 * 1024 * 1024;
 /// The most upstream exchanges one request keeps spans of (a fan-out over many targets).
 const MAX_LEGS: usize = 256;
 
+/// The most of a JSON-RPC id a span keeps.
+const MAX_REQUEST_ID: usize = 256;
+
 /// What replaces a masked value.
 pub const MASKED: &str = "[masked]";
 
@@ -306,6 +309,14 @@ impl Trail {
         let data_plane = recorder.map(|r| r.data_plane.clone()).unwrap_or_default();
         let mut record = AuditRecord::new(id, data_plane, chrono::Utc::now(), endpoint.to_string(), method.to_string());
         let trace = telemetry.trace(parent);
+        // A client's id can be any JSON: a span keeps no more than this of it.
+        let request_id = request_id.map(|mut id| {
+            if id.len() > MAX_REQUEST_ID {
+                let end = (0..=MAX_REQUEST_ID).rev().find(|i| id.is_char_boundary(*i)).unwrap_or(0);
+                id.truncate(end);
+            }
+            id
+        });
         record.trace_id = trace.map(|t| t.context.trace_id_hex());
         Trail(Some(Box::new(Open {
             record,
@@ -442,6 +453,8 @@ impl Drop for Trail {
         }
         let elapsed = open.started.elapsed();
         record.duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+        // Before anything reads it: what the client sent is cut to the record's limits.
+        record.fit();
         let error_type = match (record.error_code, open.tool_error, record.outcome.as_str()) {
             (Some(code), _, _) => Some(code.to_string()),
             (None, true, _) => Some("tool_error".to_string()),
@@ -460,7 +473,6 @@ impl Drop for Trail {
             }
         }
         if let Some(recorder) = &open.recorder {
-            record.fit();
             recorder.write(record);
         }
     }

@@ -100,10 +100,25 @@ impl DataPlane {
         Ok(self)
     }
 
-    /// Exports traces and metrics over OTLP (from [`DataPlane::start_sync`] on).
+    /// Exports traces and metrics over OTLP, once [`DataPlane::start_export`] is called.
     pub fn with_export(mut self, settings: Option<reflow_common::telemetry::ExportSettings>) -> Self {
         self.export = settings.map(Box::new);
         self
+    }
+
+    /// Starts the OTLP exporter of [`DataPlane::with_export`] (nothing without one), until
+    /// `shutdown`: a token of its own, cancelled after serving stopped, so the spans of the
+    /// last requests go out too. The handle ends once the last export did.
+    pub fn start_export(
+        &self,
+        shutdown: CancellationToken,
+    ) -> Result<Option<tokio::task::JoinHandle<()>>, reflow_common::config::ConfigError> {
+        let Some(settings) = &self.export else { return Ok(None) };
+        let registry = self.gateway.telemetry.registry.clone();
+        let (exporter, running) =
+            reflow_common::telemetry::Exporter::start(settings.as_ref().clone(), registry, shutdown)?;
+        self.gateway.telemetry.set_exporter(exporter);
+        Ok(Some(running))
     }
 
     /// Moves every finished request's record into the spool: after serving stopped, so a
@@ -171,13 +186,6 @@ impl DataPlane {
                 recorder.pushed.clone(),
                 shutdown.clone(),
             ));
-        }
-        if let Some(settings) = &self.export {
-            let registry = self.gateway.telemetry.registry.clone();
-            match reflow_common::telemetry::Exporter::start(settings.as_ref().clone(), registry, shutdown.clone()) {
-                Ok(exporter) => self.gateway.telemetry.set_exporter(exporter),
-                Err(error) => tracing::error!(%error, "telemetry cannot be exported"),
-            }
         }
         let report: sync::Report = self.gateway.clone();
         tokio::spawn(sync::run(

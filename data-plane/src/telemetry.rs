@@ -37,6 +37,17 @@ const METHODS: &[&str] = &[
     "logging/setLevel",
 ];
 
+/// The longest tool name kept as a label (longer ones are `_long`).
+const MAX_TOOL_LABEL: usize = 128;
+
+fn tool_label(name: &str) -> &str {
+    if name.len() > MAX_TOOL_LABEL {
+        "_long"
+    } else {
+        name
+    }
+}
+
 pub fn method_label(method: &str) -> &str {
     METHODS.iter().find(|m| **m == method).copied().unwrap_or("other")
 }
@@ -183,7 +194,12 @@ impl Telemetry {
         if decided {
             self.decisions.with(&[target, &record.decision]).add(1);
             if method == "tools/call" {
-                let tool = record.name.as_deref().unwrap_or("");
+                // Only a caller allowed on the target names the tool: anyone else's names are
+                // theirs to invent, and would take the family's label sets.
+                let tool = match record.decision.as_str() {
+                    "allowed" => tool_label(record.name.as_deref().unwrap_or("")),
+                    _ => "_denied",
+                };
                 self.tool_calls.with(&[target, tool, &record.decision, outcome]).add(1);
                 self.tool_call_duration.with(&[target, tool, outcome]).observe(seconds);
             }
@@ -282,6 +298,7 @@ pub fn spans(
         kind: Kind::Server,
         context: trace.context,
         parent: trace.parent,
+        remote_parent: trace.parent.is_some(),
         start,
         end,
         attributes,
@@ -308,6 +325,7 @@ pub fn spans(
             kind: Kind::Client,
             context: SpanContext { span_id: leg.span_id, ..trace.context },
             parent: Some(trace.context.span_id),
+            remote_parent: false,
             start: leg.start,
             end: leg.end,
             attributes,
@@ -391,4 +409,48 @@ pub fn collect_state(gateway: &Arc<crate::mcp::gateway::Gateway>) {
             export_failures.with(&[]).set(counts.export_failures.load(std::sync::atomic::Ordering::Relaxed));
         }
     }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(decision: &str, name: &str) -> AuditRecord {
+        let mut record =
+            AuditRecord::new(String::new(), String::new(), chrono::Utc::now(), "/mcp".into(), "tools/call".into());
+        record.target = Some("db".into());
+        record.name = Some(name.into());
+        record.decision = decision.into();
+        record
+    }
+
+    #[test]
+    fn only_callers_allowed_on_a_target_name_its_tools_and_methods_are_a_fixed_set() {
+        let telemetry = Telemetry::new();
+        telemetry.finish(&call("allowed", "query"), 0.01, None);
+        for i in 0..50 {
+            telemetry.finish(&call("denied", &format!("invented-{i}")), 0.01, None);
+        }
+        telemetry.finish(&call("allowed", &"x".repeat(500)), 0.01, None);
+        let mut odd = call("none", "anything");
+        odd.method = "made/up".into();
+        telemetry.finish(&odd, 0.01, Some("-32601"));
+        let text = telemetry.registry.prometheus();
+        assert!(
+            text.contains(r#"mcp_tool_calls_total{target="db",tool="query",decision="allowed",outcome="answered"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"mcp_tool_calls_total{target="db",tool="_denied",decision="denied",outcome="answered"} 50"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"tool="_long""#), "{text}");
+        assert!(!text.contains("invented") && !text.contains("made/up") && !text.contains("xxxx"), "{text}");
+        assert!(
+            text.contains(r#"mcp_requests_total{target="",method="other",decision="none",outcome="answered"} 1"#),
+            "{text}"
+        );
+    }
 }

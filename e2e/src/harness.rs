@@ -364,6 +364,7 @@ impl Gateway {
                     data_plane = data_plane.with_audit(&audit_settings(&dir.path().join("audit")))?;
                 }
                 data_plane.start_sync(shutdown.clone());
+                data_plane.start_export(shutdown.clone())?;
                 let mcp = serve(data_plane.router(), &shutdown).await?;
                 (DataPlaneRun::InProcess(data_plane), mcp)
             }
@@ -668,6 +669,7 @@ pub async fn run_data_plane(
     }
     let shutdown = CancellationToken::new();
     data_plane.start_sync(shutdown.clone());
+    data_plane.start_export(shutdown.clone())?;
     let listener = tokio::net::TcpListener::bind(listen).await?;
     reflow_common::server::serve(listener, data_plane.router(), Default::default(), std::future::pending()).await?;
     Ok(())

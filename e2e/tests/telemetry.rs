@@ -161,6 +161,8 @@ async fn a_call_is_traced_from_the_client_through_the_gateway_to_the_upstream() 
     assert_eq!(server.name, "tools/call headers");
     assert_eq!(hex(&server.parent_span_id), parent, "the server span continues the client's");
     assert_eq!(client_span.parent_span_id, server.span_id, "the upstream call is the server span's child");
+    assert_eq!(server.flags & 0x301, 0x301, "sampled, with a remote parent");
+    assert_eq!(client_span.flags & 0x301, 0x101, "sampled, with a local parent");
     assert_eq!(
         upstream_parent,
         format!("00-{trace}-{}-01", hex(&client_span.span_id)),
@@ -278,6 +280,11 @@ fn samples(text: &str) -> Samples {
             Some(((sample.metric, labels), value))
         })
         .collect()
+}
+
+/// Whether `/metrics` has any sample of `metric` (a zero is only a zero when it does).
+fn exists(samples: &Samples, metric: &str) -> bool {
+    samples.keys().any(|(name, _)| name == metric)
 }
 
 fn value(samples: &Samples, metric: &str, labels: &[(&str, &str)]) -> f64 {
@@ -486,7 +493,7 @@ async fn viewer(gateway: &Gateway, token: &str) -> Result<Socket, u16> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_live_feed_shows_every_call_within_a_second_and_a_stalled_viewer_slows_nothing() {
+async fn the_live_feed_shows_every_call_within_a_second_beside_a_viewer_that_never_reads() {
     let gateway = Gateway::start_audited(McpSettings::default()).await.unwrap();
     let upstream = python_server("headers_server.py", &[]).await.unwrap();
     gateway.target("hdr", "streamable-http", &upstream.url).await.unwrap();
@@ -554,6 +561,7 @@ async fn the_live_feed_shows_every_call_within_a_second_and_a_stalled_viewer_slo
     assert_eq!(value(&metrics, "reflow_feed_viewers", &[]), 2.0);
     assert!(value(&metrics, "reflow_audit_ingested_records_total", &[]) >= 101.0);
     assert_eq!(value(&metrics, "reflow_data_planes_connected", &[]), 1.0);
+    assert!(exists(&metrics, "reflow_data_planes_behind"));
     assert_eq!(value(&metrics, "reflow_data_planes_behind", &[]), 0.0);
     let created = [("method", "POST"), ("route", "/api/targets"), ("status", "2xx")];
     assert_eq!(value(&metrics, "reflow_admin_write_duration_seconds_count", &created), 1.0, "the target created");
@@ -592,6 +600,7 @@ async fn a_collector_that_never_answers_loses_spans_not_calls() {
             value(&metrics, "reflow_telemetry_spans_dropped_total", &[]),
             value(&metrics, "reflow_telemetry_export_failures_total", &[]),
         );
+        assert!(exists(&metrics, "reflow_telemetry_spans_exported_total"));
         assert_eq!(value(&metrics, "reflow_telemetry_spans_exported_total", &[]), 0.0);
         if dropped >= 100.0 && failures >= 1.0 {
             break;

@@ -373,6 +373,8 @@ pub type Refresh = Box<dyn Fn() + Send + Sync>;
 pub struct Registry {
     families: Mutex<Vec<Arc<dyn Collect>>>,
     refresh: Mutex<Vec<Refresh>>,
+    /// One collection at a time: a refresh rebuilding a gauge whole never meets another's render.
+    collecting: Mutex<()>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -445,6 +447,7 @@ impl Registry {
 
     /// Every family in the Prometheus text format (version 0.0.4).
     pub fn prometheus(&self) -> String {
+        let _one = self.collecting.lock().unwrap();
         let mut out = String::with_capacity(16 * 1024);
         for family in self.refreshed() {
             family.prometheus(&mut out);
@@ -454,6 +457,7 @@ impl Registry {
 
     /// Every family as OTLP metrics, cumulative since `start` (Unix nanoseconds).
     pub fn otlp(&self, start: u64) -> Vec<otlp::Metric> {
+        let _one = self.collecting.lock().unwrap();
         let now = crate::telemetry::unix_nanos(std::time::SystemTime::now());
         self.refreshed().iter().map(|family| family.otlp(start, now)).collect()
     }

@@ -28,10 +28,11 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{OtlpProtocol, TelemetryConfig};
+use crate::config::{ConfigError, OtlpProtocol, TelemetryConfig};
 
-/// Spans waiting for export; more are dropped (and counted).
-pub const SPAN_QUEUE: usize = 8192;
+/// Spans waiting for export; more are dropped (and counted). A span's client-given parts are
+/// cut to the audit record's limits first, so this bounds the queue's bytes too.
+pub const SPAN_QUEUE: usize = 2048;
 
 /// The most spans in one export.
 pub const MAX_EXPORT_BATCH: usize = 512;
@@ -68,14 +69,14 @@ impl ExportSettings {
         config: &TelemetryConfig,
         role: &'static str,
         instance: &str,
-    ) -> Result<Option<ExportSettings>, crate::config::ConfigError> {
+    ) -> Result<Option<ExportSettings>, ConfigError> {
         if !config.enabled {
             return Ok(None);
         }
         let ca_pem = match &config.ca {
             Some(path) => Some(
                 std::fs::read(path)
-                    .map_err(|e| crate::config::ConfigError::new("telemetry.ca", format!("cannot read {path}: {e}")))?,
+                    .map_err(|e| ConfigError::new("telemetry.ca", format!("cannot read {path}: {e}")))?,
             ),
             None => None,
         };
@@ -137,17 +138,18 @@ enum Client {
 }
 
 impl Exporter {
-    /// Starts exporting to `settings.endpoint` until `shutdown` (then sends what is queued, once).
-    /// Must run inside a Tokio runtime.
+    /// Starts exporting to `settings.endpoint` until `shutdown` (then sends what is queued, once;
+    /// the handle ends after that). Must run inside a Tokio runtime. Fails naming the key.
     pub fn start(
         settings: ExportSettings,
         registry: Arc<metrics::Registry>,
         shutdown: CancellationToken,
-    ) -> Result<Arc<Exporter>, String> {
+    ) -> Result<(Arc<Exporter>, tokio::task::JoinHandle<()>), ConfigError> {
+        let endpoint_error = |e: &dyn std::fmt::Display| ConfigError::new("telemetry.endpoint", e.to_string());
         let client = match settings.protocol {
             OtlpProtocol::Grpc => {
                 let mut endpoint = tonic::transport::Endpoint::from_shared(settings.endpoint.clone())
-                    .map_err(|e| format!("telemetry.endpoint: {e}"))?
+                    .map_err(|e| endpoint_error(&e))?
                     .connect_timeout(settings.timeout)
                     .timeout(settings.timeout);
                 if settings.endpoint.starts_with("https://") {
@@ -156,7 +158,7 @@ impl Exporter {
                             .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
                         None => tonic::transport::ClientTlsConfig::new().with_webpki_roots(),
                     };
-                    endpoint = endpoint.tls_config(tls).map_err(|e| format!("telemetry.endpoint: {e}"))?;
+                    endpoint = endpoint.tls_config(tls).map_err(|e| endpoint_error(&e))?;
                 }
                 let channel = endpoint.connect_lazy();
                 Client::Grpc {
@@ -169,10 +171,11 @@ impl Exporter {
                     let mut builder =
                         reqwest::Client::builder().timeout(settings.timeout).connect_timeout(settings.timeout);
                     if let Some(pem) = &settings.ca_pem {
-                        let ca = reqwest::Certificate::from_pem(pem).map_err(|e| format!("telemetry.ca: {e}"))?;
+                        let ca = reqwest::Certificate::from_pem(pem)
+                            .map_err(|e| ConfigError::new("telemetry.ca", e.to_string()))?;
                         builder = builder.tls_built_in_root_certs(false).add_root_certificate(ca);
                     }
-                    builder.build().map_err(|e| format!("telemetry: {e}"))?
+                    builder.build().map_err(|e| ConfigError::new("telemetry.ca", e.to_string()))?
                 },
                 traces: format!("{}/v1/traces", settings.endpoint),
                 metrics: format!("{}/v1/metrics", settings.endpoint),
@@ -181,8 +184,8 @@ impl Exporter {
         let (tx, rx) = mpsc::channel(SPAN_QUEUE);
         let exporter = Arc::new(Exporter { spans: tx, sample_ratio: settings.sample_ratio, counts: Arc::default() });
         let counts = exporter.counts.clone();
-        tokio::spawn(run(settings, client, registry, rx, counts, shutdown));
-        Ok(exporter)
+        let running = tokio::spawn(run(settings, client, registry, rx, counts, shutdown));
+        Ok((exporter, running))
     }
 
     /// Queues finished spans, made by `spans` only when the queue has room for `n` of them;

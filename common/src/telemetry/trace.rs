@@ -121,6 +121,8 @@ pub struct Span {
     pub kind: Kind,
     pub context: SpanContext,
     pub parent: Option<[u8; 8]>,
+    /// The parent is another process's (the client's).
+    pub remote_parent: bool,
     pub start: SystemTime,
     pub end: SystemTime,
     pub attributes: Vec<(&'static str, Value)>,
@@ -151,7 +153,8 @@ impl Span {
             trace_id: self.context.trace_id.to_vec(),
             span_id: self.context.span_id.to_vec(),
             parent_span_id: self.parent.map(|p| p.to_vec()).unwrap_or_default(),
-            flags: 0x100 | u32::from(self.context.sampled),
+            // W3C flags, and whether the parent's remote-ness is known (0x100) and remote (0x200).
+            flags: 0x100 | if self.remote_parent { 0x200 } else { 0 } | u32::from(self.context.sampled),
             name: self.name.clone(),
             kind: kind as i32,
             start_time_unix_nano: super::unix_nanos(self.start),

@@ -188,14 +188,22 @@ pub fn router(state: AppState) -> Router {
                 let started = std::time::Instant::now();
                 let (method, route) = if writes {
                     let route = request.extensions().get::<axum::extract::MatchedPath>();
-                    (request.method().to_string(), route.map_or("unmatched", |r| r.as_str()).to_string())
+                    // Bounded labels: any request may name any method or path.
+                    let method = match *request.method() {
+                        Method::POST => "POST",
+                        Method::PUT => "PUT",
+                        Method::PATCH => "PATCH",
+                        Method::DELETE => "DELETE",
+                        _ => "other",
+                    };
+                    (method, route.map_or("unmatched", |r| r.as_str()).to_string())
                 } else {
                     Default::default()
                 };
                 let response = next.run(request).await;
                 if writes {
                     let seconds = started.elapsed().as_secs_f64();
-                    hub.observe.admin_write(&method, &route, response.status().as_u16(), seconds);
+                    hub.observe.admin_write(method, &route, response.status().as_u16(), seconds);
                 }
                 // Every committed write may change the snapshot; recompiling is cheap when it did not.
                 if writes && response.status().is_success() {

@@ -206,12 +206,9 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
     // dropped.
     let mut trail = match &message {
         Message::Request { id, method, params } => {
-            let parent = params
-                .as_ref()
-                .and_then(|p| p.pointer("/_meta/traceparent"))
-                .and_then(Value::as_str)
-                .or_else(|| parts.headers.get("traceparent").and_then(|v| v.to_str().ok()))
-                .and_then(SpanContext::parse);
+            let from_meta = params.as_ref().and_then(|p| p.pointer("/_meta/traceparent")).and_then(Value::as_str);
+            let from_header = || parts.headers.get("traceparent").and_then(|v| v.to_str().ok());
+            let parent = from_meta.and_then(SpanContext::parse).or_else(|| from_header().and_then(SpanContext::parse));
             let request_id = Some(match id {
                 Value::String(text) => text.clone(),
                 other => other.to_string(),
