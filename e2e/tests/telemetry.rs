@@ -498,7 +498,7 @@ async fn the_live_feed_shows_every_call_within_a_second_beside_a_viewer_that_nev
     let upstream = python_server("headers_server.py", &[]).await.unwrap();
     gateway.target("hdr", "streamable-http", &upstream.url).await.unwrap();
     gateway.allow_everyone().await.unwrap();
-    let (_, user_token) = gateway.user("viewer@example.com").await.unwrap();
+    let (user_id, user_token) = gateway.user("viewer@example.com").await.unwrap();
     assert_eq!(viewer(&gateway, &user_token).await.err(), Some(403), "admins only");
     let mut watching = viewer(&gateway, &gateway.admin_token).await.unwrap();
     // Connected and never read.
@@ -566,6 +566,24 @@ async fn the_live_feed_shows_every_call_within_a_second_beside_a_viewer_that_nev
     let created = [("method", "POST"), ("route", "/api/targets"), ("status", "2xx")];
     assert_eq!(value(&metrics, "reflow_admin_write_duration_seconds_count", &created), 1.0, "the target created");
     assert!(value(&metrics, "reflow_snapshot_compiles_total", &[("result", "published")]) >= 2.0);
+
+    // An admin who is demoted stops watching (the token is checked again while connected).
+    let users = format!("/api/users/{user_id}");
+    gateway.admin(reqwest::Method::PUT, &users, Some(json!({"role": "admin"}))).await.unwrap();
+    let mut demoted = viewer(&gateway, &user_token).await.expect("an admin now");
+    gateway.admin(reqwest::Method::PUT, &users, Some(json!({"role": "user"}))).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match demoted.next().await {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(frame))) => return frame.map(|f| f.code),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .expect("the feed ends for a demoted viewer");
+    assert_eq!(ended, Some(tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Policy));
     reader.abort();
     gateway.stop().await;
 }

@@ -126,10 +126,19 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let authorization = parts.headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+        let token = bearer_token(authorization, parts.uri.query())
+            .map_err(|e| ApiError::unauthorized(AuthFailure::Header(e).to_string()))?;
+        Caller::authenticate(state, token).await
+    }
+}
+
+impl Caller {
+    /// Who `token` (a JWT or an API token) is now: for requests, and again for long-lived
+    /// connections (the live feed) so that a revoked, expired or demoted caller is let go.
+    pub async fn authenticate(state: &AppState, token: &str) -> Result<Caller, ApiError> {
         // The same refusals, with the same messages, as the data plane's MCP endpoint.
         let refuse = |failure: AuthFailure| ApiError::unauthorized(failure.to_string());
-        let authorization = parts.headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
-        let token = bearer_token(authorization, parts.uri.query()).map_err(|e| refuse(AuthFailure::Header(e)))?;
 
         let user = if token.starts_with(API_TOKEN_PREFIX) {
             let (api_token, user) = state

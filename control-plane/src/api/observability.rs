@@ -18,18 +18,42 @@ use super::AppState;
 use crate::observe::{ActivityEvent, ErrorRates};
 use crate::store::InstanceStatus;
 
+/// The caller's bearer token as sent (the [`Caller`] extractor has checked it).
+#[derive(Debug)]
+pub struct BearerToken(String);
+
+impl BearerToken {
+    fn token(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for BearerToken {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let authorization = parts.headers.get(axum::http::header::AUTHORIZATION).map(|v| v.as_bytes());
+        let token = reflow_common::bearer::bearer_token(authorization, parts.uri.query())
+            .map_err(|e| ApiError::unauthorized(reflow_common::bearer::AuthFailure::Header(e).to_string()))?;
+        Ok(BearerToken(token.to_string()))
+    }
+}
+
 /// Recent requests in the snapshot.
 const SNAPSHOT_RECENT: usize = 100;
 
 /// Live activity: one JSON text message per MCP request (`{"type":"request", user_id, method,
 /// target, tool, duration_ms, status, outcome, decision, trace_id, …}`), and
-/// `{"type":"lagged","missed":N}` when this viewer fell behind and lost `N` events.
+/// `{"type":"lagged","missed":N}` when this viewer fell behind and lost `N` events. The token is
+/// checked again every few seconds: a caller revoked, expired or no longer admin is sent a
+/// close (1008) and let go.
 #[utoipa::path(get, path = "/api/observability/ws", tag = "observability", security(("bearer" = [])),
     responses((status = 101, description = "WebSocket of activity events"),
         (status = 400, description = "Not a WebSocket upgrade", body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn feed(
     State(state): State<AppState>,
     caller: Caller,
+    bearer: BearerToken,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     caller.require_admin()?;
@@ -40,16 +64,33 @@ pub async fn feed(
             format!("this endpoint is a WebSocket (GET with Upgrade: websocket): {rejection}"),
         )
     })?;
-    let observe = state.hub.observe.clone();
-    Ok(upgrade.on_upgrade(move |socket| view(socket, observe)))
+    let token = bearer.token().to_string();
+    Ok(upgrade.on_upgrade(move |socket| view(socket, state, token)))
 }
 
-/// Sends events to one viewer until it goes away. Only this task waits on a slow viewer: the
-/// broadcast keeps at most its capacity of events for it, then it loses the oldest.
-async fn view(mut socket: WebSocket, observe: Arc<crate::observe::Observe>) {
+/// How often a viewer's token is checked again (revoked, expired, demoted: the feed ends).
+const RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Sends events to one viewer until it goes away or may no longer watch. Only this task waits
+/// on a slow viewer: the broadcast keeps at most its capacity of events for it, then it loses
+/// the oldest.
+async fn view(mut socket: WebSocket, state: AppState, token: String) {
+    let observe: Arc<crate::observe::Observe> = state.hub.observe.clone();
     let mut events = observe.feed.subscribe();
+    let mut recheck = tokio::time::interval(RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    recheck.tick().await;
     loop {
         let text = tokio::select! {
+            _ = recheck.tick() => {
+                let allowed = Caller::authenticate(&state, &token).await.is_ok_and(|c| c.user.is_admin());
+                if allowed {
+                    continue;
+                }
+                let close = axum::extract::ws::CloseFrame { code: 1008, reason: "no longer allowed to watch".into() };
+                let _ = tokio::time::timeout(RECHECK, socket.send(Message::Close(Some(close)))).await;
+                return;
+            }
             received = events.recv() => match received {
                 Ok(text) => text.to_string(),
                 Err(RecvError::Lagged(missed)) => {
