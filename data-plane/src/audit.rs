@@ -270,6 +270,9 @@ struct Open {
     tool_error: bool,
     /// Upstream exchanges made for the request, for their client spans (sampled traces only).
     legs: Vec<Leg>,
+    /// The forwarded exchange under way: counted as `cancelled` if the trail ends first (the
+    /// exchange was aborted by `notifications/cancelled`).
+    forwarding: Option<(LegStart, String, &'static str, String)>,
 }
 
 /// An upstream exchange starting: what to send upstream as `traceparent`, and since when.
@@ -331,6 +334,7 @@ impl Trail {
             request_id,
             tool_error: false,
             legs: Vec::new(),
+            forwarding: None,
         })))
     }
 
@@ -361,6 +365,25 @@ impl Trail {
             }
         });
         LegStart { span_id, traceparent, wall: SystemTime::now(), started: Instant::now() }
+    }
+
+    /// Starts the forwarded exchange of this request (one at most): ended by
+    /// [`Trail::forwarded`], or counted as cancelled when the trail is dropped before.
+    pub fn forwarding(&mut self, target: &str, transport: &'static str, method: &str) -> Option<String> {
+        let leg = self.leg();
+        let traceparent = leg.traceparent.clone();
+        if let Some(open) = &mut self.0 {
+            open.forwarding = Some((leg, target.to_string(), transport, method.to_string()));
+        }
+        traceparent
+    }
+
+    /// The forwarded exchange ended; `error` is its `error.type` when it failed.
+    pub fn forwarded(&mut self, error: Option<String>) {
+        let Some((leg, target, transport, method)) = self.0.as_mut().and_then(|open| open.forwarding.take()) else {
+            return;
+        };
+        self.leg_done(leg, &target, transport, &method, error);
     }
 
     /// An upstream exchange ended; `error` is its `error.type` when it failed.
@@ -444,6 +467,9 @@ impl Trail {
 
 impl Drop for Trail {
     fn drop(&mut self) {
+        if self.0.as_ref().is_some_and(|open| open.forwarding.is_some()) {
+            self.forwarded(Some("cancelled".to_string()));
+        }
         let Some(mut open) = self.0.take() else { return };
         let record = &mut open.record;
         if !open.ended {

@@ -106,7 +106,7 @@ impl Telemetry {
             ),
             upstream_requests: r.counter(
                 "mcp.upstream.requests.total",
-                "Requests sent to upstreams, by outcome (ok, error, timeout, failed).",
+                "Requests sent to upstreams, by outcome (ok, error, timeout, cancelled, failed).",
                 &["target", "method", "outcome"],
             ),
             upstream_duration: r.histogram(
@@ -173,6 +173,7 @@ impl Telemetry {
         let outcome = match error {
             None => "ok",
             Some("timeout") => "timeout",
+            Some("cancelled") => "cancelled",
             Some(e) if e.parse::<i64>().is_ok() || e == "tool_error" => "error",
             Some(_) => "failed",
         };

@@ -113,5 +113,19 @@ async fn every_ending_of_a_request_is_recorded_once_with_how_it_ended() {
     );
     let value: Value = serde_json::to_value(answered).unwrap();
     assert!(value["arguments"].is_null(), "arguments are kept only by a target's opt-in");
+
+    // The same endings in the metrics, upstream exchanges included.
+    let metrics = gateway.metrics().await.unwrap();
+    for line in [
+        r#"mcp_requests_total{target="everything",method="tools/call",decision="allowed",outcome="cancelled"} 1"#,
+        r#"mcp_requests_total{target="everything",method="tools/call",decision="allowed",outcome="client_gone"} 1"#,
+        r#"mcp_requests_total{target="everything",method="tools/call",decision="allowed",outcome="timeout"} 1"#,
+        r#"mcp_requests_total{target="everything",method="tools/call",decision="denied",outcome="error"} 1"#,
+        r#"mcp_upstream_requests_total{target="everything",method="tools/call",outcome="cancelled"} 1"#,
+        r#"mcp_upstream_requests_total{target="everything",method="tools/call",outcome="timeout"} 1"#,
+        r#"mcp_upstream_requests_total{target="dead",method="tools/call",outcome="failed"} 1"#,
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
     gateway.stop().await;
 }

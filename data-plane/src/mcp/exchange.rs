@@ -123,11 +123,9 @@ impl Gateway {
         mut trail: Trail,
     ) -> Reply {
         let upstream = self.upstream(session, caller, target).await;
-        let leg = trail.leg();
-        if let Some(traceparent) = &leg.traceparent {
-            jsonrpc::set_meta(&mut message, "traceparent", traceparent);
+        if let Some(traceparent) = trail.forwarding(&target.name, target.transport_type.as_str(), method) {
+            jsonrpc::set_meta(&mut message, "traceparent", &traceparent);
         }
-        let transport = target.transport_type.as_str();
         if let Some(record) = trail.record() {
             record.credential_source.clone_from(&upstream.injection.token_source);
         }
@@ -173,7 +171,7 @@ impl Gateway {
                 Err(UpstreamError::Timeout(_)) => Some("timeout".to_string()),
                 Err(_) => Some("upstream_failed".to_string()),
             };
-            trail.leg_done(leg, &target_name, transport, &method, leg_error);
+            trail.forwarded(leg_error);
             let reply = match result {
                 Ok(mut reply) => {
                     gateway.health.ok(&failing.id);
