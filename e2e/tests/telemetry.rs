@@ -19,6 +19,7 @@ use opentelemetry_proto::tonic::common::v1::any_value;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use reflow_common::config::{OtlpProtocol, TelemetryConfig};
+use reflow_common::crypto::to_hex as hex;
 use reflow_common::telemetry::ExportSettings;
 use reflow_data_plane::mcp::McpSettings;
 use reflow_e2e::client::McpClient;
@@ -74,10 +75,6 @@ fn text(value: Option<&opentelemetry_proto::tonic::common::v1::AnyValue>) -> Opt
 
 fn attribute(span: &Span, key: &str) -> Option<String> {
     span.attributes.iter().find(|a| a.key == key).and_then(|a| text(a.value.as_ref()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 async fn collector() -> (Collector, String) {

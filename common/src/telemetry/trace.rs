@@ -3,6 +3,8 @@
 use std::time::SystemTime;
 
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+
+use crate::crypto::to_hex;
 use opentelemetry_proto::tonic::trace::v1 as otlp;
 
 /// A position in a trace: its id, a span in it, and whether it is sampled.
@@ -22,14 +24,6 @@ fn hex_bytes<const N: usize>(text: &str) -> Option<[u8; N]> {
         *byte = u8::from_str_radix(&text[i * 2..i * 2 + 2], 16).ok()?;
     }
     Some(out)
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
-        use std::fmt::Write as _;
-        let _ = write!(out, "{b:02x}");
-        out
-    })
 }
 
 impl SpanContext {
@@ -54,11 +48,11 @@ impl SpanContext {
 
     /// This position as a `traceparent` header value.
     pub fn traceparent(&self) -> String {
-        format!("00-{}-{}-{:02x}", hex(&self.trace_id), hex(&self.span_id), u8::from(self.sampled))
+        format!("00-{}-{}-{:02x}", to_hex(&self.trace_id), to_hex(&self.span_id), u8::from(self.sampled))
     }
 
     pub fn trace_id_hex(&self) -> String {
-        hex(&self.trace_id)
+        to_hex(&self.trace_id)
     }
 }
 
