@@ -4,10 +4,13 @@
 //! - `reflow control-plane`: the control plane alone, against PostgreSQL.
 //! - `reflow data-plane`: a data plane, fed by a control plane's snapshot stream.
 //! - `reflow openapi`: prints the admin API's OpenAPI document.
+//! - `reflow admin`: the management API (gRPC) from a terminal or a pipeline; its own exit
+//!   codes (0 done, 1 `diff` found changes, 2 error).
 //!
 //! Exit codes: 0 after a clean shutdown, 2 for a configuration problem (the message names
 //! the key), 1 for any other failure to start or serve.
 
+mod admin;
 mod data_plane;
 mod up;
 
@@ -46,6 +49,8 @@ enum Command {
     Openapi,
     /// The audit trail.
     Audit(AuditArgs),
+    /// Manage a gateway over its gRPC management API: resources, status, declarative files.
+    Admin(admin::AdminArgs),
 }
 
 #[derive(Debug, Args)]
@@ -167,12 +172,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let command = match cli.command {
+        Command::Admin(args) => return runtime.block_on(admin::run(args)),
+        other => other,
+    };
     let result = runtime.block_on(async move {
-        match cli.command {
+        match command {
             Command::Up(args) => up::run(args).await,
             Command::ControlPlane(args) => control_plane(args).await,
             Command::DataPlane(args) => data_plane::run(args).await,
             Command::Audit(AuditArgs { command: AuditCommand::Verify(args) }) => audit_verify(args).await,
+            Command::Admin(_) => unreachable!("run above"),
             Command::Openapi => {
                 let document = reflow_control_plane::api::openapi();
                 println!("{}", serde_json::to_string_pretty(&document).map_err(anyhow::Error::from)?);

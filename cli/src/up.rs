@@ -24,6 +24,10 @@ pub struct UpArgs {
     /// Directory for the database and generated secrets.
     #[arg(long, default_value = "./reflow-data", env = "REFLOW_DATA_DIR")]
     data_dir: PathBuf,
+    /// Loopback port of the gRPC services: the management API `reflow admin` talks to, and the
+    /// snapshot stream of the in-process data plane (0: any free port).
+    #[arg(long, default_value_t = 50051, env = "REFLOW_GRPC_PORT")]
+    grpc_port: u16,
 }
 
 /// Creates `dir` readable only by its owner.
@@ -108,8 +112,9 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
     // The same path as a split deployment, in one process: the compiler, the gRPC snapshot
     // service on a loopback port, and a data plane that syncs from it and keeps its cache.
     let compiler = control_plane.start_compiler(shutdown.clone()).await;
-    let grpc_listener = bind("127.0.0.1", 0).await?;
+    let grpc_listener = bind("127.0.0.1", args.grpc_port).await?;
     let grpc_address = grpc_listener.local_addr().map_err(anyhow::Error::from)?;
+    tracing::info!(address = %format!("http://{grpc_address}"), "management API (gRPC) listening; reflow admin --server http://{grpc_address}");
     let grpc = {
         let (control_plane, shutdown) = (control_plane.clone(), shutdown.clone());
         tokio::spawn(async move { control_plane.serve_grpc(grpc_listener, shutdown).await })

@@ -144,7 +144,12 @@ fn initialize() -> Value {
 
 fn run_expecting_failure(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_reflow"));
-    command.args(args).env_remove("DATABASE_URL").env_remove("JWT_SECRET").env_remove("ENCRYPTION_KEY");
+    command
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("JWT_SECRET")
+        .env_remove("ENCRYPTION_KEY")
+        .env("REFLOW_GRPC_PORT", "0");
     for (k, v) in env {
         command.env(k, v);
     }

@@ -17,6 +17,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod compile;
+pub mod manage;
 pub mod observe;
 pub mod store;
 pub mod sync;
@@ -204,15 +205,51 @@ impl ControlPlane {
             }
             builder = builder.tls_config(config).map_err(|e| StartError::Grpc(format!("TLS configuration: {e}")))?;
         }
+        let management = manage::grpc::ManagementGrpc::new(self.state.clone(), self.router());
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(reflow_proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| StartError::Grpc(format!("gRPC reflection: {e}")))?;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        tokio::spawn(report_health(health, self.state.store.clone(), shutdown.clone()));
         builder
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
-            // One Sync stream per data plane; a connection asking for more is not one.
+            // One Sync stream per data plane, a few management calls at once per client.
             .max_concurrent_streams(Some(8))
             .add_service(service.into_server())
+            .add_service(management)
+            .add_service(reflection)
+            .add_service(health_service)
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await
             .map_err(|e| StartError::Grpc(e.to_string()))
+    }
+}
+
+/// Keeps the standard gRPC health service true: the management service is `SERVING` while the
+/// database answers, `NOT_SERVING` while it does not (the snapshot service keeps serving from
+/// the last compiled snapshot either way).
+async fn report_health(
+    health: tonic_health::server::HealthReporter,
+    store: store::DynStore,
+    shutdown: CancellationToken,
+) {
+    use tonic_health::ServingStatus;
+    health.set_service_status("reflow.snapshot.v1.SnapshotService", ServingStatus::Serving).await;
+    let mut last = None;
+    loop {
+        let up = matches!(tokio::time::timeout(store::ACQUIRE_TIMEOUT, store.ping()).await, Ok(Ok(())));
+        if last != Some(up) {
+            let status = if up { ServingStatus::Serving } else { ServingStatus::NotServing };
+            health.set_service_status(manage::grpc::SERVICE, status).await;
+            health.set_service_status("", status).await;
+            last = Some(up);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+        }
     }
 }
 

@@ -13,6 +13,7 @@
 pub mod audit;
 pub mod parts;
 pub mod policy;
+pub mod raw;
 pub mod resources;
 
 /// Generated code.
@@ -22,3 +23,15 @@ pub mod snapshot {
         tonic::include_proto!("reflow.snapshot.v1");
     }
 }
+
+/// Generated code of the management API (`reflow/admin/v1/admin.proto`).
+pub mod admin {
+    #[allow(missing_debug_implementations, clippy::all, reason = "generated code")]
+    pub mod v1 {
+        tonic::include_proto!("reflow.admin.v1");
+    }
+}
+
+/// Every message and service of this crate's `.proto` files, as an encoded
+/// `FileDescriptorSet`: for gRPC reflection and for reading the management API's options.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/reflow_descriptor.bin"));

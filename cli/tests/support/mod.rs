@@ -33,6 +33,8 @@ impl Running {
             .args(args)
             .args(["--port", &port.to_string()])
             .env_remove("DATABASE_URL")
+            // Parallel `reflow up`s each take a free gRPC port.
+            .env("REFLOW_GRPC_PORT", "0")
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&stdout_path).unwrap())
             .stderr(std::fs::File::create(&stderr_path).unwrap());

@@ -116,7 +116,7 @@ pub struct EnvBody {
     pub description: Option<String>,
 }
 
-fn open(state: &AppState, entry: &SecretEntry) -> ApiResult<String> {
+pub(crate) fn open(state: &AppState, entry: &SecretEntry) -> ApiResult<String> {
     let aad = secret_aad(entry.target_id, entry.kind, &entry.scope, &entry.name);
     state.keyring.open_string(&entry.ciphertext, &aad).map(|v| v.to_string()).map_err(|e| {
         tracing::error!(target_id = %entry.target_id, scope = %entry.scope, error = %e, "stored secret does not open");
@@ -169,7 +169,7 @@ async fn scope_for_read(state: &AppState, caller: &Caller, kind: &str, value: Op
     scope_for_write(state, caller, kind, value).await
 }
 
-fn parse_scope(kind: &str, value: Option<&str>) -> ApiResult<Scope> {
+pub(crate) fn parse_scope(kind: &str, value: Option<&str>) -> ApiResult<Scope> {
     let kind = ScopeKind::parse(kind)
         .ok_or_else(|| ApiError::bad_request(format!("scope {kind:?} is not one of default, role, group, user")))?;
     Ok(match (kind, value) {
@@ -227,7 +227,7 @@ fn body_scope_value<'a>(kind: &str, path_value: Option<&'a str>, body: &'a Token
 }
 /// Decides whether `caller` may store a value at `scope` of `target`: the token (`key` `None`)
 /// or env `key`. The one place these rules live (see the module documentation).
-async fn check_write(
+pub(crate) async fn check_write(
     state: &AppState,
     caller: &Caller,
     target: &Target,
@@ -314,7 +314,14 @@ async fn check_usage(state: &AppState, target: &Target, scope: &Scope, entries: 
 }
 
 /// Seals one value for `scope` of `target`.
-fn seal(state: &AppState, target: &Target, kind: SecretKind, scope: &Scope, name: &str, value: &str) -> SecretEntry {
+pub(crate) fn seal(
+    state: &AppState,
+    target: &Target,
+    kind: SecretKind,
+    scope: &Scope,
+    name: &str,
+    value: &str,
+) -> SecretEntry {
     let aad = secret_aad(target.id, kind, scope, name);
     SecretEntry {
         target_id: target.id,
@@ -338,7 +345,7 @@ async fn put_all(state: &AppState, target: &Target, scope: &Scope, entries: Vec<
     Ok(())
 }
 
-fn check_token(token: &str) -> ApiResult<()> {
+pub(crate) fn check_token(token: &str) -> ApiResult<()> {
     if token.is_empty() || token.len() > MAX_TOKEN_LEN || token.chars().any(char::is_control) {
         return Err(ApiError::bad_request(format!(
             "token: must be 1 to {MAX_TOKEN_LEN} bytes without control characters"
@@ -347,7 +354,7 @@ fn check_token(token: &str) -> ApiResult<()> {
     Ok(())
 }
 
-fn check_env(body: &EnvBody) -> ApiResult<()> {
+pub(crate) fn check_env(body: &EnvBody) -> ApiResult<()> {
     validate_env_key_syntax(&body.key).map_err(|e| ApiError::bad_request(format!("key: {e}")))?;
     if let Some(description) = &body.description {
         if description.len() > MAX_DESCRIPTION_LEN || description.chars().any(char::is_control) {

@@ -63,7 +63,8 @@ pub async fn granted(state: &AppState, user: &crate::store::User, target_id: Uui
     Ok(may_allow_any(&policies, &crate::compile::user_payload(user), &target_id.to_string()))
 }
 
-async fn check_subject(state: &AppState, subject: &SubjectSpec) -> ApiResult<()> {
+/// The checks a subject passes that need no lookup: a user's id is looked up by the caller.
+pub(crate) fn check_subject_value(subject: &SubjectSpec) -> ApiResult<()> {
     let value = subject.subject_value.as_str();
     match subject.subject_type {
         SubjectType::Everyone if !value.is_empty() => {
@@ -72,20 +73,28 @@ async fn check_subject(state: &AppState, subject: &SubjectSpec) -> ApiResult<()>
         SubjectType::Everyone => Ok(()),
         SubjectType::Role | SubjectType::Group => validate_principal_name(subject.subject_type.as_str(), value)
             .map_err(|e| ApiError::bad_request(format!("subjects: {e}"))),
-        SubjectType::User => {
-            let id: Uuid =
-                value.parse().map_err(|_| ApiError::bad_request(format!("subjects: {value:?} is not a user id")))?;
-            state
-                .store
-                .get_user(id)
-                .await?
-                .map(|_| ())
-                .ok_or_else(|| ApiError::bad_request(format!("subjects: no user with id {id}")))
-        }
+        SubjectType::User => value
+            .parse::<Uuid>()
+            .map(|_| ())
+            .map_err(|_| ApiError::bad_request(format!("subjects: {value:?} is not a user id"))),
     }
 }
 
-async fn check_subjects(state: &AppState, subjects: &[SubjectSpec]) -> ApiResult<()> {
+async fn check_subject(state: &AppState, subject: &SubjectSpec) -> ApiResult<()> {
+    check_subject_value(subject)?;
+    if subject.subject_type == SubjectType::User {
+        let id: Uuid = subject.subject_value.parse().expect("checked above");
+        state
+            .store
+            .get_user(id)
+            .await?
+            .ok_or_else(|| ApiError::bad_request(format!("subjects: no user with id {id}")))?;
+    }
+    Ok(())
+}
+
+/// The checks a list of subjects passes as a whole: its length, and no subject twice.
+pub(crate) fn check_subject_list(subjects: &[SubjectSpec]) -> ApiResult<()> {
     if subjects.len() > MAX_SUBJECTS {
         return Err(ApiError::bad_request(format!("subjects: at most {MAX_SUBJECTS}")));
     }
@@ -98,6 +107,13 @@ async fn check_subjects(state: &AppState, subjects: &[SubjectSpec]) -> ApiResult
                 subject.subject_value
             )));
         }
+    }
+    Ok(())
+}
+
+async fn check_subjects(state: &AppState, subjects: &[SubjectSpec]) -> ApiResult<()> {
+    check_subject_list(subjects)?;
+    for subject in subjects {
         check_subject(state, subject).await?;
     }
     Ok(())
@@ -110,13 +126,7 @@ async fn build_spec(state: &AppState, input: &PolicyInput, current: Option<&Poli
         .or_else(|| current.map(|c| c.name.clone()))
         .ok_or_else(|| ApiError::bad_request("name: required"))?;
     let name = name.trim().to_string();
-    if name.is_empty() || name.len() > 128 {
-        return Err(ApiError::bad_request("name: must be 1 to 128 characters"));
-    }
     let description = input.description.clone().or_else(|| current.map(|c| c.description.clone())).unwrap_or_default();
-    if description.len() > 1024 {
-        return Err(ApiError::bad_request("description: at most 1024 bytes"));
-    }
     let target_id = match input.target_id {
         Some(value) => value,
         None => current.and_then(|c| c.target_id),
@@ -139,10 +149,7 @@ async fn build_spec(state: &AppState, input: &PolicyInput, current: Option<&Poli
         Some(value) => value.clone().filter(|p| !p.is_empty()),
         None => current.and_then(|c| c.pattern.clone()),
     };
-    if let Some(pattern) = &pattern {
-        glob::validate(pattern).map_err(|e| ApiError::bad_request(format!("{field}: {e}")))?;
-    }
-    Ok(PolicySpec {
+    let spec = PolicySpec {
         name,
         description,
         target_id,
@@ -154,7 +161,24 @@ async fn build_spec(state: &AppState, input: &PolicyInput, current: Option<&Poli
             .ok_or_else(|| ApiError::bad_request("effect: required (allow or deny)"))?,
         priority: input.priority.or(current.map(|c| c.priority)).unwrap_or(0),
         enabled: input.enabled.or(current.map(|c| c.enabled)).unwrap_or(true),
-    })
+    };
+    check_spec(&spec, field)?;
+    Ok(spec)
+}
+
+/// The checks a whole policy passes (its target's existence aside); `pattern_field` is the
+/// name the pattern was sent under.
+pub(crate) fn check_spec(spec: &PolicySpec, pattern_field: &str) -> ApiResult<()> {
+    if spec.name.is_empty() || spec.name.len() > 128 {
+        return Err(ApiError::bad_request("name: must be 1 to 128 characters"));
+    }
+    if spec.description.len() > 1024 {
+        return Err(ApiError::bad_request("description: at most 1024 bytes"));
+    }
+    if let Some(pattern) = &spec.pattern {
+        glob::validate(pattern).map_err(|e| ApiError::bad_request(format!("{pattern_field}: {e}")))?;
+    }
+    Ok(())
 }
 
 /// A policy as answered: its pattern under both names, `pattern` and the original's

@@ -16,11 +16,11 @@ use super::{AppState, Message};
 use crate::auth::hash_password;
 use crate::store::{NewUser, User, UserUpdate, DEFAULT_ROLE};
 
-fn check_role(role: &str) -> ApiResult<()> {
+pub(crate) fn check_role(role: &str) -> ApiResult<()> {
     validate_principal_name("role", role).map_err(|e| ApiError::bad_request(format!("role: {e}")))
 }
 
-fn check_groups(groups: &[String]) -> ApiResult<()> {
+pub(crate) fn check_groups(groups: &[String]) -> ApiResult<()> {
     if groups.len() > 256 {
         return Err(ApiError::bad_request("groups: at most 256 groups"));
     }

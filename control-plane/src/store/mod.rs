@@ -116,6 +116,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn add_policy_subject(&self, policy_id: Uuid, subject: SubjectSpec) -> StoreResult<PolicySubject>;
     async fn remove_policy_subject(&self, policy_id: Uuid, subject_id: Uuid) -> StoreResult<()>;
 
+    /// The owner labels of resources managed from declarative configuration.
+    async fn owners(&self) -> StoreResult<Owners>;
+    /// Writes a declarative apply in one transaction: all of it lands, or none.
+    async fn apply_writes(&self, writes: Vec<Write>) -> StoreResult<()>;
+
     /// Everything snapshots are compiled from, as of one moment.
     async fn load_state(&self) -> StoreResult<StoreState>;
     /// Records a data plane's status (insert or replace).

@@ -1,5 +1,7 @@
 //! The records the store keeps. Types that carry no secret double as REST responses.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use reflow_common::credentials::{Isolation, Scope};
 use serde::{Deserialize, Serialize};
@@ -380,4 +382,67 @@ pub struct ControlPlaneStatus {
     pub version: String,
     pub started_at: DateTime<Utc>,
     pub last_seen: DateTime<Utc>,
+}
+
+/// What names a stored secret: target, kind, scope and name (the env key; empty for a token).
+pub type SecretKey = (Uuid, SecretKind, Scope, String);
+
+impl SecretEntry {
+    pub fn key(&self) -> SecretKey {
+        (self.target_id, self.kind, self.scope.clone(), self.name.clone())
+    }
+}
+
+/// The owner labels of resources managed from declarative configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Owners {
+    pub targets: HashMap<Uuid, String>,
+    pub policies: HashMap<Uuid, String>,
+    pub secrets: HashMap<SecretKey, String>,
+}
+
+/// One write of a declarative apply ([`super::Store::apply_writes`]). An `owner` of `None`
+/// leaves the resource's label as it is.
+#[derive(Debug, Clone)]
+pub enum Write {
+    CreateTarget {
+        id: Uuid,
+        spec: TargetSpec,
+        owner: Option<String>,
+    },
+    UpdateTarget {
+        id: Uuid,
+        spec: TargetSpec,
+        owner: Option<String>,
+    },
+    DeleteTarget(Uuid),
+    CreatePolicy {
+        id: Uuid,
+        spec: PolicySpec,
+        subjects: Vec<SubjectSpec>,
+        owner: Option<String>,
+    },
+    UpdatePolicy {
+        id: Uuid,
+        spec: PolicySpec,
+        subjects: Vec<SubjectSpec>,
+        owner: Option<String>,
+    },
+    DeletePolicy(Uuid),
+    /// A user's role and groups.
+    SetUser {
+        id: Uuid,
+        role: String,
+        groups: Vec<String>,
+    },
+    /// Stores (or replaces) a sealed value.
+    PutSecret {
+        entry: SecretEntry,
+        owner: Option<String>,
+    },
+    SetSecretOwner {
+        key: SecretKey,
+        owner: String,
+    },
+    DeleteSecret(SecretKey),
 }

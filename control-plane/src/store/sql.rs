@@ -366,6 +366,214 @@ macro_rules! sql_store {
                     .map_err(db)?;
                 row.map(|row| Self::policy_from_row(&row, subjects)).transpose()
             }
+
+            /// [`Store::update_user`] inside `tx`, which holds the admin lock.
+            async fn update_user_in(tx: &mut sqlx::Transaction<'_, $Db>, id: Uuid, update: UserUpdate) -> StoreResult<User> {
+                let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
+                    .bind(id)
+                    .fetch_optional(&mut **tx)
+                    .await
+                    .map_err(db)?
+                    .ok_or_else(|| StoreError::NotFound("user".into()))?;
+                let current = Self::user_from_row(&row, Vec::new())?;
+                let role = update.role.unwrap_or(current.role.clone());
+                let active = update.active.unwrap_or(current.active);
+                sqlx::query(
+                    "UPDATE users SET role = $2, active = $3, password_hash = COALESCE($4, password_hash), updated_at = $5 \
+                     WHERE id = $1",
+                )
+                .bind(id)
+                .bind(&role)
+                .bind(active)
+                .bind(update.password_hash)
+                .bind(now())
+                .execute(&mut **tx)
+                .await
+                .map_err(db)?;
+                if let Some(mut groups) = update.groups {
+                    groups.sort();
+                    groups.dedup();
+                    sqlx::query("DELETE FROM user_groups WHERE user_id = $1").bind(id).execute(&mut **tx).await.map_err(db)?;
+                    Self::insert_groups(tx, id, &groups).await?;
+                }
+                if current.is_admin() && current.active && Self::active_admins(tx).await? == 0 {
+                    return Err(StoreError::Conflict("the gateway must keep at least one active admin".into()));
+                }
+                let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
+                    .bind(id)
+                    .fetch_one(&mut **tx)
+                    .await
+                    .map_err(db)?;
+                let groups = Self::groups_of(&mut **tx, id).await?;
+                Self::user_from_row(&row, groups)
+            }
+
+            async fn insert_target<'e, E>(executor: E, id: Uuid, spec: &TargetSpec, owner: Option<&str>) -> StoreResult<()>
+            where
+                E: sqlx::Executor<'e, Database = $Db>,
+            {
+                let sql = format!(
+                    "INSERT INTO targets ({TARGET_COLUMNS}, owner) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $18, $19)"
+                );
+                Self::bind_target(sqlx::query(&sql).bind(id), spec)
+                    .bind(now())
+                    .bind(owner)
+                    .execute(executor)
+                    .await
+                    .map_err(|e| classify(e, &format!("a target named {:?} already exists", spec.name)))?;
+                Ok(())
+            }
+
+            /// Replaces a target's fields, and its owner label unless `owner` is `None`.
+            async fn write_target<'e, E>(executor: E, id: Uuid, spec: &TargetSpec, owner: Option<&str>) -> StoreResult<()>
+            where
+                E: sqlx::Executor<'e, Database = $Db>,
+            {
+                let sql = "UPDATE targets SET name = $2, description = $3, transport_type = $4, url = $5, command = $6, \
+                           args = $7, image = $8, port = $9, health_path = $10, statefulness = $11, isolation_boundary = $12, \
+                           auth_type = $13, auth_header_name = $14, enabled = $15, env_keys = $16, audit_arguments = $17, \
+                           updated_at = $18, owner = COALESCE($19, owner) WHERE id = $1";
+                let updated = Self::bind_target(sqlx::query(sql).bind(id), spec)
+                    .bind(now())
+                    .bind(owner)
+                    .execute(executor)
+                    .await
+                    .map_err(|e| classify(e, &format!("a target named {:?} already exists", spec.name)))?
+                    .rows_affected();
+                if updated == 0 {
+                    return Err(StoreError::NotFound("target".into()));
+                }
+                Ok(())
+            }
+
+            /// Deletes the row `id` of `table` (a fixed table name); `what` names it when absent.
+            async fn delete_row<'e, E>(executor: E, table: &str, what: &str, id: Uuid) -> StoreResult<()>
+            where
+                E: sqlx::Executor<'e, Database = $Db>,
+            {
+                let deleted = sqlx::query(&format!("DELETE FROM {table} WHERE id = $1"))
+                    .bind(id)
+                    .execute(executor)
+                    .await
+                    .map_err(db)?
+                    .rows_affected();
+                if deleted == 0 {
+                    return Err(StoreError::NotFound(what.into()));
+                }
+                Ok(())
+            }
+
+            fn policy_conflict(name: &str) -> impl Fn(sqlx::Error) -> StoreError + '_ {
+                move |e| match classify(e, &format!("a policy named {name:?} already exists")) {
+                    StoreError::NotFound(_) => StoreError::NotFound("target".into()),
+                    other => other,
+                }
+            }
+
+            async fn insert_policy(
+                tx: &mut sqlx::Transaction<'_, $Db>,
+                id: Uuid,
+                spec: &PolicySpec,
+                subjects: Vec<SubjectSpec>,
+                owner: Option<&str>,
+                at: DateTime<Utc>,
+            ) -> StoreResult<Vec<PolicySubject>> {
+                let sql = format!("INSERT INTO policies ({POLICY_COLUMNS}, owner) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11)");
+                Self::bind_policy(sqlx::query(&sql).bind(id), spec)
+                    .bind(at)
+                    .bind(owner)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(Self::policy_conflict(&spec.name))?;
+                Self::insert_subjects(tx, id, subjects).await
+            }
+
+            /// Replaces a policy's fields, its subjects when given, and its owner label unless
+            /// `owner` is `None`.
+            async fn write_policy(
+                tx: &mut sqlx::Transaction<'_, $Db>,
+                id: Uuid,
+                spec: &PolicySpec,
+                subjects: Option<Vec<SubjectSpec>>,
+                owner: Option<&str>,
+            ) -> StoreResult<()> {
+                let sql = "UPDATE policies SET name = $2, description = $3, target_id = $4, resource_type = $5, pattern = $6, \
+                           effect = $7, priority = $8, enabled = $9, updated_at = $10, owner = COALESCE($11, owner) WHERE id = $1";
+                let updated = Self::bind_policy(sqlx::query(sql).bind(id), spec)
+                    .bind(now())
+                    .bind(owner)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(Self::policy_conflict(&spec.name))?
+                    .rows_affected();
+                if updated == 0 {
+                    return Err(StoreError::NotFound("policy".into()));
+                }
+                if let Some(subjects) = subjects {
+                    sqlx::query("DELETE FROM policy_subjects WHERE policy_id = $1").bind(id).execute(&mut **tx).await.map_err(db)?;
+                    Self::insert_subjects(tx, id, subjects).await?;
+                }
+                Ok(())
+            }
+
+            /// Inserts or replaces a sealed value; a replaced value keeps its owner label unless
+            /// `owner` is given.
+            async fn upsert_secret<'e, E>(executor: E, entry: &SecretEntry, owner: Option<&str>) -> StoreResult<()>
+            where
+                E: sqlx::Executor<'e, Database = $Db>,
+            {
+                sqlx::query(
+                    "INSERT INTO target_secrets (target_id, kind, scope_type, scope_value, name, ciphertext, key_version, description, updated_at, owner) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                     ON CONFLICT (target_id, kind, scope_type, scope_value, name) DO UPDATE SET \
+                     ciphertext = excluded.ciphertext, key_version = excluded.key_version, \
+                     description = excluded.description, updated_at = excluded.updated_at, \
+                     owner = COALESCE(excluded.owner, target_secrets.owner)",
+                )
+                .bind(entry.target_id)
+                .bind(entry.kind.as_str())
+                .bind(entry.scope.kind().as_str())
+                .bind(entry.scope.value())
+                .bind(&entry.name)
+                .bind(&entry.ciphertext)
+                .bind(entry.key_version)
+                .bind(&entry.description)
+                .bind(entry.updated_at)
+                .bind(owner)
+                .execute(executor)
+                .await
+                .map_err(|e| match classify(e, "conflicting secret") {
+                    StoreError::NotFound(_) => StoreError::NotFound("target".into()),
+                    other => other,
+                })?;
+                Ok(())
+            }
+
+            async fn delete_secret_in<'e, E>(executor: E, target_id: Uuid, kind: SecretKind, scope: &Scope, name: &str) -> StoreResult<()>
+            where
+                E: sqlx::Executor<'e, Database = $Db>,
+            {
+                let deleted = sqlx::query(
+                    "DELETE FROM target_secrets WHERE target_id = $1 AND kind = $2 AND scope_type = $3 AND scope_value = $4 AND name = $5",
+                )
+                .bind(target_id)
+                .bind(kind.as_str())
+                .bind(scope.kind().as_str())
+                .bind(scope.value())
+                .bind(name)
+                .execute(executor)
+                .await
+                .map_err(db)?
+                .rows_affected();
+                if deleted == 0 {
+                    return Err(StoreError::NotFound(match kind {
+                        SecretKind::Token => format!("token for scope {scope}"),
+                        SecretKind::Env => format!("env key {name:?} for scope {scope}"),
+                    }));
+                }
+                Ok(())
+            }
         }
 
         #[async_trait]
@@ -452,43 +660,7 @@ macro_rules! sql_store {
             async fn update_user(&self, id: Uuid, update: UserUpdate) -> StoreResult<User> {
                 let mut tx = self.pool.begin().await.map_err(db)?;
                 Self::lock_admins(&mut tx).await?;
-                let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
-                    .bind(id)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db)?
-                    .ok_or_else(|| StoreError::NotFound("user".into()))?;
-                let current = Self::user_from_row(&row, Vec::new())?;
-                let role = update.role.unwrap_or(current.role.clone());
-                let active = update.active.unwrap_or(current.active);
-                sqlx::query(
-                    "UPDATE users SET role = $2, active = $3, password_hash = COALESCE($4, password_hash), updated_at = $5 \
-                     WHERE id = $1",
-                )
-                .bind(id)
-                .bind(&role)
-                .bind(active)
-                .bind(update.password_hash)
-                .bind(now())
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-                if let Some(mut groups) = update.groups {
-                    groups.sort();
-                    groups.dedup();
-                    sqlx::query("DELETE FROM user_groups WHERE user_id = $1").bind(id).execute(&mut *tx).await.map_err(db)?;
-                    Self::insert_groups(&mut tx, id, &groups).await?;
-                }
-                if current.is_admin() && current.active && Self::active_admins(&mut tx).await? == 0 {
-                    return Err(StoreError::Conflict("the gateway must keep at least one active admin".into()));
-                }
-                let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
-                    .bind(id)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(db)?;
-                let groups = Self::groups_of(&mut *tx, id).await?;
-                let user = Self::user_from_row(&row, groups)?;
+                let user = Self::update_user_in(&mut tx, id, update).await?;
                 tx.commit().await.map_err(db)?;
                 Ok(user)
             }
@@ -597,16 +769,7 @@ macro_rules! sql_store {
 
             async fn create_target(&self, spec: TargetSpec) -> StoreResult<Target> {
                 let id = Uuid::new_v4();
-                let at = now();
-                let sql = format!(
-                    "INSERT INTO targets ({TARGET_COLUMNS}) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $18)"
-                );
-                Self::bind_target(sqlx::query(&sql).bind(id), &spec)
-                    .bind(at)
-                    .execute(&self.pool)
-                    .await
-                    .map_err(|e| classify(e, &format!("a target named {:?} already exists", spec.name)))?;
+                Self::insert_target(&self.pool, id, &spec, None).await?;
                 self.get_target(id).await?.ok_or_else(|| StoreError::NotFound("target".into()))
             }
 
@@ -628,18 +791,7 @@ macro_rules! sql_store {
             }
 
             async fn update_target(&self, id: Uuid, spec: TargetSpec) -> StoreResult<Target> {
-                let sql = "UPDATE targets SET name = $2, description = $3, transport_type = $4, url = $5, command = $6, \
-                           args = $7, image = $8, port = $9, health_path = $10, statefulness = $11, isolation_boundary = $12, \
-                           auth_type = $13, auth_header_name = $14, enabled = $15, env_keys = $16, audit_arguments = $17, updated_at = $18 WHERE id = $1";
-                let updated = Self::bind_target(sqlx::query(sql).bind(id), &spec)
-                .bind(now())
-                .execute(&self.pool)
-                .await
-                .map_err(|e| classify(e, &format!("a target named {:?} already exists", spec.name)))?
-                .rows_affected();
-                if updated == 0 {
-                    return Err(StoreError::NotFound("target".into()));
-                }
+                Self::write_target(&self.pool, id, &spec, None).await?;
                 self.get_target(id).await?.ok_or_else(|| StoreError::NotFound("target".into()))
             }
 
@@ -668,63 +820,19 @@ macro_rules! sql_store {
             }
 
             async fn delete_target(&self, id: Uuid) -> StoreResult<()> {
-                let deleted =
-                    sqlx::query("DELETE FROM targets WHERE id = $1").bind(id).execute(&self.pool).await.map_err(db)?.rows_affected();
-                if deleted == 0 {
-                    return Err(StoreError::NotFound("target".into()));
-                }
-                Ok(())
+                Self::delete_row(&self.pool, "targets", "target", id).await
             }
 
             async fn put_secrets(&self, entries: Vec<SecretEntry>) -> StoreResult<()> {
                 let mut tx = self.pool.begin().await.map_err(db)?;
                 for entry in &entries {
-                    sqlx::query(
-                        "INSERT INTO target_secrets (target_id, kind, scope_type, scope_value, name, ciphertext, key_version, description, updated_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                         ON CONFLICT (target_id, kind, scope_type, scope_value, name) DO UPDATE SET \
-                         ciphertext = excluded.ciphertext, key_version = excluded.key_version, \
-                         description = excluded.description, updated_at = excluded.updated_at",
-                    )
-                    .bind(entry.target_id)
-                    .bind(entry.kind.as_str())
-                    .bind(entry.scope.kind().as_str())
-                    .bind(entry.scope.value())
-                    .bind(&entry.name)
-                    .bind(&entry.ciphertext)
-                    .bind(entry.key_version)
-                    .bind(&entry.description)
-                    .bind(entry.updated_at)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| match classify(e, "conflicting secret") {
-                        StoreError::NotFound(_) => StoreError::NotFound("target".into()),
-                        other => other,
-                    })?;
+                    Self::upsert_secret(&mut *tx, entry, None).await?;
                 }
                 tx.commit().await.map_err(db)
             }
 
             async fn delete_secret(&self, target_id: Uuid, kind: SecretKind, scope: &Scope, name: &str) -> StoreResult<()> {
-                let deleted = sqlx::query(
-                    "DELETE FROM target_secrets WHERE target_id = $1 AND kind = $2 AND scope_type = $3 AND scope_value = $4 AND name = $5",
-                )
-                .bind(target_id)
-                .bind(kind.as_str())
-                .bind(scope.kind().as_str())
-                .bind(scope.value())
-                .bind(name)
-                .execute(&self.pool)
-                .await
-                .map_err(db)?
-                .rows_affected();
-                if deleted == 0 {
-                    return Err(StoreError::NotFound(match kind {
-                        SecretKind::Token => format!("token for scope {scope}"),
-                        SecretKind::Env => format!("env key {name:?} for scope {scope}"),
-                    }));
-                }
-                Ok(())
+                Self::delete_secret_in(&self.pool, target_id, kind, scope, name).await
             }
 
             async fn delete_scope_secrets(&self, target_id: Uuid, kind: SecretKind, scope: &Scope) -> StoreResult<u64> {
@@ -770,16 +878,7 @@ macro_rules! sql_store {
                 let id = Uuid::new_v4();
                 let at = now();
                 let mut tx = self.pool.begin().await.map_err(db)?;
-                let sql = format!("INSERT INTO policies ({POLICY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)");
-                Self::bind_policy(sqlx::query(&sql).bind(id), &spec)
-                .bind(at)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| match classify(e, &format!("a policy named {:?} already exists", spec.name)) {
-                    StoreError::NotFound(_) => StoreError::NotFound("target".into()),
-                    other => other,
-                })?;
-                let subjects = Self::insert_subjects(&mut tx, id, subjects).await?;
+                let subjects = Self::insert_policy(&mut tx, id, &spec, subjects, None, at).await?;
                 tx.commit().await.map_err(db)?;
                 Ok(Policy {
                     id,
@@ -818,24 +917,7 @@ macro_rules! sql_store {
 
             async fn update_policy(&self, id: Uuid, spec: PolicySpec, subjects: Option<Vec<SubjectSpec>>) -> StoreResult<Policy> {
                 let mut tx = self.pool.begin().await.map_err(db)?;
-                let sql = "UPDATE policies SET name = $2, description = $3, target_id = $4, resource_type = $5, pattern = $6, \
-                           effect = $7, priority = $8, enabled = $9, updated_at = $10 WHERE id = $1";
-                let updated = Self::bind_policy(sqlx::query(sql).bind(id), &spec)
-                .bind(now())
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| match classify(e, &format!("a policy named {:?} already exists", spec.name)) {
-                    StoreError::NotFound(_) => StoreError::NotFound("target".into()),
-                    other => other,
-                })?
-                .rows_affected();
-                if updated == 0 {
-                    return Err(StoreError::NotFound("policy".into()));
-                }
-                if let Some(subjects) = subjects {
-                    sqlx::query("DELETE FROM policy_subjects WHERE policy_id = $1").bind(id).execute(&mut *tx).await.map_err(db)?;
-                    Self::insert_subjects(&mut tx, id, subjects).await?;
-                }
+                Self::write_policy(&mut tx, id, &spec, subjects, None).await?;
                 let subjects = Self::subjects_of(&mut *tx, Some(id)).await?.remove(&id).unwrap_or_default();
                 let policy = Self::policy_in(&mut *tx, id, subjects).await?.ok_or_else(|| StoreError::NotFound("policy".into()))?;
                 tx.commit().await.map_err(db)?;
@@ -843,12 +925,7 @@ macro_rules! sql_store {
             }
 
             async fn delete_policy(&self, id: Uuid) -> StoreResult<()> {
-                let deleted =
-                    sqlx::query("DELETE FROM policies WHERE id = $1").bind(id).execute(&self.pool).await.map_err(db)?.rows_affected();
-                if deleted == 0 {
-                    return Err(StoreError::NotFound("policy".into()));
-                }
-                Ok(())
+                Self::delete_row(&self.pool, "policies", "policy", id).await
             }
 
             async fn add_policy_subject(&self, policy_id: Uuid, subject: SubjectSpec) -> StoreResult<PolicySubject> {
@@ -879,6 +956,80 @@ macro_rules! sql_store {
                     return Err(StoreError::NotFound("policy subject".into()));
                 }
                 Ok(())
+            }
+
+            async fn owners(&self) -> StoreResult<Owners> {
+                let mut owners = Owners::default();
+                for (table, map) in [("targets", &mut owners.targets), ("policies", &mut owners.policies)] {
+                    for row in sqlx::query(&format!("SELECT id, owner FROM {table} WHERE owner IS NOT NULL"))
+                        .fetch_all(&self.pool)
+                        .await
+                        .map_err(db)?
+                    {
+                        map.insert(row.try_get("id").map_err(db)?, row.try_get("owner").map_err(db)?);
+                    }
+                }
+                for row in sqlx::query(
+                    "SELECT target_id, kind, scope_type, scope_value, name, ciphertext, key_version, description, updated_at, owner \
+                     FROM target_secrets WHERE owner IS NOT NULL",
+                )
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?
+                {
+                    owners.secrets.insert(Self::secret_from_row(&row)?.key(), row.try_get("owner").map_err(db)?);
+                }
+                Ok(owners)
+            }
+
+            async fn apply_writes(&self, writes: Vec<Write>) -> StoreResult<()> {
+                let mut tx = self.pool.begin().await.map_err(db)?;
+                if writes.iter().any(|w| matches!(w, Write::SetUser { .. })) {
+                    Self::lock_admins(&mut tx).await?;
+                }
+                let at = now();
+                for write in writes {
+                    match write {
+                        Write::CreateTarget { id, spec, owner } => {
+                            Self::insert_target(&mut *tx, id, &spec, owner.as_deref()).await?
+                        }
+                        Write::UpdateTarget { id, spec, owner } => {
+                            Self::write_target(&mut *tx, id, &spec, owner.as_deref()).await?
+                        }
+                        Write::DeleteTarget(id) => Self::delete_row(&mut *tx, "targets", "target", id).await?,
+                        Write::CreatePolicy { id, spec, subjects, owner } => {
+                            Self::insert_policy(&mut tx, id, &spec, subjects, owner.as_deref(), at).await?;
+                        }
+                        Write::UpdatePolicy { id, spec, subjects, owner } => {
+                            Self::write_policy(&mut tx, id, &spec, Some(subjects), owner.as_deref()).await?
+                        }
+                        Write::DeletePolicy(id) => Self::delete_row(&mut *tx, "policies", "policy", id).await?,
+                        Write::SetUser { id, role, groups } => {
+                            let update = UserUpdate { role: Some(role), groups: Some(groups), active: None, password_hash: None };
+                            Self::update_user_in(&mut tx, id, update).await?;
+                        }
+                        Write::PutSecret { entry, owner } => Self::upsert_secret(&mut *tx, &entry, owner.as_deref()).await?,
+                        Write::SetSecretOwner { key: (target_id, kind, scope, name), owner } => {
+                            sqlx::query(
+                                "UPDATE target_secrets SET owner = $6 WHERE target_id = $1 AND kind = $2 AND scope_type = $3 \
+                                 AND scope_value = $4 AND name = $5",
+                            )
+                            .bind(target_id)
+                            .bind(kind.as_str())
+                            .bind(scope.kind().as_str())
+                            .bind(scope.value())
+                            .bind(name)
+                            .bind(owner)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db)?;
+                        }
+                        Write::DeleteSecret((target_id, kind, scope, name)) => {
+                            Self::delete_secret_in(&mut *tx, target_id, kind, &scope, &name).await?
+                        }
+                    }
+                }
+                tx.commit().await.map_err(db)
             }
 
             async fn load_state(&self) -> StoreResult<StoreState> {
