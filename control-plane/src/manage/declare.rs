@@ -450,15 +450,7 @@ async fn plan(
                 return Err(bad(format!("{here}: {label} has no stored value; give it a value_from (env or file)")))
             }
             (Some(value), stored) => {
-                match kind {
-                    SecretKind::Token => credentials::check_token(value),
-                    SecretKind::Env => credentials::check_env(&credentials::EnvBody {
-                        key: name.clone(),
-                        value: value.clone(),
-                        description: None,
-                    }),
-                }
-                .map_err(|e| at(&here, e))?;
+                check_value(kind, &name, value).map_err(|e| at(&here, e))?;
                 let same = match stored {
                     Some(entry) => credentials::open(state, entry)? == *value,
                     None => false,
@@ -520,6 +512,18 @@ async fn plan(
     Ok(plan)
 }
 
+/// The checks a credential value passes, as the REST API checks a token or an env value.
+fn check_value(kind: SecretKind, key: &str, value: &str) -> ApiResult<()> {
+    match kind {
+        SecretKind::Token => credentials::check_token(value),
+        SecretKind::Env => credentials::check_env(&credentials::EnvBody {
+            key: key.to_string(),
+            value: value.to_string(),
+            description: None,
+        }),
+    }
+}
+
 /// Finds a user's id by email.
 type UserId<'a> = dyn Fn(&str) -> ApiResult<String> + 'a;
 
@@ -571,13 +575,7 @@ pub fn validate_offline(document: &pb::Document) -> ApiResult<Vec<String>> {
         let here = format!("credentials[{i}]");
         let (kind, _, name) = declared_credential(declared, &user_id).map_err(|e| at(&here, e))?;
         if let Some(value) = &declared.value {
-            match kind {
-                SecretKind::Token => credentials::check_token(value),
-                SecretKind::Env => {
-                    credentials::check_env(&credentials::EnvBody { key: name, value: value.clone(), description: None })
-                }
-            }
-            .map_err(|e| at(&here, e))?;
+            check_value(kind, &name, value).map_err(|e| at(&here, e))?;
         }
     }
     Ok(unchecked)
