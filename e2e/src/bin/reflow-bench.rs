@@ -30,8 +30,8 @@ struct Args {
     #[arg(long)]
     database_url: Option<String>,
     /// Run only these scenarios (repeatable): propagation, policy-change, calls, audit,
-    /// telemetry, stdio, lists, sessions.
-    #[arg(long, value_parser = ["propagation", "policy-change", "calls", "audit", "telemetry", "stdio", "lists", "sessions"])]
+    /// telemetry, stdio, lists, sessions, apply.
+    #[arg(long, value_parser = ["propagation", "policy-change", "calls", "audit", "telemetry", "stdio", "lists", "sessions", "apply"])]
     only: Vec<String>,
 }
 
@@ -168,6 +168,26 @@ async fn run() -> anyhow::Result<()> {
             result["update_bytes"],
             result["upserts"],
             result["compile_ms"].as_f64().unwrap_or(f64::NAN)
+        );
+        results.push(result);
+    }
+
+    if want("apply") {
+        let result = reflow_e2e::declare_bench::apply_resources(333, args.database_url.as_deref()).await?;
+        let f = |key: &str| result[key].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "\ndeclarative apply of {} resources ({}): {:.0} ms, {} snapshot(s) published; again (no change) \
+             {:.0} ms, {} published;\n  the same as {} single calls: {:.0} ms ({:.1}x), {} published",
+            result["resources"],
+            result["backend"].as_str().unwrap_or(""),
+            f("apply_ms"),
+            result["apply_compiles"],
+            f("reapply_ms"),
+            result["reapply_compiles"],
+            result["one_by_one_calls"],
+            f("one_by_one_ms"),
+            f("one_by_one_vs_apply"),
+            result["one_by_one_compiles"]
         );
         results.push(result);
     }
