@@ -12,6 +12,7 @@
 
 mod admin;
 mod data_plane;
+mod operator;
 mod up;
 
 /// The allocator: glibc's malloc spends more on the data plane's many small, short-lived
@@ -51,6 +52,8 @@ enum Command {
     Audit(AuditArgs),
     /// Manage a gateway over its gRPC management API: resources, status, declarative files.
     Admin(admin::AdminArgs),
+    /// The Kubernetes operator that runs kubernetes targets' MCPInstances as pods.
+    Operator(operator::OperatorArgs),
 }
 
 #[derive(Debug, Args)]
@@ -183,6 +186,7 @@ fn main() -> ExitCode {
             Command::DataPlane(args) => data_plane::run(args).await,
             Command::Audit(AuditArgs { command: AuditCommand::Verify(args) }) => audit_verify(args).await,
             Command::Admin(_) => unreachable!("run above"),
+            Command::Operator(args) => operator::run(args).await,
             Command::Openapi => {
                 let document = reflow_control_plane::api::openapi();
                 println!("{}", serde_json::to_string_pretty(&document).map_err(anyhow::Error::from)?);

@@ -13,6 +13,8 @@
 //! - [`harness`]: a gateway in this process plus real MCP peers as child processes, for the
 //!   end-to-end tests in `tests/`.
 //! - [`stdio_bench`]: calls through a warm shared STDIO process vs the same server driven directly.
+//! - [`cluster`]: a real Kubernetes API server (etcd, kube-apiserver, kube-controller-manager)
+//!   and the test node agent that plays the kubelet.
 //! - [`declare_bench`]: a declarative apply of 1,000 resources vs the same written call by call.
 //! - [`snapshot`]: snapshot distribution benchmarks (propagation time to N data planes,
 //!   bytes of a one-policy change on a large snapshot).
@@ -21,6 +23,7 @@
 
 pub mod calls;
 pub mod client;
+pub mod cluster;
 pub mod declare_bench;
 pub mod fast_upstream;
 pub mod harness;

@@ -1,0 +1,304 @@
+//! The operator against a real kube-apiserver (with etcd and the controller manager's garbage
+//! collector), pods played by the test node agent (the one stand-in: see `reflow_e2e::cluster`).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::Client;
+use reflow_e2e::cluster::{Cluster, NodeAgent, ENV_SERVER_IMAGE};
+use reflow_operator::crd::MCPInstance;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+const NAMESPACE: &str = "mcp";
+
+fn operator(
+    cluster: &Cluster,
+    identity: &str,
+    lease_seconds: u64,
+) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let config = reflow_operator::OperatorConfig {
+        kubeconfig: Some(cluster.kubeconfig.clone()),
+        namespace: Some(NAMESPACE.into()),
+        lease_namespace: NAMESPACE.into(),
+        identity: identity.into(),
+        lease_seconds,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        verify_by_pod_ip: true,
+    };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(reflow_operator::run(config, shutdown.clone()));
+    (shutdown, task)
+}
+
+async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn instance(name: &str, secret: Option<&str>, idle: &str, lifetime: &str) -> MCPInstance {
+    serde_json::from_value(json!({
+        "apiVersion": "mcp.reflow.io/v1alpha1",
+        "kind": "MCPInstance",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {
+            "image": ENV_SERVER_IMAGE,
+            "port": 8080,
+            "subjectKey": "user:alice",
+            "targetName": "env",
+            "targetID": "00000000-0000-0000-0000-000000000001",
+            "secretRef": secret,
+            "env": [{"name": "REGION", "value": "eu"}],
+            "idleTTL": idle,
+            "maxLifetime": lifetime,
+        },
+    }))
+    .unwrap()
+}
+
+async fn condition(api: &Api<MCPInstance>, name: &str, kind: &str) -> bool {
+    api.get_opt(name)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|i| i.status)
+        .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == kind && c.status == "True"))
+}
+
+/// The environment of the process the agent runs for `pod`.
+fn pod_env(agent: &NodeAgent, pod: &str) -> BTreeMap<String, String> {
+    let running = agent.running.lock().unwrap();
+    let pid = running.get(&format!("{NAMESPACE}/{pod}")).and_then(|p| p.process.pid()).expect("the pod runs");
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    environ
+        .split(|b| *b == 0)
+        .filter_map(|kv| std::str::from_utf8(kv).ok()?.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect()
+}
+
+async fn setup() -> (Cluster, Client, NodeAgent) {
+    let cluster = Cluster::start().await.expect("a test cluster");
+    cluster.restricted_namespace(NAMESPACE).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let agent = NodeAgent::start(client.clone()).await.unwrap();
+    (cluster, client, agent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_runs_verifies_restarts_and_cleans_up_an_instance() {
+    let (cluster, client, agent) = setup().await;
+    let (stop, task) = operator(&cluster, "operator-a", 15);
+    let instances: Api<MCPInstance> = Api::namespaced(client.clone(), NAMESPACE);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "alice-env"}, "stringData": {"API_KEY": "alpha-secret"},
+    }))
+    .unwrap();
+    secrets.create(&PostParams::default(), &secret).await.unwrap();
+    instances.create(&PostParams::default(), &instance("alice", Some("alice-env"), "30m", "24h")).await.unwrap();
+
+    eventually(Duration::from_secs(60), "the instance is verified", || condition(&instances, "alice", "Verified"))
+        .await;
+    let status = instances.get("alice").await.unwrap().status.unwrap();
+    assert_eq!(status.phase.as_deref(), Some("Ready"));
+    let info = status.server_info.clone().unwrap();
+    assert_eq!(info.name, "reflow-pod-server");
+    assert!(!info.protocol_version.is_empty());
+    assert_eq!(status.service_url.as_deref(), Some("http://alice.mcp.svc:8080/mcp"));
+    for kind in ["Accepted", "Available", "Verified"] {
+        assert!(
+            status.conditions.iter().any(|c| c.type_ == kind && c.status == "True"),
+            "{kind}: {:?}",
+            status.conditions
+        );
+    }
+
+    // What the operator wrote: admitted under the `restricted` Pod Security level, owned.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let pod_name = status.pod_name.clone().unwrap();
+    let pod = pods.get(&pod_name).await.unwrap();
+    let spec = pod.spec.clone().unwrap();
+    let container = &spec.containers[0];
+    let security = container.security_context.clone().unwrap();
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(security.run_as_non_root, Some(true));
+    assert_eq!(security.capabilities.unwrap().drop, Some(vec!["ALL".to_string()]));
+    assert_eq!(spec.security_context.unwrap().seccomp_profile.unwrap().type_, "RuntimeDefault");
+    assert_eq!(spec.automount_service_account_token, Some(false));
+    let uid = instances.get("alice").await.unwrap().metadata.uid.unwrap();
+    let owned = |refs: Option<Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>>| {
+        refs.unwrap_or_default().iter().any(|o| o.uid == uid && o.controller == Some(true))
+    };
+    assert!(owned(pod.metadata.owner_references.clone()));
+    let services: Api<Service> = Api::namespaced(client.clone(), NAMESPACE);
+    assert!(owned(services.get("alice").await.unwrap().metadata.owner_references));
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), NAMESPACE);
+    let policy = policies.get("alice").await.unwrap();
+    assert!(owned(policy.metadata.owner_references.clone()));
+    let ingress = serde_json::to_value(policy.spec.unwrap().ingress).unwrap();
+    assert_eq!(ingress[0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"], "data-plane");
+    assert!(owned(secrets.get("alice-env").await.unwrap().metadata.owner_references));
+
+    // The server's environment: the secret's values and the spec's env, nothing of ours.
+    let env = pod_env(&agent, &pod_name);
+    assert_eq!(env.get("API_KEY").map(String::as_str), Some("alpha-secret"));
+    assert_eq!(env.get("REGION").map(String::as_str), Some("eu"));
+    assert_eq!(env.get("MCP_PORT").map(String::as_str), Some("8080"));
+    let instance_yaml = serde_json::to_string(&instances.get("alice").await.unwrap()).unwrap();
+    assert!(!instance_yaml.contains("alpha-secret"), "no credential in the custom resource");
+
+    // A changed secret restarts the server with the new value: a new pod, the old one gone.
+    let patch = json!({"stringData": {"API_KEY": "beta-secret"}});
+    secrets.patch("alice-env", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    eventually(Duration::from_secs(60), "a new pod with the new secret", || async {
+        let status = instances.get("alice").await.ok().and_then(|i| i.status);
+        status.is_some_and(|s| s.pod_name.as_deref() != Some(pod_name.as_str()) && s.server_info.is_some())
+    })
+    .await;
+    let new_pod = instances.get("alice").await.unwrap().status.unwrap().pod_name.unwrap();
+    assert_eq!(pod_env(&agent, &new_pod).get("API_KEY").map(String::as_str), Some("beta-secret"));
+    eventually(Duration::from_secs(30), "the old pod is gone", || async {
+        pods.get_opt(&pod_name).await.unwrap().is_none()
+    })
+    .await;
+    let listed = pods.list(&ListParams::default().labels("mcp.reflow.io/instance=alice")).await.unwrap();
+    assert_eq!(listed.items.len(), 1, "one pod per instance");
+
+    // Deleting the instance removes everything it owned.
+    instances.delete("alice", &DeleteParams::default()).await.unwrap();
+    eventually(Duration::from_secs(60), "the instance and its objects are gone", || async {
+        instances.get_opt("alice").await.unwrap().is_none()
+            && pods.list(&ListParams::default().labels("mcp.reflow.io/instance=alice")).await.unwrap().items.is_empty()
+            && services.get_opt("alice").await.unwrap().is_none()
+            && policies.get_opt("alice").await.unwrap().is_none()
+            && secrets.get_opt("alice-env").await.unwrap().is_none()
+    })
+    .await;
+    assert!(agent.pods().is_empty(), "no server process left: {:?}", agent.pods());
+
+    // A spec the operator cannot run is refused in its status, and nothing is started.
+    instances.create(&PostParams::default(), &instance("bad", None, "soon", "24h")).await.unwrap();
+    eventually(Duration::from_secs(30), "the bad instance is refused", || async {
+        let status = instances.get("bad").await.ok().and_then(|i| i.status);
+        status.is_some_and(|s| {
+            s.conditions.iter().any(|c| c.type_ == "Accepted" && c.status == "False" && c.reason == "InvalidSpec")
+        })
+    })
+    .await;
+    assert!(pods.list(&ListParams::default().labels("mcp.reflow.io/instance=bad")).await.unwrap().items.is_empty());
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_ttl_and_max_lifetime_end_instances() {
+    let (cluster, client, agent) = setup().await;
+    let (stop, task) = operator(&cluster, "operator-ttl", 15);
+    let instances: Api<MCPInstance> = Api::namespaced(client.clone(), NAMESPACE);
+    instances.create(&PostParams::default(), &instance("idle", None, "4s", "24h")).await.unwrap();
+    instances.create(&PostParams::default(), &instance("used", None, "4s", "10s")).await.unwrap();
+    eventually(Duration::from_secs(60), "both verified", || async {
+        condition(&instances, "idle", "Verified").await && condition(&instances, "used", "Verified").await
+    })
+    .await;
+    // `used` is reported used every second (as data planes do, under their own field manager):
+    // only its lifetime ends it; `idle` ends after its TTL.
+    let started = Instant::now();
+    let mut idle_gone = None;
+    let mut used_gone = None;
+    while started.elapsed() < Duration::from_secs(40) && (idle_gone.is_none() || used_gone.is_none()) {
+        if used_gone.is_none() {
+            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            let patch =
+                json!({"apiVersion": "mcp.reflow.io/v1alpha1", "kind": "MCPInstance", "status": {"lastUsedAt": now}});
+            let _ = instances
+                .patch_status("used", &PatchParams::apply("reflow-data-plane").force(), &Patch::Apply(&patch))
+                .await;
+        }
+        if idle_gone.is_none() && instances.get_opt("idle").await.unwrap().is_none() {
+            idle_gone = Some(started.elapsed());
+        }
+        if used_gone.is_none() && instances.get_opt("used").await.unwrap().is_none() {
+            used_gone = Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (idle_gone, used_gone) = (idle_gone.expect("the idle instance ended"), used_gone.expect("the used one ended"));
+    assert!(used_gone > idle_gone, "in use, only the lifetime ends it: idle {idle_gone:?}, used {used_gone:?}");
+    eventually(Duration::from_secs(30), "their pods are gone", || async { agent.pods().is_empty() }).await;
+    let metrics_text = {
+        // The events say why.
+        let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), NAMESPACE);
+        let list = events.list(&ListParams::default()).await.unwrap();
+        list.items.iter().filter_map(|e| e.reason.clone()).collect::<Vec<_>>()
+    };
+    assert!(
+        metrics_text.iter().any(|r| r == "Idle") && metrics_text.iter().any(|r| r == "Expired"),
+        "{metrics_text:?}"
+    );
+    // A later instance of the same key comes up again.
+    instances.create(&PostParams::default(), &instance("idle", None, "30m", "24h")).await.unwrap();
+    eventually(Duration::from_secs(60), "a new instance comes up", || condition(&instances, "idle", "Verified")).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_leader_reconciles_and_a_killed_operator_converges_without_duplicates() {
+    let (cluster, client, _agent) = setup().await;
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), NAMESPACE);
+    let instances: Api<MCPInstance> = Api::namespaced(client.clone(), NAMESPACE);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+
+    // Killed at different points of its first reconciles, then restarted: one pod, one service.
+    for (i, delay) in [0u64, 30, 80, 150, 300].into_iter().enumerate() {
+        let name = format!("crash-{i}");
+        let (_stop, task) = operator(&cluster, "operator-crash", 3);
+        instances.create(&PostParams::default(), &instance(&name, None, "30m", "24h")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        task.abort();
+        let _ = task.await;
+        // The killed replica's lease runs out; a new one leads.
+        let (stop, task) = operator(&cluster, &format!("operator-restarted-{i}"), 3);
+        eventually(Duration::from_secs(60), "converged after the kill", || condition(&instances, &name, "Verified"))
+            .await;
+        let listed = pods.list(&ListParams::default().labels(&format!("mcp.reflow.io/instance={name}"))).await.unwrap();
+        assert_eq!(listed.items.len(), 1, "one pod for {name}");
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    // Two replicas: one holds the lease; when it dies, the other takes over.
+    let (_stop_a, task_a) = operator(&cluster, "replica-a", 3);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (stop_b, task_b) = operator(&cluster, "replica-b", 3);
+    let holder = || async {
+        leases.get_opt(reflow_operator::LEASE).await.ok().flatten().and_then(|l| l.spec).and_then(|s| s.holder_identity)
+    };
+    eventually(Duration::from_secs(30), "replica-a leads", || async { holder().await.as_deref() == Some("replica-a") })
+        .await;
+    task_a.abort();
+    let _ = task_a.await;
+    eventually(Duration::from_secs(30), "replica-b takes over", || async {
+        holder().await.as_deref() == Some("replica-b")
+    })
+    .await;
+    instances.create(&PostParams::default(), &instance("after-failover", None, "30m", "24h")).await.unwrap();
+    eventually(Duration::from_secs(60), "the new leader reconciles", || {
+        condition(&instances, "after-failover", "Verified")
+    })
+    .await;
+    stop_b.cancel();
+    task_b.await.unwrap().unwrap();
+}
