@@ -106,7 +106,7 @@ pub async fn run(args: DataPlaneArgs) -> Result<(), Failure> {
     let cache_dir = dp.cache_dir.map(PathBuf::from);
     let audit = crate::audit_settings(&config, &sync.node_id, cache_dir.as_deref());
     let node_id = sync.node_id.clone();
-    let mut data_plane = DataPlane::new(sync, cache_dir).with_mcp(crate::mcp_settings(&config)?);
+    let mut data_plane = DataPlane::new(sync, cache_dir).with_mcp(crate::mcp_settings(&config).await?);
     if let Some(audit) = audit {
         data_plane = data_plane
             .with_audit(&audit)

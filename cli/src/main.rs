@@ -223,12 +223,20 @@ pub fn load_config(common: &CommonArgs) -> Result<Config, ConfigError> {
 }
 
 /// The data plane's MCP settings from `config`, with STDIO servers launched through this
-/// binary; a `stdio` section that names an unusable user or directory is a config error.
-pub fn mcp_settings(config: &Config) -> Result<reflow_data_plane::mcp::McpSettings, ConfigError> {
+/// binary and, with `kubernetes.enabled`, kubernetes targets served through the cluster the
+/// `kubernetes` section names; a `stdio` section that names an unusable user or directory, or
+/// a kubeconfig that cannot be read, is a config error.
+pub async fn mcp_settings(config: &Config) -> Result<reflow_data_plane::mcp::McpSettings, ConfigError> {
     reflow_data_plane::upstream::stdio::Sandbox::from_config(&config.stdio)?;
     let launcher = std::env::current_exe()
         .map_err(|e| ConfigError::new("stdio", format!("cannot find this binary to launch STDIO servers: {e}")))?;
-    Ok(reflow_data_plane::mcp::McpSettings::from_config(config).with_stdio_launcher(launcher))
+    let mut settings = reflow_data_plane::mcp::McpSettings::from_config(config).with_stdio_launcher(launcher);
+    if config.kubernetes.enabled {
+        let instances = reflow_data_plane::upstream::kubernetes::Instances::connect(&config.kubernetes).await?;
+        tracing::info!(namespace = %config.kubernetes.namespace, "kubernetes targets run as MCPInstances");
+        settings = settings.with_kubernetes(instances);
+    }
+    Ok(settings)
 }
 
 /// How the data plane keeps its audit trail, or `None` when `audit.enabled` is false. The spool

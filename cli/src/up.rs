@@ -129,7 +129,7 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
         max_snapshot_bytes: config.data_plane.max_snapshot_bytes,
     };
     let audit = crate::audit_settings(&config, &sync.node_id, Some(&dir.join("cache")));
-    let mut data_plane = DataPlane::new(sync, Some(dir.join("cache"))).with_mcp(crate::mcp_settings(&config)?);
+    let mut data_plane = DataPlane::new(sync, Some(dir.join("cache"))).with_mcp(crate::mcp_settings(&config).await?);
     if let Some(audit) = audit {
         data_plane = data_plane
             .with_audit(&audit)

@@ -623,6 +623,22 @@ pub struct KubernetesConfig {
     #[serde(with = "humantime_serde")]
     pub gc_interval: Duration,
     pub max_instances: u32,
+    /// How data planes reach an instance: through its `service` (default) or at its `pod` IP.
+    pub address: KubernetesAddress,
+    /// How long a first request waits for its instance to be verified.
+    #[serde(with = "humantime_serde")]
+    pub start_timeout: Duration,
+    /// How often a data plane reports which instances it used (`status.lastUsedAt`).
+    #[serde(with = "humantime_serde")]
+    pub last_used_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KubernetesAddress {
+    #[default]
+    Service,
+    Pod,
 }
 
 impl Default for KubernetesConfig {
@@ -635,6 +651,9 @@ impl Default for KubernetesConfig {
             max_lifetime: Duration::from_secs(24 * 3600),
             gc_interval: Duration::from_secs(60),
             max_instances: 100,
+            address: KubernetesAddress::Service,
+            start_timeout: Duration::from_secs(120),
+            last_used_interval: Duration::from_secs(60),
         }
     }
 }

@@ -348,8 +348,8 @@ mod tests {
             "/mcp".into(),
             "tools/call".into(),
         );
-        record.target = Some(if i % 4 == 0 { "flaky" } else { "steady" }.into());
-        record.outcome = if i % 4 == 0 { "upstream_failed" } else { "answered" }.into();
+        record.target = Some(if i.is_multiple_of(4) { "flaky" } else { "steady" }.into());
+        record.outcome = if i.is_multiple_of(4) { "upstream_failed" } else { "answered" }.into();
         record
     }
 

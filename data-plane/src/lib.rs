@@ -164,6 +164,9 @@ impl DataPlane {
         let every = gateway.settings.cleanup_interval;
         tokio::spawn(gateway.clone().expire_sessions(every, shutdown.clone()));
         tokio::spawn(gateway.clone().collect_processes(gateway.settings.stdio.gc_interval, shutdown.clone()));
+        if let Some(instances) = &gateway.settings.kubernetes {
+            instances.start_reporting(shutdown.clone());
+        }
         tokio::spawn(gateway.clone().announce_started(shutdown.clone()));
         let mut changes = self.state.subscribe();
         let watch_shutdown = shutdown.clone();

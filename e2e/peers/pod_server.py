@@ -10,6 +10,8 @@ import json
 import os
 
 from mcp.server.mcpserver import MCPServer
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 server = MCPServer("reflow-pod-server", version="0.1.0")
 
@@ -31,6 +33,12 @@ def whoami() -> str:
 def environment_keys() -> str:
     """Every environment variable's name (never the values)."""
     return json.dumps(sorted(os.environ))
+
+
+@server.custom_route("/health", methods=["GET"])
+async def health(request: Request) -> Response:
+    """The readiness probe's path."""
+    return JSONResponse({"status": "ok"})
 
 
 if __name__ == "__main__":

@@ -399,12 +399,25 @@ async fn handle(
         }})
     };
     pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(status(false))).await?;
-    // The readiness probe (the port accepts connections), off the watch loop.
+    // The readiness probe as the pod says (an HTTP GET answering 2xx/3xx, else the port
+    // accepting connections), off the watch loop.
+    let probe_path = container.readiness_probe.as_ref().and_then(|p| p.http_get.as_ref()).and_then(|g| g.path.clone());
     let ready = status(true);
     tokio::spawn(async move {
         let address = format!("{ip}:{port}");
         let deadline = Instant::now() + Duration::from_secs(60);
-        while tokio::net::TcpStream::connect(&address).await.is_err() {
+        let http = reqwest::Client::new();
+        let passes = || async {
+            match &probe_path {
+                Some(path) => http
+                    .get(format!("http://{address}{path}"))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success() || r.status().is_redirection()),
+                None => tokio::net::TcpStream::connect(&address).await.is_ok(),
+            }
+        };
+        while !passes().await {
             if Instant::now() > deadline {
                 tracing::warn!(pod = %name, "never listened on {address}");
                 return;

@@ -17,7 +17,8 @@ use reflow_data_plane::mcp::McpSettings;
 use reflow_data_plane::sync::SyncConfig;
 use reflow_data_plane::DataPlane;
 use serde_json::{json, Value};
-use tokio::process::{Child, Command};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -205,6 +206,52 @@ pub async fn run(command: &mut Command, timeout: Duration) -> anyhow::Result<(i3
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     ))
+}
+
+/// One session of the official MCP Python SDK client (`e2e/peers/session_client.py`), held
+/// open and driven a tool call at a time.
+#[derive(Debug)]
+pub struct SessionClient {
+    _child: Child,
+    stdin: ChildStdin,
+    stdout: Lines<BufReader<ChildStdout>>,
+}
+
+impl SessionClient {
+    pub async fn connect(url: &str, token: &str) -> SessionClient {
+        ensure_peers();
+        let mut child = Command::new(python())
+            .arg(workspace().join("e2e/peers/session_client.py"))
+            .args([url, token])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the Python client starts");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut client = SessionClient { _child: child, stdin, stdout };
+        assert_eq!(client.next().await, json!({"connected": true}));
+        client
+    }
+
+    pub async fn next(&mut self) -> Value {
+        let line = tokio::time::timeout(Duration::from_secs(60), self.stdout.next_line()).await;
+        let line = line.expect("the client answers within a minute").unwrap().expect("the client is alive");
+        serde_json::from_str(&line).unwrap()
+    }
+
+    pub async fn call(&mut self, tool: &str, arguments: Value) -> Value {
+        self.stdin.write_all(format!("{tool} {arguments}\n").as_bytes()).await.unwrap();
+        self.next().await
+    }
+
+    /// The headers the upstream received for one call of `tool` (a `headers` tool).
+    pub async fn headers(&mut self, tool: &str) -> Value {
+        let answer = self.call(tool, json!({})).await;
+        let text = answer["text"].as_str().unwrap_or_else(|| panic!("{tool}: {answer}"));
+        serde_json::from_str(text).unwrap()
+    }
 }
 
 /// Runs `e2e/peers/client.py` (the official Python SDK client) and returns its JSON report.

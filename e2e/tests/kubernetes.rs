@@ -8,9 +8,11 @@ use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::Client;
+use reflow_data_plane::mcp::McpSettings;
 use reflow_e2e::cluster::{Cluster, NodeAgent, ENV_SERVER_IMAGE};
+use reflow_e2e::harness::{Gateway, SessionClient};
 use reflow_operator::crd::MCPInstance;
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 const NAMESPACE: &str = "mcp";
@@ -301,4 +303,171 @@ async fn one_leader_reconciles_and_a_killed_operator_converges_without_duplicate
     .await;
     stop_b.cancel();
     task_b.await.unwrap().unwrap();
+}
+
+/// Kubernetes settings of a data plane on `cluster`: pods reached at their pod IP (the test
+/// machine has no Service network), use reported every second.
+fn kubernetes_config(cluster: &Cluster, start_timeout: Duration) -> reflow_common::config::KubernetesConfig {
+    reflow_common::config::KubernetesConfig {
+        enabled: true,
+        namespace: NAMESPACE.into(),
+        kubeconfig: Some(cluster.kubeconfig.to_string_lossy().into_owned()),
+        address: reflow_common::config::KubernetesAddress::Pod,
+        start_timeout,
+        last_used_interval: Duration::from_secs(1),
+        ..Default::default()
+    }
+}
+
+async fn kubernetes_target(gateway: &Gateway, name: &str, isolation: &str) -> String {
+    let target = gateway
+        .post(
+            "/api/targets",
+            json!({"name": name, "transport_type": "kubernetes", "image": ENV_SERVER_IMAGE, "port": 8080,
+                   "health_path": "/health", "isolation_boundary": isolation,
+                   "env_keys": [{"name": "API_KEY"}]}),
+        )
+        .await
+        .unwrap();
+    target["id"].as_str().unwrap().to_string()
+}
+
+fn env_answer(answer: &Value) -> Value {
+    let text = answer["text"].as_str().unwrap_or_else(|| panic!("the env tool answered {answer}"));
+    serde_json::from_str(text).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_client_reaches_per_user_and_shared_pods_through_the_gateway() {
+    let (cluster, client, agent) = setup().await;
+    let (stop, task) = operator(&cluster, "operator-transport", 15);
+    let instances = reflow_data_plane::upstream::kubernetes::Instances::connect(&kubernetes_config(
+        &cluster,
+        Duration::from_secs(60),
+    ))
+    .await
+    .unwrap();
+    let gateway = Gateway::start_with(McpSettings::default().with_kubernetes(instances)).await.unwrap();
+    let own = kubernetes_target(&gateway, "own", "per_user").await;
+    let shared = kubernetes_target(&gateway, "team", "shared").await;
+    gateway.allow_everyone().await.unwrap();
+    let (alice, alice_token) = gateway.user("alice@example.com").await.unwrap();
+    let (bob, bob_token) = gateway.user("bob@example.com").await.unwrap();
+    for (user, value) in [(&alice, "alice-key-1111"), (&bob, "bob-key-2222")] {
+        gateway
+            .post(&format!("/api/targets/{own}/env/user/{user}"), json!({"key": "API_KEY", "value": value}))
+            .await
+            .unwrap();
+    }
+    gateway
+        .post(&format!("/api/targets/{shared}/env/default"), json!({"key": "API_KEY", "value": "team-key-3333"}))
+        .await
+        .unwrap();
+    gateway
+        .post(&format!("/api/targets/{shared}/env/user/{alice}"), json!({"key": "API_KEY", "value": "alice-only"}))
+        .await
+        .unwrap();
+
+    let url = format!("{}/mcp", gateway.mcp);
+    let mut alices = SessionClient::connect(&url, &alice_token).await;
+    let mut bobs = SessionClient::connect(&url, &bob_token).await;
+    let names = json!({"names": ["API_KEY", "REFLOW_PARENT_CANARY"]});
+    let alice_own = env_answer(&alices.call("own_env", names.clone()).await);
+    let bob_own = env_answer(&bobs.call("own_env", names.clone()).await);
+    assert_eq!(alice_own["API_KEY"], "alice-key-1111");
+    assert_eq!(bob_own["API_KEY"], "bob-key-2222", "per_user: each user's pod has that user's value only");
+    let alice_shared = env_answer(&alices.call("team_env", names.clone()).await);
+    let bob_shared = env_answer(&bobs.call("team_env", names.clone()).await);
+    assert_eq!(alice_shared["API_KEY"], "team-key-3333", "a shared pod gets default values only");
+    assert_eq!(bob_shared["API_KEY"], "team-key-3333");
+
+    // Two pods for the per_user target, one for the shared one, each a distinct process.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let by_target = |target: String| {
+        let pods = pods.clone();
+        async move {
+            pods.list(&ListParams::default().labels(&format!("mcp.reflow.io/target-id={target}")))
+                .await
+                .unwrap()
+                .items
+                .len()
+        }
+    };
+    assert_eq!(by_target(own.clone()).await, 2);
+    assert_eq!(by_target(shared.clone()).await, 1);
+    let alice_pid = serde_json::from_str::<Value>(alices.call("own_whoami", json!({})).await["text"].as_str().unwrap())
+        .unwrap()["pid"]
+        .clone();
+    let bob_pid = serde_json::from_str::<Value>(bobs.call("own_whoami", json!({})).await["text"].as_str().unwrap())
+        .unwrap()["pid"]
+        .clone();
+    assert_ne!(alice_pid, bob_pid);
+
+    // The client's token is nowhere in the cluster: not in an instance, a secret or a pod.
+    let everything = {
+        let instances: Api<MCPInstance> = Api::namespaced(client.clone(), NAMESPACE);
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
+        let mut text = serde_json::to_string(&instances.list(&ListParams::default()).await.unwrap().items).unwrap();
+        text += &serde_json::to_string(&pods.list(&ListParams::default()).await.unwrap().items).unwrap();
+        for secret in secrets.list(&ListParams::default()).await.unwrap() {
+            for value in secret.data.unwrap_or_default().values() {
+                text += &String::from_utf8_lossy(&value.0);
+            }
+        }
+        text
+    };
+    for token in [&alice_token, &bob_token, &gateway.admin_token] {
+        assert!(!everything.contains(token.as_str()), "a client token reached the cluster");
+    }
+    assert!(everything.contains("alice-key-1111"), "the check above reads the secrets' values");
+    for pod in agent.pods().keys() {
+        let env = pod_env(&agent, pod.trim_start_matches(&format!("{NAMESPACE}/")));
+        assert!(env.values().all(|v| ![&alice_token, &bob_token].contains(&v)), "a token in a pod's env");
+    }
+
+    // Use is reported in batches: lastUsedAt appears without a write per request.
+    let instances: Api<MCPInstance> = Api::namespaced(client.clone(), NAMESPACE);
+    eventually(Duration::from_secs(10), "last use reported", || async {
+        instances
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .all(|i| i.status.as_ref().is_some_and(|s| s.last_used_at.is_some()))
+    })
+    .await;
+
+    // A credential change reaches the pod: the instance restarts with the new value.
+    gateway
+        .post(&format!("/api/targets/{own}/env/user/{alice}"), json!({"key": "API_KEY", "value": "alice-key-rotated"}))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = env_answer(&alices.call("own_env", names.clone()).await);
+        if now["API_KEY"] == "alice-key-rotated" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the rotated value never reached alice's pod: {now}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(env_answer(&bobs.call("own_env", names.clone()).await)["API_KEY"], "bob-key-2222");
+
+    // restart-instances ends the target's pods; the next call brings a new one up.
+    let before = alice_pid;
+    gateway.post(&format!("/api/targets/{own}/restart-instances"), json!({})).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let answer = alices.call("own_whoami", json!({})).await;
+        if let Some(text) = answer["text"].as_str() {
+            if serde_json::from_str::<Value>(text).unwrap()["pid"] != before {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "no new pod after restart-instances: {answer}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.cancel();
+    task.await.unwrap().unwrap();
 }

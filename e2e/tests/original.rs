@@ -6,57 +6,10 @@
 //! open and driven line by line); the upstream is the Python SDK's server `headers_server.py`,
 //! whose `headers` tool echoes the HTTP headers it received.
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use reflow_e2e::harness::{ensure_peers, python, python_server, workspace, Gateway};
+use reflow_e2e::harness::{python_server, Gateway, SessionClient};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
-
-/// One session of the Python SDK client, held open.
-struct SessionClient {
-    _child: Child,
-    stdin: ChildStdin,
-    stdout: Lines<BufReader<ChildStdout>>,
-}
-
-impl SessionClient {
-    async fn connect(url: &str, token: &str) -> SessionClient {
-        ensure_peers();
-        let mut child = Command::new(python())
-            .arg(workspace().join("e2e/peers/session_client.py"))
-            .args([url, token])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("the Python client starts");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut client = SessionClient { _child: child, stdin, stdout };
-        assert_eq!(client.next().await, json!({"connected": true}));
-        client
-    }
-
-    async fn next(&mut self) -> Value {
-        let line = tokio::time::timeout(Duration::from_secs(60), self.stdout.next_line()).await;
-        let line = line.expect("the client answers within a minute").unwrap().expect("the client is alive");
-        serde_json::from_str(&line).unwrap()
-    }
-
-    async fn call(&mut self, tool: &str, arguments: Value) -> Value {
-        self.stdin.write_all(format!("{tool} {arguments}\n").as_bytes()).await.unwrap();
-        self.next().await
-    }
-
-    /// The headers the upstream received for one call of `tool` (a `headers` tool).
-    async fn headers(&mut self, tool: &str) -> Value {
-        let answer = self.call(tool, json!({})).await;
-        let text = answer["text"].as_str().unwrap_or_else(|| panic!("{tool}: {answer}"));
-        serde_json::from_str(text).unwrap()
-    }
-}
 
 /// Waits (up to 5 s) until the upstream at `url` no longer knows session `id`: the gateway
 /// closed it.

@@ -398,6 +398,7 @@ async fn apply(instance: &MCPInstance, context: &Context) -> Result<Action, Erro
         "startedAt": started,
         "conditions": conditions,
         "observedGeneration": instance.meta().generation,
+        "secretHash": secret_hash,
     });
     if !message.is_empty() {
         new_status["message"] = json!(message);

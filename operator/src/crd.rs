@@ -133,6 +133,11 @@ pub struct MCPInstanceStatus {
     pub message: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The hash of the env Secret's content the current pod runs with
+    /// ([`crate::objects::secret_hash`]): a writer of the Secret knows its change is live when
+    /// this matches and the instance is Verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_hash: Option<String>,
     /// What the server answered to `initialize`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_info: Option<ServerInfo>,

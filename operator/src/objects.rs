@@ -20,6 +20,8 @@ use crate::crd::{Egress, MCPInstance};
 
 /// The label every object of an instance carries, naming it.
 pub const INSTANCE_LABEL: &str = "mcp.reflow.io/instance";
+/// The label naming an object's target (its Reflow target id).
+pub const TARGET_LABEL: &str = "mcp.reflow.io/target-id";
 /// The pod's revision: a hash of everything that shapes it, its env Secret's content included.
 pub const REVISION_LABEL: &str = "mcp.reflow.io/revision";
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "reflow-operator");
@@ -52,12 +54,18 @@ fn owner(instance: &MCPInstance) -> OwnerReference {
 }
 
 fn labels(instance: &MCPInstance) -> BTreeMap<String, String> {
-    BTreeMap::from([
+    let mut labels = BTreeMap::from([
         (INSTANCE_LABEL.to_string(), instance.name_any()),
         (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
         ("app.kubernetes.io/name".to_string(), "mcp-server".to_string()),
         ("app.kubernetes.io/part-of".to_string(), "reflow".to_string()),
-    ])
+    ]);
+    // The target's id (a UUID: a valid label value), so a target's pods can be listed.
+    let target = &instance.spec.target_id;
+    if !target.is_empty() && target.len() <= 63 && target.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        labels.insert(TARGET_LABEL.to_string(), target.clone());
+    }
+    labels
 }
 
 /// The revision of the pod `instance` should run, given its env Secret's content hash.

@@ -28,6 +28,7 @@ use crate::credentials::{resolve_env, resolve_injection};
 use crate::jsonrpc::{self, Message};
 use crate::snapshot::DataSnapshot;
 use crate::state::SnapshotState;
+use crate::upstream::kubernetes::KubernetesBinding;
 use crate::upstream::stdio::{Pool, ProcessKey};
 use crate::upstream::{StdioBinding, Upstream, UpstreamError, UpstreamSettings};
 
@@ -43,6 +44,8 @@ pub const MAX_CLIENT_CAPABILITIES: usize = 64 * 1024;
 pub struct Caller {
     pub snapshot: Arc<DataSnapshot>,
     pub user: User,
+    /// The data plane serves kubernetes targets (it has a cluster).
+    pub kubernetes: bool,
 }
 
 /// How a message is answered.
@@ -141,11 +144,15 @@ impl Gateway {
         self.audit.get()
     }
 
-    /// Whether `name` is a target this gateway serves (HTTP, SSE or STDIO).
-    pub fn servable<'s>(snapshot: &'s DataSnapshot, name: &str) -> Option<&'s Target> {
+    /// Whether `name` is a target this gateway serves: HTTP, SSE, STDIO, and kubernetes when
+    /// `kubernetes` (the data plane has a cluster).
+    pub fn servable<'s>(snapshot: &'s DataSnapshot, name: &str, kubernetes: bool) -> Option<&'s Target> {
         snapshot.view.targets.get(name).filter(|t| {
             t.enabled
-                && matches!(t.transport_type, TransportType::StreamableHttp | TransportType::Sse | TransportType::Stdio)
+                && match t.transport_type {
+                    TransportType::StreamableHttp | TransportType::Sse | TransportType::Stdio => true,
+                    TransportType::Kubernetes => kubernetes,
+                }
         })
     }
 
@@ -153,7 +160,7 @@ impl Gateway {
     /// user something there. Any other target is treated as unknown: no upstream session is
     /// opened, no process started and nothing sent for a user without a grant.
     pub fn granted<'s>(caller: &'s Caller, name: &str) -> Option<&'s Target> {
-        Gateway::servable(&caller.snapshot, name)
+        Gateway::servable(&caller.snapshot, name, caller.kubernetes)
             .filter(|t| may_allow_any(&caller.snapshot.view.policies, &caller.user, &t.id))
     }
 
@@ -162,6 +169,18 @@ impl Gateway {
             pool: self.pool.clone(),
             key: ProcessKey::new(target, &caller.user),
             env: resolve_env(&caller.snapshot.view, &self.sealer, target, &caller.user),
+        })
+    }
+
+    pub(super) fn kubernetes_binding(&self, caller: &Caller, target: &Target) -> Option<KubernetesBinding> {
+        let instances = self.settings.kubernetes.as_ref()?;
+        (target.transport_type == TransportType::Kubernetes).then(|| {
+            KubernetesBinding::new(
+                instances.clone(),
+                target,
+                ProcessKey::new(target, &caller.user),
+                resolve_env(&caller.snapshot.view, &self.sealer, target, &caller.user),
+            )
         })
     }
 
@@ -338,9 +357,11 @@ impl Gateway {
             }
             let injection = resolve_injection(&caller.snapshot.view, &self.sealer, target, &caller.user);
             let stdio = self.stdio_binding(caller, target);
+            let kubernetes = self.kubernetes_binding(caller, target);
             if entry.upstream.target == *target
                 && entry.upstream.injection == injection
                 && entry.upstream.stdio == stdio
+                && entry.upstream.kubernetes == kubernetes
             {
                 entry.version = caller.snapshot.version.clone();
                 return entry.upstream.clone();
@@ -365,6 +386,7 @@ impl Gateway {
             target.clone(),
             injection,
             self.stdio_binding(caller, target),
+            self.kubernetes_binding(caller, target),
             self.http.clone(),
             self.upstream.clone(),
             Gateway::upstream_initialize_params(session),
@@ -409,6 +431,9 @@ impl Gateway {
         }
         self.merged.clear();
         let stopped = self.pool.retire(snapshot.view.targets.values());
+        if let Some(instances) = &self.settings.kubernetes {
+            instances.retire(snapshot.view.targets.values());
+        }
         self.recycling.targets(snapshot.view.targets.values(), &stopped);
         let raised = self.recycling.users(snapshot.view.users.values());
         let rotated = self.recycling.credentials(&snapshot.view.credentials);
@@ -442,7 +467,10 @@ impl Gateway {
                 // Targets added, removed, enabled, disabled or newly (un)reachable change the
                 // list even when no item's decision did.
                 let mut reachable: Vec<&str> =
-                    Gateway::reachable(&session.scope, snapshot, user).into_iter().map(|t| t.id.as_str()).collect();
+                    Gateway::reachable(&session.scope, snapshot, user, self.settings.kubernetes.is_some())
+                        .into_iter()
+                        .map(|t| t.id.as_str())
+                        .collect();
                 reachable.sort_unstable();
                 let mut lists = session.lists.lock().unwrap();
                 lists.retain(|method, list| {
@@ -452,7 +480,9 @@ impl Gateway {
                     let same = sources == reachable
                         && list.merged.offered.iter().all(|(target_id, key, allowed)| {
                             let target = snapshot.view.targets.values().find(|t| t.id == *target_id);
-                            let servable = target.is_some_and(|t| Gateway::servable(snapshot, &t.name).is_some());
+                            let servable = target.is_some_and(|t| {
+                                Gateway::servable(snapshot, &t.name, self.settings.kubernetes.is_some()).is_some()
+                            });
                             let now =
                                 servable && decide(&snapshot.view.policies, user, target_id, spec.kind, key).allowed;
                             now == *allowed
@@ -575,7 +605,7 @@ impl Gateway {
         self.merged.clear();
         for session in self.sessions.all() {
             let Some(user) = snapshot.view.users.get(&session.user_id) else { continue };
-            let reachable = Gateway::reachable(&session.scope, &snapshot, user);
+            let reachable = Gateway::reachable(&session.scope, &snapshot, user, self.settings.kubernetes.is_some());
             if !reachable.iter().any(|t| t.id == target_id) {
                 continue;
             }

@@ -92,7 +92,7 @@ fn admit(gateway: &Gateway, parts: &Parts) -> Result<Caller, Refusal> {
     };
     // Before any work for the request: one user's flood costs everyone else nothing more.
     gateway.shares.admit(&user.id).map_err(Refusal::over_share)?;
-    Ok(Caller { snapshot, user })
+    Ok(Caller { snapshot, user, kubernetes: gateway.settings.kubernetes.is_some() })
 }
 
 /// DNS-rebinding and cross-origin protection (see [`super::origin`]).

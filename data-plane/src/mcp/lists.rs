@@ -73,11 +73,18 @@ pub(super) const LISTS: [ListSpec; 4] = [
 
 impl Gateway {
     /// The targets a list on `scope` asks for `user`: servable, and reachable by some policy.
-    pub(super) fn reachable<'s>(scope: &Scope, snapshot: &'s DataSnapshot, user: &User) -> Vec<&'s Target> {
+    pub(super) fn reachable<'s>(
+        scope: &Scope,
+        snapshot: &'s DataSnapshot,
+        user: &User,
+        kubernetes: bool,
+    ) -> Vec<&'s Target> {
         let view = &snapshot.view;
         let candidates: Vec<&Target> = match scope {
-            Scope::Aggregate => view.targets.keys().filter_map(|name| Gateway::servable(snapshot, name)).collect(),
-            Scope::Target(name) => Gateway::servable(snapshot, name).into_iter().collect(),
+            Scope::Aggregate => {
+                view.targets.keys().filter_map(|name| Gateway::servable(snapshot, name, kubernetes)).collect()
+            }
+            Scope::Target(name) => Gateway::servable(snapshot, name, kubernetes).into_iter().collect(),
         };
         candidates.into_iter().filter(|t| may_allow_any(&view.policies, user, &t.id)).collect()
     }
@@ -104,7 +111,7 @@ impl Gateway {
                 None => Reply::Now(McpError::BadCursor.into_jsonrpc(id)),
             };
         }
-        let targets = Gateway::reachable(&session.scope, &caller.snapshot, &caller.user);
+        let targets = Gateway::reachable(&session.scope, &caller.snapshot, &caller.user, caller.kubernetes);
         let ttl = self.settings.list_cache_ttl;
         let key = (!ttl.is_zero()).then(|| ListKey {
             version: caller.snapshot.version.clone(),

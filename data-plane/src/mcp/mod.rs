@@ -71,6 +71,9 @@ pub struct McpSettings {
     /// The binary STDIO servers start through (see [`crate::upstream::launch`]): the `reflow`
     /// binary itself. Without one, no STDIO server starts.
     pub stdio_launcher: Option<std::path::PathBuf>,
+    /// The cluster's instances, when `kubernetes.enabled`: without them no kubernetes target
+    /// is served.
+    pub kubernetes: Option<std::sync::Arc<crate::upstream::kubernetes::Instances>>,
 }
 
 impl McpSettings {
@@ -101,6 +104,7 @@ impl McpSettings {
             cleanup_interval: config.session.cleanup_interval,
             stdio: config.stdio.clone(),
             stdio_launcher: None,
+            kubernetes: None,
         }
     }
 
@@ -111,6 +115,12 @@ impl McpSettings {
         self.max_inflight_per_user = usize::MAX;
         self.requests_per_second = 1_000_000_000;
         self.request_burst = 1_000_000_000;
+        self
+    }
+
+    /// These settings with kubernetes targets served through `instances`.
+    pub fn with_kubernetes(mut self, instances: std::sync::Arc<crate::upstream::kubernetes::Instances>) -> Self {
+        self.kubernetes = Some(instances);
         self
     }
 

@@ -90,7 +90,9 @@ impl Gateway {
         }
         let Some(target) = Gateway::granted(caller, target_name) else {
             // Answered like an unknown target; the trail says what it was.
-            if let (Some(record), Some(_)) = (trail.record(), Gateway::servable(&caller.snapshot, target_name)) {
+            if let (Some(record), Some(_)) =
+                (trail.record(), Gateway::servable(&caller.snapshot, target_name, caller.kubernetes))
+            {
                 record.decision = "denied".into();
             }
             return Err(unknown());

@@ -9,6 +9,8 @@
 //! - [`streamable`]: Streamable HTTP (POST per message, JSON or SSE replies, GET stream).
 //! - [`sse`]: the legacy HTTP+SSE transport.
 //! - [`stdio`]: child processes, pooled by target and isolation key.
+//! - [`kubernetes`]: a pod per isolation key through the operator's `MCPInstance`s, spoken to
+//!   over Streamable HTTP.
 //! - [`multiplex`]: how sessions share one STDIO process without touching each other's requests.
 //! - [`launch`]: the launcher that sets a STDIO server's resource limits and becomes it.
 //! - [`event_stream`]: the incremental `text/event-stream` parser both HTTP transports use.
@@ -18,6 +20,7 @@
 //! rather than held in memory whole.
 
 pub mod event_stream;
+pub mod kubernetes;
 pub mod launch;
 pub mod multiplex;
 pub mod sse;
@@ -89,6 +92,8 @@ pub enum UpstreamError {
     BadUrl,
     #[error("the upstream's reply exceeds {0} bytes (mcp.max_response_bytes)")]
     TooLarge(usize),
+    #[error("the target's kubernetes instance is not available: {0}")]
+    Instance(String),
 }
 
 /// The default of `mcp.max_response_bytes`.
@@ -220,6 +225,8 @@ pub struct Upstream {
     pub injection: Injection,
     /// Set for STDIO targets.
     pub stdio: Option<StdioBinding>,
+    /// Set for kubernetes targets.
+    pub kubernetes: Option<kubernetes::KubernetesBinding>,
     http: reqwest::Client,
     settings: UpstreamSettings,
     /// `initialize` params sent upstream: the client's protocol version and capabilities.
@@ -242,6 +249,7 @@ impl Upstream {
         target: Target,
         injection: Injection,
         stdio: Option<StdioBinding>,
+        kubernetes: Option<kubernetes::KubernetesBinding>,
         http: reqwest::Client,
         settings: UpstreamSettings,
         initialize_params: Value,
@@ -252,6 +260,7 @@ impl Upstream {
             target,
             injection,
             stdio,
+            kubernetes,
             http,
             settings,
             initialize_params,
@@ -296,9 +305,12 @@ impl Upstream {
                 return Ok(current.clone());
             }
         }
-        let connected = tokio::time::timeout(self.settings.connect_timeout + self.timeout(), self.handshake())
-            .await
-            .map_err(|_| UpstreamError::Timeout(self.settings.connect_timeout + self.timeout()))??;
+        // A pod's start is bounded by its own timeout, on top of the handshake's.
+        let budget = self.settings.connect_timeout
+            + self.timeout()
+            + self.kubernetes.as_ref().map_or(Duration::ZERO, |k| k.instances.start_timeout());
+        let connected =
+            tokio::time::timeout(budget, self.handshake()).await.map_err(|_| UpstreamError::Timeout(budget))??;
         let connected = Arc::new(connected);
         *live = Some(connected.clone());
         Ok(connected)
@@ -322,6 +334,17 @@ impl Upstream {
             process.subscribe(self.owner, self.inbox.clone());
             let initialize_result = process.initialize_result.lock().unwrap().clone().unwrap_or_default();
             return Ok(Live { transport: Transport::Stdio(process), initialize_result });
+        }
+        if let Some(binding) = &self.kubernetes {
+            // Credentials reached the pod through its Secret: nothing is injected here.
+            let url = binding.ensure(&self.target).await?;
+            let url = reqwest::Url::parse(&url).map_err(|_| UpstreamError::BadUrl)?;
+            let connection =
+                streamable::Connection::new(self.http.clone(), url, HeaderMap::new(), self.settings.max_message_bytes);
+            let (connection, initialize_result) =
+                connection.initialize(initialize.clone()).await.inspect_err(|_| binding.forget())?;
+            tokio::spawn(connection.clone().listen(self.inbox.clone(), self.cancel.child_token()));
+            return Ok(Live { transport: Transport::Streamable(connection), initialize_result });
         }
         let url = self.url()?;
         if self.target.transport_type != TransportType::Sse {
@@ -390,6 +413,9 @@ impl Upstream {
     }
 
     async fn request_once(&self, message: &Value, sink: Option<&Sink>, retry: bool) -> Result<Value, UpstreamError> {
+        if let Some(binding) = &self.kubernetes {
+            binding.used();
+        }
         let live = self.connect().await?;
         let result = match &live.transport {
             Transport::Streamable(connection) => connection.request(message, sink).await,
@@ -405,6 +431,9 @@ impl Upstream {
             Err(
                 error @ (UpstreamError::Unreachable(_) | UpstreamError::Disconnected | UpstreamError::SessionExpired),
             ) => {
+                if let Some(binding) = &self.kubernetes {
+                    binding.forget();
+                }
                 self.forget(&live).await;
                 Err(error)
             }

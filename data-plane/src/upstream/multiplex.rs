@@ -232,7 +232,7 @@ mod tests {
 
     fn colliding(n: u8) -> Value {
         // 1 and "1" are different ids; both sessions use both.
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             json!(n / 2)
         } else {
             json!((n / 2).to_string())
