@@ -287,7 +287,6 @@ impl NodeAgent {
 
 async fn agent(client: Client, running: Arc<Mutex<HashMap<String, RunningPod>>>) {
     let pods: Api<Pod> = Api::all(client.clone());
-    let next_ip = Arc::new(std::sync::atomic::AtomicU32::new(10));
     let mut events = watcher(pods, watcher::Config::default()).default_backoff().boxed();
     while let Some(event) = events.next().await {
         let Ok(event) = event else { continue };
@@ -300,11 +299,26 @@ async fn agent(client: Client, running: Arc<Mutex<HashMap<String, RunningPod>>>)
             _ => vec![],
         };
         for pod in changed {
-            if let Err(error) = handle(&client, &running, &next_ip, pod).await {
+            if let Err(error) = handle(&client, &running, pod).await {
                 tracing::warn!(%error, "node agent");
             }
         }
     }
+}
+
+/// A loopback address of its own for a pod (tests in other processes run agents of their own,
+/// so addresses are drawn at random from 127.0.0.0/8, and one whose `port` is taken is skipped).
+fn pod_address(port: i32) -> anyhow::Result<String> {
+    use rand::Rng as _;
+    let port = u16::try_from(port).context("a pod port")?;
+    for _ in 0..100 {
+        let mut rng = rand::thread_rng();
+        let ip = std::net::Ipv4Addr::new(127, rng.gen_range(1..=254), rng.gen(), rng.gen_range(1..=254));
+        if std::net::TcpListener::bind((ip, port)).is_ok() {
+            return Ok(ip.to_string());
+        }
+    }
+    anyhow::bail!("no free loopback address for port {port}")
 }
 
 fn key(pod: &Pod) -> String {
@@ -315,12 +329,7 @@ fn stop(running: &Mutex<HashMap<String, RunningPod>>, key: &str) {
     running.lock().unwrap().remove(key);
 }
 
-async fn handle(
-    client: &Client,
-    running: &Arc<Mutex<HashMap<String, RunningPod>>>,
-    next_ip: &std::sync::atomic::AtomicU32,
-    pod: Pod,
-) -> anyhow::Result<()> {
+async fn handle(client: &Client, running: &Arc<Mutex<HashMap<String, RunningPod>>>, pod: Pod) -> anyhow::Result<()> {
     let namespace = pod.namespace().unwrap_or_default();
     let name = pod.name_any();
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
@@ -350,7 +359,7 @@ async fn handle(
     let container = spec.containers.first().context("a pod without containers")?.clone();
     let image = container.image.clone().unwrap_or_default();
     let port = container.ports.iter().flatten().next().map(|p| p.container_port).unwrap_or(8080);
-    let ip = format!("127.0.0.{}", next_ip.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 250 + 2);
+    let ip = pod_address(port)?;
 
     // The environment a kubelet would give the container: its env, then its secrets.
     let mut env: Vec<(String, String)> = Vec::new();

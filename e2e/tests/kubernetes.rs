@@ -89,6 +89,9 @@ fn pod_env(agent: &NodeAgent, pod: &str) -> BTreeMap<String, String> {
 }
 
 async fn setup() -> (Cluster, Client, NodeAgent) {
+    // RUST_LOG=reflow_operator=debug (for example) shows what the operator and data plane did.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "off".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
     let cluster = Cluster::start().await.expect("a test cluster");
     cluster.restricted_namespace(NAMESPACE).await.unwrap();
     let client = cluster.client().await.unwrap();
@@ -337,6 +340,21 @@ fn env_answer(answer: &Value) -> Value {
     serde_json::from_str(text).unwrap()
 }
 
+/// Calls `tool` until the env it reports has `API_KEY` = `expected` (a credential written just
+/// before reaches the data plane with the next snapshot, and the pod with the restart that
+/// follows), or panics after a minute.
+async fn api_key_eventually(client: &mut SessionClient, tool: &str, expected: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let answer = client.call(tool, json!({"names": ["API_KEY"]})).await;
+        if answer["text"].is_string() && env_answer(&answer)["API_KEY"] == expected {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{tool} never reported API_KEY={expected}: {answer}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_client_reaches_per_user_and_shared_pods_through_the_gateway() {
     let (cluster, client, agent) = setup().await;
@@ -372,6 +390,9 @@ async fn a_real_client_reaches_per_user_and_shared_pods_through_the_gateway() {
     let mut alices = SessionClient::connect(&url, &alice_token).await;
     let mut bobs = SessionClient::connect(&url, &bob_token).await;
     let names = json!({"names": ["API_KEY", "REFLOW_PARENT_CANARY"]});
+    api_key_eventually(&mut alices, "own_env", "alice-key-1111").await;
+    api_key_eventually(&mut bobs, "own_env", "bob-key-2222").await;
+    api_key_eventually(&mut alices, "team_env", "team-key-3333").await;
     let alice_own = env_answer(&alices.call("own_env", names.clone()).await);
     let bob_own = env_answer(&bobs.call("own_env", names.clone()).await);
     assert_eq!(alice_own["API_KEY"], "alice-key-1111");
@@ -468,6 +489,86 @@ async fn a_real_client_reaches_per_user_and_shared_pods_through_the_gateway() {
         assert!(Instant::now() < deadline, "no new pod after restart-instances: {answer}");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_api_server_down_kubernetes_calls_fail_clearly_and_the_rest_is_untouched() {
+    let (mut cluster, client, _agent) = setup().await;
+    let (stop, task) = operator(&cluster, "operator-outage", 15);
+    let instances = reflow_data_plane::upstream::kubernetes::Instances::connect(&kubernetes_config(
+        &cluster,
+        Duration::from_secs(5),
+    ))
+    .await
+    .unwrap();
+    let gateway = Gateway::start_with(McpSettings::default().with_kubernetes(instances)).await.unwrap();
+    let own = kubernetes_target(&gateway, "own", "per_user").await;
+    let http = reflow_e2e::harness::python_server("example_server.py", &[]).await.unwrap();
+    gateway
+        .post("/api/targets", json!({"name": "plain", "transport_type": "streamable-http", "url": http.url}))
+        .await
+        .unwrap();
+    gateway.allow_everyone().await.unwrap();
+    let (alice, alice_token) = gateway.user("alice@example.com").await.unwrap();
+    let (bob, bob_token) = gateway.user("bob@example.com").await.unwrap();
+    for user in [&alice, &bob] {
+        gateway
+            .post(
+                &format!("/api/targets/{own}/env/user/{user}"),
+                json!({"key": "API_KEY", "value": format!("key-{user}")}),
+            )
+            .await
+            .unwrap();
+    }
+    let url = format!("{}/mcp", gateway.mcp);
+    let mut alices = SessionClient::connect(&url, &alice_token).await;
+    let names = json!({"names": ["API_KEY"]});
+    api_key_eventually(&mut alices, "own_env", &format!("key-{alice}")).await;
+
+    cluster.stop_apiserver();
+    // Alice's pod is known and running: her calls go on. Bob's needs the API server: a clear
+    // error within the start timeout. The HTTP target is untouched.
+    assert_eq!(env_answer(&alices.call("own_env", names.clone()).await)["API_KEY"], format!("key-{alice}"));
+    let mut bobs = SessionClient::connect(&url, &bob_token).await;
+    let started = Instant::now();
+    let refused = bobs.call("own_env", names.clone()).await;
+    let took = started.elapsed();
+    let error = refused["error"].as_str().unwrap_or_else(|| panic!("bob's call should fail: {refused}"));
+    assert!(error.contains("kubernetes"), "the error names the cause: {error}");
+    assert!(took < Duration::from_secs(15), "failed within the configured timeout: {took:?}");
+    let sum = bobs.call("plain_add", json!({"a": 2, "b": 3})).await;
+    assert_eq!(sum["text"], "5", "other targets are untouched: {sum}");
+
+    // Back: bob's instance comes up, and nothing is duplicated.
+    cluster.restart_apiserver().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let answer = bobs.call("own_env", names.clone()).await;
+        if answer["text"].is_string() {
+            assert_eq!(env_answer(&answer)["API_KEY"], format!("key-{bob}"));
+            break;
+        }
+        if Instant::now() > deadline {
+            let all: Api<MCPInstance> = Api::namespaced(client.clone(), NAMESPACE);
+            let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+            let instances = all.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
+            let pods = pods.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
+            panic!(
+                "bob's instance never came up: {answer}\ninstances: {:?}\npods: {:?}",
+                instances.iter().map(|i| (&i.metadata.name, &i.status)).collect::<Vec<_>>(),
+                pods.iter()
+                    .map(|p| (&p.metadata.name, p.status.as_ref().map(|s| (&s.phase, &s.pod_ip))))
+                    .collect::<Vec<_>>()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let all: Api<MCPInstance> = Api::namespaced(client.clone(), NAMESPACE);
+    assert_eq!(all.list(&ListParams::default()).await.unwrap().items.len(), 2, "one instance per user");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    assert_eq!(pods.list(&ListParams::default()).await.unwrap().items.len(), 2, "one pod per instance");
     stop.cancel();
     task.await.unwrap().unwrap();
 }

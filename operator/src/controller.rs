@@ -85,12 +85,31 @@ pub async fn run(
         scoped::<NetworkPolicy>(&client, namespace),
         scoped::<Secret>(&client, namespace),
     );
+    // Each watch keeps its own backoff and its errors stay with it: merged into the
+    // controller's one trigger stream, a run of connection errors (the API server restarting)
+    // could leave the controller waiting on a joint backoff and reconciling nothing after.
+    fn resilient<K>(
+        stream: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    ) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
+    where
+        K: Send + 'static,
+    {
+        use kube::runtime::WatchStreamExt as _;
+        stream.default_backoff().touched_objects().filter(|item| {
+            if let Err(error) = item {
+                tracing::debug!(%error, "watch interrupted; it resumes");
+            }
+            std::future::ready(item.is_ok())
+        })
+    }
     let owned = watcher::Config::default().labels(&format!("{}={}", objects::MANAGED_BY.0, objects::MANAGED_BY.1));
-    Controller::new(instances, watcher::Config::default())
-        .owns(pods, owned.clone())
-        .owns(services, owned.clone())
-        .owns(policies, owned)
-        .owns(secrets, watcher::Config::default().labels("mcp.reflow.io/instance"))
+    let (reader, writer) = kube::runtime::reflector::store();
+    let main = resilient(kube::runtime::reflector(writer, watcher(instances, watcher::Config::default())));
+    Controller::for_stream(main, reader)
+        .owns_stream(resilient(watcher(pods, owned.clone())))
+        .owns_stream(resilient(watcher(services, owned.clone())))
+        .owns_stream(resilient(watcher(policies, owned)))
+        .owns_stream(resilient(watcher(secrets, watcher::Config::default().labels(INSTANCE_LABEL))))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
