@@ -15,6 +15,8 @@
 //! - [`stdio_bench`]: calls through a warm shared STDIO process vs the same server driven directly.
 //! - [`cluster`]: a real Kubernetes API server (etcd, kube-apiserver, kube-controller-manager)
 //!   and the test node agent that plays the kubelet.
+//! - [`kube_bench`]: a kubernetes target's cold start and warm calls through the gateway vs
+//!   directly to its pod.
 //! - [`declare_bench`]: a declarative apply of 1,000 resources vs the same written call by call.
 //! - [`snapshot`]: snapshot distribution benchmarks (propagation time to N data planes,
 //!   bytes of a one-policy change on a large snapshot).
@@ -27,6 +29,7 @@ pub mod cluster;
 pub mod declare_bench;
 pub mod fast_upstream;
 pub mod harness;
+pub mod kube_bench;
 pub mod measure;
 pub mod proxy;
 pub mod recorder;

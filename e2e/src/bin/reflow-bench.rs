@@ -30,8 +30,8 @@ struct Args {
     #[arg(long)]
     database_url: Option<String>,
     /// Run only these scenarios (repeatable): propagation, policy-change, calls, audit,
-    /// telemetry, stdio, lists, sessions, apply.
-    #[arg(long, value_parser = ["propagation", "policy-change", "calls", "audit", "telemetry", "stdio", "lists", "sessions", "apply"])]
+    /// telemetry, stdio, lists, sessions, apply, kubernetes.
+    #[arg(long, value_parser = ["propagation", "policy-change", "calls", "audit", "telemetry", "stdio", "lists", "sessions", "apply", "kubernetes"])]
     only: Vec<String>,
 }
 
@@ -190,6 +190,24 @@ async fn run() -> anyhow::Result<()> {
             result["one_by_one_compiles"]
         );
         results.push(result);
+    }
+
+    if want("kubernetes") {
+        for result in reflow_e2e::kube_bench::kubernetes(if args.quick { 300 } else { 2000 }).await? {
+            let f = |key: &str| result[key].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "\nkubernetes target (real API server, pod as a local process): first request to a Verified pod \
+                 {:.0} ms;\n  warm tools/call p50 {:.3} ms through the gateway vs {:.3} ms direct (+{:.3} ms), \
+                 p99 {:.3} vs {:.3} ms",
+                f("cold_start_ms"),
+                f("gateway_p50_ms"),
+                f("direct_p50_ms"),
+                f("added_p50_ms"),
+                f("gateway_p99_ms"),
+                f("direct_p99_ms")
+            );
+            results.push(result);
+        }
     }
 
     if want("calls") {
