@@ -7,35 +7,16 @@ use anyhow::Context;
 use reflow_proto::admin::v1 as pb;
 use reflow_proto::admin::v1::management_service_client::ManagementServiceClient;
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
-use crate::harness::ScratchDatabase;
-
-const TOKEN: &str = "benchmark-data-plane-token-0123";
+use crate::snapshot::BenchControlPlane;
 
 /// `targets` targets, each with one policy and one group-scoped env value (3 × `targets`
 /// resources, plus one user): applied in one call, applied again (nothing to change), then the
 /// same shape under other names written call by call. Reports wall time and the snapshots
 /// compiled and published for each.
 pub async fn apply_resources(targets: usize, database_url: Option<&str>) -> anyhow::Result<Value> {
-    let dir = tempfile::tempdir()?;
-    let scratch = match database_url {
-        Some(server) => Some(ScratchDatabase::create(server).await?),
-        None => None,
-    };
-    let url = match &scratch {
-        Some(db) => db.url.clone(),
-        None => format!("sqlite://{}", dir.path().join("bench.db").display()),
-    };
-    let shutdown = CancellationToken::new();
-    let (control_plane, grpc, base) = crate::harness::start_control_plane(
-        &url,
-        "benchmark-secret-benchmark-secret!",
-        TOKEN,
-        &Default::default(),
-        &shutdown,
-    )
-    .await?;
+    let bench = BenchControlPlane::start(database_url).await?;
+    let (control_plane, grpc, base) = (&bench.control_plane, bench.grpc.clone(), &bench.base);
     let http = reqwest::Client::new();
     for email in ["bench@example.com", "dev@example.com"] {
         let response = http
@@ -55,7 +36,7 @@ pub async fn apply_resources(targets: usize, database_url: Option<&str>) -> anyh
     let token = login["token"].as_str().context("login")?.to_string();
     let channel = tonic::transport::Endpoint::from_shared(grpc)?.connect().await?;
     let mut client = ManagementServiceClient::new(channel).max_decoding_message_size(64 << 20);
-    let published = || published_compiles(&control_plane);
+    let published = || published_compiles(control_plane);
     let settle = || tokio::time::sleep(Duration::from_millis(500));
     settle().await;
 
@@ -132,14 +113,11 @@ pub async fn apply_resources(targets: usize, database_url: Option<&str>) -> anyh
     settle().await;
     let single_compiles = published() - before;
 
-    shutdown.cancel();
-    drop(control_plane);
-    if let Some(scratch) = scratch {
-        scratch.drop_database().await?;
-    }
+    let backend = bench.backend();
+    bench.finish().await?;
     Ok(json!({
         "scenario": "declarative_apply",
-        "backend": if url.starts_with("sqlite") { "sqlite" } else { "postgres" },
+        "backend": backend,
         "resources": resources,
         "apply_ms": apply_ms,
         "apply_compiles": apply_compiles,

@@ -20,30 +20,71 @@ use uuid::Uuid;
 use crate::harness::ScratchDatabase;
 use crate::percentile;
 
-const TOKEN: &str = "benchmark-data-plane-token-0123";
+pub(crate) const TOKEN: &str = "benchmark-data-plane-token-0123";
+
+/// A benchmark's control plane in this process: on a scratch PostgreSQL database on the server
+/// `database_url` names, or on a temporary SQLite file.
+pub(crate) struct BenchControlPlane {
+    pub dir: tempfile::TempDir,
+    scratch: Option<ScratchDatabase>,
+    pub url: String,
+    pub shutdown: CancellationToken,
+    pub control_plane: reflow_control_plane::ControlPlane,
+    /// The gRPC address (data planes, the management API).
+    pub grpc: String,
+    /// The REST API's base URL.
+    pub base: String,
+}
+
+impl BenchControlPlane {
+    pub async fn start(database_url: Option<&str>) -> anyhow::Result<BenchControlPlane> {
+        let dir = tempfile::tempdir()?;
+        let scratch = match database_url {
+            Some(server) => Some(ScratchDatabase::create(server).await?),
+            None => None,
+        };
+        let url = match &scratch {
+            Some(db) => db.url.clone(),
+            None => format!("sqlite://{}", dir.path().join("bench.db").display()),
+        };
+        let shutdown = CancellationToken::new();
+        let (control_plane, grpc, base) = crate::harness::start_control_plane(
+            &url,
+            "benchmark-secret-benchmark-secret!",
+            TOKEN,
+            &Default::default(),
+            &shutdown,
+        )
+        .await?;
+        Ok(BenchControlPlane { dir, scratch, url, shutdown, control_plane, grpc, base })
+    }
+
+    pub fn backend(&self) -> &'static str {
+        if self.url.starts_with("sqlite") {
+            "sqlite"
+        } else {
+            "postgres"
+        }
+    }
+
+    /// Stops everything and drops the scratch database.
+    pub async fn finish(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        drop(self.control_plane);
+        if let Some(scratch) = self.scratch {
+            scratch.drop_database().await?;
+        }
+        Ok(())
+    }
+}
 
 /// Propagation time from an admin write's response to every data plane holding the new
 /// version, for `data_planes` in-process data planes (each with its own gRPC stream and
 /// encrypted cache).
 pub async fn propagation(data_planes: usize, iterations: usize, database_url: Option<&str>) -> anyhow::Result<Value> {
-    let dir = tempfile::tempdir()?;
-    let scratch = match database_url {
-        Some(server) => Some(ScratchDatabase::create(server).await?),
-        None => None,
-    };
-    let url = match &scratch {
-        Some(db) => db.url.clone(),
-        None => format!("sqlite://{}", dir.path().join("bench.db").display()),
-    };
-    let shutdown = CancellationToken::new();
-    let (control_plane, grpc_address, base) = crate::harness::start_control_plane(
-        &url,
-        "benchmark-secret-benchmark-secret!",
-        TOKEN,
-        &Default::default(),
-        &shutdown,
-    )
-    .await?;
+    let bench = BenchControlPlane::start(database_url).await?;
+    let (dir, shutdown, control_plane, grpc_address, base) =
+        (&bench.dir, &bench.shutdown, &bench.control_plane, &bench.grpc, &bench.base);
     let mut planes = Vec::with_capacity(data_planes);
     for i in 0..data_planes {
         let cache = dir.path().join(format!("cache-{i}"));
@@ -108,16 +149,14 @@ pub async fn propagation(data_planes: usize, iterations: usize, database_url: Op
     }
     shutdown.cancel();
     drop(planes);
-    drop(control_plane);
-    if let Some(scratch) = scratch {
-        scratch.drop_database().await?;
-    }
+    let backend = bench.backend();
+    bench.finish().await?;
     samples.sort_by(f64::total_cmp);
     Ok(json!({
         "scenario": "snapshot_propagation",
         "data_planes": data_planes,
         "iterations": iterations,
-        "backend": if url.starts_with("sqlite") { "sqlite" } else { "postgres" },
+        "backend": backend,
         "p50_ms": percentile(&samples, 50.0),
         "p99_ms": percentile(&samples, 99.0),
         "max_ms": samples.last().copied().unwrap_or(f64::NAN),
