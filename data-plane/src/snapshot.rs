@@ -118,8 +118,26 @@ pub fn apply(
         map.remove(&(removal.r#type, removal.id.clone()));
     }
     for resource in &update.upserts {
-        if ResourceType::try_from(resource.r#type).map_or(true, |k| k == ResourceType::Unspecified) {
-            errors.push(format!("resource {:?} has unknown type {}", resource.id, resource.r#type));
+        // A type this build does not know is kept (it counts toward the version) and ignored;
+        // one it must understand says so in `requires`.
+        if resource.r#type == ResourceType::Unspecified as i32 {
+            errors.push(format!("resource {:?} has no type", resource.id));
+            continue;
+        }
+        let missing: Vec<&str> = resource
+            .requires
+            .iter()
+            .map(String::as_str)
+            .filter(|feature| !resources::UNDERSTOOD.contains(feature))
+            .collect();
+        if !missing.is_empty() {
+            errors.push(format!(
+                "{} {:?} requires {} which this data plane (build {}) does not implement: upgrade it",
+                kind_name(resource.r#type),
+                resource.id,
+                missing.join(", "),
+                env!("CARGO_PKG_VERSION")
+            ));
             continue;
         }
         if resources::resource_version(&resource.payload) != resource.version {
@@ -175,7 +193,10 @@ fn decode(map: &ResourceMap, sealer: &DeterministicSealer) -> Result<View, Vec<S
             }
             Ok(ResourceType::Policy) => policies.extend(parse::<resources::Policy>(resource, &mut errors)),
             Ok(ResourceType::Credential) => credentials.extend(parse::<Credential>(resource, &mut errors)),
-            _ => errors.push(format!("unexpected resource {} {id:?}", kind_name(*kind))),
+            Ok(ResourceType::Settings) => errors.push(format!("unexpected settings resource {id:?}")),
+            Ok(ResourceType::Unspecified) => errors.push(format!("resource {id:?} has no type")),
+            // From a newer control plane, and nothing this build needs (see `requires`).
+            Err(_) => tracing::debug!(kind, id, "a resource of a type this data plane does not know is ignored"),
         }
     }
     let b64 = base64::engine::general_purpose::STANDARD;

@@ -185,7 +185,8 @@ fn invalid_resources_are_rejected_with_reasons() {
         (Box::new(|rs| rs[0] = settings_with("EdDSA", "c2hvcnQ")), "not 32 bytes"),
         (Box::new(|rs| rs.remove(0).r#type = 0), "settings resource is missing"),
         (Box::new(|rs| rs.push(target("t2", "github"))), "two targets"),
-        (Box::new(|rs| rs[2].r#type = 42), "unknown type"),
+        (Box::new(|rs| rs[1].r#type = 0), "has no type"),
+        (Box::new(|rs| rs[2].requires = vec!["quota-v2".into()]), "requires quota-v2"),
     ];
     for (corrupt, needle) in cases {
         let mut resources = base();
@@ -306,4 +307,58 @@ fn a_remembered_token_still_expires_and_a_forgery_of_it_is_refused() {
     resources.push(user("u1", false));
     let later = applied(&full(resources));
     assert_eq!(authenticated(&later, &token), Err("account is deactivated"));
+}
+
+/// A fleet upgrades one side at a time: payloads from a newer control plane (fields and resource
+/// types this build does not know) apply, and so do payloads from an older one (fields added
+/// since, absent); only what a resource says it `requires` and this build lacks is refused, and
+/// then the previous snapshot stays.
+#[test]
+fn payloads_from_a_release_ahead_or_behind_apply_and_required_features_are_honoured() {
+    let sealer = snapshot_sealer(TOKEN);
+    let previous = applied(&full(base()));
+
+    // From the future: an unknown field on a target and on a user, and a resource type
+    // this build has never heard of.
+    let mut future = base();
+    let mut target_json: serde_json::Value = serde_json::from_slice(&future[2].payload).unwrap();
+    target_json["session_affinity"] = serde_json::json!({"mode": "sticky", "ttl": "5m"});
+    future[2] = resources::resource(ResourceType::Target, "t1", &target_json);
+    let mut user_json: serde_json::Value = serde_json::from_slice(&future[1].payload).unwrap();
+    user_json["locale"] = "de".into();
+    future[1] = resources::resource(ResourceType::User, "u1", &user_json);
+    let mut quota = resources::resource(ResourceType::User, "quota-1", &serde_json::json!({"limit": 10}));
+    quota.r#type = 99;
+    future.push(quota);
+    let update = full(future.clone());
+    let snapshot = apply(Some(&previous), &update, &sealer).expect("a newer control plane's payloads apply");
+    assert_eq!(snapshot.version, update.version, "the unknown resource still counts toward the version");
+    assert_eq!(snapshot.view.targets["github"].id, "t1");
+    assert_eq!(snapshot.view.users.len(), 1, "the unknown resource is not taken for a user");
+    // The cache keeps it too, so a restart from the cache has the same version.
+    assert_eq!(reflow_data_plane::snapshot::as_full_update(&snapshot).upserts.len(), future.len());
+
+    // From the past: fields added since (defaults) are absent.
+    let mut past = base();
+    let mut old_target: serde_json::Value = serde_json::from_slice(&past[2].payload).unwrap();
+    old_target.as_object_mut().unwrap().remove("restart_generation");
+    old_target.as_object_mut().unwrap().remove("audit_arguments");
+    past[2] = resources::resource(ResourceType::Target, "t1", &old_target);
+    let mut old_user: serde_json::Value = serde_json::from_slice(&past[1].payload).unwrap();
+    old_user.as_object_mut().unwrap().remove("session_generation");
+    past[1] = resources::resource(ResourceType::User, "u1", &old_user);
+    let snapshot = apply(Some(&previous), &full(past), &sealer).expect("an older control plane's payloads apply");
+    assert_eq!(snapshot.view.targets["github"].restart_generation, 0);
+    assert!(!snapshot.view.targets["github"].audit_arguments);
+
+    // A feature this build lacks: refused by name, and the caller keeps `previous`.
+    let mut must = future;
+    must[3].requires = vec!["deny-by-time".into()];
+    let rejection = apply(Some(&previous), &full(must), &sealer).unwrap_err();
+    assert!(
+        rejection.reason.contains("requires deny-by-time") && rejection.reason.contains("upgrade"),
+        "{}",
+        rejection.reason
+    );
+    assert!(!rejection.want_full, "a full resend would not help: {rejection:?}");
 }

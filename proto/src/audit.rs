@@ -20,8 +20,8 @@ pub const MAX_ARGUMENTS_BYTES: usize = 16 * 1024;
 pub const MAX_BATCH: usize = 1000;
 
 /// One MCP request, as the audit trail keeps it.
+/// Unknown fields are ignored: a data plane a release ahead may add some.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AuditRecord {
     /// Chosen by the data plane; a record sent twice is stored once.
     pub id: String,
@@ -191,6 +191,18 @@ pub fn check(record: &AuditRecord) -> Result<(), (&'static str, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A data plane a release ahead may send fields this control plane does not know: the
+    /// record is kept (without them) rather than refused, which would stall that data plane's
+    /// spool.
+    #[test]
+    fn a_record_with_fields_from_a_newer_data_plane_reads() {
+        let record = AuditRecord::new("r1".into(), "dp".into(), Utc::now(), "/mcp".into(), "tools/call".into());
+        let mut json = serde_json::to_value(&record).unwrap();
+        json["gen_ai_agent"] = serde_json::json!({"name": "planner"});
+        let read: AuditRecord = serde_json::from_value(json).expect("unknown fields are ignored");
+        assert_eq!(read, record);
+    }
 
     #[test]
     fn a_fitted_record_passes_the_check() {

@@ -117,7 +117,13 @@ mod tests {
             version: "v2".into(),
             base_version: "v1".into(),
             upserts: (0..resources)
-                .map(|i| Resource { r#type: 2, id: format!("r{i}"), version: "x".into(), payload: vec![7; payload] })
+                .map(|i| Resource {
+                    r#type: 2,
+                    id: format!("r{i}"),
+                    version: "x".into(),
+                    payload: vec![7; payload],
+                    requires: vec![],
+                })
                 .collect(),
             removals: (0..3).map(|i| ResourceRef { r#type: 2, id: format!("gone{i}") }).collect(),
             control_plane_id: "cp".into(),

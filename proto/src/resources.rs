@@ -1,10 +1,23 @@
 //! The payloads of snapshot resources and their hashes.
 //!
 //! Each resource travels as JSON inside a [`Resource`]: the control plane serialises these
-//! structs, the data plane decodes them (unknown fields refused) and validates the whole set
-//! before applying it. Secrets inside (credential values, the JWT secret) are sealed with a
+//! structs, the data plane decodes them and validates the whole set before applying it.
+//! Secrets inside (credential values, the JWT secret) are sealed with a
 //! [`DeterministicSealer`] derived from the data-plane token, so equal state gives equal
 //! bytes on every control-plane replica, and the snapshot version is a content hash.
+//!
+//! # Compatibility between releases
+//!
+//! A control plane and its data planes may be a release apart, either way round, while a fleet
+//! upgrades:
+//! - a payload's unknown fields are ignored, and every field added later has a default
+//!   (`#[serde(default)]`), so an older payload reads in a newer data plane;
+//! - a resource of a type a data plane does not know is kept (its hash counts toward the
+//!   snapshot version) and otherwise ignored;
+//! - a change an older data plane must not ignore — a field whose absence would allow more, a
+//!   new enum value — names a feature in [`Resource::requires`]; a data plane that lacks one
+//!   rejects the update with that name and keeps serving its snapshot (static stability).
+//!   [`UNDERSTOOD`] lists what this build implements.
 
 use reflow_common::credentials::{Isolation, Scope};
 use reflow_common::crypto::{to_hex, Aad, DeterministicSealer};
@@ -15,6 +28,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::snapshot::v1::{Resource, ResourceType};
+
+/// The features of [`Resource::requires`] this build implements (none are defined yet).
+pub const UNDERSTOOD: &[&str] = &[];
 
 /// HKDF purpose of the key that seals secrets inside snapshots.
 pub const SNAPSHOT_SEAL_PURPOSE: &str = "reflow/snapshot/v1";
@@ -31,7 +47,6 @@ pub fn snapshot_sealer(data_plane_token: &str) -> DeterministicSealer {
 /// Gateway-wide settings: how to verify the JWTs the control plane issues. Only the public
 /// key travels: a data plane can verify tokens, never mint one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Settings {
     pub jwt_issuer: String,
     pub jwt_audience: String,
@@ -42,7 +57,6 @@ pub struct Settings {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct User {
     pub id: String,
     pub email: String,
@@ -55,7 +69,6 @@ pub struct User {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ApiToken {
     pub id: String,
     pub user_id: String,
@@ -66,7 +79,6 @@ pub struct ApiToken {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Target {
     pub id: String,
     pub name: String,
@@ -91,7 +103,6 @@ pub struct Target {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Subject {
     pub subject_type: SubjectType,
     pub subject_value: String,
@@ -99,7 +110,6 @@ pub struct Subject {
 
 /// An enabled policy. Disabled policies are not compiled into snapshots.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Policy {
     pub id: String,
     pub name: String,
@@ -113,7 +123,6 @@ pub struct Policy {
 
 /// A target's token or env value at one scope.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Credential {
     pub target_id: String,
     pub kind: SecretKind,
@@ -142,7 +151,7 @@ pub fn resource_version(payload: &[u8]) -> String {
 /// Builds a resource from its payload.
 pub fn resource<T: Serialize>(kind: ResourceType, id: &str, payload: &T) -> Resource {
     let payload = serde_json::to_vec(payload).expect("resource payloads serialise");
-    Resource { r#type: kind as i32, id: id.to_string(), version: resource_version(&payload), payload }
+    Resource { r#type: kind as i32, id: id.to_string(), version: resource_version(&payload), payload, requires: vec![] }
 }
 
 /// The version of a whole snapshot: a hash over every resource's (type, id, version), in
