@@ -261,6 +261,8 @@ impl Drop for NodeAgent {
 
 impl NodeAgent {
     pub async fn start(client: Client) -> anyhow::Result<NodeAgent> {
+        // The servers images stand for run on the MCP peers' Python.
+        crate::harness::ensure_peers();
         let nodes: Api<Node> = Api::all(client.clone());
         let node: Node =
             serde_json::from_value(json!({"metadata": {"name": NODE, "labels": {"kubernetes.io/hostname": NODE}}}))?;
