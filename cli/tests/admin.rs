@@ -168,6 +168,36 @@ fn reflow_admin_manages_reflow_up_from_a_script() {
     let targets = json_out(&admin(&config, grpc, &["-o", "json", "targets", "list"], "", &[]));
     let github = targets["targets"].as_array().unwrap().iter().find(|t| t["name"] == "github").unwrap().clone();
 
+    // A directory of 500 resources (50 files of 5 targets and 5 policies): applied in one
+    // transaction, then again with nothing to change.
+    let many = work.path().join("many");
+    std::fs::create_dir(&many).unwrap();
+    for file in 0..50 {
+        let mut text = String::from("owner: fleet\ntargets:\n");
+        for i in 0..5 {
+            text.push_str(&format!("  - name: fleet-{file}-{i}\n    url: https://fleet-{file}-{i}.example.com/mcp\n"));
+        }
+        text.push_str("policies:\n");
+        for i in 0..5 {
+            text.push_str(&format!(
+                "  - name: fleet-{file}-{i}\n    target: fleet-{file}-{i}\n    effect: allow\n    subjects:\n      - type: everyone\n"
+            ));
+        }
+        std::fs::write(many.join(format!("part-{file:02}.yaml")), text).unwrap();
+    }
+    let many_arg = many.to_str().unwrap();
+    let first = admin(&config, grpc, &["apply", many_arg], "", &[]);
+    assert_eq!(code(&first), 0, "{}", text(&first));
+    assert!(String::from_utf8_lossy(&first.stdout).contains("500 to create"), "{}", text(&first));
+    let second = admin(&config, grpc, &["apply", many_arg], "", &[]);
+    assert_eq!(code(&second), 0, "{}", text(&second));
+    assert!(
+        String::from_utf8_lossy(&second.stdout).contains("0 to create, 0 to update, 0 to delete, 500 unchanged"),
+        "{}",
+        text(&second)
+    );
+    assert!(String::from_utf8_lossy(&second.stderr).contains("nothing to change"), "{}", text(&second));
+
     // A hand edit through REST shows in diff as exactly that field.
     let jwt = login(&running.base, "admin@example.com", "secure123");
     let response = reqwest::blocking::Client::new()
