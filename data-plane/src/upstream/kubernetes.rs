@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -41,7 +41,7 @@ pub struct Instances {
     /// What this data plane knows running: instance name → (hash of its env, its URL).
     known: Mutex<HashMap<String, (String, String)>>,
     /// Instances used since the last report.
-    used: Mutex<HashMap<String, Instant>>,
+    used: Mutex<std::collections::HashSet<String>>,
     /// One start per instance at a time in this data plane.
     starting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The revision of every kubernetes target in the last snapshot: target id → revision.
@@ -176,7 +176,6 @@ impl Instances {
         let data: BTreeMap<String, k8s_openapi::ByteString> =
             env.iter().map(|(k, v)| (k.clone(), k8s_openapi::ByteString(v.clone().into_bytes()))).collect();
         let hash = reflow_operator::objects::secret_hash(&data);
-        self.used(&name);
         if let Some((known, url)) = self.known.lock().unwrap().get(&name) {
             if *known == hash {
                 return Ok(url.clone());
@@ -301,7 +300,11 @@ impl Instances {
 
     /// Notes a use, reported with the next batch.
     pub fn used(&self, name: &str) {
-        self.used.lock().unwrap().insert(name.to_string(), Instant::now());
+        // Called per request: no allocation once the instance is in this interval's batch.
+        let mut used = self.used.lock().unwrap();
+        if !used.contains(name) {
+            used.insert(name.to_string());
+        }
     }
 
     /// A new snapshot: deletes the instances of kubernetes targets that were removed or
@@ -358,7 +361,7 @@ impl Instances {
     }
 
     async fn report(&self) {
-        let used: Vec<String> = self.used.lock().unwrap().drain().map(|(name, _)| name).collect();
+        let used: Vec<String> = self.used.lock().unwrap().drain().collect();
         let api: Api<MCPInstance> = self.api();
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         for name in used {
