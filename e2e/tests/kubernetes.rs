@@ -572,3 +572,33 @@ async fn with_the_api_server_down_kubernetes_calls_fail_clearly_and_the_rest_is_
     stop.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// `kubernetes.max_instances` bounds what users can make the cluster run: past it, a new key is
+/// refused with a JSON-RPC error naming the setting, and keys that run go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_instances_bounds_how_many_pods_users_can_start() {
+    let (cluster, client, _agent) = setup().await;
+    let (stop, task) = operator(&cluster, "operator-bound", 15);
+    let config = reflow_common::config::KubernetesConfig {
+        max_instances: 1,
+        ..kubernetes_config(&cluster, Duration::from_secs(30))
+    };
+    let instances = reflow_data_plane::upstream::kubernetes::Instances::connect(&config).await.unwrap();
+    let gateway = Gateway::start_with(McpSettings::default().with_kubernetes(instances)).await.unwrap();
+    kubernetes_target(&gateway, "own", "per_user").await;
+    gateway.allow_everyone().await.unwrap();
+    let (_, alice_token) = gateway.user("alice@example.com").await.unwrap();
+    let (_, bob_token) = gateway.user("bob@example.com").await.unwrap();
+    let url = format!("{}/mcp", gateway.mcp);
+    let mut alices = SessionClient::connect(&url, &alice_token).await;
+    let mut bobs = SessionClient::connect(&url, &bob_token).await;
+    assert!(alices.call("own_whoami", json!({})).await["text"].is_string());
+    let refused = bobs.call("own_whoami", json!({})).await;
+    let error = refused["error"].as_str().unwrap_or_else(|| panic!("bob's call should be refused: {refused}"));
+    assert!(error.contains("kubernetes.max_instances (1)"), "{error}");
+    assert!(alices.call("own_whoami", json!({})).await["text"].is_string(), "the running key goes on");
+    let all: Api<MCPInstance> = Api::namespaced(client.clone(), NAMESPACE);
+    assert_eq!(all.list(&ListParams::default()).await.unwrap().items.len(), 1);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
