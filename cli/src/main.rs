@@ -447,6 +447,11 @@ async fn control_plane(args: ControlPlaneArgs) -> Result<(), Failure> {
     }
     let store = store::connect(&url, config.database.max_connections).await.map_err(StartError::from)?;
     let mut control_plane = ControlPlane::new(&config, store)?;
+    if config.kubernetes.enabled {
+        let cluster = reflow_control_plane::cluster::Cluster::connect(&config.kubernetes).await?;
+        tracing::info!(namespace = %config.kubernetes.namespace, "kubernetes targets' instances are listed and retired from the cluster");
+        control_plane = control_plane.with_cluster(cluster);
+    }
     let grpc_has_tls = grpc_tls.is_some();
     if let Some(tls) = grpc_tls {
         control_plane = control_plane.with_grpc_tls(tls);

@@ -105,7 +105,11 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
     })?;
     let store = store::connect(&url, config.database.max_connections).await.map_err(StartError::from)?;
     let backend = store.backend();
-    let control_plane = ControlPlane::new(&config, store)?;
+    let mut control_plane = ControlPlane::new(&config, store)?;
+    if config.kubernetes.enabled {
+        let cluster = reflow_control_plane::cluster::Cluster::connect(&config.kubernetes).await?;
+        control_plane = control_plane.with_cluster(cluster);
+    }
     let listener = bind(&host, config.server.port).await?;
     let shutdown = shutdown_token();
 

@@ -150,24 +150,7 @@ pub fn compile(state: &StoreState, keys: CompileKeys<'_>) -> Result<Snapshot, Co
         insert(&mut map, ResourceType::ApiToken, payload.id.clone(), &payload);
     }
     for target in &state.targets {
-        let payload = resources::Target {
-            id: target.id.to_string(),
-            name: target.name.clone(),
-            transport_type: target.transport_type,
-            url: target.url.clone(),
-            command: target.command.clone(),
-            args: target.args.clone(),
-            image: target.image.clone(),
-            port: target.port,
-            health_path: target.health_path.clone(),
-            statefulness: target.statefulness,
-            isolation_boundary: target.isolation_boundary,
-            auth_type: target.auth_type,
-            auth_header_name: target.auth_header_name.clone(),
-            enabled: target.enabled,
-            restart_generation: target.restart_generation,
-            audit_arguments: target.audit_arguments,
-        };
+        let payload = target_payload(target);
         insert(&mut map, ResourceType::Target, payload.id.clone(), &payload);
     }
     for policy in state.policies.iter().filter(|p| p.enabled) {
@@ -192,6 +175,28 @@ pub fn compile(state: &StoreState, keys: CompileKeys<'_>) -> Result<Snapshot, Co
         insert(&mut map, ResourceType::Credential, id, &payload);
     }
     Ok(Snapshot::from_resources(map))
+}
+
+/// A target as snapshots carry it.
+pub fn target_payload(target: &crate::store::Target) -> resources::Target {
+    resources::Target {
+        id: target.id.to_string(),
+        name: target.name.clone(),
+        transport_type: target.transport_type,
+        url: target.url.clone(),
+        command: target.command.clone(),
+        args: target.args.clone(),
+        image: target.image.clone(),
+        port: target.port,
+        health_path: target.health_path.clone(),
+        statefulness: target.statefulness,
+        isolation_boundary: target.isolation_boundary,
+        auth_type: target.auth_type,
+        auth_header_name: target.auth_header_name.clone(),
+        enabled: target.enabled,
+        restart_generation: target.restart_generation,
+        audit_arguments: target.audit_arguments,
+    }
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod cluster;
 pub mod compile;
 pub mod manage;
 pub mod observe;
@@ -121,6 +122,7 @@ impl ControlPlane {
                 hub: sync::SnapshotHub::new(id),
                 login_throttle: Arc::new(api::auth::LoginThrottle::new(config.auth.password_hash_concurrency)),
                 recycles: Default::default(),
+                cluster: None,
             },
             secrets,
             data_plane_token,
@@ -133,6 +135,12 @@ impl ControlPlane {
     /// Serves the snapshot service over TLS (and mTLS when a client CA is given).
     pub fn with_grpc_tls(mut self, tls: GrpcTls) -> Self {
         self.grpc_tls = Some(tls);
+        self
+    }
+
+    /// Gives the API access to the cluster kubernetes targets run in (see [`cluster`]).
+    pub fn with_cluster(mut self, cluster: Arc<cluster::Cluster>) -> Self {
+        self.state.cluster = Some(cluster);
         self
     }
 

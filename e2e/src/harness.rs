@@ -390,6 +390,8 @@ impl Gateway {
             "e2e-jwt-secret-e2e-jwt-secret-e2e!",
             DATA_PLANE_TOKEN,
             &settings.stdio,
+            // A data plane with cluster access has a control plane with the same.
+            settings.kubernetes.as_ref().map(|k| k.config()),
             &shutdown,
         )
         .await?;
@@ -735,11 +737,13 @@ pub fn audit_settings(dir: &Path) -> reflow_data_plane::audit::AuditSettings {
 
 /// A control plane on the store at `url` with its compiler running, its gRPC snapshot service
 /// and its admin API each on a loopback port: (control plane, gRPC address, API address).
+/// With `kubernetes`, it has access to that cluster.
 pub async fn start_control_plane(
     url: &str,
     jwt_secret: &str,
     data_plane_token: &str,
     stdio: &reflow_common::config::StdioConfig,
+    kubernetes: Option<&reflow_common::config::KubernetesConfig>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(reflow_control_plane::ControlPlane, String, String)> {
     let store = reflow_control_plane::store::connect(url, 10).await.context("connect the store")?;
@@ -747,7 +751,10 @@ pub async fn start_control_plane(
     config.jwt.secret = Some(jwt_secret.into());
     config.encryption.key = Some(Key::generate().to_hex());
     config.control_plane.data_plane_token = Some(data_plane_token.into());
-    let control_plane = reflow_control_plane::ControlPlane::new(&config, store)?;
+    let mut control_plane = reflow_control_plane::ControlPlane::new(&config, store)?;
+    if let Some(kubernetes) = kubernetes {
+        control_plane = control_plane.with_cluster(reflow_control_plane::cluster::Cluster::connect(kubernetes).await?);
+    }
     control_plane.start_compiler(shutdown.clone()).await;
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let grpc_address = format!("http://{}", grpc.local_addr()?);

@@ -53,6 +53,7 @@ impl BenchControlPlane {
             "benchmark-secret-benchmark-secret!",
             TOKEN,
             &Default::default(),
+            None,
             &shutdown,
         )
         .await?;

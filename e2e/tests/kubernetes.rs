@@ -416,6 +416,24 @@ async fn a_real_client_reaches_per_user_and_shared_pods_through_the_gateway() {
     };
     assert_eq!(by_target(own.clone()).await, 2);
     assert_eq!(by_target(shared.clone()).await, 1);
+    // The control plane lists them with the operator's phase and conditions and the pod's.
+    let listed = gateway.get(&format!("/api/targets/{own}/instances")).await.unwrap();
+    let listed = listed.as_array().unwrap_or_else(|| panic!("instances: {listed}"));
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let mut keys: Vec<&str> = listed.iter().map(|i| i["subject_key"].as_str().unwrap()).collect();
+    keys.sort();
+    let mut expected = [format!("user:{alice}"), format!("user:{bob}")];
+    expected.sort();
+    assert_eq!(keys, expected);
+    for instance in listed {
+        assert_eq!(instance["phase"], "Ready", "{instance}");
+        assert_eq!(instance["current"], true, "{instance}");
+        let verified = instance["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Verified");
+        assert_eq!(verified.map(|c| &c["status"]), Some(&json!("True")), "{instance}");
+        assert_eq!(instance["pod"]["phase"], "Running", "{instance}");
+        assert!(instance["pod"]["pod_ip"].is_string(), "{instance}");
+        assert_eq!(instance["server_info"]["name"], "reflow-pod-server", "{instance}");
+    }
     let alice_pid = serde_json::from_str::<Value>(alices.call("own_whoami", json!({})).await["text"].as_str().unwrap())
         .unwrap()["pid"]
         .clone();
@@ -477,7 +495,8 @@ async fn a_real_client_reaches_per_user_and_shared_pods_through_the_gateway() {
 
     // restart-instances ends the target's pods; the next call brings a new one up.
     let before = alice_pid;
-    gateway.post(&format!("/api/targets/{own}/restart-instances"), json!({})).await.unwrap();
+    let restarted = gateway.post(&format!("/api/targets/{own}/restart-instances"), json!({})).await.unwrap();
+    assert_eq!(restarted["restarted"], 2, "both users' instances were ended: {restarted}");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let answer = alices.call("own_whoami", json!({})).await;
@@ -599,6 +618,128 @@ async fn max_instances_bounds_how_many_pods_users_can_start() {
     assert!(alices.call("own_whoami", json!({})).await["text"].is_string(), "the running key goes on");
     let all: Api<MCPInstance> = Api::namespaced(client.clone(), NAMESPACE);
     assert_eq!(all.list(&ListParams::default()).await.unwrap().items.len(), 1);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// An `MCPInstance` as a data plane makes them for `target`, labelled with a target revision
+/// that is not the target's current one.
+fn stale_instance(name: &str, target: &str) -> MCPInstance {
+    let mut instance = instance(name, None, "30m", "24h");
+    instance.spec.target_id = target.into();
+    instance.metadata.labels = Some(BTreeMap::from([
+        ("mcp.reflow.io/target-id".to_string(), target.to_string()),
+        ("mcp.reflow.io/target-revision".to_string(), "0000000000000000".to_string()),
+    ]));
+    instance
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_lists_restarts_and_removes_pods_with_no_data_plane_running() {
+    let (cluster, client, _agent) = setup().await;
+    let (stop, task) = operator(&cluster, "operator-control-plane", 15);
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let kubernetes = kubernetes_config(&cluster, Duration::from_secs(60));
+    let start = |name: &str, kubernetes: Option<&reflow_common::config::KubernetesConfig>| {
+        let url = format!("sqlite://{}", dir.path().join(name).display());
+        let shutdown = shutdown.clone();
+        let kubernetes = kubernetes.cloned();
+        async move {
+            let (_, _, api) = reflow_e2e::harness::start_control_plane(
+                &url,
+                "kubernetes-e2e-secret-kubernetes-e2e!",
+                "data-plane-token",
+                &Default::default(),
+                kubernetes.as_ref(),
+                &shutdown,
+            )
+            .await
+            .unwrap();
+            let http = reqwest::Client::new();
+            let registered: Value = http
+                .post(format!("{api}/api/auth/register"))
+                .json(&json!({"email": "admin@example.com", "password": "kubernetes-e2e-password"}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let token = registered["token"].as_str().unwrap().to_string();
+            let target: Value = http
+                .post(format!("{api}/api/targets"))
+                .bearer_auth(&token)
+                .json(&json!({"name": "env", "transport_type": "kubernetes", "image": ENV_SERVER_IMAGE, "port": 8080}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let id = target["id"].as_str().unwrap_or_else(|| panic!("a target: {target}")).to_string();
+            let call = move |method: reqwest::Method, path: String| {
+                let request = http.request(method, format!("{api}{path}")).bearer_auth(&token);
+                async move {
+                    let response = request.send().await.unwrap();
+                    (response.status().as_u16(), response.json::<Value>().await.unwrap())
+                }
+            };
+            (id, call)
+        }
+    };
+    let (target, call) = start("cluster.db", Some(&kubernetes)).await;
+    let instances: Api<MCPInstance> = Api::namespaced(client.clone(), NAMESPACE);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let of_target = format!("mcp.reflow.io/target-id={target}");
+    let (status, listed) = call(reqwest::Method::GET, format!("/api/targets/{target}/instances")).await;
+    assert_eq!((status, listed), (200, json!([])));
+
+    // An instance a data plane made for an earlier definition, running.
+    instances.create(&PostParams::default(), &stale_instance("env-old", &target)).await.unwrap();
+    eventually(Duration::from_secs(60), "the instance is verified", || condition(&instances, "env-old", "Verified"))
+        .await;
+    let (status, listed) = call(reqwest::Method::GET, format!("/api/targets/{target}/instances")).await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(listed[0]["name"], "env-old");
+    assert_eq!(listed[0]["subject_key"], "user:alice");
+    assert_eq!(listed[0]["phase"], "Ready");
+    assert_eq!(listed[0]["current"], false, "made for another revision: {listed}");
+    assert_eq!(listed[0]["pod"]["phase"], "Running", "{listed}");
+    let pod_conditions = listed[0]["pod"]["conditions"].as_array().unwrap();
+    assert!(pod_conditions.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"), "{listed}");
+
+    // No data plane runs: the control plane ends it itself, and counts it.
+    let (status, restarted) = call(reqwest::Method::POST, format!("/api/targets/{target}/restart-instances")).await;
+    assert_eq!(status, 200, "{restarted}");
+    assert_eq!(restarted["restarted"], 1, "{restarted}");
+    assert_eq!(restarted["restart_generation"], 1, "{restarted}");
+    eventually(Duration::from_secs(30), "the restarted instance and its pod are gone", || async {
+        instances.get_opt("env-old").await.unwrap().is_none()
+            && pods.list(&ListParams::default().labels(&of_target)).await.unwrap().items.is_empty()
+    })
+    .await;
+
+    // Removing the target removes its instances.
+    instances.create(&PostParams::default(), &stale_instance("env-again", &target)).await.unwrap();
+    eventually(Duration::from_secs(60), "the second instance runs", || condition(&instances, "env-again", "Available"))
+        .await;
+    let (status, deleted) = call(reqwest::Method::DELETE, format!("/api/targets/{target}")).await;
+    assert_eq!(status, 200, "{deleted}");
+    eventually(Duration::from_secs(30), "the removed target's instance and pod are gone", || async {
+        instances.get_opt("env-again").await.unwrap().is_none()
+            && pods.list(&ListParams::default().labels(&of_target)).await.unwrap().items.is_empty()
+    })
+    .await;
+
+    // A control plane without cluster access says so rather than listing nothing.
+    let (target, call) = start("no-cluster.db", None).await;
+    let (status, refused) = call(reqwest::Method::GET, format!("/api/targets/{target}/instances")).await;
+    assert_eq!(status, 409, "{refused}");
+    assert!(refused.to_string().contains("kubernetes.enabled"), "{refused}");
+
+    shutdown.cancel();
     stop.cancel();
     task.await.unwrap().unwrap();
 }

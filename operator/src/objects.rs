@@ -24,6 +24,9 @@ pub const INSTANCE_LABEL: &str = "mcp.reflow.io/instance";
 pub const TARGET_LABEL: &str = "mcp.reflow.io/target-id";
 /// The pod's revision: a hash of everything that shapes it, its env Secret's content included.
 pub const REVISION_LABEL: &str = "mcp.reflow.io/revision";
+/// On an instance: the revision of the target definition it was made for
+/// (`reflow_proto::resources::Target::pod_revision`), written by data planes.
+pub const TARGET_REVISION_LABEL: &str = "mcp.reflow.io/target-revision";
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "reflow-operator");
 /// The finalizer the operator keeps on instances until their objects are gone.
 pub const FINALIZER: &str = "mcp.reflow.io/cleanup";

@@ -102,6 +102,25 @@ pub struct Target {
     pub audit_arguments: bool,
 }
 
+impl Target {
+    /// A hash of everything in a kubernetes target that shapes its pods, and of its restart
+    /// generation. Data planes label the instances they start with it; when it changes (the
+    /// target was edited or restarted), instances of other revisions are deleted, by data planes
+    /// and by a control plane with cluster access alike.
+    pub fn pod_revision(&self) -> String {
+        let parts = serde_json::json!([
+            self.image,
+            self.port,
+            self.command,
+            self.args,
+            self.health_path,
+            self.isolation_boundary,
+            self.restart_generation
+        ]);
+        to_hex(&Sha256::digest(parts.to_string().as_bytes()))[..16].to_string()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Subject {
     pub subject_type: SubjectType,

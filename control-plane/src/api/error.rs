@@ -64,6 +64,13 @@ impl ApiError {
     }
 }
 
+impl From<crate::cluster::ClusterError> for ApiError {
+    fn from(error: crate::cluster::ClusterError) -> Self {
+        tracing::warn!(%error, "Kubernetes API call failed");
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", error.to_string())
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match error {

@@ -52,6 +52,8 @@ pub struct AppState {
     pub login_throttle: Arc<auth::LoginThrottle>,
     /// When each user last recycled their own sessions (per replica), for the cooldown.
     pub recycles: Arc<std::sync::Mutex<std::collections::HashMap<uuid::Uuid, std::time::Instant>>>,
+    /// The cluster kubernetes targets run in, when `kubernetes.enabled` is set here.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// The parts of the configuration the API consults per request.

@@ -354,14 +354,24 @@ pub async fn update(
     caller.require_admin()?;
     let current = find(&state, id).await?;
     let spec = build_spec(input, Some(&current.spec()), &state.settings.stdio)?;
-    Ok(Json(state.store.update_target(id, spec).await?))
+    let updated = state.store.update_target(id, spec).await?;
+    if let Some(cluster) = &state.cluster {
+        // Pods of the old definition go; the data planes start the new one on next use.
+        if current.transport_type == TransportType::Kubernetes {
+            let keep = (updated.enabled && updated.transport_type == TransportType::Kubernetes)
+                .then(|| crate::compile::target_payload(&updated).pod_revision());
+            cluster.retire_later(id.to_string(), keep);
+        }
+    }
+    Ok(Json(updated))
 }
 
 /// What `restart-instances` did: the original's `{restarted, target}`, the restart generation
 /// data planes acted on, and which data planes took part.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Restarted {
-    /// Processes stopped across every connected data plane; fresh ones start on next use.
+    /// Processes stopped across every connected data plane, plus the target's Kubernetes
+    /// instances when the control plane has cluster access; fresh ones start on next use.
     pub restarted: u32,
     pub target: Target,
     /// The target's new restart generation, which the snapshot carries to data planes.
@@ -382,10 +392,26 @@ pub async fn restart_instances(
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<Restarted>> {
     caller.require_admin()?;
+    let kubernetes = find(&state, id).await?.transport_type == TransportType::Kubernetes;
+    let cluster = state.cluster.as_ref().filter(|_| kubernetes);
+    // With cluster access the control plane ends the pods itself, so the restart holds while
+    // no data plane runs. Every instance there now is older than the generation about to be
+    // made; an unreachable cluster refuses the restart before anything changes.
+    let pods = match cluster {
+        Some(cluster) => cluster.count(&id.to_string()).await?,
+        None => 0,
+    };
     let restart_generation = state.store.restart_target(id).await?;
     let target = find(&state, id).await?;
     tracing::info!(target_id = %id, restart_generation, "restart of a target's instances requested");
-    let (restarted, fleet) = super::data_planes::await_generation(
+    if let Some(cluster) = cluster {
+        let revision = crate::compile::target_payload(&target).pod_revision();
+        if let Err(error) = cluster.retire(&id.to_string(), Some(&revision)).await {
+            // The data planes retire them when the snapshot reaches them.
+            tracing::warn!(target_id = %id, %error, "could not retire a restarted target's kubernetes instances");
+        }
+    }
+    let (processes, fleet) = super::data_planes::await_generation(
         &state,
         reflow_proto::snapshot::v1::ResourceType::Target,
         &id.to_string(),
@@ -394,12 +420,22 @@ pub async fn restart_instances(
         |report| &report.restarted,
     )
     .await?;
+    let restarted = processes + pods;
     Ok(Json(Restarted { restarted, target, restart_generation, fleet }))
+}
+
+/// One running server of a target: a process on a data plane (`stdio`), or an instance in the
+/// cluster (`kubernetes`).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum TargetInstance {
+    Process(ProcessInstance),
+    Pod(Box<crate::cluster::PodInstance>),
 }
 
 /// One running process of a target on a data plane.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct TargetInstance {
+pub struct ProcessInstance {
     /// The data plane that runs it.
     pub data_plane: String,
     /// Whether that data plane is connected now (otherwise this is its last report).
@@ -408,17 +444,30 @@ pub struct TargetInstance {
     pub instance: crate::store::InstanceStatus,
 }
 
-/// The target's running processes on every data plane, as each last reported them.
+/// The target's running servers. For a `kubernetes` target, its instances and their pods, read
+/// from the cluster (the control plane needs `kubernetes.enabled`; 409 otherwise); for the
+/// others, the processes every data plane last reported.
 #[utoipa::path(get, path = "/api/targets/{id}/instances", tag = "targets", security(("bearer" = [])),
     params(("id" = Uuid, Path)),
-    responses((status = 200, body = [TargetInstance]), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = [TargetInstance]), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn instances(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<Vec<TargetInstance>>> {
     caller.require_admin()?;
-    find(&state, id).await?;
+    let target = find(&state, id).await?;
+    if target.transport_type == TransportType::Kubernetes {
+        let cluster = state.cluster.as_ref().ok_or_else(|| {
+            ApiError::conflict(
+                "this control plane has no Kubernetes access: set kubernetes.enabled (and kubernetes.kubeconfig \
+                 outside a cluster) on it to list a kubernetes target's pods",
+            )
+        })?;
+        let pods = cluster.instances(&crate::compile::target_payload(&target)).await?;
+        return Ok(Json(pods.into_iter().map(|pod| TargetInstance::Pod(Box::new(pod))).collect()));
+    }
     let id = id.to_string();
     let instances = state
         .store
@@ -427,10 +476,8 @@ pub async fn instances(
         .into_iter()
         .flat_map(|plane| {
             let (node, connected) = (plane.node_id, plane.connected);
-            plane.instances.into_iter().filter(|i| i.target_id == id).map(move |instance| TargetInstance {
-                data_plane: node.clone(),
-                connected,
-                instance,
+            plane.instances.into_iter().filter(|i| i.target_id == id).map(move |instance| {
+                TargetInstance::Process(ProcessInstance { data_plane: node.clone(), connected, instance })
             })
         })
         .collect();
@@ -526,6 +573,12 @@ pub async fn delete(
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<Message>> {
     caller.require_admin()?;
+    let target = find(&state, id).await?;
     state.store.delete_target(id).await?;
+    if let Some(cluster) = &state.cluster {
+        if target.transport_type == TransportType::Kubernetes {
+            cluster.retire_later(id.to_string(), None);
+        }
+    }
     Ok(Message::json("target deleted"))
 }

@@ -28,11 +28,7 @@ use super::UpstreamError;
 
 /// The field manager of what data planes write.
 pub const MANAGER: &str = "reflow-data-plane";
-/// Labels naming an instance's target, for restarts and removals.
-const TARGET_LABEL: &str = "mcp.reflow.io/target-id";
-const INSTANCE_LABEL: &str = "mcp.reflow.io/instance";
-/// The revision of the target definition an instance was made for ([`target_revision`]).
-const REVISION_LABEL: &str = "mcp.reflow.io/target-revision";
+use reflow_operator::objects::{INSTANCE_LABEL, TARGET_LABEL, TARGET_REVISION_LABEL as REVISION_LABEL};
 
 /// A data plane's view of the cluster's instances.
 pub struct Instances {
@@ -108,23 +104,6 @@ pub fn instance_name(target: &Target, key: &ProcessKey) -> String {
         .take(40)
         .collect();
     format!("{}-{hash}", base.trim_matches('-'))
-}
-
-/// A hash of everything in a target that shapes its pods (and its restart generation): when it
-/// changes, the target's instances of other revisions are deleted.
-pub fn target_revision(target: &Target) -> String {
-    let mut hasher = Sha256::new();
-    let parts = json!([
-        target.image,
-        target.port,
-        target.command,
-        target.args,
-        target.health_path,
-        target.isolation_boundary,
-        target.restart_generation
-    ]);
-    hasher.update(parts.to_string().as_bytes());
-    reflow_common::crypto::to_hex(&hasher.finalize())[..16].to_string()
 }
 
 /// The subject key as the custom resource writes it.
@@ -227,7 +206,7 @@ impl Instances {
         let labels = json!({
             INSTANCE_LABEL: name,
             TARGET_LABEL: target.id,
-            REVISION_LABEL: target_revision(target),
+            REVISION_LABEL: target.pod_revision(),
             "app.kubernetes.io/managed-by": MANAGER,
             "app.kubernetes.io/part-of": "reflow",
         });
@@ -293,6 +272,11 @@ impl Instances {
         }
     }
 
+    /// The settings it was made with.
+    pub fn config(&self) -> &KubernetesConfig {
+        &self.config
+    }
+
     /// How long a first request may wait for its instance.
     pub fn start_timeout(&self) -> Duration {
         self.config.start_timeout
@@ -315,7 +299,7 @@ impl Instances {
         let current: HashMap<String, String> = targets
             .into_iter()
             .filter(|t| t.enabled && t.transport_type == reflow_common::model::TransportType::Kubernetes)
-            .map(|t| (t.id.clone(), target_revision(t)))
+            .map(|t| (t.id.clone(), t.pod_revision()))
             .collect();
         let previous = std::mem::replace(&mut *self.revisions.lock().unwrap(), current.clone());
         let mut selectors = Vec::new();
