@@ -80,6 +80,25 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A command that runs `program` in a mount namespace of its own where `hosts` is bind-mounted
+/// over `/etc/hosts`, as user `uid` when given: how a local process resolves the names a pod or a
+/// container would (Service names, compose service names), with nothing outside it affected.
+/// Needs root (the test machines run as root).
+pub fn with_hosts(hosts: &Path, uid: Option<u32>, program: &Path) -> Command {
+    let mut command = Command::new("unshare");
+    command.args(["--mount", "--propagation", "private", "--", "sh", "-c"]);
+    match uid {
+        Some(_) => command.arg(r#"uid="$1"; shift; mount --bind "$0" /etc/hosts && exec setpriv --reuid="$uid" --regid="$uid" --clear-groups -- "$@""#),
+        None => command.arg(r#"mount --bind "$0" /etc/hosts && exec "$@""#),
+    };
+    command.arg(hosts);
+    if let Some(uid) = uid {
+        command.arg(uid.to_string());
+    }
+    command.arg(program);
+    command
+}
+
 /// A child process killed, with its whole process group, when dropped.
 #[derive(Debug)]
 pub struct Process {
@@ -219,8 +238,14 @@ pub struct SessionClient {
 
 impl SessionClient {
     pub async fn connect(url: &str, token: &str) -> SessionClient {
+        Self::connect_with(Command::new(python()), url, token).await
+    }
+
+    /// [`SessionClient::connect`] through `command`: the Python interpreter, or a wrapper that
+    /// runs it (such as [`with_hosts`]).
+    pub async fn connect_with(mut command: Command, url: &str, token: &str) -> SessionClient {
         ensure_peers();
-        let mut child = Command::new(python())
+        let mut child = command
             .arg(workspace().join("e2e/peers/session_client.py"))
             .args([url, token])
             .stdin(Stdio::piped())
