@@ -253,6 +253,33 @@ fn the_chart_refuses_values_that_cannot_work_and_names_them() {
             ],
             "mtls.certManager.issuerRef.name",
         ),
+        // values.schema.json: a misspelt key or a wrong type is an error, not silently ignored.
+        (
+            vec!["--set", "config.database.host=db", "--set", "secrets.dbPassword=x", "--set", "secret.jwtSecret=x"],
+            "'secret'",
+        ),
+        (
+            vec![
+                "--set",
+                "config.database.host=db",
+                "--set",
+                "secrets.dbPassword=x",
+                "--set",
+                "controlPlane.replicas=two",
+            ],
+            "replicas",
+        ),
+        (
+            vec![
+                "--set",
+                "config.database.host=db",
+                "--set",
+                "secrets.dbPassword=x",
+                "--set",
+                "config.database.sslmode=on",
+            ],
+            "sslmode",
+        ),
     ] {
         let error = template(&args).expect_err(&format!("{args:?} is refused"));
         assert!(error.contains(names), "{args:?}: the error names {names}: {error}");
@@ -453,7 +480,7 @@ async fn apply(client: &kube::Client, manifests: &Manifests, skip: &[&str], dry_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_ci_values_file_applies_with_a_server_side_dry_run() {
+async fn every_ci_values_file_applies_with_a_server_side_dry_run_and_the_chart_installs_upgrades_and_uninstalls() {
     let cluster = reflow_e2e::cluster::Cluster::start().await.unwrap();
     let client = cluster.client().await.unwrap();
     for namespace in [NAMESPACE, "reflow-instances"] {
@@ -468,6 +495,70 @@ async fn every_ci_values_file_applies_with_a_server_side_dry_run() {
     // A dry run stores nothing.
     let deployments: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(client.clone(), NAMESPACE);
     assert!(deployments.list(&Default::default()).await.unwrap().items.is_empty());
+
+    // A real install, upgrade and uninstall with Helm (the CRD is the test cluster's already).
+    let minimal = chart().join("ci/minimal-values.yaml");
+    let kubeconfig = cluster.kubeconfig.to_str().unwrap();
+    let chart_dir = chart();
+    let release = |verb: &str, extra: &[&str]| {
+        let mut args =
+            vec![verb, RELEASE, chart_dir.to_str().unwrap(), "--namespace", NAMESPACE, "--kubeconfig", kubeconfig];
+        args.extend_from_slice(&["-f", minimal.to_str().unwrap(), "--set", "crds.enabled=false"]);
+        args.extend_from_slice(extra);
+        helm(&args).unwrap_or_else(|e| panic!("helm {verb}: {e}"))
+    };
+    release("install", &[]);
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), NAMESPACE);
+    let read = |name: String| {
+        let secrets = secrets.clone();
+        async move { secrets.get(&name).await.unwrap().data.unwrap() }
+    };
+    let names =
+        [format!("{RELEASE}-secrets"), format!("{RELEASE}-control-plane-tls"), format!("{RELEASE}-data-plane-tls")];
+    let mut installed = Vec::new();
+    for name in &names {
+        installed.push(read(name.clone()).await);
+    }
+    // The restricted Pod Security admission of the namespace accepts every pod the chart makes.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let list = pods
+            .list(&kube::api::ListParams::default().labels(&format!("app.kubernetes.io/instance={RELEASE}")))
+            .await
+            .unwrap();
+        let mut components: Vec<String> = list
+            .items
+            .iter()
+            .filter_map(|p| p.metadata.labels.as_ref()?.get("app.kubernetes.io/component").cloned())
+            .collect();
+        components.sort();
+        components.dedup();
+        if components == ["control-plane", "data-plane", "operator"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pods of every component are admitted: {components:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Generated once: an upgrade reads back what the install generated, secrets and certificates.
+    release("upgrade", &[]);
+    for (name, before) in names.iter().zip(&installed) {
+        assert_eq!(&read(name.clone()).await, before, "{name} is kept on upgrade");
+    }
+    // A value given on upgrade wins over the one kept.
+    release("upgrade", &["--set", "secrets.dataPlaneToken=a-new-data-plane-token-0123"]);
+    let after = read(names[0].clone()).await;
+    assert_eq!(after["data-plane-token"].0, b"a-new-data-plane-token-0123");
+    assert_eq!(after["jwt-secret"], installed[0]["jwt-secret"]);
+    // Uninstall keeps the secrets (the encryption key above all) and removes the rest.
+    helm(&["uninstall", RELEASE, "--namespace", NAMESPACE, "--kubeconfig", kubeconfig]).unwrap();
+    assert_eq!(read(names[0].clone()).await["encryption-key"], installed[0]["encryption-key"]);
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(client.clone(), NAMESPACE);
+    assert!(deployments.list(&Default::default()).await.unwrap().items.is_empty());
+    // Without the cluster, each render generates anew: the keeping above is the chart's doing.
+    let first = Manifests(documents(&template(&["-f", minimal.to_str().unwrap()]).unwrap()));
+    let second = Manifests(documents(&template(&["-f", minimal.to_str().unwrap()]).unwrap()));
+    assert_ne!(first.secret_value(&names[0], "jwt-secret"), second.secret_value(&names[0], "jwt-secret"));
 }
 
 // --- running what the chart and the compose file render ----------------------------------
@@ -1220,7 +1311,16 @@ async fn the_image_builds_from_scratch_and_serves_as_its_non_root_user() {
     // machine (no registry to pull the builder image from), and hands its output to the
     // Dockerfile as the binary stage.
     let out = root.join("context/out");
-    let status = std::process::Command::new(workspace().join("scripts/build-static")).arg(&out).status().unwrap();
+    // With a shell's environment, not cargo's test environment (build scripts track variables
+    // such as CARGO_MANIFEST_DIR, so the release build scripts/test makes first is reused).
+    let mut build = std::process::Command::new(workspace().join("scripts/build-static"));
+    build.arg(&out).env_clear();
+    for key in ["PATH", "HOME", "CARGO_HOME", "RUSTUP_HOME"] {
+        if let Some(value) = std::env::var_os(key) {
+            build.env(key, value);
+        }
+    }
+    let status = build.status().unwrap();
     assert!(status.success(), "scripts/build-static");
     std::fs::write(root.join("context/Containerfile"), "FROM scratch\nCOPY out/ /out/\n").unwrap();
     let context = root.join("context");

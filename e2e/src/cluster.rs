@@ -144,7 +144,8 @@ impl Cluster {
                 .arg(format!("--authorization-kubeconfig={}", cluster.kubeconfig.display()))
                 .arg(format!("--service-account-private-key-file={}", path.join("sa.key").display()))
                 .arg(format!("--root-ca-file={}", path.join("ca.crt").display()))
-                .arg("--controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token")
+                // Deployments and ReplicaSets: the install test has the chart's pods made and admitted.
+                .arg("--controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token,deployment,replicaset")
                 .arg("--leader-elect=false")
                 .arg("--bind-address=127.0.0.1")
                 .arg(format!("--secure-port={}", free_port()))
