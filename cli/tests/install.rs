@@ -723,26 +723,14 @@ async fn admin_token(api: &str) -> (String, String) {
         .await
         .unwrap();
     assert_eq!(register.status().as_u16(), 201, "the first account registers");
-    let login: Value = http
-        .post(format!("{api}/api/auth/login"))
-        .json(&json!({"email": "admin@example.com", "password": "secure123"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let login = json_of(
+        http.post(format!("{api}/api/auth/login"))
+            .json(&json!({"email": "admin@example.com", "password": "secure123"})),
+    )
+    .await;
     let jwt = login["token"].as_str().unwrap().to_string();
-    let token: Value = http
-        .post(format!("{api}/api/auth/tokens"))
-        .bearer_auth(&jwt)
-        .json(&json!({"name": "client"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let token =
+        json_of(http.post(format!("{api}/api/auth/tokens")).bearer_auth(&jwt).json(&json!({"name": "client"}))).await;
     let policy = http
         .post(format!("{api}/api/policies"))
         .bearer_auth(&jwt)
@@ -756,13 +744,21 @@ async fn admin_token(api: &str) -> (String, String) {
     (jwt, token["token"].as_str().unwrap().to_string())
 }
 
-async fn post(api: &str, jwt: &str, path: &str, body: Value) -> Value {
-    let response =
-        reqwest::Client::new().post(format!("{api}{path}")).bearer_auth(jwt).json(&body).send().await.unwrap();
+/// The JSON body of a successful answer to `request`.
+async fn json_of(request: reqwest::RequestBuilder) -> Value {
+    let response = request.send().await.unwrap();
     let status = response.status();
     let body: Value = response.json().await.unwrap();
-    assert!(status.is_success(), "POST {path}: {status} {body}");
+    assert!(status.is_success(), "{status} {body}");
     body
+}
+
+async fn get(api: &str, jwt: &str, path: &str) -> Value {
+    json_of(reqwest::Client::new().get(format!("{api}{path}")).bearer_auth(jwt)).await
+}
+
+async fn post(api: &str, jwt: &str, path: &str, body: Value) -> Value {
+    json_of(reqwest::Client::new().post(format!("{api}{path}")).bearer_auth(jwt).json(&body)).await
 }
 
 /// The official Python SDK client in the test's own name space (`hosts`), so it dials Service
@@ -1011,28 +1007,12 @@ async fn what_the_chart_renders_runs_control_plane_data_planes_and_operator_with
         let env: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(env["API_KEY"], "chart-key-4242", "through {}: {text}", planes[n + 1].0);
     }
-    let listed: Value = reqwest::Client::new()
-        .get(format!("{api}/api/targets/{target_id}/instances"))
-        .bearer_auth(&jwt)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = get(&api, &jwt, &format!("/api/targets/{target_id}/instances")).await;
     let listed = listed.as_array().unwrap_or_else(|| panic!("instances: {listed}"));
     assert_eq!(listed.len(), 1, "one instance for the one user, shared by both data planes: {listed:?}");
     assert_eq!(listed[0]["phase"], "Ready", "{listed:?}");
     // Both data planes hold the snapshot over mTLS, and the control plane knows them.
-    let status: Value = reqwest::Client::new()
-        .get(format!("{api}/api/data-planes"))
-        .bearer_auth(&jwt)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: Value = get(&api, &jwt, "/api/data-planes").await;
     let nodes: Vec<&str> =
         status["data_planes"].as_array().unwrap().iter().map(|d| d["node_id"].as_str().unwrap()).collect();
     for (name, _) in &planes[1..] {
