@@ -123,15 +123,16 @@ pub async fn run(args: DataPlaneArgs) -> Result<(), Failure> {
         crate::serve_metrics(host, port, vec![data_plane.registry()], shutdown.clone()).await?;
         data_plane = data_plane.without_metrics_route();
     }
-    let syncing = data_plane.start_sync(shutdown.clone());
+    // Background work (the snapshot stream, housekeeping) outlives the requests in flight: it
+    // stops once serving has drained.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let syncing = data_plane.start_sync(stop.clone());
     let router =
         data_plane.router().route("/health", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }));
     tracing::info!(address = %listener.local_addr().map_err(anyhow::Error::from)?, "data plane listening");
     let limits = reflow_common::server::Limits::from_config(&config.server);
-    reflow_common::server::serve(listener, router, limits, shutdown.clone().cancelled_owned())
-        .await
-        .map_err(anyhow::Error::from)?;
-    shutdown.cancel();
+    data_plane.serve(listener, router, limits, shutdown.cancelled_owned()).await.map_err(anyhow::Error::from)?;
+    stop.cancel();
     data_plane.flush_audit();
     syncing.await.map_err(anyhow::Error::from)?;
     crate::stop_export(&config, export_stop, [exporting]).await;

@@ -504,7 +504,9 @@ fn every_operation_of_the_original_works_as_written() {
     let (status, health) = api.call("GET", "/health", "/health", None, None);
     assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
 
-    // The session's initialize is in the audit trail, in the original's shape, once shipped.
+    // The session's initialize is in the audit trail, in the original's shape, once shipped,
+    // under the session id's nonce (the same on every data plane; the sealed rest stays out).
+    let session = reflow_data_plane::mcp::ticket::nonce_of(&session).expect("a travelling session id").to_string();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let logged = loop {
         let logs = api.expect(200, "GET", "/api/logs", "/api/logs?limit=50&offset=0", &token, None);

@@ -450,11 +450,18 @@ pub struct SessionConfig {
     pub timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub cleanup_interval: Duration,
+    /// How long an MCP session id keeps resuming on any data plane after it was issued.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
 }
 
 impl Default for SessionConfig {
     fn default() -> Self {
-        SessionConfig { timeout: Duration::from_secs(30 * 60), cleanup_interval: Duration::from_secs(60) }
+        SessionConfig {
+            timeout: Duration::from_secs(30 * 60),
+            cleanup_interval: Duration::from_secs(60),
+            max_age: Duration::from_secs(24 * 3600),
+        }
     }
 }
 

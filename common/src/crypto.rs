@@ -90,6 +90,11 @@ impl Key {
         )))
     }
 
+    /// The key's bytes, to seal it for storage or transport.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// The key as 64 hex digits, for writing a generated key to a file.
     pub fn to_hex(&self) -> String {
         to_hex(&self.0)

@@ -133,6 +133,7 @@ pub fn compile(state: &StoreState, keys: CompileKeys<'_>) -> Result<Snapshot, Co
         jwt_audience: keys.jwt_audience.to_string(),
         jwt_algorithm: reflow_common::jwt::ALGORITHM.into(),
         jwt_public_key: reflow_common::jwt::encode_public_key(keys.jwt_public_key),
+        session_keys: session_keys(state, keys)?,
     };
     insert(&mut map, ResourceType::Settings, SETTINGS_ID.into(), &settings);
 
@@ -175,6 +176,36 @@ pub fn compile(state: &StoreState, keys: CompileKeys<'_>) -> Result<Snapshot, Co
         insert(&mut map, ResourceType::Credential, id, &payload);
     }
     Ok(Snapshot::from_resources(map))
+}
+
+/// Seconds after a rotation before data planes seal session ids with the new key: until then
+/// they seal with the previous one, which every replica holds.
+pub const SESSION_KEY_ACTIVATION_SECS: i64 = 10;
+
+/// The session keys, opened with the store keyring and sealed for the data planes.
+fn session_keys(state: &StoreState, keys: CompileKeys<'_>) -> Result<Vec<resources::SessionKey>, CompileError> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    state
+        .session_keys
+        .iter()
+        .map(|key| {
+            let id = format!("session key {}", key.generation);
+            let generation = u32::try_from(key.generation)
+                .map_err(|_| CompileError::Credential { id: id.clone(), reason: "generation out of range".into() })?;
+            let value = keys
+                .store_keyring
+                .open(&key.ciphertext, &crate::store::session_key_aad())
+                .map_err(|e| CompileError::Credential { id, reason: e.to_string() })?;
+            Ok(resources::SessionKey {
+                generation,
+                sealed: b64.encode(keys.sealer.seal(&value, &resources::SessionKey::aad(generation))),
+                // The first key seals at once; a rotated one once data planes have had time to
+                // receive it.
+                active_at: (key.generation > 1).then(|| key.created_at.timestamp() + SESSION_KEY_ACTIVATION_SECS),
+                retire_at: key.retire_at.map(|at| at.timestamp()),
+            })
+        })
+        .collect()
 }
 
 /// A target as snapshots carry it.
@@ -283,6 +314,7 @@ mod tests {
                 updated_at: at(),
             };
             let scope = Scope::User(id(1).to_string());
+            let session_key = keyring.seal(b"SESSIONKEY-CANARY-0123456789abcd", &crate::store::session_key_aad());
             let secret = SecretEntry {
                 target_id: id(2),
                 kind: SecretKind::Env,
@@ -311,6 +343,12 @@ mod tests {
                     policies: vec![policy(10, true), policy(11, false)],
                     api_tokens: vec![(token, vec![0xab; 32])],
                     secrets: vec![secret],
+                    session_keys: vec![crate::store::SessionKeyEntry {
+                        generation: 3,
+                        ciphertext: session_key,
+                        created_at: at(),
+                        retire_at: None,
+                    }],
                 },
             }
         }
@@ -373,6 +411,13 @@ mod tests {
         assert_eq!(&fixture.sealer.open(&sealed, &aad).unwrap()[..], b"ghp_CANARY");
         let other = DeterministicSealer::from_secret(b"another token", resources::SNAPSHOT_SEAL_PURPOSE);
         assert!(other.open(&sealed, &aad).is_err());
+
+        let settings: Settings = snapshot.payload(ResourceType::Settings, SETTINGS_ID).unwrap();
+        let [key] = &settings.session_keys[..] else { panic!("one session key: {settings:?}") };
+        let sealed = base64::engine::general_purpose::STANDARD.decode(&key.sealed).unwrap();
+        let opened = fixture.sealer.open(&sealed, &resources::SessionKey::aad(3)).unwrap();
+        assert_eq!(&opened[..], b"SESSIONKEY-CANARY-0123456789abcd");
+        assert!(fixture.sealer.open(&sealed, &resources::SessionKey::aad(4)).is_err(), "bound to its generation");
     }
 
     #[test]

@@ -186,6 +186,13 @@ impl ControlPlane {
         if let Some(retention) = self.audit_retention {
             tokio::spawn(prune_audit(self.state.store.clone(), retention, shutdown.clone()));
         }
+        // The first key that seals MCP session ids; without one, sessions stay on the data plane
+        // that opened them.
+        let key = reflow_common::crypto::Key::generate();
+        let sealed = self.state.keyring.seal(key.as_bytes(), &store::session_key_aad());
+        if let Err(error) = self.state.store.ensure_session_key(sealed).await {
+            tracing::warn!(%error, "cannot store the first session key; MCP sessions will not travel between data planes");
+        }
         sync::compile_once(&self.state.hub, &self.state.store, &self.secrets).await;
         tokio::spawn(sync::run_compiler(
             self.state.hub.clone(),

@@ -45,7 +45,14 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
             };
             let failures: std::collections::BTreeMap<String, u64> =
                 gateway.health.failures().into_iter().map(|(id, n)| (name_of(&id), n)).collect();
-            let status = if stale.is_some() { "stale" } else { "ready" };
+            let draining = gateway.draining.is_cancelled();
+            let status = if draining {
+                "draining"
+            } else if stale.is_some() {
+                "stale"
+            } else {
+                "ready"
+            };
             let body = json!({
                 "status": status,
                 "version": version,
@@ -68,7 +75,7 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
                     })
                 }),
             });
-            let code = if stale.is_some() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+            let code = if stale.is_some() || draining { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
             (code, Json(body)).into_response()
         }
         None => {

@@ -144,6 +144,26 @@ impl DataPlane {
         http::router(self.gateway.clone(), self.metrics_route)
     }
 
+    /// Serves `router` on `listener` until `shutdown` completes, then drains: new sessions are
+    /// refused and `/ready` fails, open streams end (their clients reconnect through another
+    /// replica), requests in flight finish (within [`reflow_common::server::DRAIN`]), and
+    /// sessions stay resumable elsewhere. Stop the background work ([`DataPlane::start_sync`])
+    /// after this returns.
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        router: axum::Router,
+        limits: reflow_common::server::Limits,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let gateway = self.gateway.clone();
+        let draining = async move {
+            shutdown.await;
+            gateway.drain();
+        };
+        reflow_common::server::serve(listener, router, limits, draining).await
+    }
+
     /// Leaves `/metrics` out of [`DataPlane::router`]: it is served elsewhere (a port of its
     /// own, or beside the control plane's, from [`DataPlane::registry`]).
     pub fn without_metrics_route(mut self) -> Self {

@@ -74,6 +74,8 @@ pub struct View {
     pub policies: Vec<CompiledPolicy>,
     /// Sealed credentials; opened when a request needs them.
     pub credentials: Vec<Credential>,
+    /// The keys session ids are sealed with; unset when the control plane sent none.
+    pub session_seal: Option<crate::mcp::ticket::SessionSeal>,
 }
 
 /// One accepted snapshot.
@@ -200,6 +202,7 @@ fn decode(map: &ResourceMap, sealer: &DeterministicSealer) -> Result<View, Vec<S
         }
     }
     let b64 = base64::engine::general_purpose::STANDARD;
+    let mut session_seal = None;
     let jwt = match settings {
         None => {
             errors.push("the settings resource is missing".into());
@@ -214,6 +217,10 @@ fn decode(map: &ResourceMap, sealer: &DeterministicSealer) -> Result<View, Vec<S
             None
         }
         Some(settings) => {
+            match crate::mcp::ticket::SessionSeal::from_settings(&settings, sealer) {
+                Ok(seal) => session_seal = seal,
+                Err(error) => errors.push(format!("settings: {error}")),
+            }
             match reflow_common::jwt::Verifier::from_encoded(
                 &settings.jwt_public_key,
                 &settings.jwt_issuer,
@@ -276,7 +283,7 @@ fn decode(map: &ResourceMap, sealer: &DeterministicSealer) -> Result<View, Vec<S
     compiled.sort_by(|a, b| b.policy.priority.cmp(&a.policy.priority).then_with(|| a.policy.name.cmp(&b.policy.name)));
     match jwt {
         Some(jwt) if errors.is_empty() => {
-            Ok(View { jwt, users, tokens_by_hash, targets, policies: compiled, credentials })
+            Ok(View { jwt, users, tokens_by_hash, targets, policies: compiled, credentials, session_seal })
         }
         _ => Err(errors),
     }

@@ -22,6 +22,7 @@ fn settings_with(algorithm: &str, public_key: &str) -> Resource {
         jwt_audience: "reflow".into(),
         jwt_algorithm: algorithm.into(),
         jwt_public_key: public_key.into(),
+        session_keys: vec![],
     };
     resources::resource(ResourceType::Settings, SETTINGS_ID, &payload)
 }

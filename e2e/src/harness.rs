@@ -515,6 +515,32 @@ impl Gateway {
         }
     }
 
+    /// A data plane of this gateway's control plane as a process of its own (`reflow-bench
+    /// serve-data-plane`, which drains on SIGTERM as `reflow data-plane` does), named
+    /// `node_id`, serving on a fresh port: the process and its port, once it serves the
+    /// control plane's snapshot.
+    pub async fn data_plane_process(&self, node_id: &str) -> anyhow::Result<(Process, u16)> {
+        let port = free_port();
+        let mut process = Process::spawn(
+            node_id,
+            Command::new(stdio_launcher())
+                .arg("serve-data-plane")
+                .args(["--control-plane", &self.grpc, "--token", DATA_PLANE_TOKEN, "--node-id", node_id])
+                .args(["--listen", &format!("127.0.0.1:{port}")]),
+        )?;
+        process.wait_for_port(port, Duration::from_secs(30)).await?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let current = self.control_plane.hub().current().map(|s| s.version.clone());
+            let ready: Value = self.http.get(format!("http://127.0.0.1:{port}/ready")).send().await?.json().await?;
+            if ready["version"].as_str().is_some() && ready["version"].as_str() == current.as_deref() {
+                return Ok((process, port));
+            }
+            anyhow::ensure!(Instant::now() < deadline, "{node_id} did not get the snapshot: {ready}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The control plane, which runs in this process.
     pub fn control_plane(&self) -> &reflow_control_plane::ControlPlane {
         &self.control_plane
@@ -715,10 +741,13 @@ pub fn otlp_settings(endpoint: &str, instance: &str) -> reflow_common::telemetry
         .expect("enabled")
 }
 
+/// A data plane as `reflow data-plane` runs one, named `node_id`, until SIGTERM (then it drains
+/// as `reflow data-plane` does) or SIGKILL.
 pub async fn run_data_plane(
     control_plane: &str,
     token: &str,
     listen: &str,
+    node_id: &str,
     audit: bool,
     otlp: Option<&str>,
 ) -> anyhow::Result<()> {
@@ -727,7 +756,7 @@ pub async fn run_data_plane(
     let sync = SyncConfig {
         control_plane: control_plane.into(),
         token: token.into(),
-        node_id: "bench".into(),
+        node_id: node_id.into(),
         group: "bench".into(),
         labels: Default::default(),
         tls: None,
@@ -745,7 +774,13 @@ pub async fn run_data_plane(
     data_plane.start_sync(shutdown.clone());
     data_plane.start_export(shutdown.clone())?;
     let listener = tokio::net::TcpListener::bind(listen).await?;
-    reflow_common::server::serve(listener, data_plane.router(), Default::default(), std::future::pending()).await?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let terminated = async move {
+        terminate.recv().await;
+    };
+    data_plane.serve(listener, data_plane.router(), Default::default(), terminated).await?;
+    shutdown.cancel();
+    data_plane.flush_audit();
     Ok(())
 }
 

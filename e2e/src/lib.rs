@@ -23,6 +23,7 @@
 //!
 //! The `reflow-bench` binary runs the scenarios and prints a table and a JSON report.
 
+pub mod balancer;
 pub mod calls;
 pub mod client;
 pub mod cluster;

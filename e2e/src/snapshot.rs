@@ -250,7 +250,7 @@ fn large_state(users: usize, targets: usize, policies: usize, keyring: &Keyring)
             updated_at: at,
         })
         .collect();
-    StoreState { users, targets: target_list, policies, api_tokens: vec![], secrets }
+    StoreState { users, targets: target_list, policies, api_tokens: vec![], secrets, session_keys: vec![] }
 }
 
 /// Bytes a data plane receives for a one-policy change on a large snapshot, against the

@@ -54,6 +54,32 @@ pub struct Settings {
     pub jwt_algorithm: String,
     /// The Ed25519 public key, base64url.
     pub jwt_public_key: String,
+    /// The keys MCP session ids are sealed with, oldest first (absent from a control plane
+    /// that predates them: session ids then stay on the data plane that issued them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub session_keys: Vec<SessionKey>,
+}
+
+/// A key that seals MCP session ids: the newest seals new ids, and each one opens ids until its
+/// `retire_at`. The key is sealed for the data planes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionKey {
+    pub generation: u32,
+    /// 32 bytes, sealed (base64).
+    pub sealed: String,
+    /// Unix seconds from which it seals new ids, so that every data plane holds it before an
+    /// id needs it; unset: at once.
+    #[serde(default)]
+    pub active_at: Option<i64>,
+    /// Unix seconds from which its ids no longer open; unset for the newest key.
+    #[serde(default)]
+    pub retire_at: Option<i64>,
+}
+
+impl SessionKey {
+    pub fn aad(generation: u32) -> Aad {
+        Aad::new("snapshot_session_key", &[&generation.to_string()])
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -74,7 +74,7 @@ pub async fn await_generation(
 /// count it reported for that generation or a later one) or acknowledged a snapshot that
 /// carries it; returns the summed counts. Data planes report before they acknowledge, so one
 /// that acknowledged without reporting had nothing to recycle or restart.
-async fn await_applied(
+pub(super) async fn await_applied(
     state: &AppState,
     in_snapshot: impl Fn(&crate::compile::Snapshot) -> bool,
     reported: impl Fn(&DataPlaneStatus) -> Option<u32>,

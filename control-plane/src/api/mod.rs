@@ -12,6 +12,7 @@ pub mod extract;
 pub mod logs;
 pub mod observability;
 pub mod policies;
+pub mod session_keys;
 pub mod targets;
 pub mod users;
 
@@ -153,6 +154,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(policies::remove_subject))
         .routes(routes!(policies::explain))
         .routes(routes!(data_planes::list))
+        .routes(routes!(session_keys::rotate))
         .routes(routes!(logs::list))
         .routes(routes!(logs::export))
         .routes(routes!(observability::feed))

@@ -121,6 +121,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Writes a declarative apply in one transaction: all of it lands, or none.
     async fn apply_writes(&self, writes: Vec<Write>) -> StoreResult<()>;
 
+    /// Stores `ciphertext` as the first session key unless a key exists already (several
+    /// replicas may start at once: one of them wins).
+    async fn ensure_session_key(&self, ciphertext: Vec<u8>) -> StoreResult<()>;
+    /// Makes `ciphertext` the newest session key; the keys it replaces retire at `retire_at`
+    /// (those retiring later are brought forward to it), and keys retired before `forget_before`
+    /// are deleted. Returns the new key.
+    async fn rotate_session_key(
+        &self,
+        ciphertext: Vec<u8>,
+        retire_at: DateTime<Utc>,
+        forget_before: DateTime<Utc>,
+    ) -> StoreResult<SessionKeyEntry>;
+
     /// Everything snapshots are compiled from, as of one moment.
     async fn load_state(&self) -> StoreResult<StoreState>;
     /// Records a data plane's status (insert or replace).

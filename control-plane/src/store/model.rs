@@ -284,6 +284,23 @@ pub struct StoreState {
     /// Tokens with the SHA-256 of their secret.
     pub api_tokens: Vec<(ApiToken, Vec<u8>)>,
     pub secrets: Vec<SecretEntry>,
+    /// The keys that seal MCP session ids, oldest first.
+    pub session_keys: Vec<SessionKeyEntry>,
+}
+
+/// A key that seals MCP session ids (32 random bytes, stored sealed with the store keyring).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionKeyEntry {
+    pub generation: i64,
+    pub ciphertext: Vec<u8>,
+    pub created_at: DateTime<Utc>,
+    /// When ids sealed with it stop opening; unset for the newest key.
+    pub retire_at: Option<DateTime<Utc>>,
+}
+
+/// The associated data of a stored session key.
+pub fn session_key_aad() -> reflow_common::crypto::Aad {
+    reflow_common::crypto::Aad::new("session_key", &[])
 }
 
 /// A rejected snapshot version.

@@ -82,6 +82,26 @@ macro_rules! sql_store {
                 &self.pool
             }
 
+            async fn session_keys_in<'e, E>(executor: E) -> StoreResult<Vec<SessionKeyEntry>>
+            where
+                E: sqlx::Executor<'e, Database = $Db>,
+            {
+                sqlx::query("SELECT generation, ciphertext, created_at, retire_at FROM session_keys ORDER BY generation")
+                    .fetch_all(executor)
+                    .await
+                    .map_err(db)?
+                    .iter()
+                    .map(|row| {
+                        Ok(SessionKeyEntry {
+                            generation: row.try_get("generation").map_err(db)?,
+                            ciphertext: row.try_get("ciphertext").map_err(db)?,
+                            created_at: row.try_get("created_at").map_err(db)?,
+                            retire_at: row.try_get("retire_at").map_err(db)?,
+                        })
+                    })
+                    .collect()
+            }
+
             fn user_from_row(row: &$Row, groups: Vec<String>) -> StoreResult<User> {
                 Ok(User {
                     id: row.try_get("id").map_err(db)?,
@@ -1088,8 +1108,65 @@ macro_rules! sql_store {
                 .iter()
                 .map(Self::secret_from_row)
                 .collect::<StoreResult<Vec<_>>>()?;
+                let session_keys = Self::session_keys_in(&mut *tx).await?;
                 tx.commit().await.map_err(db)?;
-                Ok(StoreState { users, targets, policies, api_tokens, secrets })
+                Ok(StoreState { users, targets, policies, api_tokens, secrets, session_keys })
+            }
+
+            async fn ensure_session_key(&self, ciphertext: Vec<u8>) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO session_keys (generation, ciphertext, created_at) \
+                     SELECT 1, $1, $2 WHERE NOT EXISTS (SELECT 1 FROM session_keys) \
+                     ON CONFLICT (generation) DO NOTHING",
+                )
+                .bind(ciphertext)
+                .bind(Utc::now())
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(())
+            }
+
+            async fn rotate_session_key(
+                &self,
+                ciphertext: Vec<u8>,
+                retire_at: DateTime<Utc>,
+                forget_before: DateTime<Utc>,
+            ) -> StoreResult<SessionKeyEntry> {
+                let mut tx = self.pool.begin().await.map_err(db)?;
+                // Writes first (see the SQLite note above): the insert takes the next generation.
+                let created_at = Utc::now();
+                let row = sqlx::query(
+                    "INSERT INTO session_keys (generation, ciphertext, created_at) \
+                     SELECT COALESCE(MAX(generation), 0) + 1, $1, $2 FROM session_keys RETURNING generation",
+                )
+                .bind(&ciphertext)
+                .bind(created_at)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| classify(e, "another rotation of the session key is in progress"))?;
+                let generation: i64 = row.try_get("generation").map_err(db)?;
+                for key in Self::session_keys_in(&mut *tx).await? {
+                    if key.generation == generation {
+                        continue;
+                    }
+                    if key.retire_at.is_some_and(|at| at < forget_before) {
+                        sqlx::query("DELETE FROM session_keys WHERE generation = $1")
+                            .bind(key.generation)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db)?;
+                    } else if key.retire_at.is_none_or(|at| at > retire_at) {
+                        sqlx::query("UPDATE session_keys SET retire_at = $1 WHERE generation = $2")
+                            .bind(retire_at)
+                            .bind(key.generation)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db)?;
+                    }
+                }
+                tx.commit().await.map_err(db)?;
+                Ok(SessionKeyEntry { generation, ciphertext, created_at, retire_at: None })
             }
 
             async fn put_data_plane(&self, status: &DataPlaneStatus) -> StoreResult<()> {

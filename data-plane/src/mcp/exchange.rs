@@ -183,6 +183,9 @@ impl Gateway {
                 }
                 Err(error) => {
                     gateway.count_failure(&failing, &error);
+                    if matches!(error, UpstreamError::SessionExpired) && upstream.carried() {
+                        gateway.upstream_session_ended(&session);
+                    }
                     if let Some(record) = trail.record() {
                         record.outcome = match error {
                             UpstreamError::Timeout(_) => "timeout",
@@ -215,7 +218,12 @@ impl Gateway {
             return None; // a stray response: nothing waits for it
         };
         if let Some(upstream_id) = message.get("id").cloned() {
-            let gateway_id = session.next_id("srv");
+            // A session that travels may get the answer on another replica: the id says where
+            // it goes.
+            let gateway_id = match session.ticket.get() {
+                Some(_) => super::resume::server_request_id(target, &upstream_id),
+                None => session.next_id("srv"),
+            };
             session.remember_pending(
                 gateway_id.clone(),
                 target.to_string(),
@@ -289,18 +297,34 @@ impl Gateway {
     }
 
     pub(super) async fn client_response(
-        &self,
+        self: &Arc<Self>,
         session: &Arc<ClientSession>,
+        caller: &Caller,
         id: Value,
         mut body: Map<String, Value>,
     ) -> Reply {
         let entry = id.as_str().and_then(|gateway_id| session.pending.lock().unwrap().remove(gateway_id));
-        let Some((target, upstream_id, _)) = entry else {
+        let entry = entry.map(|(target, upstream_id, _)| (target, upstream_id)).or_else(|| {
+            // Asked through another replica: the id names the target and the upstream's id.
+            session.ticket.get()?;
+            let (target, upstream_id) = super::resume::parse_server_request_id(id.as_str()?)?;
+            let in_scope = match &session.scope {
+                Scope::Target(name) => *name == target,
+                Scope::Aggregate => Gateway::granted(caller, &target).is_some(),
+            };
+            in_scope.then_some((target, upstream_id))
+        });
+        let Some((target, upstream_id)) = entry else {
             return Reply::Invalid(McpError::NoWaitingRequest.into_jsonrpc(id));
         };
         body.insert("id".into(), upstream_id);
         body.insert("jsonrpc".into(), json!("2.0"));
-        let upstream = session.upstreams.lock().await.get(&target).map(|e| e.upstream.clone());
+        let mut upstream = session.upstreams.lock().await.get(&target).map(|e| e.upstream.clone());
+        if upstream.is_none() && session.ticket.get().is_some() {
+            if let Some(granted) = Gateway::granted(caller, &target) {
+                upstream = Some(self.upstream(session, caller, granted).await);
+            }
+        }
         if let Some(upstream) = upstream {
             let message = Value::Object(body);
             tokio::spawn(async move {

@@ -87,6 +87,8 @@ pub struct Gateway {
     pub(super) audit: std::sync::OnceLock<Arc<crate::audit::Recorder>>,
     /// Metrics and traces of the traffic.
     pub telemetry: Arc<crate::telemetry::Telemetry>,
+    /// Cancelled when the data plane begins shutting down: no new sessions, streams end.
+    pub draining: CancellationToken,
 }
 
 impl Gateway {
@@ -130,9 +132,19 @@ impl Gateway {
             audit: Default::default(),
             telemetry,
             settings,
+            draining: CancellationToken::new(),
         });
         crate::telemetry::collect_state(&gateway);
         gateway
+    }
+
+    /// Begins shutting down: `/ready` fails, new sessions are refused, and open streams end
+    /// (their clients reconnect through another replica); requests in flight finish.
+    pub fn drain(&self) {
+        if !self.draining.is_cancelled() {
+            tracing::info!(sessions = self.sessions.len(), "draining: no new sessions; requests in flight finish");
+        }
+        self.draining.cancel();
     }
 
     /// Audits every MCP request into `recorder` (set once, before serving).
@@ -207,7 +219,7 @@ impl Gateway {
                 self.notification(session, caller, &method, params).await;
                 Reply::Accepted
             }
-            Message::Response { id, body } => self.client_response(session, id, body).await,
+            Message::Response { id, body } => self.client_response(session, caller, id, body).await,
         }
     }
 
@@ -372,27 +384,32 @@ impl Gateway {
             }
         }
         let injection = resolve_injection(&caller.snapshot.view, &self.sealer, target, &caller.user);
+        let resume = session.resume.lock().unwrap().remove(&target.name);
         tracing::info!(
             target: "reflow::audit",
             session = %short(&session.id),
             user = %caller.user.id,
             target = %target.name,
             credential = injection.token_source.as_deref().unwrap_or("none"),
+            resumed = resume.is_some(),
             "upstream session opened"
         );
         let (inbox, mut unrelated) = mpsc::channel::<Value>(64);
         let cancel = session.cancel.child_token();
-        let upstream = Arc::new(Upstream::new(
-            target.clone(),
-            injection,
-            self.stdio_binding(caller, target),
-            self.kubernetes_binding(caller, target),
-            self.http.clone(),
-            self.upstream.clone(),
-            Gateway::upstream_initialize_params(session),
-            inbox,
-            cancel.clone(),
-        ));
+        let upstream = Arc::new(
+            Upstream::new(
+                target.clone(),
+                injection,
+                self.stdio_binding(caller, target),
+                self.kubernetes_binding(caller, target),
+                self.http.clone(),
+                self.upstream.clone(),
+                Gateway::upstream_initialize_params(session),
+                inbox,
+                cancel.clone(),
+            )
+            .resuming(resume),
+        );
         let gateway = self.clone();
         let owner = Arc::downgrade(session);
         let target_name = target.name.clone();
@@ -561,14 +578,16 @@ impl Gateway {
                 _ = tokio::time::sleep(every) => {}
             }
             for session in self.sessions.expire(self.settings.session_timeout) {
+                // One that travels may be in use on another replica: only this copy ends.
                 tracing::info!(session = %short(&session.id), "session expired");
-                session.close().await;
+                session.detach().await;
             }
             self.shares.forget_quiet();
         }
+        // Sessions that travel go on elsewhere: their upstream sessions stay open.
         for session in self.sessions.all() {
             self.sessions.remove(&session.id);
-            session.close().await;
+            session.detach().await;
         }
         self.pool.shutdown().await;
     }

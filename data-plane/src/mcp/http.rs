@@ -133,10 +133,15 @@ fn session_of(
     let from_header = parts.headers.get(SESSION_HEADER).map(|v| v.to_str().unwrap_or_default().to_string());
     let from_query = legacy_session_id(parts);
     let Some(id) = from_header.or(from_query) else { return Ok(None) };
-    match gateway.sessions.get(&id, &caller.user.id).filter(|s| s.scope == *scope) {
+    // A travelling id is held under its nonce; any other under itself.
+    let key = super::ticket::nonce_of(&id);
+    let held = gateway.sessions.get(key.unwrap_or(&id), &caller.user.id);
+    match held.filter(|s| s.scope == *scope && s.answers_to(&id)) {
+        Some(session) if key.is_some() => gateway.still_accepted(session, caller).map(Some),
         Some(session) => Ok(Some(session)),
+        None if key.is_some() => gateway.resume(&id, caller, scope).map(Some),
         None => {
-            let why = gateway.sessions.closed_because(&id).unwrap_or("it ended or never existed");
+            let why = gateway.sessions.closed_because(&id).unwrap_or(super::resume::GONE);
             Err(Refusal::new(
                 StatusCode::NOT_FOUND,
                 INVALID_REQUEST,
@@ -362,6 +367,16 @@ async fn close_unread(gateway: &Gateway, session: &ClientSession) {
     session.close().await;
 }
 
+/// The refusal of a new session by a data plane that is shutting down.
+fn draining() -> Refusal {
+    Refusal::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        SERVER_ERROR,
+        "this data plane is shutting down and opens no new sessions; retry (another replica will serve you)",
+    )
+    .retry_after(1)
+}
+
 /// `initialize` without a session: a new session, kept only when initialisation succeeds.
 async fn open_session(
     gateway: Arc<Gateway>,
@@ -380,6 +395,9 @@ async fn open_session(
             ));
         }
     }
+    if gateway.draining.is_cancelled() {
+        return Err(draining());
+    }
     // The slot is taken before `initialize` is awaited, so concurrent openings cannot pass the
     // user's share.
     let reservation = gateway
@@ -393,7 +411,13 @@ async fn open_session(
             "this gateway holds its maximum of sessions; retry later",
         ));
     }
-    let session = Arc::new(ClientSession::new(caller.user.id.clone(), scope, false, Default::default()));
+    // With session keys in the snapshot the session travels: its id is a ticket any replica
+    // can resume, and its nonce names it here.
+    let id = match caller.snapshot.view.session_seal {
+        Some(_) => super::ticket::new_nonce(),
+        None => super::session::new_session_id(),
+    };
+    let session = Arc::new(ClientSession::with_id(id, caller.user.id.clone(), scope, false, Default::default()));
     session.identity.store(super::recycle::identity(&caller.user), std::sync::atomic::Ordering::Relaxed);
     let reply = match gateway.handle(&session, &caller, message, trail).await {
         Reply::Now(reply) => reply,
@@ -408,11 +432,12 @@ async fn open_session(
         session.close().await;
         return Ok(Json(reply).into_response());
     }
+    gateway.issue_ticket(&session, &caller).await;
     reservation.fill(session.clone());
     let mut response = Json(reply).into_response();
     response
         .headers_mut()
-        .insert(SESSION_HEADER, HeaderValue::from_str(&session.id).expect("session ids are header-safe"));
+        .insert(SESSION_HEADER, HeaderValue::from_str(session.header_id()).expect("session ids are header-safe"));
     Ok(response)
 }
 
@@ -434,6 +459,10 @@ async fn stream_reply(
     let Some(first) = forwarding.next().await else {
         return cancelled(id);
     };
+    if let Some(why) = session.gone.get() {
+        let message = format!("session not found: {why}; initialize a new one");
+        return Refusal::new(StatusCode::NOT_FOUND, INVALID_REQUEST, message).into_response();
+    }
     if jsonrpc::is_response(&first) && accepts_json {
         return Json(first).into_response();
     }
@@ -479,6 +508,8 @@ struct Lease {
     messages: Option<mpsc::Receiver<String>>,
     /// Set for legacy sessions, which live exactly as long as their stream.
     ends: Option<Arc<Gateway>>,
+    /// Ends the stream when the data plane drains.
+    draining: tokio_util::sync::CancellationToken,
 }
 
 impl Drop for Lease {
@@ -501,8 +532,11 @@ impl Drop for Lease {
 fn lease_stream(lease: Lease, first: Option<Event>) -> impl Stream<Item = Result<Event, Infallible>> + Send {
     let rest = futures::stream::unfold(lease, |mut lease| async move {
         let cancelled = lease.session.cancel.clone();
+        let draining = lease.draining.clone();
         let text = tokio::select! {
             _ = cancelled.cancelled() => None,
+            // A client's stream ends when its data plane drains; it reconnects elsewhere.
+            _ = draining.cancelled() => None,
             text = lease.messages.as_mut()?.recv() => text,
         }?;
         lease.session.taken(&text);
@@ -523,9 +557,15 @@ fn get_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Result<Resp
             return Err(Refusal::new(StatusCode::CONFLICT, INVALID_REQUEST, "this session already has an open stream"));
         };
         session.touch();
-        return Ok(sse(lease_stream(Lease { session, messages: Some(messages), ends: None }, None)));
+        return Ok(sse(lease_stream(
+            Lease { session, messages: Some(messages), ends: None, draining: gateway.draining.clone() },
+            None,
+        )));
     }
     // The legacy HTTP+SSE transport.
+    if gateway.draining.is_cancelled() {
+        return Err(draining());
+    }
     if let Scope::Target(name) = &scope {
         if Gateway::granted(&caller, name).is_none() {
             return Err(Refusal::new(
@@ -548,7 +588,10 @@ fn get_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Result<Resp
     let messages = session.outbound().receiver.lock().unwrap().take();
     gateway.sessions.insert(session.clone());
     let endpoint = Event::default().event("endpoint").data(format!("{}?sessionId={}", parts.uri.path(), session.id));
-    Ok(sse(lease_stream(Lease { session, messages, ends: Some(gateway) }, Some(endpoint))))
+    Ok(sse(lease_stream(
+        Lease { session, messages, ends: Some(gateway.clone()), draining: gateway.draining.clone() },
+        Some(endpoint),
+    )))
 }
 
 async fn delete_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Result<Response, Refusal> {
@@ -557,7 +600,6 @@ async fn delete_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Re
     let Some(session) = session_of(&gateway, &scope, &caller, &parts)? else {
         return Err(Refusal::bad_request("Mcp-Session-Id header is required"));
     };
-    gateway.sessions.remove(&session.id);
-    session.close().await;
+    gateway.end_session(&session, &caller).await;
     Ok(Response::builder().status(StatusCode::NO_CONTENT).body(Body::empty()).expect("a static response builds"))
 }

@@ -23,9 +23,11 @@ pub mod merged;
 pub mod names;
 pub mod origin;
 pub mod recycle;
+pub mod resume;
 pub mod route;
 pub mod session;
 pub mod shares;
+pub mod ticket;
 
 use std::time::Duration;
 
@@ -63,8 +65,11 @@ pub struct McpSettings {
     pub request_burst: u32,
     /// How long a merged list is reused (0: never).
     pub list_cache_ttl: Duration,
-    /// Idle time after which a session ends.
+    /// Idle time after which a session ends (a session that travels is let go here, and may
+    /// go on elsewhere).
     pub session_timeout: Duration,
+    /// The age past which a travelling session id no longer resumes.
+    pub session_max_age: Duration,
     pub cleanup_interval: Duration,
     /// The STDIO process pool's limits and command allowlist.
     pub stdio: StdioConfig,
@@ -101,6 +106,7 @@ impl McpSettings {
             request_burst: mcp.rate_limit.burst,
             list_cache_ttl: mcp.list_cache_ttl,
             session_timeout: config.session.timeout,
+            session_max_age: config.session.max_age,
             cleanup_interval: config.session.cleanup_interval,
             stdio: config.stdio.clone(),
             stdio_launcher: None,

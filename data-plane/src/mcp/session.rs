@@ -87,6 +87,13 @@ pub struct ClientSession {
     pub identity: AtomicU64,
     /// Ends the session's upstream sessions and relay tasks.
     pub cancel: CancellationToken,
+    /// The `Mcp-Session-Id` of a session that travels ([`super::ticket`]): `id` is then its
+    /// nonce. Unset for a session that lives on this replica only.
+    pub ticket: OnceLock<String>,
+    /// Upstream sessions the ticket carried that this replica has not used yet, by target.
+    pub resume: Mutex<HashMap<String, super::ticket::UpstreamTicket>>,
+    /// Why the session ended while a request was being answered (its client gets 404).
+    pub gone: OnceLock<&'static str>,
 }
 
 pub fn new_session_id() -> String {
@@ -97,8 +104,12 @@ pub fn new_session_id() -> String {
 
 impl ClientSession {
     pub fn new(user_id: String, scope: Scope, legacy: bool, cancel: CancellationToken) -> Self {
+        Self::with_id(new_session_id(), user_id, scope, legacy, cancel)
+    }
+
+    pub fn with_id(id: String, user_id: String, scope: Scope, legacy: bool, cancel: CancellationToken) -> Self {
         ClientSession {
-            id: new_session_id(),
+            id,
             user_id,
             scope,
             legacy,
@@ -115,7 +126,21 @@ impl ClientSession {
             next_id: AtomicU64::new(1),
             identity: AtomicU64::new(0),
             cancel,
+            ticket: OnceLock::new(),
+            resume: Mutex::new(HashMap::new()),
+            gone: OnceLock::new(),
         }
+    }
+
+    /// Whether `header` (an `Mcp-Session-Id` or legacy `sessionId`) names this session: its
+    /// ticket when it travels, its id otherwise.
+    pub fn answers_to(&self, header: &str) -> bool {
+        self.ticket.get().map_or(self.id == header, |ticket| ticket == header)
+    }
+
+    /// The `Mcp-Session-Id` the client presents.
+    pub fn header_id(&self) -> &str {
+        self.ticket.get().unwrap_or(&self.id)
     }
 
     pub fn touch(&self) {
@@ -200,10 +225,26 @@ impl ClientSession {
             upstream.close().await;
         }
     }
+
+    /// Lets go of the session here without ending it: a session that travels may go on on
+    /// another replica, so its upstream sessions stay open there (STDIO processes, local to
+    /// this replica, are let go). A session that does not travel is closed.
+    pub async fn detach(&self) {
+        if self.ticket.get().is_none() {
+            return self.close().await;
+        }
+        self.cancel.cancel();
+        let upstreams: Vec<_> = self.upstreams.lock().await.drain().map(|(_, e)| e.upstream).collect();
+        for upstream in upstreams {
+            upstream.detach().await;
+        }
+    }
 }
 
-/// The first characters of a session id, enough to correlate logs without logging the id.
+/// The first characters of a session id (of a travelling id, its nonce's), enough to correlate
+/// logs without logging the id.
 pub fn short(id: &str) -> &str {
+    let id = super::ticket::nonce_of(id).unwrap_or(id);
     &id[..id.len().min(8)]
 }
 
@@ -328,6 +369,18 @@ impl Sessions {
                 map.per_user.remove(user_id);
             }
         }
+    }
+
+    /// Adds `session` unless a session with its id is held already (two requests resuming it at
+    /// once): returns the one held.
+    pub fn insert_if_absent(&self, session: Arc<ClientSession>) -> Arc<ClientSession> {
+        let mut map = self.map.lock().unwrap();
+        if let Some(held) = map.by_id.get(&session.id) {
+            return held.clone();
+        }
+        *map.per_user.entry(session.user_id.clone()).or_default() += 1;
+        Sessions::put(&mut map, session.clone());
+        session
     }
 
     /// The session with `id` if `user_id` owns it.

@@ -33,6 +33,8 @@ pub struct EventParser {
     data: String,
     has_data: bool,
     id: Option<String>,
+    /// The reconnection time the stream asked for, in milliseconds.
+    retry: Option<u64>,
     pending_bytes: usize,
 }
 
@@ -47,8 +49,20 @@ impl EventParser {
             data: String::new(),
             has_data: false,
             id: None,
+            retry: None,
             pending_bytes: 0,
         }
+    }
+
+    /// The last event id the stream set (kept across events, as the specification says): what
+    /// a reconnection sends as `Last-Event-ID`.
+    pub fn last_event_id(&self) -> Option<&str> {
+        self.id.as_deref().filter(|id| !id.is_empty())
+    }
+
+    /// The reconnection delay the stream asked for (`retry:`), in milliseconds.
+    pub fn retry(&self) -> Option<u64> {
+        self.retry
     }
 
     /// Parses `chunk`, appending every completed event to `out`.
@@ -109,6 +123,9 @@ impl EventParser {
                 self.has_data = true;
             }
             "id" if !value.contains('\0') => self.id = Some(value.to_string()),
+            "retry" if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => {
+                self.retry = value.parse().ok();
+            }
             _ => {}
         }
     }
@@ -160,6 +177,17 @@ mod tests {
     #[test]
     fn an_event_without_data_is_not_dispatched() {
         assert!(parse_in_pieces("event: ping\n\n", 4).is_empty());
+    }
+
+    #[test]
+    fn the_last_event_id_and_the_retry_delay_are_kept_for_a_reconnection() {
+        let mut parser = EventParser::new(1 << 10);
+        let mut out = Vec::new();
+        parser.feed(b"id: e-1\nretry: 250\ndata:\n\n", &mut out).unwrap();
+        assert_eq!((parser.last_event_id(), parser.retry()), (Some("e-1"), Some(250)));
+        parser.feed(b"data: {}\n\nretry: soon\n\n", &mut out).unwrap();
+        assert_eq!((parser.last_event_id(), parser.retry()), (Some("e-1"), Some(250)), "kept; a bad retry is ignored");
+        assert_eq!(out.len(), 2);
     }
 
     #[test]

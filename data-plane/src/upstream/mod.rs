@@ -241,6 +241,12 @@ pub struct Upstream {
     cancel: CancellationToken,
     /// Who this session is to a shared STDIO process.
     owner: multiplex::Owner,
+    /// An upstream session opened before, on this replica or another, to adopt instead of
+    /// initialising a new one.
+    resume: std::sync::Mutex<Option<crate::mcp::ticket::UpstreamTicket>>,
+    /// The upstream session is carried in a session ticket, so other replicas may use it too:
+    /// when it expires it is not replaced behind their backs (the client session ends instead).
+    carried: std::sync::atomic::AtomicBool,
 }
 
 impl Upstream {
@@ -268,7 +274,39 @@ impl Upstream {
             live: tokio::sync::Mutex::new(None),
             cancel,
             owner: NEXT_OWNER.fetch_add(1, Ordering::Relaxed),
+            resume: std::sync::Mutex::new(None),
+            carried: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether the upstream session is carried in a session ticket (see [`Upstream::resumable`]).
+    pub fn carried(&self) -> bool {
+        self.carried.load(Ordering::Relaxed)
+    }
+
+    /// Adopts the upstream session `hint` names on first use instead of initialising one (a
+    /// STDIO target has no such session to adopt: its process is local).
+    pub fn resuming(self, hint: Option<crate::mcp::ticket::UpstreamTicket>) -> Self {
+        if self.stdio.is_none() {
+            *self.resume.lock().unwrap() = hint;
+        }
+        self
+    }
+
+    /// The upstream session, for a ticket: a Streamable HTTP session with an id, which another
+    /// replica can address.
+    pub async fn resumable(&self) -> Option<crate::mcp::ticket::UpstreamTicket> {
+        let live = self.live.lock().await.clone()?;
+        let Transport::Streamable(connection) = &live.transport else { return None };
+        let (session_id, protocol_version) = connection.session()?;
+        let capabilities = live.initialize_result.get("capabilities").cloned().unwrap_or_default();
+        self.carried.store(true, Ordering::Relaxed);
+        Some(crate::mcp::ticket::UpstreamTicket {
+            target: self.target.name.clone(),
+            session_id,
+            protocol_version,
+            capabilities,
+        })
     }
 
     pub fn timeout(&self) -> Duration {
@@ -317,6 +355,27 @@ impl Upstream {
     }
 
     async fn handshake(&self) -> Result<Live, UpstreamError> {
+        let resume = self.resume.lock().unwrap().take();
+        if let Some(hint) = resume {
+            let url = match &self.kubernetes {
+                Some(binding) => {
+                    reqwest::Url::parse(&binding.ensure(&self.target).await?).map_err(|_| UpstreamError::BadUrl)?
+                }
+                None => self.url()?,
+            };
+            let headers = if self.kubernetes.is_some() { HeaderMap::new() } else { self.headers() };
+            if self.kubernetes.is_some() || self.target.transport_type != TransportType::Sse {
+                let connection =
+                    streamable::Connection::new(self.http.clone(), url, headers, self.settings.max_message_bytes)
+                        .adopt(&hint.session_id, hint.protocol_version.as_deref())?;
+                tracing::debug!(target = %self.target.name, "adopting an upstream session opened before");
+                self.carried.store(true, Ordering::Relaxed);
+                tokio::spawn(connection.clone().listen(self.inbox.clone(), self.cancel.child_token()));
+                let initialize_result =
+                    json!({"protocolVersion": hint.protocol_version, "capabilities": hint.capabilities});
+                return Ok(Live { transport: Transport::Streamable(connection), initialize_result });
+            }
+        }
         let initialize =
             jsonrpc::request(json!("reflow-initialize"), "initialize", Some(self.initialize_params.clone()));
         if let Some(binding) = &self.stdio {
@@ -423,7 +482,7 @@ impl Upstream {
             Transport::Stdio(process) => process.request(self.owner, message, sink).await,
         };
         match result {
-            Err(UpstreamError::SessionExpired) if retry => {
+            Err(UpstreamError::SessionExpired) if retry && !self.carried() => {
                 tracing::info!(target = %self.target.name, "upstream session expired; initialising a new one");
                 self.forget(&live).await;
                 Box::pin(self.request_once(message, sink, false)).await
@@ -444,7 +503,13 @@ impl Upstream {
     /// Sends a notification or a response, if connected (nothing to tell an upstream that was
     /// never initialised).
     pub async fn send(&self, message: &Value) -> Result<(), UpstreamError> {
-        let Some(live) = self.live.lock().await.clone() else { return Ok(()) };
+        let live = self.live.lock().await.clone();
+        let live = match live {
+            Some(live) => live,
+            // An adopted session is connected: it may be waiting for this very answer.
+            None if self.resume.lock().unwrap().is_some() => self.connect().await?,
+            None => return Ok(()),
+        };
         match &live.transport {
             Transport::Streamable(connection) => connection.send(message).await,
             Transport::Sse(connection) => connection.send(message).await,
@@ -452,8 +517,26 @@ impl Upstream {
         }
     }
 
+    /// Lets go of the upstream session without ending it (another replica may go on using
+    /// it): background tasks stop; a legacy SSE session, bound to this replica's stream, ends.
+    pub async fn detach(&self) {
+        self.cancel.cancel();
+        let live = self.live.lock().await.take();
+        if let Some(live) = live {
+            match &live.transport {
+                Transport::Streamable(_) => {}
+                Transport::Sse(connection) => connection.close(),
+                Transport::Stdio(process) => process.unsubscribe(self.owner),
+            }
+        }
+    }
+
     /// Ends the upstream session and its background tasks.
     pub async fn close(&self) {
+        if self.resume.lock().unwrap().is_some() && self.live.lock().await.is_none() {
+            // An adopted session this replica never used: it is ended all the same.
+            let _ = tokio::time::timeout(self.settings.connect_timeout, self.connect()).await;
+        }
         self.cancel.cancel();
         let live = self.live.lock().await.take();
         if let Some(live) = live {

@@ -17,6 +17,11 @@ use crate::jsonrpc;
 const SESSION_HEADER: &str = "mcp-session-id";
 const VERSION_HEADER: &str = "mcp-protocol-version";
 const ACCEPT_BOTH: &str = "application/json, text/event-stream";
+/// How many times one request's stream is resumed after ending early.
+const MAX_RECONNECTIONS: usize = 8;
+/// The reconnection delay when the stream named none, and the longest one honoured, in ms.
+const DEFAULT_RETRY_MS: u64 = 100;
+const MAX_RETRY_MS: u64 = 5_000;
 
 /// A live upstream session (or a session-less server when it issued no id).
 #[derive(Debug, Clone)]
@@ -37,6 +42,25 @@ struct Posted {
 impl Connection {
     pub fn new(http: reqwest::Client, url: reqwest::Url, headers: HeaderMap, max_message_bytes: usize) -> Self {
         Connection { http, url, headers, max_message_bytes }
+    }
+
+    /// The connection to an upstream session opened before (by this replica or another one),
+    /// without a new `initialize`.
+    pub fn adopt(mut self, session_id: &str, protocol_version: Option<&str>) -> Result<Connection, UpstreamError> {
+        let value = HeaderValue::from_str(session_id)
+            .map_err(|_| UpstreamError::Protocol("the session id is not a valid header value".into()))?;
+        self.headers.insert(SESSION_HEADER, value);
+        if let Some(version) = protocol_version.and_then(|v| HeaderValue::from_str(v).ok()) {
+            self.headers.insert(VERSION_HEADER, version);
+        }
+        Ok(self)
+    }
+
+    /// The upstream's session id and protocol version, when it issued an id.
+    pub fn session(&self) -> Option<(String, Option<String>)> {
+        let id = self.headers.get(SESSION_HEADER)?.to_str().ok()?.to_string();
+        let version = self.headers.get(VERSION_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+        Some((id, version))
     }
 
     /// Runs `initialize` + `notifications/initialized` and returns the session's connection
@@ -128,22 +152,64 @@ impl Connection {
         }
         let id = message.get("id");
         let mut parser = EventParser::new(self.max_message_bytes);
+        if let Some(reply) = self.read_stream(response, &mut parser, id, sink).await? {
+            return Ok(Posted { session_id, reply: Some(reply) });
+        }
+        for _ in 0..MAX_RECONNECTIONS {
+            // The stream ended before the response, after an event id: the server means to go
+            // on (SEP-1699 polling, or a broken connection), so ask for the rest with `GET` +
+            // `Last-Event-ID`, after the delay it asked for.
+            let Some(last) = parser.last_event_id().map(str::to_string) else { break };
+            if !self.headers.contains_key(SESSION_HEADER) {
+                break;
+            }
+            let delay = parser.retry().unwrap_or(DEFAULT_RETRY_MS).min(MAX_RETRY_MS);
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            let response = self
+                .http
+                .get(self.url.clone())
+                .headers(self.headers.clone())
+                .header(header::ACCEPT, "text/event-stream")
+                .header("last-event-id", last)
+                .send()
+                .await
+                .map_err(|e| UpstreamError::Unreachable(describe(&e)))?;
+            match response.status() {
+                StatusCode::NOT_FOUND => return Err(UpstreamError::SessionExpired),
+                status if !status.is_success() => return Err(UpstreamError::Status(status.as_u16())),
+                _ => {}
+            }
+            if let Some(reply) = self.read_stream(response, &mut parser, id, sink).await? {
+                return Ok(Posted { session_id, reply: Some(reply) });
+            }
+        }
+        Err(UpstreamError::Disconnected)
+    }
+
+    /// Reads one SSE response until the response to `id` (returned) or the end of the stream
+    /// (`None`); other messages go to `sink`. A connection that breaks counts as an end.
+    async fn read_stream(
+        &self,
+        response: reqwest::Response,
+        parser: &mut EventParser,
+        id: Option<&Value>,
+        sink: Option<&Sink>,
+    ) -> Result<Option<Value>, UpstreamError> {
         let mut events = Vec::new();
         let mut body = response.bytes_stream();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| UpstreamError::Unreachable(describe(&e)))?;
+        while let Some(Ok(chunk)) = body.next().await {
             parser.feed(&chunk, &mut events).map_err(|e| UpstreamError::TooLarge(e.limit))?;
             for event in events.drain(..) {
                 let Some(relayed) = parse_event_data(&event.data) else { continue };
                 if jsonrpc::is_response(&relayed) && relayed.get("id") == id {
-                    return Ok(Posted { session_id, reply: Some(relayed) });
+                    return Ok(Some(relayed));
                 }
                 if let Some(sink) = sink {
                     let _ = sink.send(relayed);
                 }
             }
         }
-        Err(UpstreamError::Disconnected)
+        Ok(None)
     }
 
     /// Relays messages from the session's GET stream to `out` until `cancel`, reopening it when

@@ -48,6 +48,9 @@ enum Server {
         token: String,
         #[arg(long)]
         listen: String,
+        /// The data plane's name to its control plane.
+        #[arg(long, default_value = "bench")]
+        node_id: String,
         /// Keep an audit trail (spooled and shipped).
         #[arg(long)]
         audit: bool,
@@ -108,8 +111,8 @@ fn print_on_off(rows: &[serde_json::Value]) {
 
 async fn serve(server: Server) -> anyhow::Result<()> {
     match server {
-        Server::ServeDataPlane { control_plane, token, listen, audit, otlp } => {
-            reflow_e2e::harness::run_data_plane(&control_plane, &token, &listen, audit, otlp.as_deref()).await
+        Server::ServeDataPlane { control_plane, token, listen, node_id, audit, otlp } => {
+            reflow_e2e::harness::run_data_plane(&control_plane, &token, &listen, &node_id, audit, otlp.as_deref()).await
         }
         Server::ServeFastUpstream { listen, tools, authorization } => {
             let listener = tokio::net::TcpListener::bind(&listen).await?;

@@ -1,0 +1,205 @@
+//! A fleet without sticky sessions: three data planes (separate processes) behind a plain
+//! round-robin balancer ([`reflow_e2e::balancer`], the stand-in for nginx or a cloud balancer),
+//! and one long session of the official Python SDK client whose requests land on all three. One
+//! data plane is killed mid-session and another drained; the client sees no error, and the
+//! upstream (server-everything) sees one session. Session ids answer only to their user, stay
+//! deleted on every replica, and stop opening when tampered with or when their key retires.
+
+use std::collections::BTreeSet;
+use std::process::Stdio;
+use std::time::Duration;
+
+use reflow_e2e::balancer::Balancer;
+use reflow_e2e::harness::{everything, python, workspace, Gateway, Mode};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout};
+
+/// `e2e/peers/fleet_client.py`: one session, one command at a time.
+struct FleetClient {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: Lines<BufReader<ChildStdout>>,
+}
+
+impl FleetClient {
+    async fn connect(url: &str, token: &str) -> FleetClient {
+        reflow_e2e::harness::ensure_peers();
+        let mut child = tokio::process::Command::new(python())
+            .arg(workspace().join("e2e/peers/fleet_client.py"))
+            .args([url, token])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the Python client starts");
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut client = FleetClient { child, stdin, stdout };
+        assert_eq!(client.next().await, json!({"connected": true}));
+        client
+    }
+
+    async fn next(&mut self) -> Value {
+        let line = tokio::time::timeout(Duration::from_secs(90), self.stdout.next_line()).await;
+        let line = line.expect("the client answers in time").unwrap().expect("the client is alive");
+        serde_json::from_str(&line).unwrap()
+    }
+
+    async fn send(&mut self, command: &str) {
+        self.stdin.as_mut().unwrap().write_all(format!("{command}\n").as_bytes()).await.unwrap();
+    }
+
+    async fn run(&mut self, command: &str) -> Value {
+        self.send(command).await;
+        let answer = self.next().await;
+        assert!(answer.get("error").is_none(), "{command}: {answer}");
+        answer
+    }
+
+    /// Ends input: the client closes its session (DELETE) and exits.
+    async fn close(mut self) {
+        drop(self.stdin.take());
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.unwrap().unwrap();
+        assert!(status.success(), "the client exited with {status}");
+    }
+}
+
+/// A `tools/call` of echo in session `session`, straight to one data plane: (status, body).
+async fn call_direct(port: u16, token: &str, session: &str) -> (u16, String) {
+    let response = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/mcp/everything"))
+        .bearer_auth(token)
+        .header("mcp-session-id", session)
+        .header("mcp-protocol-version", "2025-11-25")
+        .header("accept", "application/json, text/event-stream")
+        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                       "params": {"name": "echo", "arguments": {"message": "direct"}}}))
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+/// Opens a session through `url` with a bare `initialize`: its id.
+async fn initialize(url: &str, token: &str) -> String {
+    let response = reqwest::Client::new()
+        .post(url)
+        .bearer_auth(token)
+        .header("accept", "application/json, text/event-stream")
+        .json(&json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "fleet", "version": "1"}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    response.headers()["mcp-session-id"].to_str().unwrap().to_string()
+}
+
+fn upstream_initializations(upstream: &Balancer) -> usize {
+    upstream.routed().iter().filter(|r| r.body.contains(r#""method":"initialize""#)).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_session_goes_on_across_a_round_robin_fleet_through_a_kill_and_a_drain() {
+    let gateway = Gateway::start().await.unwrap();
+    let server = everything(Mode::StreamableHttp, None).await.unwrap();
+    // Counts what the upstream receives: one initialize means one upstream session.
+    let upstream = Balancer::start(vec![format!("127.0.0.1:{}", server.port)]).await.unwrap();
+    gateway.target("everything", "streamable-http", &format!("{}/mcp", upstream.url)).await.unwrap();
+    gateway.allow_everyone().await.unwrap();
+    let (_, bob) = gateway.user("bob@example.com").await.unwrap();
+    let mut planes = Vec::new();
+    for n in 0..3 {
+        planes.push(gateway.data_plane_process(&format!("fleet-{n}")).await.unwrap());
+    }
+    let ports: Vec<u16> = planes.iter().map(|(_, port)| *port).collect();
+    let balancer = Balancer::start(ports.iter().map(|p| format!("127.0.0.1:{p}")).collect()).await.unwrap();
+    let url = format!("{}/mcp/everything", balancer.url);
+
+    let token = gateway.admin_token.clone();
+    let mut client = FleetClient::connect(&url, &token).await;
+    let lists = client.run("lists").await;
+    assert!(lists["tools"].as_u64().unwrap() > 5, "{lists}");
+    assert!(lists["prompts"].as_u64().unwrap() > 0 && lists["resources"].as_u64().unwrap() > 0, "{lists}");
+    let session = client.run("session").await;
+    let id = session["session"].as_str().unwrap().to_string();
+    assert_eq!(session["seen"], json!([id]), "one session id for the whole session");
+    let echoed = client.run("echo 100").await;
+    assert_eq!(echoed["errors"], json!([]), "{echoed}");
+    let served: BTreeSet<usize> = balancer.routed().iter().map(|r| r.backend).collect();
+    assert_eq!(served, BTreeSet::from([0, 1, 2]), "the session's requests land on every data plane");
+
+    // The session answers only to its user, on every replica; a tampered id opens nowhere.
+    for port in &ports {
+        let (status, body) = call_direct(*port, &bob, &id).await;
+        assert_eq!(status, 404, "another user's request: {body}");
+        let mut tampered = id.clone().into_bytes();
+        let at = tampered.len() - 10;
+        tampered[at] = if tampered[at] == b'A' { b'B' } else { b'A' };
+        let (status, body) = call_direct(*port, &token, std::str::from_utf8(&tampered).unwrap()).await;
+        assert_eq!(status, 404, "a tampered id: {body}");
+        assert!(body.contains("session not found"), "{body}");
+    }
+
+    // One data plane dies without warning: the next requests go to the others.
+    let (mut killed, _) = planes.remove(0);
+    killed.kill();
+    let _ = killed.child.wait().await;
+    let echoed = client.run("echo 50").await;
+    assert_eq!(echoed["errors"], json!([]), "{echoed}");
+
+    // Another is drained while a progress-reporting call is in flight on it: the call
+    // finishes, and the session goes on on the last one.
+    let before = balancer.routed().len();
+    client.send("progress").await;
+    let on = loop {
+        let routed = balancer.routed();
+        if let Some(r) = routed[before..].iter().find(|r| r.body.contains("trigger-long-running-operation")) {
+            break r.backend;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_ne!(on, 0, "the killed data plane got no request");
+    let (draining, _) = &planes[on - 1];
+    let pid = nix::unistd::Pid::from_raw(draining.pid().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let progress = client.next().await;
+    assert!(progress.get("error").is_none(), "the call in flight on the drained data plane: {progress}");
+    assert_eq!(progress["progress"].as_array().map(Vec::len), Some(6), "{progress}");
+    let (mut drained, _) = planes.remove(on - 1);
+    let status = tokio::time::timeout(Duration::from_secs(20), drained.child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "a drained data plane exits cleanly: {status}");
+    let (_, last) = &planes[0];
+    let last = *last;
+
+    // A server→client request and the rest of the calls, on the last data plane.
+    let sampled = client.run("sample").await;
+    assert_eq!(sampled["samplings"], 1, "{sampled}");
+    assert!(sampled["text"].as_str().unwrap().contains("sampled reply"), "{sampled}");
+    let echoed = client.run("echo 50").await;
+    assert_eq!(echoed["errors"], json!([]), "{echoed}");
+    assert_eq!(client.run("session").await["seen"], json!([id]), "the client never had to start over");
+    assert_eq!(upstream_initializations(&upstream), 1, "the upstream saw one session, not one per replica");
+
+    // Deleted through the balancer: every replica answers 404, a restarted one too.
+    client.close().await;
+    let (status, body) = call_direct(last, &token, &id).await;
+    assert_eq!(status, 404, "after DELETE: {body}");
+    let (_fresh, fresh_port) = gateway.data_plane_process("fleet-fresh").await.unwrap();
+    let (status, body) = call_direct(fresh_port, &token, &id).await;
+    assert_eq!(status, 404, "after DELETE, on a replica that never saw the session: {body}");
+
+    // A session whose key is retired opens nowhere: rotated with no grace, its id is refused.
+    let second = initialize(&format!("http://127.0.0.1:{last}/mcp/everything"), &token).await;
+    assert_eq!(call_direct(fresh_port, &token, &second).await.0, 200, "the new session resumes on another replica");
+    let rotated =
+        gateway.post("/api/session-keys/rotate", json!({"grace_seconds": 0})).await.expect("rotate the session key");
+    assert_eq!(rotated["pending"], json!([]), "{rotated}");
+    for port in [last, fresh_port] {
+        let (status, body) = call_direct(port, &token, &second).await;
+        assert_eq!(status, 404, "a retired key: {body}");
+    }
+    let (status, body) = call_direct(fresh_port, &token, "r1.AAAAAAAAAAAAAAAAAAAAAA.AQAAAAE").await;
+    assert_eq!(status, 404, "{body}");
+}
