@@ -35,6 +35,8 @@ pub struct Routed {
     pub method: String,
     /// The first bytes of the body (lossy UTF-8).
     pub body: String,
+    /// The request's `Last-Event-ID`, if any.
+    pub last_event_id: Option<String>,
 }
 
 #[derive(Debug)]
@@ -116,6 +118,11 @@ impl Inner {
                         backend: index,
                         method: parts.method.to_string(),
                         body: start,
+                        last_event_id: parts
+                            .headers
+                            .get("last-event-id")
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string),
                     });
                     return response.map(BodyExt::boxed);
                 }

@@ -203,3 +203,45 @@ async fn one_session_goes_on_across_a_round_robin_fleet_through_a_kill_and_a_dra
     let (status, body) = call_direct(fresh_port, &token, "r1.AAAAAAAAAAAAAAAAAAAAAA.AQAAAAE").await;
     assert_eq!(status, 404, "{body}");
 }
+
+/// An upstream that closes a call's stream before the result (SEP-1699 polling, the
+/// conformance suite's `test_reconnection`): the gateway comes back for the rest with GET +
+/// `Last-Event-ID` and the client gets the result, and the progress sent on both streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_stream_closed_mid_call_is_resumed_with_last_event_id() {
+    let gateway = Gateway::start().await.unwrap();
+    let server = reflow_e2e::harness::python_server("polling_server.py", &[]).await.unwrap();
+    let upstream = Balancer::start(vec![format!("127.0.0.1:{}", server.port)]).await.unwrap();
+    gateway.target("polling", "streamable-http", &format!("{}/mcp", upstream.url)).await.unwrap();
+    gateway.allow_everyone().await.unwrap();
+    let url = format!("{}/mcp/polling", gateway.mcp);
+    let session = initialize(&url, &gateway.admin_token).await;
+    let http = reqwest::Client::new();
+    let initialized = http
+        .post(&url)
+        .bearer_auth(&gateway.admin_token)
+        .header("mcp-session-id", &session)
+        .header("accept", "application/json, text/event-stream")
+        .json(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(initialized.status().as_u16(), 202);
+    let call = http
+        .post(&url)
+        .bearer_auth(&gateway.admin_token)
+        .header("mcp-session-id", &session)
+        .header("mcp-protocol-version", "2025-11-25")
+        .header("accept", "application/json, text/event-stream")
+        .json(&json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                       "params": {"name": "test_reconnection", "arguments": {}, "_meta": {"progressToken": "p"}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(call.status().as_u16(), 200);
+    let body = call.text().await.unwrap();
+    assert!(body.contains("reconnected: the result arrived after the stream closed"), "{body}");
+    assert!(body.contains("before the stream closes") && body.contains("after the stream closed"), "{body}");
+    let resumed = upstream.routed().iter().filter(|r| r.method == "GET" && r.last_event_id.is_some()).count();
+    assert!(resumed >= 1, "the gateway asked for the rest with GET + Last-Event-ID: {:?}", upstream.routed());
+}
