@@ -42,6 +42,7 @@ pub struct Routed {
 #[derive(Debug)]
 struct Inner {
     backends: Vec<String>,
+    preserve_host: bool,
     next: AtomicUsize,
     down_until: Mutex<Vec<Option<Instant>>>,
     routed: Mutex<Vec<Routed>>,
@@ -57,8 +58,19 @@ pub struct Balancer {
 }
 
 impl Balancer {
-    /// Balances over `backends` (`host:port` each) on a fresh loopback port.
+    /// Balances over `backends` (`host:port` each) on a fresh loopback port, sending each the
+    /// backend's own `Host`.
     pub async fn start(backends: Vec<String>) -> anyhow::Result<Balancer> {
+        Balancer::launch(backends, false).await
+    }
+
+    /// [`Balancer::start`], passing the client's `Host` through (as `proxy_set_header Host
+    /// $host` does), so the backends' DNS-rebinding checks see what the client sent.
+    pub async fn start_preserving_host(backends: Vec<String>) -> anyhow::Result<Balancer> {
+        Balancer::launch(backends, true).await
+    }
+
+    async fn launch(backends: Vec<String>, preserve_host: bool) -> anyhow::Result<Balancer> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let mut connector = HttpConnector::new();
@@ -67,6 +79,7 @@ impl Balancer {
         let inner = Arc::new(Inner {
             down_until: Mutex::new(vec![None; backends.len()]),
             backends,
+            preserve_host,
             next: AtomicUsize::new(0),
             routed: Mutex::new(Vec::new()),
             client: Client::builder(TokioExecutor::new()).build(connector),
@@ -110,7 +123,9 @@ impl Inner {
             };
             let mut request = Request::from_parts(parts.clone(), Full::new(body.clone()));
             *request.uri_mut() = uri;
-            request.headers_mut().insert(HOST, HeaderValue::from_str(backend).expect("a host:port"));
+            if !self.preserve_host {
+                request.headers_mut().insert(HOST, HeaderValue::from_str(backend).expect("a host:port"));
+            }
             match self.client.request(request).await {
                 Ok(response) => {
                     let start = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();

@@ -245,3 +245,32 @@ async fn an_upstream_stream_closed_mid_call_is_resumed_with_last_event_id() {
     let resumed = upstream.routed().iter().filter(|r| r.method == "GET" && r.last_event_id.is_some()).count();
     assert!(resumed >= 1, "the gateway asked for the rest with GET + Last-Event-ID: {:?}", upstream.routed());
 }
+
+/// The conformance suite's server scenarios give the same results through the round-robin
+/// balancer in front of three data planes as through one data plane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_through_the_balancer_is_conformance_through_one_data_plane() {
+    let gateway = Gateway::start().await.unwrap();
+    let server = everything(Mode::StreamableHttp, None).await.unwrap();
+    gateway.target("everything", "streamable-http", &server.url).await.unwrap();
+    gateway.allow_everyone().await.unwrap();
+    let mut backends = vec![gateway.mcp.trim_start_matches("http://").to_string()];
+    let mut planes = Vec::new();
+    for n in 1..3 {
+        let (plane, url) = gateway.another_data_plane(&format!("conformance-{n}")).await.unwrap();
+        backends.push(url.trim_start_matches("http://").to_string());
+        planes.push(plane);
+    }
+    let balancer = Balancer::start_preserving_host(backends).await.unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (token, mcp) = (&gateway.admin_token, &gateway.mcp);
+    let one = reflow_e2e::harness::authorizing_forwarder(mcp, token, &shutdown).await.unwrap();
+    let alone = reflow_e2e::harness::run_conformance(&format!("{one}/mcp/everything")).await;
+    let fleet = reflow_e2e::harness::authorizing_forwarder(&balancer.url, token, &shutdown).await.unwrap();
+    let through = reflow_e2e::harness::run_conformance(&format!("{fleet}/mcp/everything")).await;
+    shutdown.cancel();
+    let served: BTreeSet<usize> = balancer.routed().iter().map(|r| r.backend).collect();
+    assert_eq!(served, BTreeSet::from([0, 1, 2]), "the suite's requests landed on every data plane");
+    assert!(alone.values().filter(|ok| **ok).count() >= 8, "too little passes to compare: {alone:?}");
+    assert_eq!(through, alone, "through the balancer vs one data plane");
+}

@@ -167,42 +167,6 @@ async fn inspector_cli_lists_and_calls() {
     gateway.stop().await;
 }
 
-/// Scenario name → passed, from the suite's `-o` directory (one `server-<scenario>-<time>`
-/// folder per scenario, each with a `checks.json`).
-fn conformance_results(dir: &std::path::Path) -> std::collections::BTreeMap<String, bool> {
-    let mut results = std::collections::BTreeMap::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let entry = entry.unwrap();
-        let folder = entry.file_name().to_string_lossy().into_owned();
-        let Ok(checks) = std::fs::read_to_string(entry.path().join("checks.json")) else { continue };
-        let checks: Value = serde_json::from_str(&checks).unwrap();
-        let passed = checks.as_array().unwrap().iter().all(|c| c["status"] != "FAILURE");
-        let name = folder.strip_prefix("server-").unwrap_or(&folder);
-        // Strip the timestamp: the scenario name is what precedes the first digit-led part.
-        let scenario: Vec<&str> =
-            name.split('-').take_while(|part| !part.starts_with(|c: char| c.is_ascii_digit())).collect();
-        results.insert(scenario.join("-"), passed);
-    }
-    results
-}
-
-async fn run_conformance(url: &str) -> std::collections::BTreeMap<String, bool> {
-    let out = tempfile::tempdir().unwrap();
-    let suite = node_package("@modelcontextprotocol/conformance/dist/index.js");
-    let (_, stdout, stderr) = run(
-        Command::new(node22())
-            .arg(suite)
-            .args(["server", "--url", url, "--requirements", "2025-11-25", "-o"])
-            .arg(out.path()),
-        Duration::from_secs(300),
-    )
-    .await
-    .unwrap();
-    let results = conformance_results(out.path());
-    assert!(results.len() >= 20, "the suite ran too few scenarios:\n{stdout}\n{stderr}");
-    results
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_suite_passes_through_the_gateway_what_it_passes_alone() {
     ensure_peers();

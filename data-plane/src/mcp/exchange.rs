@@ -183,7 +183,7 @@ impl Gateway {
                 }
                 Err(error) => {
                     gateway.count_failure(&failing, &error);
-                    if matches!(error, UpstreamError::SessionExpired) && upstream.carried() {
+                    if error == UpstreamError::SharedSessionEnded {
                         gateway.upstream_session_ended(&session);
                     }
                     if let Some(record) = trail.record() {

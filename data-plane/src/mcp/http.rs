@@ -142,11 +142,7 @@ fn session_of(
         None if key.is_some() => gateway.resume(&id, caller, scope).map(Some),
         None => {
             let why = gateway.sessions.closed_because(&id).unwrap_or(super::resume::GONE);
-            Err(Refusal::new(
-                StatusCode::NOT_FOUND,
-                INVALID_REQUEST,
-                format!("session not found: {why}; initialize a new one"),
-            ))
+            Err(super::resume::session_not_found(why))
         }
     }
 }
@@ -297,6 +293,9 @@ async fn exchange(
     }
     let share = gateway.shares.begin(&caller.user.id).map_err(Refusal::over_share)?;
     let mut reply = gateway.handle(&session, &caller, message, trail).await;
+    if let (Some(why), Reply::Now(_) | Reply::Serialized(_) | Reply::Invalid(_)) = (session.gone.get(), &reply) {
+        return Err(super::resume::session_not_found(why));
+    }
     if let Reply::Stream(forwarding) = &mut reply {
         forwarding.hold(share);
     } else {
@@ -460,8 +459,7 @@ async fn stream_reply(
         return cancelled(id);
     };
     if let Some(why) = session.gone.get() {
-        let message = format!("session not found: {why}; initialize a new one");
-        return Refusal::new(StatusCode::NOT_FOUND, INVALID_REQUEST, message).into_response();
+        return super::resume::session_not_found(why).into_response();
     }
     if jsonrpc::is_response(&first) && accepts_json {
         return Json(first).into_response();

@@ -190,6 +190,9 @@ impl Gateway {
                 }
                 Err(error) => {
                     self.count_failure(target, &error);
+                    if error == UpstreamError::SharedSessionEnded {
+                        self.upstream_session_ended(session);
+                    }
                     complete = false;
                     continue;
                 }

@@ -14,6 +14,11 @@ use super::ticket::{self, Ticket};
 use super::Scope;
 use crate::jsonrpc::{INVALID_REQUEST, SERVER_ERROR};
 
+/// The answer to a request in a session this gateway does not serve (any more), saying why.
+pub fn session_not_found(why: &str) -> Refusal {
+    Refusal::new(StatusCode::NOT_FOUND, INVALID_REQUEST, format!("session not found: {why}; initialize a new one"))
+}
+
 /// Why a session is not found, when nothing more can be said.
 pub const GONE: &str = "it ended or never existed";
 
@@ -52,13 +57,7 @@ impl Gateway {
     /// it). Anything but a ticket of this user, for this endpoint, under a key still accepted,
     /// and not since deleted or recycled, is refused as an unknown session.
     pub(super) fn resume(&self, id: &str, caller: &Caller, scope: &Scope) -> Result<Arc<ClientSession>, Refusal> {
-        let not_found = |why: &str| {
-            Refusal::new(
-                StatusCode::NOT_FOUND,
-                INVALID_REQUEST,
-                format!("session not found: {why}; initialize a new one"),
-            )
-        };
+        let not_found = session_not_found;
         let nonce = ticket::nonce_of(id).ok_or_else(|| not_found(GONE))?;
         if let Some(why) = self.sessions.closed_because(nonce) {
             return Err(not_found(why));
@@ -129,11 +128,7 @@ impl Gateway {
         self.sessions.close_because(&session.id, why);
         let closing = session.clone();
         tokio::spawn(async move { closing.detach().await });
-        Err(Refusal::new(
-            StatusCode::NOT_FOUND,
-            INVALID_REQUEST,
-            format!("session not found: {why}; initialize a new one"),
-        ))
+        Err(session_not_found(why))
     }
 
     /// An upstream session the ticket carries is gone upstream: every replica using it finds

@@ -94,6 +94,10 @@ pub enum UpstreamError {
     TooLarge(usize),
     #[error("the target's kubernetes instance is not available: {0}")]
     Instance(String),
+    /// An upstream session a session ticket carries is gone: not replaced, because other
+    /// replicas share it (see [`Upstream::carried`]).
+    #[error("the upstream session ended")]
+    SharedSessionEnded,
 }
 
 /// The default of `mcp.max_response_bytes`.
@@ -494,7 +498,10 @@ impl Upstream {
                     binding.forget();
                 }
                 self.forget(&live).await;
-                Err(error)
+                match error {
+                    UpstreamError::SessionExpired if self.carried() => Err(UpstreamError::SharedSessionEnded),
+                    error => Err(error),
+                }
             }
             other => other,
         }
