@@ -1,6 +1,7 @@
-"""A Python SDK (mcp 2.x) server that closes a tool call's SSE stream before its result and
-expects the client to come back for it with GET + Last-Event-ID (SEP-1699 polling), as the
-conformance suite's `test_reconnection` tool does.
+"""A Python SDK (mcp 2.x) server with resumable streams (an in-memory event store): a tool that
+closes its call's SSE stream before its result and expects the client to come back for it with
+GET + Last-Event-ID (SEP-1699 polling), as the conformance suite's `test_reconnection` tool
+does, and a slow tool whose stream a client may lose and resume.
 
     python polling_server.py PORT
 
@@ -49,6 +50,15 @@ async def test_reconnection(ctx: Context) -> str:
     await anyio.sleep(0.5)
     await ctx.report_progress(2, 2, "after the stream closed")
     return "reconnected: the result arrived after the stream closed"
+
+
+@server.tool()
+async def slow_steps(steps: int, ctx: Context) -> str:
+    """Report progress `steps` times, 0.3 s apart, then answer."""
+    for i in range(1, steps + 1):
+        await ctx.report_progress(i, steps, f"step {i}")
+        await anyio.sleep(0.3)
+    return f"finished {steps} steps"
 
 
 @server.tool()

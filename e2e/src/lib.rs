@@ -29,6 +29,7 @@ pub mod client;
 pub mod cluster;
 pub mod declare_bench;
 pub mod fast_upstream;
+pub mod fleet_bench;
 pub mod harness;
 pub mod kube_bench;
 pub mod measure;

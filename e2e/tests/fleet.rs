@@ -274,3 +274,104 @@ async fn conformance_through_the_balancer_is_conformance_through_one_data_plane(
     assert!(alone.values().filter(|ok| **ok).count() >= 8, "too little passes to compare: {alone:?}");
     assert_eq!(through, alone, "through the balancer vs one data plane");
 }
+
+/// A reply stream cut by a data plane that dies mid-call resumes on another one: the client
+/// sends the last event id it saw to any replica, which fetches the rest from the upstream
+/// session (its event store) and relays it, the response included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_stream_cut_by_a_killed_data_plane_resumes_on_another_with_last_event_id() {
+    use futures::StreamExt as _;
+    let gateway = Gateway::start().await.unwrap();
+    let server = reflow_e2e::harness::python_server("polling_server.py", &[]).await.unwrap();
+    gateway.target("polling", "streamable-http", &server.url).await.unwrap();
+    gateway.allow_everyone().await.unwrap();
+    let (mut first, first_port) = gateway.data_plane_process("resume-a").await.unwrap();
+    let (_second, second_port) = gateway.data_plane_process("resume-b").await.unwrap();
+    let token = &gateway.admin_token;
+    let url = |port: u16| format!("http://127.0.0.1:{port}/mcp/polling");
+    let session = initialize(&url(first_port), token).await;
+    let http = reqwest::Client::new();
+    let post = |port: u16, body: Value| {
+        http.post(url(port))
+            .bearer_auth(token)
+            .header("mcp-session-id", &session)
+            .header("mcp-protocol-version", "2025-11-25")
+            .header("accept", "application/json, text/event-stream")
+            .json(&body)
+            .send()
+    };
+    post(first_port, json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).await.unwrap();
+    let call = post(
+        first_port,
+        json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+        "params": {"name": "slow_steps", "arguments": {"steps": 5}, "_meta": {"progressToken": "p"}}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(call.status().as_u16(), 200);
+    // Read up to the first event that has an id, then the data plane dies.
+    let mut body = call.bytes_stream();
+    let mut seen = String::new();
+    let last = loop {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), body.next()).await.unwrap().unwrap().unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+        if let Some(id) = seen.lines().find_map(|l| l.strip_prefix("id:")).map(|id| id.trim().to_string()) {
+            break id;
+        }
+    };
+    assert!(seen.contains(r#""progress":1"#), "the first event is the first progress: {seen}");
+    first.kill();
+    let _ = first.child.wait().await;
+    drop(body);
+
+    let resumed = http
+        .get(url(second_port))
+        .bearer_auth(token)
+        .header("mcp-session-id", &session)
+        .header("mcp-protocol-version", "2025-11-25")
+        .header("accept", "text/event-stream")
+        .header("last-event-id", &last)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resumed.status().as_u16(), 200);
+    let mut stream = resumed.bytes_stream();
+    let mut rest = String::new();
+    while !rest.contains("finished 5 steps") {
+        let next = tokio::time::timeout(Duration::from_secs(10), stream.next()).await;
+        let chunk = next.expect("the rest of the stream arrives").expect("the stream goes on").unwrap();
+        rest.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let messages: Vec<Value> = rest
+        .lines()
+        .filter_map(|line| line.strip_prefix("data:"))
+        .filter_map(|data| serde_json::from_str(data.trim()).ok())
+        .collect();
+    let progress: Vec<f64> = messages.iter().filter_map(|m| m.pointer("/params/progress")?.as_f64()).collect();
+    assert_eq!(progress, [2.0, 3.0, 4.0, 5.0], "the progress after the last event id, once each: {rest}");
+    let response = messages.iter().find(|m| m.get("result").is_some()).expect("the response");
+    assert_eq!(response["id"], 9, "the response answers the client's request: {rest}");
+    assert!(rest.lines().filter(|l| l.starts_with("id:")).count() >= 4, "resumable again: {rest}");
+}
+
+/// On the aggregated endpoint too, the upstream sessions travel: opened with `initialize`, carried
+/// in the id, adopted by the replicas that serve the session afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregated_session_carries_its_upstream_sessions_to_every_replica() {
+    let gateway = Gateway::start().await.unwrap();
+    let server = everything(Mode::StreamableHttp, None).await.unwrap();
+    let upstream = Balancer::start(vec![format!("127.0.0.1:{}", server.port)]).await.unwrap();
+    gateway.target("everything", "streamable-http", &format!("{}/mcp", upstream.url)).await.unwrap();
+    gateway.allow_everyone().await.unwrap();
+    let (_b, second) = gateway.another_data_plane("aggregate-b").await.unwrap();
+    let (_c, third) = gateway.another_data_plane("aggregate-c").await.unwrap();
+    let token = &gateway.admin_token;
+    let session = initialize(&format!("{}/mcp", gateway.mcp), token).await;
+    for base in [&second, &third, &gateway.mcp] {
+        let mut client = reflow_e2e::client::McpClient::new(&format!("{base}/mcp"), token);
+        client.session = Some(session.clone());
+        let answer = client.call("everything_echo", json!({"message": "here"})).await.unwrap();
+        assert!(answer.to_string().contains("here"), "{base}: {answer}");
+    }
+    assert_eq!(upstream_initializations(&upstream), 1, "one upstream session for the aggregated session");
+}

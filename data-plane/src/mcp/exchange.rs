@@ -17,7 +17,7 @@ use super::session::ClientSession;
 use super::Scope;
 use crate::audit::{ClientGone, Trail};
 use crate::jsonrpc;
-use crate::upstream::{Upstream, UpstreamError};
+use crate::upstream::{Relayed, Upstream, UpstreamError};
 
 /// A request on its way to an upstream: the exchange itself, and the messages it produces for
 /// the client (relayed notifications and requests, then the response).
@@ -29,7 +29,7 @@ use crate::upstream::{Upstream, UpstreamError};
 pub struct Forwarding {
     work: Option<futures::future::BoxFuture<'static, ()>>,
     /// Bounded: the exchange waits for its reader rather than queueing without limit.
-    messages: mpsc::Receiver<Value>,
+    messages: mpsc::Receiver<Relayed>,
     /// The user's share of requests in flight, held until the exchange ends (detached or not).
     share: Option<super::shares::InFlight>,
     /// Marks the request's audit record when the client stops waiting before the response.
@@ -46,6 +46,12 @@ impl Forwarding {
     /// The next message for the client; `None` once the exchange ended (after the response,
     /// or without one when it was cancelled).
     pub async fn next(&mut self) -> Option<Value> {
+        self.next_event().await.map(|(message, _)| message)
+    }
+
+    /// [`Forwarding::next`] with the id of the event it may resume after (see
+    /// [`super::resume::event_id`]).
+    pub async fn next_event(&mut self) -> Option<Relayed> {
         let message = match self.work.as_mut() {
             Some(work) => {
                 tokio::select! {
@@ -59,7 +65,7 @@ impl Forwarding {
             }
             None => self.messages.recv().await,
         };
-        if message.as_ref().is_none_or(jsonrpc::is_response) {
+        if message.as_ref().is_none_or(|(message, _)| jsonrpc::is_response(message)) {
             // The response is the exchange's last act: nothing is left to run.
             self.work = None;
             self.client_gone = None;
@@ -69,7 +75,7 @@ impl Forwarding {
 
     /// Lets the exchange run on its own and returns its messages: for a reader that may wait
     /// on something else (a full client stream) while the upstream still needs answers.
-    pub fn detach(mut self) -> mpsc::Receiver<Value> {
+    pub fn detach(mut self) -> mpsc::Receiver<Relayed> {
         // Its reader goes on reading: the client has not gone.
         self.client_gone = None;
         if let Some(work) = self.work.take() {
@@ -139,6 +145,9 @@ impl Gateway {
         let failing = target.clone();
         let method = method.to_string();
         let trail_status = if session.legacy { 202 } else { 200 };
+        // Events a client may resume after, on any replica: those of a travelling session's
+        // upstream session that other replicas can address.
+        let resumable = session.ticket.get().is_some() && upstream.shared();
         let (abort, registration) = futures::future::AbortHandle::new_pair();
         session.inflight.lock().unwrap().insert(key.clone(), (target.name.clone(), abort));
         let work = async move {
@@ -149,10 +158,11 @@ impl Gateway {
                 loop {
                     tokio::select! {
                         biased;
-                        Some(message) = relayed.recv() => {
+                        Some((message, event)) = relayed.recv() => {
                             if let Some(message) = gateway.relay(&session, &target_name, message) {
+                                let event = resumable.then(|| event.map(|e| super::resume::event_id(&target_name, &e))).flatten();
                                 // Waits for the reader (who also drives this exchange).
-                                let _ = tx.send(message).await;
+                                let _ = tx.send((message, event)).await;
                             }
                         }
                         result = &mut request => break result,
@@ -160,9 +170,10 @@ impl Gateway {
                 }
             };
             drop(sink);
-            while let Ok(message) = relayed.try_recv() {
+            while let Ok((message, event)) = relayed.try_recv() {
                 if let Some(message) = gateway.relay(&session, &target_name, message) {
-                    let _ = tx.send(message).await;
+                    let event = resumable.then(|| event.map(|e| super::resume::event_id(&target_name, &e))).flatten();
+                    let _ = tx.send((message, event)).await;
                 }
             }
             session.inflight.lock().unwrap().remove(&key);
@@ -203,7 +214,7 @@ impl Gateway {
             // Written now, not after the reader took the reply: the exchange ended here.
             drop(trail);
             // The last thing the exchange does: once the response is out, nothing remains.
-            let _ = tx.send(reply).await;
+            let _ = tx.send((reply, None)).await;
         };
         let work = futures::FutureExt::map(futures::future::Abortable::new(work, registration), drop);
         Reply::Stream(Forwarding { work: Some(Box::pin(work)), messages: rx, share: None, client_gone })

@@ -302,7 +302,11 @@ impl Gateway {
         let hash = client_hash(&upstream_params);
         let _ = session.upstream_params.set((upstream_params.into_boxed_str(), hash));
         let result = match &session.scope {
-            Scope::Aggregate => json!({
+            Scope::Aggregate => {
+                if caller.snapshot.view.session_seal.is_some() {
+                    self.open_shared_upstreams(session, caller).await;
+                }
+                json!({
                 "protocolVersion": version,
                 "capabilities": {
                     "tools": {"listChanged": true},
@@ -314,7 +318,8 @@ impl Gateway {
                 "serverInfo": {"name": "reflow-gateway", "title": "Reflow Gateway", "version": env!("CARGO_PKG_VERSION")},
                 "instructions": "Tools, prompts and resources of every MCP server you may use, through Reflow Gateway. \
                     Names are prefixed with the server's name: <server>_<name>.",
-            }),
+                })
+            }
             Scope::Target(name) => {
                 let Some(target) = Gateway::granted(caller, name) else {
                     return McpError::Unknown { kind: "target", name: name.clone() }.into_jsonrpc(id);

@@ -58,11 +58,11 @@ async fn post_one(State(gateway): State<Arc<Gateway>>, Path(target): Path<String
 }
 
 async fn get_all(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
-    get_mcp(gateway, Scope::Aggregate, request).unwrap_or_else(IntoResponse::into_response)
+    get_mcp(gateway, Scope::Aggregate, request).await.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn get_one(State(gateway): State<Arc<Gateway>>, Path(target): Path<String>, request: Request) -> Response {
-    get_mcp(gateway, Scope::Target(target), request).unwrap_or_else(IntoResponse::into_response)
+    get_mcp(gateway, Scope::Target(target), request).await.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn delete_all(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
@@ -317,7 +317,7 @@ async fn exchange(
                 let mut messages = forwarding.detach();
                 let (gateway, session) = (gateway.clone(), session.clone());
                 tokio::spawn(async move {
-                    while let Some(message) = messages.recv().await {
+                    while let Some((message, _)) = messages.recv().await {
                         if !session.push(message) {
                             close_unread(&gateway, &session).await;
                             break;
@@ -455,7 +455,7 @@ async fn stream_reply(
     accepts_sse: bool,
     accepts_json: bool,
 ) -> Response {
-    let Some(first) = forwarding.next().await else {
+    let Some((first, first_event)) = forwarding.next_event().await else {
         return cancelled(id);
     };
     if let Some(why) = session.gone.get() {
@@ -467,12 +467,12 @@ async fn stream_reply(
     if accepts_sse {
         // The response body drives the rest of the exchange.
         let rest = futures::stream::unfold(forwarding, |mut forwarding| async move {
-            forwarding.next().await.map(|message| (message, forwarding))
+            forwarding.next_event().await.map(|relayed| (relayed, forwarding))
         });
-        let events =
-            futures::StreamExt::map(futures::StreamExt::chain(futures::stream::once(async { first }), rest), |m| {
-                Ok::<_, Infallible>(event(&m))
-            });
+        let first = futures::stream::once(async { (first, first_event) });
+        let events = futures::StreamExt::map(futures::StreamExt::chain(first, rest), |(message, id)| {
+            Ok::<_, Infallible>(with_id(event(&message), id))
+        });
         return sse(events);
     }
     // JSON only: what comes before the response goes to the session's stream.
@@ -485,6 +485,14 @@ async fn stream_reply(
         next = forwarding.next().await;
     }
     cancelled(id)
+}
+
+/// An SSE event with its id, when it has one a client can resume after.
+fn with_id(event: Event, id: Option<String>) -> Event {
+    match id {
+        Some(id) => event.id(id),
+        None => event,
+    }
 }
 
 fn event(message: &Value) -> Event {
@@ -544,13 +552,18 @@ fn lease_stream(lease: Lease, first: Option<Event>) -> impl Stream<Item = Result
     futures::StreamExt::chain(futures::stream::iter(first.map(Ok)), rest)
 }
 
-fn get_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Result<Response, Refusal> {
+async fn get_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Result<Response, Refusal> {
     let (parts, _) = request.into_parts();
     let caller = admit(&gateway, &parts)?;
     if !header_has(&parts.headers, header::ACCEPT, "text/event-stream") {
         return Err(Refusal::new(StatusCode::NOT_ACCEPTABLE, INVALID_REQUEST, "Accept must include text/event-stream"));
     }
     if let Some(session) = session_of(&gateway, &scope, &caller, &parts)? {
+        let last = parts.headers.get("last-event-id").and_then(|v| v.to_str().ok());
+        if let Some((target, upstream_event)) = last.and_then(super::resume::parse_event_id) {
+            let events = gateway.resume_stream(&session, &caller, &target, upstream_event).await?;
+            return Ok(sse(events));
+        }
         let Some(messages) = session.outbound().receiver.lock().unwrap().take() else {
             return Err(Refusal::new(StatusCode::CONFLICT, INVALID_REQUEST, "this session already has an open stream"));
         };

@@ -19,6 +19,9 @@ pub fn session_not_found(why: &str) -> Refusal {
     Refusal::new(StatusCode::NOT_FOUND, INVALID_REQUEST, format!("session not found: {why}; initialize a new one"))
 }
 
+/// The most upstream sessions a ticket carries (each adds about 150 bytes to the session id).
+pub const MAX_CARRIED: usize = 16;
+
 /// Why a session is not found, when nothing more can be said.
 pub const GONE: &str = "it ended or never existed";
 
@@ -51,6 +54,30 @@ impl Gateway {
             identity: ticket::identity(&caller.user),
         };
         let _ = session.ticket.set(seal.seal(&session.id, &ticket, now()));
+    }
+
+    /// On `/mcp`, a travelling session opens its upstream sessions to HTTP targets with its
+    /// `initialize` (in parallel, each within `mcp.list_timeout`; a client lists them next
+    /// anyway), so that its ticket carries them and every replica adopts the same ones. STDIO and
+    /// legacy SSE upstreams are local to a replica, and pods are not started before they are
+    /// used: those open on first use, per replica. At most [`MAX_CARRIED`] are carried.
+    pub(super) async fn open_shared_upstreams(self: &Arc<Self>, session: &Arc<ClientSession>, caller: &Caller) {
+        let kubernetes = self.settings.kubernetes.is_some();
+        let targets: Vec<&reflow_proto::resources::Target> =
+            Gateway::reachable(&Scope::Aggregate, &caller.snapshot, &caller.user, kubernetes)
+                .into_iter()
+                .filter(|t| t.transport_type == reflow_common::model::TransportType::StreamableHttp)
+                .take(MAX_CARRIED)
+                .collect();
+        let opening = targets.into_iter().map(|target| async move {
+            let upstream = self.upstream(session, caller, target).await;
+            match tokio::time::timeout(self.settings.list_timeout, upstream.initialize_result()).await {
+                Ok(Ok(_)) => self.health.ok(&target.id),
+                Ok(Err(error)) => self.count_failure(target, &error),
+                Err(_) => {}
+            }
+        });
+        futures::future::join_all(opening).await;
     }
 
     /// The session `id` names, resumed from its ticket on this replica (which does not hold
@@ -131,6 +158,59 @@ impl Gateway {
         Err(session_not_found(why))
     }
 
+    /// The rest of a reply stream the client lost (its `Last-Event-ID` names `target` and the
+    /// upstream's event): fetched from the upstream session, which any replica can address,
+    /// and relayed as the exchange would have (server→client requests get their routable ids).
+    pub(super) async fn resume_stream(
+        self: &Arc<Self>,
+        session: &Arc<ClientSession>,
+        caller: &Caller,
+        target: &str,
+        upstream_event: String,
+    ) -> Result<impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>, Refusal>
+    {
+        let in_scope = match &session.scope {
+            Scope::Target(name) => name == target,
+            Scope::Aggregate => true,
+        };
+        let granted = Gateway::granted(caller, target).filter(|_| in_scope && session.ticket.get().is_some());
+        let Some(granted) = granted else {
+            return Err(Refusal::bad_request("Last-Event-ID names no stream of this session"));
+        };
+        let upstream = self.upstream(session, caller, granted).await;
+        if !upstream.shared() {
+            return Err(Refusal::bad_request("Last-Event-ID names no stream of this session"));
+        }
+        let (sink, relayed) = crate::upstream::Sink::channel();
+        let target_name = target.to_string();
+        let replaying = upstream.clone();
+        tokio::spawn(async move {
+            if let Err(error) = replaying.replay(&upstream_event, &sink).await {
+                tracing::info!(target = %replaying.target.name, %error, "the upstream could not resume a stream");
+            }
+        });
+        let state = (relayed, self.clone(), session.clone(), target_name);
+        Ok(futures::stream::unfold(state, |(mut relayed, gateway, session, target)| async move {
+            loop {
+                let (message, event) = relayed.recv().await?;
+                // The response answers the client's own request id (forwarded unchanged);
+                // anything else is relayed as the exchange relays it.
+                let message = if crate::jsonrpc::is_response(&message) {
+                    Some(message)
+                } else {
+                    gateway.relay(&session, &target, message)
+                };
+                if let Some(message) = message {
+                    let mut sse = axum::response::sse::Event::default().event("message").data(message.to_string());
+                    if let Some(event) = event {
+                        sse = sse.id(event_id(&target, &event));
+                    }
+                    return Some((Ok(sse), (relayed, gateway, session, target)));
+                }
+            }
+        }))
+    }
+
     /// An upstream session the ticket carries is gone upstream: every replica using it finds
     /// the same, so the client session ends (404 to its client, who initialises a new one)
     /// rather than each replica opening an upstream session of its own.
@@ -182,6 +262,24 @@ pub fn parse_server_request_id(id: &str) -> Option<(String, serde_json::Value)> 
     (upstream_id.is_string() || upstream_id.is_number()).then_some((target, upstream_id))
 }
 
+const EVENT: &str = "r1e.";
+
+/// The id a client sees for an upstream's event `upstream_event` of a shared upstream session:
+/// the target and the upstream's id, so that a `Last-Event-ID` finds the rest of the stream
+/// from any replica.
+pub fn event_id(target: &str, upstream_event: &str) -> String {
+    use base64::Engine as _;
+    let text = serde_json::json!([target, upstream_event]).to_string();
+    format!("{EVENT}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text))
+}
+
+/// The target and upstream event id of an [`event_id`].
+pub fn parse_event_id(id: &str) -> Option<(String, String)> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(id.strip_prefix(EVENT)?).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +291,9 @@ mod tests {
             assert_eq!(parse_server_request_id(&id), Some(("everything".to_string(), upstream_id)));
         }
         assert_eq!(parse_server_request_id("reflow-srv-1"), None);
+        let event = event_id("everything", "stream-1_42");
+        assert_eq!(parse_event_id(&event), Some(("everything".to_string(), "stream-1_42".to_string())));
+        assert_eq!(parse_event_id("42"), None);
         assert_eq!(parse_server_request_id(&format!("{SERVER_REQUEST}bm90IGpzb24")), None);
     }
 }

@@ -47,20 +47,29 @@ use crate::jsonrpc;
 /// bounded, because the reader that fills it (a shared STDIO process's, an SSE stream's) must
 /// never wait on one slow client, nor hold without limit what that client does not read.
 #[derive(Debug, Clone)]
-pub struct Sink(mpsc::Sender<Value>);
+pub struct Sink(mpsc::Sender<Relayed>);
+
+/// A relayed message and the upstream's event id for it (Streamable HTTP streams may name
+/// their events, so that a reader can resume after one).
+pub type Relayed = (Value, Option<String>);
 
 /// Messages a request's stream holds before more are dropped.
 pub const RELAY_CAPACITY: usize = 256;
 
 impl Sink {
-    pub fn channel() -> (Sink, mpsc::Receiver<Value>) {
+    pub fn channel() -> (Sink, mpsc::Receiver<Relayed>) {
         let (sender, receiver) = mpsc::channel(RELAY_CAPACITY);
         (Sink(sender), receiver)
     }
 
     /// Passes `message` on; drops it (with a warning) when the request's stream is full or gone.
     pub fn send(&self, message: Value) -> bool {
-        match self.0.try_send(message) {
+        self.send_event(message, None)
+    }
+
+    /// [`Sink::send`] for a message the upstream sent as the event `event_id`.
+    pub fn send_event(&self, message: Value, event_id: Option<String>) -> bool {
+        match self.0.try_send((message, event_id)) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!("a request's client is {RELAY_CAPACITY} messages behind; a relayed message was dropped");
@@ -288,6 +297,12 @@ impl Upstream {
         self.carried.load(Ordering::Relaxed)
     }
 
+    /// Whether the upstream session is carried in a session ticket or about to be adopted from
+    /// one: other replicas can address it.
+    pub fn shared(&self) -> bool {
+        self.carried() || self.resume.lock().unwrap().is_some()
+    }
+
     /// Adopts the upstream session `hint` names on first use instead of initialising one (a
     /// STDIO target has no such session to adopt: its process is local).
     pub fn resuming(self, hint: Option<crate::mcp::ticket::UpstreamTicket>) -> Self {
@@ -504,6 +519,16 @@ impl Upstream {
                 }
             }
             other => other,
+        }
+    }
+
+    /// The rest of the upstream stream after its event `last_event_id`, into `sink` (see
+    /// [`streamable::Connection::replay`]); only a Streamable HTTP session keeps such streams.
+    pub async fn replay(&self, last_event_id: &str, sink: &Sink) -> Result<(), UpstreamError> {
+        let live = self.connect().await?;
+        match &live.transport {
+            Transport::Streamable(connection) => connection.replay(last_event_id, sink).await,
+            _ => Err(UpstreamError::Status(405)),
         }
     }
 

@@ -186,6 +186,40 @@ impl Connection {
         Err(UpstreamError::Disconnected)
     }
 
+    /// The rest of a stream after the event `last_event_id`, from the upstream's event store
+    /// (`GET` + `Last-Event-ID`): every message into `sink` with its event id, until the upstream
+    /// ends the stream.
+    pub async fn replay(&self, last_event_id: &str, sink: &Sink) -> Result<(), UpstreamError> {
+        let response = self
+            .http
+            .get(self.url.clone())
+            .headers(self.headers.clone())
+            .header(header::ACCEPT, "text/event-stream")
+            .header("last-event-id", last_event_id)
+            .send()
+            .await
+            .map_err(|e| UpstreamError::Unreachable(describe(&e)))?;
+        match response.status() {
+            StatusCode::NOT_FOUND => return Err(UpstreamError::SessionExpired),
+            status if !status.is_success() => return Err(UpstreamError::Status(status.as_u16())),
+            _ => {}
+        }
+        let mut parser = EventParser::new(self.max_message_bytes);
+        let mut events = Vec::new();
+        let mut body = response.bytes_stream();
+        while let Some(Ok(chunk)) = body.next().await {
+            parser.feed(&chunk, &mut events).map_err(|e| UpstreamError::TooLarge(e.limit))?;
+            for event in events.drain(..) {
+                if let Some(message) = parse_event_data(&event.data) {
+                    if !sink.send_event(message, event.id) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Reads one SSE response until the response to `id` (returned) or the end of the stream
     /// (`None`); other messages go to `sink`. A connection that breaks counts as an end.
     async fn read_stream(
@@ -205,7 +239,7 @@ impl Connection {
                     return Ok(Some(relayed));
                 }
                 if let Some(sink) = sink {
-                    let _ = sink.send(relayed);
+                    let _ = sink.send_event(relayed, event.id);
                 }
             }
         }

@@ -30,8 +30,8 @@ struct Args {
     #[arg(long)]
     database_url: Option<String>,
     /// Run only these scenarios (repeatable): propagation, policy-change, calls, audit,
-    /// telemetry, stdio, lists, sessions, apply, kubernetes.
-    #[arg(long, value_parser = ["propagation", "policy-change", "calls", "audit", "telemetry", "stdio", "lists", "sessions", "apply", "kubernetes"])]
+    /// telemetry, stdio, lists, sessions, apply, kubernetes, fleet.
+    #[arg(long, value_parser = ["propagation", "policy-change", "calls", "audit", "telemetry", "stdio", "lists", "sessions", "apply", "kubernetes", "fleet"])]
     only: Vec<String>,
 }
 
@@ -341,6 +341,41 @@ async fn run() -> anyhow::Result<()> {
                     f("rss_before_bytes") / 1048576.0,
                     f("rss_after_bytes") / 1048576.0,
                     f("bytes_per_session")
+                ),
+            }
+            results.push(result);
+        }
+    }
+
+    if want("fleet") {
+        println!("\ntools/call to the fast upstream: round-robin balancer over three data planes vs one data plane");
+        println!(
+            "{:>6} {:>12} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9}",
+            "conc", "one/s", "lb+one/s", "lb+three/s", "/one", "/lb+one", "p50 ms", "p99 ms"
+        );
+        let sessions = if args.quick { 50 } else { 300 };
+        for result in reflow_e2e::fleet_bench::fleet(&program, &[1, 8, 32], duration, sessions).await? {
+            let f = |key: &str| result[key].as_f64().unwrap_or(f64::NAN);
+            match result["scenario"].as_str() {
+                Some("fleet_tools_call") => println!(
+                    "{:>6} {:>12.0} {:>12.0} {:>12.0} {:>9.2} {:>9.2} {:>9.3} {:>9.3}",
+                    result["concurrency"].as_u64().unwrap_or(0),
+                    f("one_direct_rps"),
+                    f("balancer_one_rps"),
+                    f("balancer_three_rps"),
+                    f("three_vs_one_direct"),
+                    f("three_vs_balancer_one"),
+                    f("balancer_three_p50_ms"),
+                    f("balancer_three_p99_ms")
+                ),
+                _ => println!(
+                    "first request of a session on a replica that never saw it: p50 {:.3} ms (p99 {:.3}) vs warm \
+                     p50 {:.3} ms (p99 {:.3}): {:.2}x",
+                    f("cold_p50_ms"),
+                    f("cold_p99_ms"),
+                    f("warm_p50_ms"),
+                    f("warm_p99_ms"),
+                    f("cold_vs_warm_p50")
                 ),
             }
             results.push(result);
