@@ -170,7 +170,8 @@ async fn a_call_is_traced_from_the_client_through_the_gateway_to_the_upstream() 
         ("gen_ai.tool.name", "headers"),
         ("gen_ai.operation.name", "execute_tool"),
         ("jsonrpc.request.id", "call-1"),
-        ("mcp.session.id", session.as_str()),
+        // A travelling session id is named by its nonce, the same on every replica.
+        ("mcp.session.id", reflow_data_plane::mcp::ticket::nonce_of(&session).unwrap_or(&session)),
         ("mcp.protocol.version", "2025-11-25"),
         ("reflow.target", "hdr"),
         ("reflow.decision", "allowed"),

@@ -292,15 +292,16 @@ impl Gateway {
             if session.id == from.id {
                 continue;
             }
-            // Busy: told anyway (one list_changed too many is harmless, one too few is not).
-            let has_own = session.upstreams.try_lock().map(|u| u.contains_key(target)).unwrap_or(false);
+            // Told even when it holds an upstream session of its own to the target: a server
+            // may tell only the session that changed its list (one list_changed too many is
+            // harmless, one too few is not).
             let listed = session
                 .lists
                 .lock()
                 .unwrap()
                 .iter()
                 .any(|(method, list)| methods.contains(method) && list.merged.sources.contains(&target_id));
-            if listed && !has_own {
+            if listed {
                 invalidate(&session, methods);
                 session.push(jsonrpc::notification(notification, None));
             }
