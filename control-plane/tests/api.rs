@@ -770,7 +770,35 @@ async fn repeated_failed_logins_lock_the_account(backend: &str) {
     assert_eq!(status, 200, "other accounts are unaffected");
 }
 
+async fn session_keys_rotate_with_a_grace(backend: &str) {
+    let api = spawn_api(backend, |_| {}).await;
+    let (admin, _) = api.register("admin@example.com").await;
+    let (user, _) = api.register("dev@example.com").await;
+    let (status, body) = api.post("/api/session-keys/rotate", Some(&user), json!({})).await;
+    assert_eq!((status, body["code"].as_str()), (403, Some("forbidden")), "{body}");
+    let (status, body) = api.post("/api/session-keys/rotate", Some(&admin), json!({"grace_seconds": 99_999_999})).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("grace_seconds"), "{body}");
+    let (status, body) = api.post("/api/session-keys/rotate", Some(&admin), json!({"grace": 5})).await;
+    assert_eq!(status, 400, "an unknown field: {body}");
+    assert!(api.store.load_state().await.unwrap().session_keys.is_empty(), "nothing written by a refusal");
+
+    let before = chrono::Utc::now();
+    let (status, first) = api.post("/api/session-keys/rotate", Some(&admin), json!({})).await;
+    assert_eq!(status, 200, "{first}");
+    let (status, second) = api.post("/api/session-keys/rotate", Some(&admin), json!({"grace_seconds": 60})).await;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(second["generation"].as_i64(), first["generation"].as_i64().map(|g| g + 1), "{first} {second}");
+    let keys = api.store.load_state().await.unwrap().session_keys;
+    let [older, newer] = &keys[..] else { panic!("two keys: {keys:?}") };
+    assert_eq!(newer.retire_at, None, "the newest key seals and never retires");
+    let retire = older.retire_at.expect("the replaced key retires");
+    assert!(retire > before && retire <= chrono::Utc::now() + chrono::Duration::seconds(61), "{retire}");
+    assert_ne!(older.ciphertext, newer.ciphertext);
+}
+
 both_backends!(
+    session_keys_rotate_with_a_grace,
     repeated_failed_logins_lock_the_account,
     guessing_is_bounded_and_never_locks_the_owner_out,
     register_login_me,

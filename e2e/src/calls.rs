@@ -133,6 +133,23 @@ pub async fn spawn_server(program: &Path, name: &str, args: &[&str]) -> anyhow::
     Ok((process, port))
 }
 
+/// The fast upstream (one tool, refusing calls without [`UPSTREAM_SECRET`]) as a process, and
+/// the target `fast` for it on `gateway`, with the secret as its credential.
+pub async fn fast_target(program: &Path, gateway: &Gateway) -> anyhow::Result<(Process, u16)> {
+    let authorization = format!("Bearer {UPSTREAM_SECRET}");
+    let (process, port) = spawn_server(
+        program,
+        "fast upstream",
+        &["serve-fast-upstream", "--tools", "1", "--authorization", &authorization],
+    )
+    .await?;
+    let fast_id = gateway.target("fast", "streamable-http", &format!("http://127.0.0.1:{port}/mcp")).await?;
+    gateway
+        .post(&format!("/api/targets/{fast_id}/env/default"), json!({"key": "AUTH_TOKEN", "value": UPSTREAM_SECRET}))
+        .await?;
+    Ok((process, port))
+}
+
 /// The report of one level: the gateway's figures, the proxy's and the direct path's.
 fn report(paths: &Paths, scenario: &str, concurrency: usize, gateway: &Run, proxy: &Run, direct: &Run) -> Value {
     let p = |run: &Run, q: f64| percentile(&run.latencies, q);
@@ -164,18 +181,7 @@ fn report(paths: &Paths, scenario: &str, concurrency: usize, gateway: &Run, prox
 pub async fn tools_call(program: &Path, levels: &[usize], duration: Duration) -> anyhow::Result<Vec<Value>> {
     let gateway = Gateway::start_external(program).await?;
     let gateway_pid = gateway.data_plane_pid().context("the data plane's pid")?;
-    let authorization = format!("Bearer {UPSTREAM_SECRET}");
-    let (_fast, fast_port) = spawn_server(
-        program,
-        "fast upstream",
-        &["serve-fast-upstream", "--tools", "1", "--authorization", &authorization],
-    )
-    .await?;
-    let fast = format!("http://127.0.0.1:{fast_port}/mcp");
-    let fast_id = gateway.target("fast", "streamable-http", &fast).await?;
-    gateway
-        .post(&format!("/api/targets/{fast_id}/env/default"), json!({"key": "AUTH_TOKEN", "value": UPSTREAM_SECRET}))
-        .await?;
+    let (_fast, fast_port) = fast_target(program, &gateway).await?;
     let real = everything(Mode::StreamableHttp, None).await?;
     gateway.target("everything", "streamable-http", &real.url).await?;
     gateway.allow_everyone().await?;

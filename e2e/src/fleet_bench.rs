@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::balancer::Balancer;
-use crate::calls::{drive, spawn_server, UPSTREAM_SECRET};
+use crate::calls::{drive, fast_target};
 use crate::client::McpClient;
 use crate::harness::Gateway;
 use crate::percentile;
@@ -27,17 +27,7 @@ pub async fn fleet(
     sessions: usize,
 ) -> anyhow::Result<Vec<Value>> {
     let gateway = Gateway::start_external(program).await?;
-    let authorization = format!("Bearer {UPSTREAM_SECRET}");
-    let (_fast, fast_port) = spawn_server(
-        program,
-        "fast upstream",
-        &["serve-fast-upstream", "--tools", "1", "--authorization", &authorization],
-    )
-    .await?;
-    let fast_id = gateway.target("fast", "streamable-http", &format!("http://127.0.0.1:{fast_port}/mcp")).await?;
-    gateway
-        .post(&format!("/api/targets/{fast_id}/env/default"), json!({"key": "AUTH_TOKEN", "value": UPSTREAM_SECRET}))
-        .await?;
+    let _fast = fast_target(program, &gateway).await?;
     gateway.allow_everyone().await?;
     let mut planes = Vec::new();
     let mut backends = vec![gateway.mcp.trim_start_matches("http://").to_string()];

@@ -342,6 +342,19 @@ pub async fn explain(
         "prompt" => Kind::Prompt,
         other => return Err(ApiError::bad_request(format!("kind: {other:?} is not one of tool, resource, prompt"))),
     };
+    // Decided on the snapshot data planes decide on. A user or target written a moment ago may
+    // not be compiled yet: the compiler is asked, and given a moment, before it is not found.
+    let present = |snapshot: &crate::compile::Snapshot| {
+        snapshot.resources.contains_key(&(Type::User as i32, query.user_id.to_string()))
+            && snapshot.resources.contains_key(&(Type::Target as i32, query.target_id.to_string()))
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    if !state.hub.current().is_some_and(|s| present(&s)) {
+        state.hub.changed();
+        while tokio::time::Instant::now() < deadline && !state.hub.current().is_some_and(|s| present(&s)) {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
     let snapshot = state.hub.current().ok_or_else(|| {
         ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "unavailable", "no snapshot has been compiled yet")
     })?;

@@ -165,20 +165,7 @@ impl Connection {
             }
             let delay = parser.retry().unwrap_or(DEFAULT_RETRY_MS).min(MAX_RETRY_MS);
             tokio::time::sleep(Duration::from_millis(delay)).await;
-            let response = self
-                .http
-                .get(self.url.clone())
-                .headers(self.headers.clone())
-                .header(header::ACCEPT, "text/event-stream")
-                .header("last-event-id", last)
-                .send()
-                .await
-                .map_err(|e| UpstreamError::Unreachable(describe(&e)))?;
-            match response.status() {
-                StatusCode::NOT_FOUND => return Err(UpstreamError::SessionExpired),
-                status if !status.is_success() => return Err(UpstreamError::Status(status.as_u16())),
-                _ => {}
-            }
+            let response = self.resume_from(&last).await?;
             if let Some(reply) = self.read_stream(response, &mut parser, id, sink).await? {
                 return Ok(Posted { session_id, reply: Some(reply) });
             }
@@ -186,10 +173,8 @@ impl Connection {
         Err(UpstreamError::Disconnected)
     }
 
-    /// The rest of a stream after the event `last_event_id`, from the upstream's event store
-    /// (`GET` + `Last-Event-ID`): every message into `sink` with its event id, until the upstream
-    /// ends the stream.
-    pub async fn replay(&self, last_event_id: &str, sink: &Sink) -> Result<(), UpstreamError> {
+    /// `GET` + `Last-Event-ID`: the stream after the event `last_event_id`, or why not.
+    async fn resume_from(&self, last_event_id: &str) -> Result<reqwest::Response, UpstreamError> {
         let response = self
             .http
             .get(self.url.clone())
@@ -204,6 +189,14 @@ impl Connection {
             status if !status.is_success() => return Err(UpstreamError::Status(status.as_u16())),
             _ => {}
         }
+        Ok(response)
+    }
+
+    /// The rest of a stream after the event `last_event_id`, from the upstream's event store
+    /// (`GET` + `Last-Event-ID`): every message into `sink` with its event id, until the upstream
+    /// ends the stream.
+    pub async fn replay(&self, last_event_id: &str, sink: &Sink) -> Result<(), UpstreamError> {
+        let response = self.resume_from(last_event_id).await?;
         let mut parser = EventParser::new(self.max_message_bytes);
         let mut events = Vec::new();
         let mut body = response.bytes_stream();
