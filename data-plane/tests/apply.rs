@@ -310,6 +310,27 @@ fn a_remembered_token_still_expires_and_a_forgery_of_it_is_refused() {
     assert_eq!(authenticated(&later, &token), Err("account is deactivated"));
 }
 
+/// Session keys arrived with travelling sessions: a control plane from before them sends none
+/// (sessions then stay on the data plane that opened them), one that sends them has them opened
+/// here, and a key sealed for another fleet's token rejects the update.
+#[test]
+fn session_keys_in_the_settings_are_optional_and_must_open() {
+    assert!(applied(&full(base())).view.session_seal.is_none(), "none from an older control plane");
+    let with_keys = |sealer: &reflow_common::crypto::DeterministicSealer| {
+        let mut settings: serde_json::Value = serde_json::from_slice(&settings().payload).unwrap();
+        let sealed = sealer.seal(&[9; 32], &resources::SessionKey::aad(1));
+        settings["session_keys"] = serde_json::json!([{"generation": 1, "sealed": b64(sealed)}]);
+        let mut resources = base();
+        resources[0] = resources::resource(ResourceType::Settings, SETTINGS_ID, &settings);
+        full(resources)
+    };
+    let snapshot = applied(&with_keys(&snapshot_sealer(TOKEN)));
+    assert!(snapshot.view.session_seal.as_ref().is_some_and(|seal| seal.accepts(1, 0)));
+    let rejection = apply(None, &with_keys(&snapshot_sealer("another fleet's token")), &snapshot_sealer(TOKEN));
+    let reason = rejection.unwrap_err().reason;
+    assert!(reason.contains("session key 1 does not open"), "{reason}");
+}
+
 /// A fleet upgrades one side at a time: payloads from a newer control plane (fields and resource
 /// types this build does not know) apply, and so do payloads from an older one (fields added
 /// since, absent); only what a resource says it `requires` and this build lacks is refused, and
