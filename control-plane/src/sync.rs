@@ -19,7 +19,9 @@ use std::time::Duration;
 use futures::Stream;
 use reflow_common::crypto::{DeterministicSealer, Keyring};
 use reflow_proto::snapshot::v1::snapshot_service_server::{SnapshotService, SnapshotServiceServer};
-use reflow_proto::snapshot::v1::{sync_request, AuditAck, AuditBatch, Hello, SnapshotUpdate, SyncRequest};
+use reflow_proto::snapshot::v1::{
+    sync_request, AuditAck, AuditBatch, EndedSession, Hello, SnapshotUpdate, SyncRequest,
+};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
@@ -53,7 +55,14 @@ pub struct SnapshotHub {
     history: Mutex<VecDeque<Arc<Snapshot>>>,
     /// Metrics and the activity feed.
     pub observe: Arc<crate::observe::Observe>,
+    /// Travelling sessions deleted on some data plane (nonce → until when), told to every data
+    /// plane this replica streams to.
+    ended: Mutex<std::collections::HashMap<String, i64>>,
+    ended_tx: tokio::sync::broadcast::Sender<Vec<EndedSession>>,
 }
+
+/// The most ended sessions a hub remembers (the oldest are forgotten first; their ids expire).
+const MAX_ENDED: usize = 100_000;
 
 impl SnapshotHub {
     pub fn new(id: String) -> Arc<Self> {
@@ -64,11 +73,48 @@ impl SnapshotHub {
             current: watch::channel(None).0,
             history: Mutex::new(VecDeque::new()),
             observe: crate::observe::Observe::new(),
+            ended: Mutex::new(Default::default()),
+            ended_tx: tokio::sync::broadcast::channel(64).0,
         })
     }
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Notes sessions a data plane reports ended, and tells every stream of this replica about
+    /// those it did not know yet.
+    pub fn sessions_ended(&self, reported: &[EndedSession]) {
+        let now = now().timestamp();
+        let fresh: Vec<EndedSession> = {
+            let mut ended = self.ended.lock().unwrap();
+            ended.retain(|_, until| *until > now);
+            let fresh: Vec<EndedSession> =
+                reported.iter().filter(|e| e.until_unix > now && !ended.contains_key(&e.nonce)).cloned().collect();
+            for e in &fresh {
+                if ended.len() >= MAX_ENDED {
+                    if let Some(oldest) = ended.iter().min_by_key(|(_, until)| **until).map(|(n, _)| n.clone()) {
+                        ended.remove(&oldest);
+                    }
+                }
+                ended.insert(e.nonce.clone(), e.until_unix);
+            }
+            fresh
+        };
+        if !fresh.is_empty() {
+            let _ = self.ended_tx.send(fresh);
+        }
+    }
+
+    /// Every session ended and not yet expired, for a data plane that connects.
+    fn ended_sessions(&self) -> Vec<EndedSession> {
+        let now = now().timestamp();
+        let ended = self.ended.lock().unwrap();
+        ended
+            .iter()
+            .filter(|(_, until)| **until > now)
+            .map(|(nonce, until)| EndedSession { nonce: nonce.clone(), until_unix: *until })
+            .collect()
     }
 
     /// Asks for a recompilation.
@@ -368,6 +414,22 @@ impl Session {
         Session { hub, tx, status, _writer: writer, _following: following, sent: None, acked: None }
     }
 
+    /// Tells the data plane of sessions ended elsewhere: an update that changes nothing of the
+    /// version it was last sent (skipped until it was sent one).
+    async fn tell_ended(&mut self, ended_sessions: Vec<EndedSession>) -> bool {
+        let Some(sent) = &self.sent else { return true };
+        let update = SnapshotUpdate {
+            version: sent.version.clone(),
+            base_version: sent.version.clone(),
+            upserts: Vec::new(),
+            removals: Vec::new(),
+            control_plane_id: self.hub.id.clone(),
+            more: false,
+            ended_sessions,
+        };
+        self.tx.send(Ok(update)).await.is_ok()
+    }
+
     /// Sends what turns the data plane's state into `target`: a diff from what it will hold,
     /// or the full state.
     async fn send(&mut self, target: Arc<Snapshot>, force_full: bool) -> bool {
@@ -385,6 +447,7 @@ impl Session {
                     removals: diff.removals,
                     control_plane_id: self.hub.id.clone(),
                     more: false,
+                    ended_sessions: Vec::new(),
                 }
             }
             None => SnapshotUpdate {
@@ -394,6 +457,8 @@ impl Session {
                 removals: Vec::new(),
                 control_plane_id: self.hub.id.clone(),
                 more: false,
+                // A data plane that (re)connects learns what ended while it was away.
+                ended_sessions: self.hub.ended_sessions(),
             },
         };
         self.sent = Some(target);
@@ -418,6 +483,7 @@ impl Session {
             });
         }
         let mut current = self.hub.subscribe();
+        let mut ended = self.hub.ended_tx.subscribe();
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let initial = current.borrow_and_update().clone();
@@ -442,6 +508,16 @@ impl Session {
                 }
                 _ = heartbeat.tick() => {
                     self.status.send_modify(|s| s.last_seen = now());
+                }
+                notice = ended.recv() => {
+                    let sessions = match notice {
+                        Ok(sessions) => sessions,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => self.hub.ended_sessions(),
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => continue,
+                    };
+                    if !self.tell_ended(sessions).await {
+                        break "stream closed";
+                    }
                 }
                 message = inbound.message() => match message {
                     Ok(Some(SyncRequest { kind: Some(sync_request::Kind::Ack(ack)) })) => {
@@ -475,6 +551,7 @@ impl Session {
                         }
                     }
                     Ok(Some(SyncRequest { kind: Some(sync_request::Kind::Status(report)) })) => {
+                        self.hub.sessions_ended(&report.ended_sessions);
                         let instances = report.instances.iter().map(instance_status).collect();
                         let plane_report = plane_report(&report);
                         self.status.send_modify(|s| {

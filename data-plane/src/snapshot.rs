@@ -298,6 +298,7 @@ pub fn as_full_update(snapshot: &DataSnapshot) -> SnapshotUpdate {
         removals: Vec::new(),
         control_plane_id: String::new(),
         more: false,
+        ended_sessions: Vec::new(),
     }
 }
 /// At most this many verified JWTs are remembered per snapshot; the memory is cleared when full.

@@ -81,6 +81,8 @@ pub trait Observer: Send + Sync {
     fn applied(&self, snapshot: &crate::snapshot::DataSnapshot);
     /// The status to report: running processes, recycles and restarts done.
     fn status(&self) -> Status;
+    /// Sessions ended on other data planes, as the control plane relays them.
+    fn ended_elsewhere(&self, _ended: &[reflow_proto::snapshot::v1::EndedSession]) {}
 }
 
 pub type Report = Arc<dyn Observer>;
@@ -239,6 +241,21 @@ async fn stream_once(
             }
         };
         let current = state.load();
+        if !update.ended_sessions.is_empty() {
+            if let Some(report) = report {
+                report.ended_elsewhere(&update.ended_sessions);
+            }
+        }
+        // Only news of ended sessions: nothing to apply.
+        if update.upserts.is_empty() && update.removals.is_empty() && update.version == update.base_version {
+            if current.as_ref().is_some_and(|c| c.version == update.version) {
+                let ack = sync_request::Kind::Ack(Ack { version: update.version.clone() });
+                if tx.send(SyncRequest { kind: Some(ack) }).await.is_err() {
+                    return Err(StreamEnd::Failed("stream closed".into()));
+                }
+            }
+            continue;
+        }
         let reply = match apply(current.as_deref(), &update, sealer) {
             Ok(snapshot) => {
                 tracing::info!(

@@ -109,6 +109,7 @@ fn full(resources: Vec<Resource>) -> SnapshotUpdate {
         removals: vec![],
         control_plane_id: "cp".into(),
         more: false,
+        ended_sessions: vec![],
     }
 }
 
@@ -146,6 +147,7 @@ fn diffs_apply_on_their_base_only() {
         removals: vec![ResourceRef { r#type: ResourceType::Policy as i32, id: "p1".into() }],
         control_plane_id: "cp".into(),
         more: false,
+        ended_sessions: vec![],
     };
     let second = apply(Some(&first), &diff, &sealer).unwrap();
     assert!(!second.view.users["u1"].active);

@@ -279,6 +279,7 @@ pub fn one_policy_change(users: usize, targets: usize, policies: usize) -> anyho
         removals: diff.removals,
         control_plane_id: "bench".into(),
         more: false,
+        ended_sessions: vec![],
     };
     let full = SnapshotUpdate { version: after.version.clone(), upserts: after.full(), ..Default::default() };
     Ok(json!({

@@ -354,10 +354,11 @@ async fn a_reply_stream_cut_by_a_killed_data_plane_resumes_on_another_with_last_
     assert!(rest.lines().filter(|l| l.starts_with("id:")).count() >= 4, "resumable again: {rest}");
 }
 
-/// On the aggregated endpoint too, the upstream sessions travel: opened with `initialize`, carried
-/// in the id, adopted by the replicas that serve the session afterwards.
+/// An aggregated session resumes on every replica too. Its upstream sessions open on first use
+/// (after its id was issued, so the id cannot carry them): one per replica that used the target,
+/// never one per request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_aggregated_session_carries_its_upstream_sessions_to_every_replica() {
+async fn an_aggregated_session_resumes_on_every_replica_with_an_upstream_session_per_replica() {
     let gateway = Gateway::start().await.unwrap();
     let server = everything(Mode::StreamableHttp, None).await.unwrap();
     let upstream = Balancer::start(vec![format!("127.0.0.1:{}", server.port)]).await.unwrap();
@@ -367,11 +368,65 @@ async fn an_aggregated_session_carries_its_upstream_sessions_to_every_replica() 
     let (_c, third) = gateway.another_data_plane("aggregate-c").await.unwrap();
     let token = &gateway.admin_token;
     let session = initialize(&format!("{}/mcp", gateway.mcp), token).await;
-    for base in [&second, &third, &gateway.mcp] {
-        let mut client = reflow_e2e::client::McpClient::new(&format!("{base}/mcp"), token);
-        client.session = Some(session.clone());
-        let answer = client.call("everything_echo", json!({"message": "here"})).await.unwrap();
-        assert!(answer.to_string().contains("here"), "{base}: {answer}");
+    for _ in 0..2 {
+        for base in [&second, &third, &gateway.mcp] {
+            let mut client = reflow_e2e::client::McpClient::new(&format!("{base}/mcp"), token);
+            client.session = Some(session.clone());
+            let answer = client.call("everything_echo", json!({"message": "here"})).await.unwrap();
+            assert!(answer.to_string().contains("here"), "{base}: {answer}");
+        }
     }
-    assert_eq!(upstream_initializations(&upstream), 1, "one upstream session for the aggregated session");
+    assert_eq!(upstream_initializations(&upstream), 3, "one upstream session per replica that used it");
+}
+
+/// A session with nothing upstream to tell its end (a STDIO server, local to each replica) is
+/// deleted on every replica all the same: the deleting one reports it, the control plane tells
+/// every data plane, one that connects later too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_stdio_session_is_deleted_on_every_replica() {
+    let gateway = Gateway::start().await.unwrap();
+    let script = reflow_e2e::harness::node_package("@modelcontextprotocol/server-everything/dist/index.js");
+    gateway
+        .post(
+            "/api/targets",
+            json!({"name": "local", "transport_type": "stdio", "command": "node", "args": [script.to_string_lossy(), "stdio"]}),
+        )
+        .await
+        .unwrap();
+    gateway.allow_everyone().await.unwrap();
+    let (_b, second) = gateway.another_data_plane("stdio-b").await.unwrap();
+    let token = &gateway.admin_token;
+    let session = initialize(&format!("{}/mcp/local", gateway.mcp), token).await;
+    let call = |base: String| {
+        let session = session.clone();
+        async move {
+            let mut client = reflow_e2e::client::McpClient::new(&format!("{base}/mcp/local"), token);
+            client.session = Some(session);
+            client.request("tools/call", json!({"name": "echo", "arguments": {"message": "hi"}})).await.unwrap()
+        }
+    };
+    let resumed = call(second.clone()).await;
+    assert_eq!(resumed.status, 200, "resumed against the other replica's process: {:?}", resumed.messages);
+    assert!(format!("{:?}", resumed.messages).contains("hi"), "{:?}", resumed.messages);
+
+    let deleted = reqwest::Client::new()
+        .delete(format!("{}/mcp/local", gateway.mcp))
+        .bearer_auth(token)
+        .header("mcp-session-id", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status().as_u16(), 204);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = call(second.clone()).await;
+        if answer.status == 404 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still served after DELETE: {:?}", answer.messages);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_c, third) = gateway.another_data_plane("stdio-c").await.unwrap();
+    let late = call(third).await;
+    assert_eq!(late.status, 404, "a data plane that connected after the DELETE: {:?}", late.messages);
 }

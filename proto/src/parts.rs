@@ -26,6 +26,7 @@ pub fn split(update: SnapshotUpdate, max: usize) -> Vec<SnapshotUpdate> {
         upserts: Vec::new(),
         removals: Vec::new(),
         more: true,
+        ended_sessions: update.ended_sessions.clone(),
     };
     let empty = header(&update);
     let mut parts = Vec::new();
@@ -128,6 +129,7 @@ mod tests {
             removals: (0..3).map(|i| ResourceRef { r#type: 2, id: format!("gone{i}") }).collect(),
             control_plane_id: "cp".into(),
             more: false,
+            ended_sessions: vec![],
         }
     }
 

@@ -89,6 +89,9 @@ pub struct Gateway {
     pub telemetry: Arc<crate::telemetry::Telemetry>,
     /// Cancelled when the data plane begins shutting down: no new sessions, streams end.
     pub draining: CancellationToken,
+    /// Travelling sessions ended for good (nonce → until when, and whether here), so that no
+    /// replica resumes them: see [`super::resume`].
+    pub(super) ended: std::sync::Mutex<HashMap<String, (i64, bool)>>,
 }
 
 impl Gateway {
@@ -133,6 +136,7 @@ impl Gateway {
             telemetry,
             settings,
             draining: CancellationToken::new(),
+            ended: Default::default(),
         });
         crate::telemetry::collect_state(&gateway);
         gateway
@@ -303,9 +307,6 @@ impl Gateway {
         let _ = session.upstream_params.set((upstream_params.into_boxed_str(), hash));
         let result = match &session.scope {
             Scope::Aggregate => {
-                if caller.snapshot.view.session_seal.is_some() {
-                    self.open_shared_upstreams(session, caller).await;
-                }
                 json!({
                 "protocolVersion": version,
                 "capabilities": {
@@ -689,6 +690,19 @@ impl crate::sync::Observer for Gateway {
         // Rounded to the KiB, so a spool that merely breathes does not make every check a report.
         let audit_spool_bytes = self.audit().map_or(0, |recorder| recorder.status().spool_bytes / 1024 * 1024);
         let sessions = self.sessions.len() as u32;
-        reflow_proto::snapshot::v1::Status { instances, recycled, restarted, targets, sessions, audit_spool_bytes }
+        let ended_sessions = self.ended_here();
+        reflow_proto::snapshot::v1::Status {
+            instances,
+            recycled,
+            restarted,
+            targets,
+            sessions,
+            audit_spool_bytes,
+            ended_sessions,
+        }
+    }
+
+    fn ended_elsewhere(&self, ended: &[reflow_proto::snapshot::v1::EndedSession]) {
+        self.sessions_ended_elsewhere(ended);
     }
 }

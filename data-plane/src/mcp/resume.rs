@@ -19,9 +19,6 @@ pub fn session_not_found(why: &str) -> Refusal {
     Refusal::new(StatusCode::NOT_FOUND, INVALID_REQUEST, format!("session not found: {why}; initialize a new one"))
 }
 
-/// The most upstream sessions a ticket carries (each adds about 150 bytes to the session id).
-pub const MAX_CARRIED: usize = 16;
-
 /// Why a session is not found, when nothing more can be said.
 pub const GONE: &str = "it ended or never existed";
 
@@ -56,30 +53,6 @@ impl Gateway {
         let _ = session.ticket.set(seal.seal(&session.id, &ticket, now()));
     }
 
-    /// On `/mcp`, a travelling session opens its upstream sessions to HTTP targets with its
-    /// `initialize` (in parallel, each within `mcp.list_timeout`; a client lists them next
-    /// anyway), so that its ticket carries them and every replica adopts the same ones. STDIO and
-    /// legacy SSE upstreams are local to a replica, and pods are not started before they are
-    /// used: those open on first use, per replica. At most [`MAX_CARRIED`] are carried.
-    pub(super) async fn open_shared_upstreams(self: &Arc<Self>, session: &Arc<ClientSession>, caller: &Caller) {
-        let kubernetes = self.settings.kubernetes.is_some();
-        let targets: Vec<&reflow_proto::resources::Target> =
-            Gateway::reachable(&Scope::Aggregate, &caller.snapshot, &caller.user, kubernetes)
-                .into_iter()
-                .filter(|t| t.transport_type == reflow_common::model::TransportType::StreamableHttp)
-                .take(MAX_CARRIED)
-                .collect();
-        let opening = targets.into_iter().map(|target| async move {
-            let upstream = self.upstream(session, caller, target).await;
-            match tokio::time::timeout(self.settings.list_timeout, upstream.initialize_result()).await {
-                Ok(Ok(_)) => self.health.ok(&target.id),
-                Ok(Err(error)) => self.count_failure(target, &error),
-                Err(_) => {}
-            }
-        });
-        futures::future::join_all(opening).await;
-    }
-
     /// The session `id` names, resumed from its ticket on this replica (which does not hold
     /// it). Anything but a ticket of this user, for this endpoint, under a key still accepted,
     /// and not since deleted or recycled, is refused as an unknown session.
@@ -88,6 +61,9 @@ impl Gateway {
         let nonce = ticket::nonce_of(id).ok_or_else(|| not_found(GONE))?;
         if let Some(why) = self.sessions.closed_because(nonce) {
             return Err(not_found(why));
+        }
+        if self.ended.lock().unwrap().contains_key(nonce) {
+            return Err(not_found(DELETED));
         }
         let seal = caller.snapshot.view.session_seal.as_ref().ok_or_else(|| not_found(GONE))?;
         let max_age = self.settings.session_max_age.as_secs() as i64;
@@ -226,6 +202,11 @@ impl Gateway {
     /// those it carried from another replica too, and its id is not resumed here again.
     pub(super) async fn end_session(self: &Arc<Self>, session: &Arc<ClientSession>, caller: &Caller) {
         self.sessions.close_because(&session.id, DELETED);
+        if session.ticket.get().is_some() {
+            // Reported to the control plane, which tells every other replica.
+            let until = now() + self.settings.session_max_age.as_secs() as i64;
+            self.remember_ended(&session.id, until, true);
+        }
         let carried: Vec<String> = session.resume.lock().unwrap().keys().cloned().collect();
         for name in carried {
             if let Some(target) = Gateway::granted(caller, &name) {
@@ -233,6 +214,55 @@ impl Gateway {
             }
         }
         session.close().await;
+    }
+}
+
+/// The most ended sessions a data plane remembers (the soonest to expire are forgotten first).
+const MAX_ENDED: usize = 100_000;
+
+impl Gateway {
+    fn remember_ended(&self, nonce: &str, until: i64, here: bool) {
+        let now = now();
+        let mut ended = self.ended.lock().unwrap();
+        if ended.len() >= MAX_ENDED {
+            ended.retain(|_, (until, _)| *until > now);
+        }
+        if ended.len() >= MAX_ENDED {
+            if let Some(first) = ended.iter().min_by_key(|(_, (until, _))| *until).map(|(n, _)| n.clone()) {
+                ended.remove(&first);
+            }
+        }
+        let entry = ended.entry(nonce.to_string()).or_insert((until, here));
+        entry.1 |= here;
+    }
+
+    /// Travelling sessions deleted here and not yet expired: reported to the control plane.
+    pub(super) fn ended_here(&self) -> Vec<reflow_proto::snapshot::v1::EndedSession> {
+        let now = now();
+        let mut ended = self.ended.lock().unwrap();
+        ended.retain(|_, (until, _)| *until > now);
+        let mut here: Vec<_> = ended
+            .iter()
+            .filter(|(_, (_, here))| *here)
+            .map(|(nonce, (until, _))| reflow_proto::snapshot::v1::EndedSession {
+                nonce: nonce.clone(),
+                until_unix: *until,
+            })
+            .collect();
+        here.sort_by(|a, b| a.nonce.cmp(&b.nonce));
+        here
+    }
+
+    /// Sessions deleted on other replicas: never resumed here, and let go if held.
+    pub(super) fn sessions_ended_elsewhere(&self, ended: &[reflow_proto::snapshot::v1::EndedSession]) {
+        for session in ended {
+            self.remember_ended(&session.nonce, session.until_unix, false);
+            if let Some(held) = self.sessions.close_because(&session.nonce, DELETED) {
+                tracing::info!(session = %super::session::short(&held.id), "the session was deleted on another replica");
+                // The replica that deleted it closed its upstream sessions.
+                tokio::spawn(async move { held.detach().await });
+            }
+        }
     }
 }
 
