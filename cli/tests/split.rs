@@ -106,3 +106,69 @@ fn data_planes_outlive_the_control_plane_and_converge_when_it_returns() {
     });
     assert_eq!(mcp_status(&dp1.base, &api_token), 200, "the other data plane is unaffected");
 }
+
+/// `tools/list` on `/mcp` in `session`, straight to one data plane: the HTTP status.
+fn list_status(base: &str, token: &str, session: &str) -> u16 {
+    reqwest::blocking::Client::new()
+        .post(format!("{base}/mcp"))
+        .bearer_auth(token)
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", session)
+        .json(&json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}))
+        .send()
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+/// Two control-plane replicas on one PostgreSQL, each with its own data plane, and a session on
+/// `/mcp` with no upstream that could tell it ended: deleted through one replica's data plane,
+/// it is refused by the other replica's, and by a data plane of a replica started afterwards.
+#[test]
+fn a_session_deleted_behind_one_control_plane_replica_is_refused_behind_every_other() {
+    let db = TestDatabase::create("reflow_ended");
+    let work = tempfile::tempdir().unwrap();
+    let logs = work.path();
+    let grpc_a = free_port();
+    let cp_a = start_control_plane(&db, free_port(), grpc_a, logs, &[]);
+    let register = reqwest::blocking::Client::new()
+        .post(format!("{}/api/auth/register", cp_a.base))
+        .json(&json!({"email": "admin@example.com", "password": "secure123"}))
+        .send()
+        .unwrap();
+    assert_eq!(register.status().as_u16(), 201);
+    let jwt = login(&cp_a.base, "admin@example.com", "secure123");
+    let token = create_api_token(&cp_a.base, &jwt, "client");
+    let grpc_b = free_port();
+    let _cp_b = start_control_plane(&db, free_port(), grpc_b, logs, &[]);
+    let dp_a = start_data_plane(grpc_a, DATA_PLANE_TOKEN, "dp-a", free_port(), &work.path().join("a"), logs);
+    let dp_b = start_data_plane(grpc_b, DATA_PLANE_TOKEN, "dp-b", free_port(), &work.path().join("b"), logs);
+    for dp in [&dp_a, &dp_b] {
+        eventually(Duration::from_secs(10), "the API token reaches the data plane", || {
+            mcp_status(&dp.base, &token) == 200
+        });
+    }
+    let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "split", "version": "1"}}});
+    let (session, answer) = mcp_request(&dp_a.base, "/mcp", &token, None, initialize);
+    assert!(answer.get("result").is_some(), "{answer}");
+    let session = session.expect("a session id");
+    assert_eq!(list_status(&dp_b.base, &token, &session), 200, "the other replica's data plane resumes the session");
+
+    let deleted = reqwest::blocking::Client::new()
+        .delete(format!("{}/mcp", dp_a.base))
+        .bearer_auth(&token)
+        .header("mcp-session-id", &session)
+        .send()
+        .unwrap();
+    assert_eq!(deleted.status().as_u16(), 204);
+    eventually(Duration::from_secs(10), "the other replica's data plane refuses the deleted session", || {
+        list_status(&dp_b.base, &token, &session) == 404
+    });
+    let grpc_c = free_port();
+    let _cp_c = start_control_plane(&db, free_port(), grpc_c, logs, &[]);
+    let dp_c = start_data_plane(grpc_c, DATA_PLANE_TOKEN, "dp-c", free_port(), &work.path().join("c"), logs);
+    eventually(Duration::from_secs(10), "the late data plane has its snapshot", || {
+        mcp_status(&dp_c.base, &token) == 200
+    });
+    assert_eq!(list_status(&dp_c.base, &token, &session), 404, "a data plane of a replica started after the DELETE");
+}

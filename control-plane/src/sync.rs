@@ -64,6 +64,34 @@ pub struct SnapshotHub {
 /// The most ended sessions a hub remembers (the oldest are forgotten first; their ids expire).
 const MAX_ENDED: usize = 100_000;
 
+/// A session nonce as data planes make them (22 characters of URL-safe base64), with room to
+/// spare: anything else a data plane reports is not stored.
+fn plausible_nonce(nonce: &str) -> bool {
+    (1..=64).contains(&nonce.len()) && nonce.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Sessions ended through another control-plane replica, or before this one started, reach
+/// this replica's data planes too: read from the store, then as the store announces them.
+async fn learn_ended_sessions(hub: Arc<SnapshotHub>, store: DynStore, shutdown: CancellationToken) {
+    let learn = |recorded: Vec<(String, i64)>| {
+        let ended: Vec<EndedSession> =
+            recorded.into_iter().map(|(nonce, until_unix)| EndedSession { nonce, until_unix }).collect();
+        hub.sessions_ended(&ended);
+    };
+    match store.ended_sessions().await {
+        Ok(recorded) => learn(recorded),
+        Err(error) => tracing::warn!(%error, "cannot read the sessions ended before this control plane started"),
+    }
+    let (tx, mut rx) = mpsc::channel(64);
+    let listening = store.listen_for_ended_sessions(tx, shutdown);
+    let learning = async {
+        while let Some(recorded) = rx.recv().await {
+            learn(recorded);
+        }
+    };
+    tokio::join!(listening, learning);
+}
+
 impl SnapshotHub {
     pub fn new(id: String) -> Arc<Self> {
         Arc::new(SnapshotHub {
@@ -82,15 +110,18 @@ impl SnapshotHub {
         &self.id
     }
 
-    /// Notes sessions a data plane reports ended, and tells every stream of this replica about
-    /// those it did not know yet.
-    pub fn sessions_ended(&self, reported: &[EndedSession]) {
+    /// Notes sessions a data plane (or another replica) reports ended, and tells every stream
+    /// of this replica about those it did not know yet; returns those.
+    pub fn sessions_ended(&self, reported: &[EndedSession]) -> Vec<EndedSession> {
         let now = now().timestamp();
         let fresh: Vec<EndedSession> = {
             let mut ended = self.ended.lock().unwrap();
             ended.retain(|_, until| *until > now);
-            let fresh: Vec<EndedSession> =
-                reported.iter().filter(|e| e.until_unix > now && !ended.contains_key(&e.nonce)).cloned().collect();
+            let fresh: Vec<EndedSession> = reported
+                .iter()
+                .filter(|e| e.until_unix > now && plausible_nonce(&e.nonce) && !ended.contains_key(&e.nonce))
+                .cloned()
+                .collect();
             for e in &fresh {
                 if ended.len() >= MAX_ENDED {
                     if let Some(oldest) = ended.iter().min_by_key(|(_, until)| **until).map(|(n, _)| n.clone()) {
@@ -102,8 +133,9 @@ impl SnapshotHub {
             fresh
         };
         if !fresh.is_empty() {
-            let _ = self.ended_tx.send(fresh);
+            let _ = self.ended_tx.send(fresh.clone());
         }
+        fresh
     }
 
     /// Every session ended and not yet expired, for a data plane that connects.
@@ -237,6 +269,7 @@ pub async fn run_compiler(
         let (store, changes, shutdown) = (store.clone(), hub.changes.clone(), shutdown.clone());
         tokio::spawn(async move { store.listen_for_changes(changes, shutdown).await })
     };
+    let learner = tokio::spawn(learn_ended_sessions(hub.clone(), store.clone(), shutdown.clone()));
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut safety = tokio::time::interval(SAFETY_TICK);
@@ -259,6 +292,7 @@ pub async fn run_compiler(
         }
     }
     let _ = listener.await;
+    let _ = learner.await;
 }
 
 /// The gRPC snapshot service.
@@ -361,6 +395,8 @@ impl SnapshotService for SnapshotGrpc {
 /// One data plane's stream.
 struct Session {
     hub: Arc<SnapshotHub>,
+    /// Where sessions the data plane reports ended are recorded, for every other replica.
+    store: DynStore,
     tx: mpsc::Sender<Result<SnapshotUpdate, Status>>,
     /// Latest status; a writer task persists it so a slow or absent store never stalls
     /// the stream.
@@ -398,7 +434,9 @@ impl Session {
             report: Default::default(),
         };
         let (status, mut updates) = watch::channel(status);
+        let writer_store = store.clone();
         let writer = tokio::spawn(async move {
+            let store = writer_store;
             loop {
                 let current = updates.borrow_and_update().clone();
                 if let Err(error) = store.put_data_plane(&current).await {
@@ -411,7 +449,23 @@ impl Session {
         });
         tracing::info!(node = %hello.node_id, group = %hello.group, build = %hello.build_version, have = %hello.have_version, "data plane connected");
         let following = hub.observe.follow(status.subscribe());
-        Session { hub, tx, status, _writer: writer, _following: following, sent: None, acked: None }
+        Session { hub, store, tx, status, _writer: writer, _following: following, sent: None, acked: None }
+    }
+
+    /// Notes sessions the data plane ended, and records those new to this replica for the
+    /// others (in the background: a slow store never stalls the stream).
+    fn record_ended(&self, reported: &[EndedSession]) {
+        let fresh = self.hub.sessions_ended(reported);
+        if fresh.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        let ended: Vec<(String, i64)> = fresh.into_iter().map(|e| (e.nonce, e.until_unix)).collect();
+        tokio::spawn(async move {
+            if let Err(error) = store.end_sessions(&ended).await {
+                tracing::warn!(%error, sessions = ended.len(), "cannot record ended sessions for the other control-plane replicas");
+            }
+        });
     }
 
     /// Tells the data plane of sessions ended elsewhere: an update that changes nothing of the
@@ -551,7 +605,7 @@ impl Session {
                         }
                     }
                     Ok(Some(SyncRequest { kind: Some(sync_request::Kind::Status(report)) })) => {
-                        self.hub.sessions_ended(&report.ended_sessions);
+                        self.record_ended(&report.ended_sessions);
                         let instances = report.instances.iter().map(instance_status).collect();
                         let plane_report = plane_report(&report);
                         self.status.send_modify(|s| {

@@ -134,6 +134,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         forget_before: DateTime<Utc>,
     ) -> StoreResult<SessionKeyEntry>;
 
+    /// Records MCP sessions ended on some data plane (nonce, until when as Unix seconds), and
+    /// forgets those whose time has passed. PostgreSQL tells every listening replica.
+    async fn end_sessions(&self, ended: &[(String, i64)]) -> StoreResult<()>;
+    /// The ended sessions whose time has not passed.
+    async fn ended_sessions(&self) -> StoreResult<Vec<(String, i64)>>;
+
     /// Everything snapshots are compiled from, as of one moment.
     async fn load_state(&self) -> StoreResult<StoreState>;
     /// Records a data plane's status (insert or replace).
@@ -159,6 +165,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// `shutdown` is cancelled. PostgreSQL: `LISTEN reflow_changes`. SQLite has one process,
     /// which signals itself, so it returns at once.
     async fn listen_for_changes(&self, notify: Arc<tokio::sync::Notify>, shutdown: tokio_util::sync::CancellationToken);
+    /// Sends the sessions other replicas record ended (see [`Store::end_sessions`]) to `ended`,
+    /// until `shutdown` is cancelled or `ended` closes; after a lost connection it sends every
+    /// one recorded, since some may have been missed. PostgreSQL: `LISTEN reflow_sessions`.
+    /// SQLite has one process, so it returns at once.
+    async fn listen_for_ended_sessions(
+        &self,
+        ended: tokio::sync::mpsc::Sender<Vec<(String, i64)>>,
+        shutdown: tokio_util::sync::CancellationToken,
+    );
 }
 
 /// Which audit records to read: every field optional, newest first, `limit` at most 1000.

@@ -1497,6 +1497,43 @@ macro_rules! sql_store {
             async fn listen_for_changes(&self, notify: Arc<tokio::sync::Notify>, shutdown: tokio_util::sync::CancellationToken) {
                 self.change_listener(notify, shutdown).await
             }
+
+            async fn end_sessions(&self, ended: &[(String, i64)]) -> StoreResult<()> {
+                let mut tx = self.pool.begin().await.map_err(db)?;
+                sqlx::query("DELETE FROM ended_sessions WHERE until_unix <= $1")
+                    .bind(Utc::now().timestamp())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                for (nonce, until) in ended {
+                    sqlx::query("INSERT INTO ended_sessions (nonce, until_unix) VALUES ($1, $2) ON CONFLICT (nonce) DO NOTHING")
+                        .bind(nonce)
+                        .bind(until)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                }
+                tx.commit().await.map_err(db)
+            }
+
+            async fn ended_sessions(&self) -> StoreResult<Vec<(String, i64)>> {
+                let rows = sqlx::query("SELECT nonce, until_unix FROM ended_sessions WHERE until_unix > $1")
+                    .bind(Utc::now().timestamp())
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db)?;
+                rows.iter()
+                    .map(|row| Ok((row.try_get("nonce").map_err(db)?, row.try_get("until_unix").map_err(db)?)))
+                    .collect()
+            }
+
+            async fn listen_for_ended_sessions(
+                &self,
+                ended: tokio::sync::mpsc::Sender<Vec<(String, i64)>>,
+                shutdown: tokio_util::sync::CancellationToken,
+            ) {
+                self.ended_listener(ended, shutdown).await
+            }
         }
     };
 }
@@ -1511,39 +1548,79 @@ sql_store!(
 // A SQLite read transaction sees one snapshot of the database from its first read on.
 sql_store!(SqliteStore, sqlx::Sqlite, sqlx::sqlite::SqliteRow, "sqlite", "SELECT 1");
 
+/// Runs `listen` until `shutdown`, starting it again after a lost connection (with a backoff
+/// from 200 ms to 5 s); it ends for good when `listen` returns `Ok`.
+async fn reconnecting<F, Fut>(what: &str, shutdown: &tokio_util::sync::CancellationToken, mut listen: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let mut backoff = std::time::Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            result = listen() => match result {
+                Ok(()) => return,
+                Err(error) => tracing::warn!(%error, "{what} lost its connection; retrying"),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+    }
+}
+
 impl PostgresStore {
     async fn change_listener(&self, notify: Arc<tokio::sync::Notify>, shutdown: tokio_util::sync::CancellationToken) {
-        let mut backoff = std::time::Duration::from_millis(200);
-        while !shutdown.is_cancelled() {
-            let listen = async {
-                let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
-                listener.listen("reflow_changes").await?;
-                // Changes committed while not listening are caught by this wake-up.
+        reconnecting("change listener", &shutdown, || async {
+            let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await.map_err(|e| e.to_string())?;
+            listener.listen("reflow_changes").await.map_err(|e| e.to_string())?;
+            // Changes committed while not listening are caught by this wake-up.
+            notify.notify_one();
+            loop {
+                listener.recv().await.map_err(|e| e.to_string())?;
                 notify.notify_one();
-                loop {
-                    listener.recv().await?;
-                    notify.notify_one();
-                }
-            };
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                result = listen => {
-                    let result: Result<(), sqlx::Error> = result;
-                    if let Err(error) = result {
-                        tracing::warn!(%error, "change listener lost its connection; retrying");
-                    }
+            }
+        })
+        .await
+    }
+
+    async fn ended_listener(
+        &self,
+        ended: tokio::sync::mpsc::Sender<Vec<(String, i64)>>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        reconnecting("ended-session listener", &shutdown, || async {
+            let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await.map_err(|e| e.to_string())?;
+            listener.listen("reflow_sessions").await.map_err(|e| e.to_string())?;
+            // Sessions ended while not listening are in the table.
+            let recorded = self.ended_sessions().await.map_err(|e| e.to_string())?;
+            if ended.send(recorded).await.is_err() {
+                return Ok(());
+            }
+            loop {
+                let notification = listener.recv().await.map_err(|e| e.to_string())?;
+                let Some((nonce, until)) = notification.payload().split_once(' ') else { continue };
+                let Ok(until) = until.parse::<i64>() else { continue };
+                if ended.send(vec![(nonce.to_string(), until)]).await.is_err() {
+                    return Ok(());
                 }
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
-        }
+        })
+        .await
     }
 }
 
 impl SqliteStore {
+    async fn ended_listener(
+        &self,
+        _ended: tokio::sync::mpsc::Sender<Vec<(String, i64)>>,
+        _shutdown: tokio_util::sync::CancellationToken,
+    ) {
+    }
+
     async fn change_listener(&self, _notify: Arc<tokio::sync::Notify>, _shutdown: tokio_util::sync::CancellationToken) {
     }
 }
