@@ -463,7 +463,7 @@ async fn bad_input_gets_the_status_the_specification_prescribes() {
         .await
         .unwrap(),
         400,
-        -32600,
+        -32022,
     );
 
     // Methods: ping locally, unknown → -32601.

@@ -75,6 +75,10 @@ pub struct Refusal {
     pub status: StatusCode,
     pub code: i64,
     pub message: String,
+    /// The id of the request refused, when it could be read.
+    pub id: Value,
+    /// The JSON-RPC error's `data`.
+    pub data: Option<Value>,
     /// `Retry-After`, in seconds.
     retry_after: Option<u64>,
     /// `WWW-Authenticate` for a bearer token that did not authenticate.
@@ -83,7 +87,28 @@ pub struct Refusal {
 
 impl Refusal {
     pub fn new(status: StatusCode, code: i64, message: impl Into<String>) -> Self {
-        Refusal { status, code, message: message.into(), retry_after: None, challenge: false }
+        Refusal {
+            status,
+            code,
+            message: message.into(),
+            id: Value::Null,
+            data: None,
+            retry_after: None,
+            challenge: false,
+        }
+    }
+
+    /// Names the request refused in the error (unless it names one already).
+    pub fn for_request(mut self, id: &Value) -> Self {
+        if self.id.is_null() {
+            self.id = id.clone();
+        }
+        self
+    }
+
+    pub fn with_data(mut self, data: Value) -> Self {
+        self.data = Some(data);
+        self
     }
 
     /// 400 with `INVALID_REQUEST`: the request itself is malformed.
@@ -116,7 +141,11 @@ impl Refusal {
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
-        let mut response = (self.status, Json(jsonrpc::error(Value::Null, self.code, self.message))).into_response();
+        let mut body = jsonrpc::error(self.id, self.code, self.message);
+        if let Some(data) = self.data {
+            body["error"]["data"] = data;
+        }
+        let mut response = (self.status, Json(body)).into_response();
         let headers = response.headers_mut();
         if let Some(seconds) = self.retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));

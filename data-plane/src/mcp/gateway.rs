@@ -92,6 +92,9 @@ pub struct Gateway {
     /// Travelling sessions ended for good (nonce → until when, and whether here), so that no
     /// replica resumes them: see [`super::resume`].
     pub(super) ended: std::sync::Mutex<HashMap<String, (i64, bool)>>,
+    /// Exchanges of stateless-era clients waiting for their `inputResponses`, by
+    /// `requestState` (see [`super::modern`]).
+    pub(super) parked: std::sync::Mutex<HashMap<String, super::modern::Parked>>,
 }
 
 impl Gateway {
@@ -137,6 +140,7 @@ impl Gateway {
             settings,
             draining: CancellationToken::new(),
             ended: Default::default(),
+            parked: Default::default(),
         });
         crate::telemetry::collect_state(&gateway);
         gateway
@@ -306,21 +310,7 @@ impl Gateway {
         let hash = client_hash(&upstream_params);
         let _ = session.upstream_params.set((upstream_params.into_boxed_str(), hash));
         let result = match &session.scope {
-            Scope::Aggregate => {
-                json!({
-                "protocolVersion": version,
-                "capabilities": {
-                    "tools": {"listChanged": true},
-                    "prompts": {"listChanged": true},
-                    "resources": {"subscribe": true, "listChanged": true},
-                    "completions": {},
-                    "logging": {},
-                },
-                "serverInfo": {"name": "reflow-gateway", "title": "Reflow Gateway", "version": env!("CARGO_PKG_VERSION")},
-                "instructions": "Tools, prompts and resources of every MCP server you may use, through Reflow Gateway. \
-                    Names are prefixed with the server's name: <server>_<name>.",
-                })
-            }
+            Scope::Aggregate => aggregate_description(&version),
             Scope::Target(name) => {
                 let Some(target) = Gateway::granted(caller, name) else {
                     return McpError::Unknown { kind: "target", name: name.clone() }.into_jsonrpc(id);
@@ -650,6 +640,23 @@ impl Gateway {
             }
         }
     }
+}
+
+/// What `/mcp` says of itself (the `initialize` result of protocol `version`).
+pub(super) fn aggregate_description(version: &str) -> Value {
+    json!({
+        "protocolVersion": version,
+        "capabilities": {
+            "tools": {"listChanged": true},
+            "prompts": {"listChanged": true},
+            "resources": {"subscribe": true, "listChanged": true},
+            "completions": {},
+            "logging": {},
+        },
+        "serverInfo": {"name": "reflow-gateway", "title": "Reflow Gateway", "version": env!("CARGO_PKG_VERSION")},
+        "instructions": "Tools, prompts and resources of every MCP server you may use, through Reflow Gateway. \
+            Names are prefixed with the server's name: <server>_<name>.",
+    })
 }
 
 impl crate::sync::Observer for Gateway {

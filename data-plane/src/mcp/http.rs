@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 
 use super::error::{McpError, Refusal};
 use super::exchange::Forwarding;
-use super::gateway::{Caller, Gateway, Reply, SUPPORTED_VERSIONS};
+use super::gateway::{Caller, Gateway, Reply};
 use super::session::ClientSession;
 use super::Scope;
 use crate::audit::Trail;
@@ -181,10 +181,6 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
             "Accept must include application/json and text/event-stream",
         ));
     }
-    if !parts.headers.get_all(VERSION_HEADER).iter().all(|v| v.to_str().is_ok_and(|v| SUPPORTED_VERSIONS.contains(&v)))
-    {
-        return Err(Refusal::bad_request("unsupported MCP-Protocol-Version"));
-    }
     let limit = gateway.settings.max_body_bytes;
     let too_large = || {
         Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, INVALID_REQUEST, format!("the request body exceeds {limit} bytes"))
@@ -201,7 +197,11 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
     })?;
     let value: Value = serde_json::from_slice(&bytes)
         .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, PARSE_ERROR, format!("the body is not valid JSON: {e}")))?;
-    let message = Message::classify(value).map_err(Refusal::bad_request)?;
+    // Its version header (or, without one, its `_meta`) says which era the request is of.
+    let modern = super::modern::is_modern(&parts.headers, &value);
+    let request_id = value.get("id").filter(|id| id.is_string() || id.is_i64() || id.is_u64()).cloned();
+    let message = Message::classify(value)
+        .map_err(|why| Refusal::bad_request(why).for_request(request_id.as_ref().unwrap_or(&Value::Null)))?;
 
     // From here on, a request has its record: counted, traced and audited when the trail is
     // dropped.
@@ -233,11 +233,19 @@ async fn post_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resu
         _ => Trail::off(),
     };
     let span = trail.trace_id().map(|trace_id| tracing::info_span!("mcp", trace_id = %trace_id));
-    let exchanging = exchange(&gateway, scope, caller, &parts, message, (accepts_sse, accepts_json), &mut trail);
+    let exchanging = async {
+        if modern {
+            super::modern::exchange(&gateway, scope, caller, &parts, message, accepts_sse, &mut trail).await
+        } else {
+            exchange(&gateway, scope, caller, &parts, message, (accepts_sse, accepts_json), &mut trail).await
+        }
+    };
     let exchanged = match span {
         Some(span) => tracing::Instrument::instrument(exchanging, span).await,
         None => exchanging.await,
     };
+    // Every refusal of a request names it.
+    let exchanged = exchanged.map_err(|refusal| refusal.for_request(request_id.as_ref().unwrap_or(&Value::Null)));
     if let Err(refusal) = &exchanged {
         trail.refused(refusal.status.as_u16(), refusal.code);
     }
@@ -503,7 +511,7 @@ fn text_event(text: String) -> Event {
     Event::default().event("message").data(text)
 }
 
-fn sse(events: impl Stream<Item = Result<Event, Infallible>> + Send + 'static) -> Response {
+pub(super) fn sse(events: impl Stream<Item = Result<Event, Infallible>> + Send + 'static) -> Response {
     Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response()
 }
 
@@ -552,9 +560,21 @@ fn lease_stream(lease: Lease, first: Option<Event>) -> impl Stream<Item = Result
     futures::StreamExt::chain(futures::stream::iter(first.map(Ok)), rest)
 }
 
+/// A GET or DELETE of a client of the stateless era, which has neither streams nor sessions.
+fn of_the_stateless_era(parts: &Parts) -> bool {
+    parts
+        .headers
+        .get(VERSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| super::modern::MODERN_VERSIONS.contains(&v))
+}
+
 async fn get_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Result<Response, Refusal> {
     let (parts, _) = request.into_parts();
     let caller = admit(&gateway, &parts)?;
+    if of_the_stateless_era(&parts) {
+        return Ok(super::modern::no_streams());
+    }
     if !header_has(&parts.headers, header::ACCEPT, "text/event-stream") {
         return Err(Refusal::new(StatusCode::NOT_ACCEPTABLE, INVALID_REQUEST, "Accept must include text/event-stream"));
     }
@@ -608,6 +628,9 @@ async fn get_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Resul
 async fn delete_mcp(gateway: Arc<Gateway>, scope: Scope, request: Request) -> Result<Response, Refusal> {
     let (parts, _) = request.into_parts();
     let caller = admit(&gateway, &parts)?;
+    if of_the_stateless_era(&parts) {
+        return Ok(super::modern::no_streams());
+    }
     let Some(session) = session_of(&gateway, &scope, &caller, &parts)? else {
         return Err(Refusal::bad_request("Mcp-Session-Id header is required"));
     };

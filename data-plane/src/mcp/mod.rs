@@ -12,6 +12,7 @@
 //! - [`shares`]: what one identity may take: request rate, requests in flight, sessions.
 //! - [`origin`]: DNS-rebinding and cross-origin protection: which Host and Origin headers are served.
 //! - [`names`]: prefixed names and mapped URIs on the aggregated endpoint.
+//! - [`modern`]: the 2026-07-28 protocol (no sessions), bridged to session-era upstreams.
 
 pub mod error;
 pub mod exchange;
@@ -20,6 +21,7 @@ pub mod health;
 pub mod http;
 pub mod lists;
 pub mod merged;
+pub mod modern;
 pub mod names;
 pub mod origin;
 pub mod recycle;

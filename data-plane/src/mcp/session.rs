@@ -94,6 +94,11 @@ pub struct ClientSession {
     pub resume: Mutex<HashMap<String, super::ticket::UpstreamTicket>>,
     /// Why the session ended while a request was being answered (its client gets 404).
     pub gone: OnceLock<&'static str>,
+    /// Held by the gateway for stateless-era clients ([`super::modern`]): no client names it,
+    /// and what it would push to a client goes to its `subscriptions/listen` streams.
+    pub bridged: bool,
+    /// The `subscriptions/listen` streams of a bridge session, made on the first one.
+    pub listeners: OnceLock<tokio::sync::broadcast::Sender<Arc<str>>>,
 }
 
 pub fn new_session_id() -> String {
@@ -129,13 +134,15 @@ impl ClientSession {
             ticket: OnceLock::new(),
             resume: Mutex::new(HashMap::new()),
             gone: OnceLock::new(),
+            bridged: false,
+            listeners: OnceLock::new(),
         }
     }
 
     /// Whether `header` (an `Mcp-Session-Id` or legacy `sessionId`) names this session: its
     /// ticket when it travels, its id otherwise.
     pub fn answers_to(&self, header: &str) -> bool {
-        self.ticket.get().map_or(self.id == header, |ticket| ticket == header)
+        !self.bridged && self.ticket.get().map_or(self.id == header, |ticket| ticket == header)
     }
 
     /// The `Mcp-Session-Id` the client presents.
@@ -195,6 +202,13 @@ impl ClientSession {
 
     /// [`ClientSession::push`] for a message already serialised.
     pub fn push_text(&self, text: String) -> bool {
+        if self.bridged {
+            // Whoever listens now hears it; a stateless client has no stream to queue for.
+            if let Some(listeners) = self.listeners.get() {
+                let _ = listeners.send(text.into());
+            }
+            return true;
+        }
         let outbound = self.outbound();
         let len = text.len();
         let queued = outbound.queued.fetch_add(len, Ordering::Relaxed);

@@ -1,0 +1,291 @@
+//! The 2026-07-28 protocol (the stateless era) through the gateway to a session-era upstream
+//! (server-everything): the official Python SDK client in its `2026-07-28` and `auto` modes does
+//! everything a client does, sampling and elicitation included (bridged to `input_required`
+//! results), with no session; the session era still works on the same endpoint; and requests are
+//! checked and answered as the revision says (headers against the body, versions, removed
+//! methods, `resultType`, ids in every error, policy as in the session era), and list changes
+//! reach `subscriptions/listen` streams.
+
+use std::time::Duration;
+
+use reflow_e2e::harness::{everything, python, workspace, Gateway, Mode};
+use serde_json::{json, Value};
+
+/// `e2e/peers/modern_client.py` in `mode`: its report.
+async fn modern_client(url: &str, token: &str, mode: &str) -> Value {
+    reflow_e2e::harness::ensure_peers();
+    let run = tokio::process::Command::new(python())
+        .arg(workspace().join("e2e/peers/modern_client.py"))
+        .args([url, token, mode])
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(120), run).await.expect("the client ends in time").unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line)
+        .unwrap_or_else(|_| panic!("no report: {stdout}\n{}", String::from_utf8_lossy(&output.stderr)))
+}
+
+fn check_report(report: &Value, mode: &str) {
+    assert!(report.get("error").is_none(), "{mode}: {report}");
+    assert!(report["tools"].as_u64().unwrap() >= 10, "{mode}: {report}");
+    assert!(report["echo"].as_str().unwrap().contains("hello modern"), "{mode}: {report}");
+    assert!(!report["prompt"].as_str().unwrap().is_empty(), "{mode}: {report}");
+    assert!(report["read"].as_u64().unwrap() >= 1, "{mode}: {report}");
+    let progress = report["progress"].as_array().unwrap();
+    assert!(progress.len() >= 3, "{mode}: progress reaches the client: {report}");
+    let values: Vec<f64> = progress.iter().map(|p| p[0].as_f64().unwrap()).collect();
+    assert!(values.windows(2).all(|w| w[0] <= w[1]), "{mode}: progress in order: {values:?}");
+    assert!(report["sampled"].as_str().unwrap().contains("sampled reply"), "{mode}: {report}");
+    assert_eq!(report["samplings"], 1, "{mode}: {report}");
+    assert!(report["elicited"].as_str().unwrap().contains("Ada Lovelace"), "{mode}: {report}");
+    assert_eq!(report["elicitations"], 1, "{mode}: {report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_in_both_eras_reaches_a_session_era_upstream() {
+    let gateway = Gateway::start().await.unwrap();
+    let upstream = everything(Mode::StreamableHttp, None).await.unwrap();
+    gateway.target("everything", "streamable-http", &upstream.url).await.unwrap();
+    gateway.allow_everyone().await.unwrap();
+    let url = format!("{}/mcp/everything", gateway.mcp);
+    for mode in ["2026-07-28", "auto"] {
+        let report = modern_client(&url, &gateway.admin_token, mode).await;
+        check_report(&report, mode);
+        assert_eq!(report["version"], "2026-07-28", "{mode}: {report}");
+        assert_eq!(report["headers"], json!([]), "{mode}: the stateless era has no session ids");
+    }
+    let legacy = modern_client(&url, &gateway.admin_token, "legacy").await;
+    check_report(&legacy, "legacy");
+    assert_eq!(legacy["version"], "2025-11-25");
+    assert!(!legacy["headers"].as_array().unwrap().is_empty(), "the session era still has sessions");
+    gateway.stop().await;
+}
+
+/// A stateless-era POST of `method` with `params` (the `_meta` fields added unless `meta` is
+/// given), headers as `headers` say: (status, headers, body).
+async fn post(
+    url: &str,
+    token: &str,
+    method: &str,
+    params: Value,
+    headers: &[(&str, &str)],
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let mut request = reqwest::Client::new()
+        .post(url)
+        .bearer_auth(token)
+        .header("accept", "application/json, text/event-stream")
+        .json(&json!({"jsonrpc": "2.0", "id": 41, "method": method, "params": params}));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response.text().await.unwrap();
+    let body = serde_json::from_str(&text)
+        .ok()
+        .or_else(|| {
+            text.lines().rev().filter_map(|l| l.strip_prefix("data:")).find_map(|d| serde_json::from_str(d.trim()).ok())
+        })
+        .unwrap_or(Value::Null);
+    (status, headers, body)
+}
+
+fn meta() -> Value {
+    json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+        "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "1"},
+    })
+}
+
+fn modern_headers(method: &str) -> Vec<(&'static str, String)> {
+    vec![("mcp-protocol-version", "2026-07-28".to_string()), ("mcp-method", method.to_string())]
+}
+
+async fn call(url: &str, token: &str, method: &str, mut params: Value, name: Option<&str>) -> (u16, Value) {
+    params["_meta"] = meta();
+    let mut headers = modern_headers(method);
+    if let Some(name) = name {
+        headers.push(("mcp-name", name.to_string()));
+    }
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let (status, _, body) = post(url, token, method, params, &headers).await;
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stateless_requests_are_checked_and_answered_as_the_revision_says() {
+    let gateway = Gateway::start().await.unwrap();
+    let upstream = everything(Mode::StreamableHttp, None).await.unwrap();
+    let target = gateway.target("everything", "streamable-http", &upstream.url).await.unwrap();
+    gateway.allow_everyone().await.unwrap();
+    gateway.deny_tools(&target, "get-env").await.unwrap();
+    let url = format!("{}/mcp/everything", gateway.mcp);
+    let token = gateway.admin_token.clone();
+
+    let (status, discovered) = call(&url, &token, "server/discover", json!({}), None).await;
+    assert_eq!(status, 200, "{discovered}");
+    let result = &discovered["result"];
+    assert_eq!(result["resultType"], "complete");
+    let versions = result["supportedVersions"].as_array().unwrap();
+    assert!(versions.contains(&json!("2026-07-28")) && versions.contains(&json!("2025-11-25")), "{result}");
+    assert!(result["capabilities"]["tools"].is_object(), "the upstream's capabilities: {result}");
+    assert_eq!(result["_meta"]["io.modelcontextprotocol/serverInfo"]["name"], "mcp-servers/everything");
+
+    let (status, headers, listed) = {
+        let mut params = json!({});
+        params["_meta"] = meta();
+        post(
+            &url,
+            &token,
+            "tools/list",
+            params,
+            &[("mcp-protocol-version", "2026-07-28"), ("mcp-method", "tools/list")],
+        )
+        .await
+    };
+    assert_eq!(status, 200, "{listed}");
+    assert!(!headers.contains_key("mcp-session-id"), "no session in the stateless era");
+    let result = &listed["result"];
+    assert_eq!(
+        (&result["resultType"], &result["ttlMs"], &result["cacheScope"]),
+        (&json!("complete"), &json!(0), &json!("private"))
+    );
+    let names: Vec<&str> = result["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert!(
+        names.contains(&"echo") && !names.contains(&"get-env"),
+        "policy filters the list as in the session era: {names:?}"
+    );
+
+    let (status, echoed) =
+        call(&url, &token, "tools/call", json!({"name": "echo", "arguments": {"message": "hi"}}), Some("echo")).await;
+    assert_eq!(status, 200, "{echoed}");
+    assert_eq!(echoed["id"], 41);
+    assert_eq!(echoed["result"]["resultType"], "complete");
+    assert!(echoed["result"]["content"][0]["text"].as_str().unwrap().contains("hi"));
+    let (_, denied) =
+        call(&url, &token, "tools/call", json!({"name": "get-env", "arguments": {}}), Some("get-env")).await;
+    assert_eq!(denied["error"]["code"], -32003, "a denied tool is denied in this era too: {denied}");
+    assert_eq!(denied["id"], 41);
+
+    // Checks, each answered with the request's id.
+    let expect = |(status, body): (u16, Value), want_status: u16, want_code: i64, what: &str| {
+        assert_eq!(status, want_status, "{what}: {body}");
+        assert_eq!(body["error"]["code"], want_code, "{what}: {body}");
+        assert_eq!(body["id"], 41, "{what}: the error names the request: {body}");
+    };
+    let hdrs = |method: &str, name: Option<&str>| {
+        let mut headers = modern_headers(method);
+        if let Some(name) = name {
+            headers.push(("mcp-name", name.to_string()));
+        }
+        headers
+    };
+    let send = |method: &'static str, params: Value, headers: Vec<(&'static str, String)>| {
+        let (url, token) = (url.clone(), token.clone());
+        async move {
+            let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            let (status, _, body) = post(&url, &token, method, params, &headers).await;
+            (status, body)
+        }
+    };
+    expect(send("tools/list", json!({}), hdrs("tools/list", None)).await, 400, -32602, "no _meta");
+    let mut no_capabilities = json!({"_meta": meta()});
+    no_capabilities["_meta"].as_object_mut().unwrap().remove("io.modelcontextprotocol/clientCapabilities");
+    expect(send("tools/list", no_capabilities, hdrs("tools/list", None)).await, 400, -32602, "no capabilities");
+    let with_meta = |mut params: Value| {
+        params["_meta"] = meta();
+        params
+    };
+    expect(send("tools/list", with_meta(json!({})), hdrs("tools/call", None)).await, 400, -32020, "Mcp-Method");
+    let echo = json!({"name": "echo", "arguments": {"message": "x"}});
+    expect(send("tools/call", with_meta(echo.clone()), hdrs("tools/call", None)).await, 400, -32020, "no Mcp-Name");
+    expect(send("tools/call", with_meta(echo.clone()), hdrs("tools/call", Some("add"))).await, 400, -32020, "Mcp-Name");
+    let mut future = with_meta(json!({}));
+    future["_meta"]["io.modelcontextprotocol/protocolVersion"] = json!("v999");
+    let future_headers = vec![("mcp-protocol-version", "v999".to_string()), ("mcp-method", "tools/list".to_string())];
+    let (status, refused) = send("tools/list", future.clone(), future_headers).await;
+    expect((status, refused.clone()), 400, -32022, "unsupported version");
+    assert_eq!(refused["error"]["data"]["requested"], "v999");
+    assert!(refused["error"]["data"]["supported"].as_array().unwrap().contains(&json!("2026-07-28")));
+    expect(send("tools/list", future, hdrs("tools/list", None)).await, 400, -32020, "header and _meta disagree");
+    for removed in
+        ["initialize", "ping", "logging/setLevel", "resources/subscribe", "resources/unsubscribe", "unknown/method"]
+    {
+        expect(send(removed, with_meta(json!({})), hdrs(removed, None)).await, 404, -32601, removed);
+    }
+    let get = reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(&token)
+        .header("accept", "text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status().as_u16(), 405, "no GET streams in the stateless era");
+    gateway.stop().await;
+}
+
+/// The messages of an SSE response, one at a time.
+struct Frames {
+    stream: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buffer: String,
+}
+
+impl Frames {
+    async fn next(&mut self) -> Value {
+        use futures::StreamExt;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let event: String = self.buffer.drain(..end + 2).collect();
+                if let Some(data) = event.lines().find_map(|l| l.strip_prefix("data:")) {
+                    return serde_json::from_str(data.trim()).unwrap();
+                }
+                continue;
+            }
+            let chunk =
+                tokio::time::timeout(Duration::from_secs(20), self.stream.next()).await.expect("a frame in time");
+            self.buffer.push_str(&String::from_utf8_lossy(&chunk.unwrap().unwrap()));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_changes_reach_subscriptions_listen_streams() {
+    let gateway = Gateway::start().await.unwrap();
+    let upstream = everything(Mode::StreamableHttp, None).await.unwrap();
+    let target = gateway.target("everything", "streamable-http", &upstream.url).await.unwrap();
+    gateway.allow_everyone().await.unwrap();
+    let url = format!("{}/mcp/everything", gateway.mcp);
+    let token = gateway.admin_token.clone();
+    let (status, _) = call(&url, &token, "tools/list", json!({}), None).await;
+    assert_eq!(status, 200);
+
+    let mut params = json!({"notifications": {"toolsListChanged": true, "promptsListChanged": false}});
+    params["_meta"] = meta();
+    let response = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(&token)
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "subscriptions/listen")
+        .json(&json!({"jsonrpc": "2.0", "id": "listen-1", "method": "subscriptions/listen", "params": params}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let mut frames = Frames { stream: Box::pin(response.bytes_stream()), buffer: String::new() };
+    let ack = frames.next().await;
+    assert_eq!(ack["method"], "notifications/subscriptions/acknowledged", "{ack}");
+    assert_eq!(ack["params"]["notifications"], json!({"toolsListChanged": true}), "only what was asked and honoured");
+    assert_eq!(ack["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], "listen-1");
+
+    // A policy change takes a tool away: the list changed.
+    gateway.deny_tools(&target, "echo").await.unwrap();
+    let changed = frames.next().await;
+    assert_eq!(changed["method"], "notifications/tools/list_changed", "{changed}");
+    assert_eq!(changed["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], "listen-1");
+    gateway.stop().await;
+}
