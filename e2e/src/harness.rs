@@ -908,12 +908,18 @@ pub fn conformance_results(dir: &std::path::Path) -> std::collections::BTreeMap<
 
 /// Runs the conformance suite's server scenarios (2025-11-25 requirements) against `url`.
 pub async fn run_conformance(url: &str) -> std::collections::BTreeMap<String, bool> {
+    run_conformance_of(url, "2025-11-25").await
+}
+
+/// Runs the conformance suite's server scenarios of protocol revision `requirements` against
+/// `url`: whether each passed.
+pub async fn run_conformance_of(url: &str, requirements: &str) -> std::collections::BTreeMap<String, bool> {
     let out = tempfile::tempdir().unwrap();
     let suite = node_package("@modelcontextprotocol/conformance/dist/index.js");
     let (_, stdout, stderr) = run(
         Command::new(node22())
             .arg(suite)
-            .args(["server", "--url", url, "--requirements", "2025-11-25", "-o"])
+            .args(["server", "--url", url, "--requirements", requirements, "-o"])
             .arg(out.path()),
         Duration::from_secs(300),
     )

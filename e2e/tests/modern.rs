@@ -8,15 +8,22 @@
 
 use std::time::Duration;
 
-use reflow_e2e::harness::{everything, python, workspace, Gateway, Mode};
+use reflow_e2e::harness::{
+    authorizing_forwarder, everything, python, python_server, run_conformance_of, workspace, Gateway, Mode,
+};
 use serde_json::{json, Value};
 
 /// `e2e/peers/modern_client.py` in `mode`: its report.
 async fn modern_client(url: &str, token: &str, mode: &str) -> Value {
+    peer_client("modern_client.py", &[url, token, mode]).await
+}
+
+/// One of the client scripts in `e2e/peers` with `args`: the JSON line it printed last.
+async fn peer_client(script: &str, args: &[&str]) -> Value {
     reflow_e2e::harness::ensure_peers();
     let run = tokio::process::Command::new(python())
-        .arg(workspace().join("e2e/peers/modern_client.py"))
-        .args([url, token, mode])
+        .arg(workspace().join("e2e/peers").join(script))
+        .args(args)
         .kill_on_drop(true)
         .output();
     let output = tokio::time::timeout(Duration::from_secs(120), run).await.expect("the client ends in time").unwrap();
@@ -287,5 +294,86 @@ async fn list_changes_reach_subscriptions_listen_streams() {
     let changed = frames.next().await;
     assert_eq!(changed["method"], "notifications/tools/list_changed", "{changed}");
     assert_eq!(changed["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], "listen-1");
+    gateway.stop().await;
+}
+
+/// The conformance suite's server scenarios of both revisions against the project's fixture
+/// (`e2e/peers/conformance_server.py`, both eras on one endpoint) alone, then through
+/// `/mcp/{target}`: every scenario that passes alone passes through the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_of_both_revisions_through_the_gateway_is_conformance_alone() {
+    let fixture = python_server("conformance_server.py", &[]).await.unwrap();
+    let gateway = Gateway::start().await.unwrap();
+    gateway.target("fixture", "streamable-http", &fixture.url).await.unwrap();
+    gateway.allow_everyone().await.unwrap();
+    // The suite sends no Authorization header: a forwarder adds the user's token.
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let forwarder = authorizing_forwarder(&gateway.mcp, &gateway.admin_token, &shutdown).await.unwrap();
+    for requirements in ["2026-07-28", "2025-11-25"] {
+        let alone = run_conformance_of(&fixture.url, requirements).await;
+        let through = run_conformance_of(&format!("{forwarder}/mcp/fixture"), requirements).await;
+        eprintln!("conformance {requirements}, the fixture alone: {alone:?}\nthrough the gateway: {through:?}");
+        let passed_alone: Vec<&String> = alone.iter().filter(|(_, ok)| **ok).map(|(name, _)| name).collect();
+        assert!(passed_alone.len() >= 20, "{requirements}: the fixture alone passes too little to compare: {alone:?}");
+        let lost: Vec<&&String> = passed_alone.iter().filter(|name| through.get(**name) != Some(&true)).collect();
+        assert!(
+            lost.is_empty(),
+            "{requirements}: pass alone, fail through the gateway: {lost:?}\nthrough: {through:?}"
+        );
+    }
+    shutdown.cancel();
+    gateway.stop().await;
+}
+
+/// An upstream of the stateless era alone (the fixture with `--modern-only`, which refuses
+/// `initialize`): clients of both eras reach it, the session-era ones through a session the
+/// gateway plays for them; and `/mcp` merges it with a session-era upstream for a stateless
+/// client, each spoken to in its own era.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_both_eras_reach_an_upstream_of_the_stateless_era_alone() {
+    let modern = python_server("conformance_server.py", &["--modern-only"]).await.unwrap();
+    let legacy = everything(Mode::StreamableHttp, None).await.unwrap();
+    let gateway = Gateway::start().await.unwrap();
+    gateway.target("modern", "streamable-http", &modern.url).await.unwrap();
+    gateway.target("everything", "streamable-http", &legacy.url).await.unwrap();
+    gateway.allow_everyone().await.unwrap();
+    let token = gateway.admin_token.clone();
+    let url = format!("{}/mcp/modern", gateway.mcp);
+    for (mode, args) in [("legacy", vec![]), ("2026-07-28", vec!["--input-required"]), ("auto", vec![])] {
+        let mut all = vec![url.as_str(), token.as_str(), mode];
+        all.extend(args);
+        let report = peer_client("fixture_client.py", &all).await;
+        assert!(report.get("error").is_none(), "{mode}: {report}");
+        assert!(report["tools"].as_u64().unwrap() >= 20, "{mode}: {report}");
+        assert_eq!(report["text"], "This is a simple text response for testing.", "{mode}: {report}");
+        assert_eq!(report["progress"], json!([0.0, 50.0, 100.0]), "{mode}: progress reaches the client: {report}");
+        assert_eq!(report["resource"], "This is the content of the static text resource.", "{mode}");
+        assert_eq!(report["prompt"], "This is a simple prompt for testing.", "{mode}");
+        if mode == "2026-07-28" {
+            // The upstream's own input_required result and requestState, passed through.
+            assert_eq!(report["elicited"], "Hello, Ada!", "{report}");
+        }
+    }
+
+    // `/mcp` for a stateless client: each upstream in its own era, one merged list.
+    let all = format!("{}/mcp", gateway.mcp);
+    let (status, listed) = call(&all, &token, "tools/list", json!({}), None).await;
+    assert_eq!(status, 200, "{listed}");
+    let names: Vec<&str> =
+        listed["result"]["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"modern_test_simple_text") && names.contains(&"everything_echo"), "{names:?}");
+    let (_, text) =
+        call(&all, &token, "tools/call", json!({"name": "modern_test_simple_text"}), Some("modern_test_simple_text"))
+            .await;
+    assert_eq!(text["result"]["content"][0]["text"], "This is a simple text response for testing.", "{text}");
+    let (_, echoed) = call(
+        &all,
+        &token,
+        "tools/call",
+        json!({"name": "everything_echo", "arguments": {"message": "both"}}),
+        Some("everything_echo"),
+    )
+    .await;
+    assert!(echoed["result"]["content"][0]["text"].as_str().unwrap().contains("both"), "{echoed}");
     gateway.stop().await;
 }

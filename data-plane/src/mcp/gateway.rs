@@ -404,7 +404,8 @@ impl Gateway {
                 inbox,
                 cancel.clone(),
             )
-            .resuming(resume),
+            .resuming(resume)
+            .preferring_stateless(session.bridged),
         );
         let gateway = self.clone();
         let owner = Arc::downgrade(session);

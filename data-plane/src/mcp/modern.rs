@@ -58,8 +58,9 @@ const META_CLIENT: &str = "io.modelcontextprotocol/clientInfo";
 const META_LOG_LEVEL: &str = "io.modelcontextprotocol/logLevel";
 const META_SERVER: &str = "io.modelcontextprotocol/serverInfo";
 const META_SUBSCRIPTION: &str = "io.modelcontextprotocol/subscriptionId";
-/// The prefix of the per-request fields this module reads; they are not sent upstream.
-const META_PREFIX: &str = "io.modelcontextprotocol/";
+
+/// How a `requestState` the gateway made begins.
+const STATE_PREFIX: &str = "reflow-rs1.";
 
 /// Exchanges waiting for a client's `inputResponses`, at most (the oldest are let go).
 const MAX_PARKED: usize = 10_000;
@@ -225,9 +226,10 @@ fn check(headers: &HeaderMap, id: Value, method: String, params: Option<Value>) 
     if !MODERN_VERSIONS.contains(&version.as_str()) {
         return Err(unsupported(&version));
     }
-    // What the session-era upstream is not told: the per-request fields are the bridge's.
+    // What the upstream is not told as the client said it: the bridge holds the version, the
+    // capabilities and the client (an upstream of the stateless era gets them from the bridge).
     if let Some(Value::Object(meta)) = params.get_mut("_meta") {
-        meta.retain(|key, _| !key.starts_with(META_PREFIX));
+        meta.retain(|key, _| ![META_VERSION, META_CAPABILITIES, META_CLIENT].contains(&key.as_str()));
         if meta.is_empty() {
             params.remove("_meta");
         }
@@ -310,15 +312,21 @@ pub(super) async fn exchange(
         "subscriptions/listen" => listen(gateway, bridge, &caller, request).await,
         _ => {
             let share = gateway.shares.begin(&caller.user.id).map_err(Refusal::over_share)?;
-            let state = request.params.get("requestState").and_then(Value::as_str).map(str::to_string);
+            // A state the gateway gave names a parked exchange; any other is the upstream's own,
+            // passed on as it is with the client's answers.
+            let state = request
+                .params
+                .get("requestState")
+                .and_then(Value::as_str)
+                .filter(|state| state.starts_with(STATE_PREFIX))
+                .map(str::to_string);
             let relay = match state {
                 Some(state) => match retry(gateway, &bridge, &caller, &request, &state).await? {
                     Retried::Going(relay) => *relay,
                     Retried::Asked(message) => return Ok(answer(message)),
                 },
                 None => {
-                    let Stateless { id, method, mut params, capabilities, log_level, name, .. } = request;
-                    params.remove("inputResponses");
+                    let Stateless { id, method, params, capabilities, log_level, name, .. } = request;
                     let reply = gateway
                         .request(&bridge, &caller, id.clone(), &method, Some(Value::Object(params)), trail)
                         .await;
@@ -582,7 +590,7 @@ impl Relay {
 impl Gateway {
     /// Keeps `parked` until its client retries, and returns the `requestState` naming it.
     fn park(&self, parked: Parked) -> String {
-        let state = format!("rp1.{}", super::session::new_session_id());
+        let state = format!("{STATE_PREFIX}{}", super::session::new_session_id());
         let ttl = self.settings.request_timeout;
         let mut all = self.parked.lock().unwrap();
         // Let go, an exchange finishes on its own (see `Forwarding`'s drop).

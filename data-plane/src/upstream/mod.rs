@@ -260,6 +260,9 @@ pub struct Upstream {
     /// The upstream session is carried in a session ticket, so other replicas may use it too:
     /// when it expires it is not replaced behind their backs (the client session ends instead).
     carried: std::sync::atomic::AtomicBool,
+    /// Speak the stateless era to an upstream that offers it (for a client of that era);
+    /// otherwise the session era first, the stateless one only when the upstream refuses it.
+    prefer_stateless: bool,
 }
 
 impl Upstream {
@@ -289,7 +292,14 @@ impl Upstream {
             owner: NEXT_OWNER.fetch_add(1, Ordering::Relaxed),
             resume: std::sync::Mutex::new(None),
             carried: std::sync::atomic::AtomicBool::new(false),
+            prefer_stateless: false,
         }
+    }
+
+    /// Speaks the stateless era to the upstream when it offers it (see `prefer_stateless`).
+    pub fn preferring_stateless(mut self, prefer: bool) -> Self {
+        self.prefer_stateless = prefer;
+        self
     }
 
     /// Whether the upstream session is carried in a session ticket (see [`Upstream::resumable`]).
@@ -432,14 +442,32 @@ impl Upstream {
                 self.headers(),
                 self.settings.max_message_bytes,
             );
-            match connection.initialize(initialize.clone()).await {
+            if self.prefer_stateless {
+                if let Some((connection, initialize_result)) =
+                    connection.clone().discover(&self.initialize_params).await?
+                {
+                    return Ok(Live { transport: Transport::Streamable(connection), initialize_result });
+                }
+            }
+            match connection.clone().initialize(initialize.clone()).await {
                 Ok((connection, initialize_result)) => {
                     tokio::spawn(connection.clone().listen(self.inbox.clone(), self.cancel.child_token()));
                     return Ok(Live { transport: Transport::Streamable(connection), initialize_result });
                 }
-                // A server that only speaks the legacy transport refuses the POST: fall back,
-                // as the specification's backwards-compatibility section describes.
-                Err(UpstreamError::Status(400 | 404 | 405)) => {
+                // A server of the stateless era only refuses `initialize`: it is spoken to as
+                // such. A server that only speaks the legacy transport refuses the POST: fall
+                // back, as the specification's backwards-compatibility section describes.
+                Err(error @ (UpstreamError::Status(400 | 404 | 405) | UpstreamError::Refused(_))) => {
+                    if !self.prefer_stateless {
+                        if let Some((connection, initialize_result)) =
+                            connection.discover(&self.initialize_params).await?
+                        {
+                            return Ok(Live { transport: Transport::Streamable(connection), initialize_result });
+                        }
+                    }
+                    if let UpstreamError::Refused(_) = error {
+                        return Err(error);
+                    }
                     tracing::info!(target = %self.target.name, "upstream refused streamable HTTP; trying the legacy SSE transport");
                 }
                 Err(error) => return Err(error),

@@ -1,6 +1,11 @@
 //! Streamable HTTP upstreams: one POST per message, replies as JSON or as an SSE stream that
 //! may carry the request's notifications and server→client requests before its response, and
 //! an optional GET stream for messages unrelated to any request.
+//!
+//! An upstream of the stateless era (2026-07-28) has no session: found by `server/discover`
+//! ([`Connection::discover`]), every request then carries the protocol version, the client's
+//! capabilities and the client in `_meta`, and `MCP-Protocol-Version`, `Mcp-Method` and
+//! `Mcp-Name` headers that repeat the body.
 
 use std::time::Duration;
 
@@ -31,7 +36,12 @@ pub struct Connection {
     /// Injected credentials plus the session and version headers.
     headers: HeaderMap,
     max_message_bytes: usize,
+    /// For an upstream of the stateless era: the `_meta` fields every request carries.
+    stateless: Option<std::sync::Arc<serde_json::Map<String, Value>>>,
 }
+
+/// The stateless era's version, spoken to upstreams that offer it.
+const MODERN_VERSION: &str = "2026-07-28";
 
 /// What a POST produced.
 struct Posted {
@@ -41,7 +51,55 @@ struct Posted {
 
 impl Connection {
     pub fn new(http: reqwest::Client, url: reqwest::Url, headers: HeaderMap, max_message_bytes: usize) -> Self {
-        Connection { http, url, headers, max_message_bytes }
+        Connection { http, url, headers, max_message_bytes, stateless: None }
+    }
+
+    /// Asks the upstream `server/discover` as a client of the stateless era whose capabilities
+    /// and identity are `client` (`initialize` params): the connection and what the upstream
+    /// says of itself (shaped as an `initialize` result) when it speaks that era; `None` when
+    /// it refuses (a server of the session era).
+    pub async fn discover(mut self, client: &Value) -> Result<Option<(Connection, Value)>, UpstreamError> {
+        let mut meta = serde_json::Map::new();
+        meta.insert("io.modelcontextprotocol/protocolVersion".into(), Value::String(MODERN_VERSION.into()));
+        let capabilities = client.get("capabilities").cloned().unwrap_or_else(|| serde_json::json!({}));
+        meta.insert("io.modelcontextprotocol/clientCapabilities".into(), capabilities);
+        if let Some(info) = client.get("clientInfo") {
+            meta.insert("io.modelcontextprotocol/clientInfo".into(), info.clone());
+        }
+        self.stateless = Some(std::sync::Arc::new(meta));
+        let discover = jsonrpc::request(serde_json::json!("reflow-discover"), "server/discover", None);
+        let reply = match self.post(&discover, None).await {
+            Ok(posted) => posted.reply,
+            Err(UpstreamError::Status(_) | UpstreamError::Protocol(_)) => None,
+            Err(error) => return Err(error),
+        };
+        let Some(result) = reply.as_ref().and_then(|r| r.get("result")) else { return Ok(None) };
+        let speaks = result
+            .get("supportedVersions")
+            .and_then(Value::as_array)
+            .is_some_and(|versions| versions.iter().any(|v| v == MODERN_VERSION));
+        if !speaks {
+            return Ok(None);
+        }
+        let server_info = result
+            .pointer("/_meta/io.modelcontextprotocol~1serverInfo")
+            .or_else(|| result.get("serverInfo"))
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({"name": "unknown", "version": "0"}));
+        let mut described = serde_json::json!({
+            "protocolVersion": MODERN_VERSION,
+            "capabilities": result.get("capabilities").cloned().unwrap_or_else(|| serde_json::json!({})),
+            "serverInfo": server_info,
+        });
+        if let Some(instructions) = result.get("instructions").filter(|i| i.is_string()) {
+            described["instructions"] = instructions.clone();
+        }
+        Ok(Some((self, described)))
+    }
+
+    /// Whether the upstream is of the stateless era.
+    pub fn is_stateless(&self) -> bool {
+        self.stateless.is_some()
     }
 
     /// The connection to an upstream session opened before (by this replica or another one),
@@ -88,8 +146,12 @@ impl Connection {
         self.post(message, sink).await?.reply.ok_or(UpstreamError::Disconnected)
     }
 
-    /// Sends a notification or a response to a server→client request.
+    /// Sends a notification or a response to a server→client request (neither exists over
+    /// HTTP in the stateless era: nothing is sent).
     pub async fn send(&self, message: &Value) -> Result<(), UpstreamError> {
+        if self.stateless.is_some() {
+            return Ok(());
+        }
         self.post(message, None).await.map(|_| ())
     }
 
@@ -101,11 +163,17 @@ impl Connection {
     }
 
     async fn post(&self, message: &Value, sink: Option<&Sink>) -> Result<Posted, UpstreamError> {
+        let stateless = self.stateless.as_ref().map(|meta| stateless_request(message, meta));
+        let (message, extra) = match &stateless {
+            Some((message, headers)) => (message, headers.clone()),
+            None => (message, HeaderMap::new()),
+        };
         let body = serde_json::to_vec(message).expect("a JSON value serialises");
         let request = self
             .http
             .post(self.url.clone())
             .headers(self.headers.clone())
+            .headers(extra)
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::ACCEPT, ACCEPT_BOTH);
         let response = super::with_traceparent(request, message)
@@ -284,6 +352,54 @@ impl Connection {
             }
         }
     }
+}
+
+/// A request as the stateless era has it: the per-request `_meta` fields added to what it
+/// carries already (progress token, trace context), and the headers repeating the body.
+fn stateless_request(message: &Value, meta: &serde_json::Map<String, Value>) -> (Value, HeaderMap) {
+    let mut message = message.clone();
+    let mut headers = HeaderMap::new();
+    headers.insert(VERSION_HEADER, HeaderValue::from_static(MODERN_VERSION));
+    let Some(method) = message.get("method").and_then(Value::as_str).map(str::to_string) else {
+        return (message, headers);
+    };
+    if let Some(value) = header_safe(&method) {
+        headers.insert("mcp-method", value);
+    }
+    let named = match method.as_str() {
+        "tools/call" | "prompts/get" => message.pointer("/params/name"),
+        "resources/read" => message.pointer("/params/uri"),
+        _ => None,
+    };
+    if let Some(value) = named.and_then(Value::as_str).and_then(header_safe) {
+        headers.insert("mcp-name", value);
+    }
+    if let Some(object) = message.as_object_mut() {
+        let params = object.entry("params").or_insert_with(|| Value::Object(Default::default()));
+        if let Some(params) = params.as_object_mut() {
+            let fields = params.entry("_meta").or_insert_with(|| Value::Object(Default::default()));
+            if let Some(fields) = fields.as_object_mut() {
+                for (key, value) in meta {
+                    fields.entry(key.clone()).or_insert_with(|| value.clone());
+                }
+            }
+        }
+    }
+    (message, headers)
+}
+
+/// A header value for `text`: as it is when plain printable ASCII without surrounding spaces,
+/// otherwise `=?base64?…?=` as the stateless era has it.
+fn header_safe(text: &str) -> Option<HeaderValue> {
+    let plain = text.bytes().all(|b| (0x20..0x7f).contains(&b))
+        && !text.starts_with(' ')
+        && !text.ends_with(' ')
+        && !text.starts_with("=?base64?");
+    if plain {
+        return HeaderValue::from_str(text).ok();
+    }
+    use base64::Engine as _;
+    HeaderValue::from_str(&format!("=?base64?{}?=", base64::engine::general_purpose::STANDARD.encode(text))).ok()
 }
 
 /// A JSON-RPC message from an event's data; other data (keep-alives, garbage) is skipped.
