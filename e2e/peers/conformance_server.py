@@ -12,6 +12,7 @@ import sys
 
 import anyio
 import uvicorn
+from mcp.server.caching import CacheHint
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.prompts.base import UserMessage
@@ -35,7 +36,12 @@ from mcp.types import (
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg=="
 WAV = "UklGRiYAAABXQVZFZm10IBAAAAABAAEAQB8AAAB9AAACABAAZGF0YQIAAAA="
 
-mcp = MCPServer("conformance-fixture", version="1.0.0")
+# Its tool list may be cached for a minute by anyone: what a gateway must pass on as it is.
+mcp = MCPServer(
+    "conformance-fixture",
+    version="1.0.0",
+    cache_hints={"tools/list": CacheHint(ttl_ms=60_000, scope="public")},
+)
 
 
 def elicit(message: str, prop: str, typ: str = "string") -> ElicitRequest:

@@ -355,6 +355,15 @@ async fn clients_of_both_eras_reach_an_upstream_of_the_stateless_era_alone() {
         }
     }
 
+    // What the upstream says of its list beside the items (caching, `_meta`) is kept.
+    let (_, alone) = call(&modern.url, "unused", "tools/list", json!({}), None).await;
+    let (_, through) = call(&url, &token, "tools/list", json!({}), None).await;
+    for field in ["ttlMs", "cacheScope"] {
+        assert!(alone["result"].get(field).is_some(), "the fixture sends {field}: {alone}");
+        assert_eq!(through["result"][field], alone["result"][field], "{field} as the upstream sent it");
+    }
+    assert_eq!((&through["result"]["ttlMs"], &through["result"]["cacheScope"]), (&json!(60_000), &json!("public")));
+
     // `/mcp` for a stateless client: each upstream in its own era, one merged list.
     let all = format!("{}/mcp", gateway.mcp);
     let (status, listed) = call(&all, &token, "tools/list", json!({}), None).await;

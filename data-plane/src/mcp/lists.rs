@@ -8,7 +8,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 use reflow_proto::policy::{decide, may_allow_any, Kind};
 use reflow_proto::resources::{Target, User};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use super::error::McpError;
 use super::gateway::{Caller, Gateway, Reply};
@@ -175,6 +175,7 @@ impl Gateway {
         // The targets whose items are in the merge: one that failed is not, so sessions are told
         // when it comes up (a STDIO server still starting, say).
         let mut sources = Vec::with_capacity(results.len());
+        let mut fields = Vec::with_capacity(results.len());
         for ((target, result), leg) in results.into_iter().zip(legs) {
             let error = match &result {
                 Ok(_) => None,
@@ -183,7 +184,8 @@ impl Gateway {
             };
             trail.leg_done(leg, &target.name, target.transport_type.as_str(), spec.method, error);
             let raw = match result {
-                Ok(raw) => {
+                Ok((raw, sent)) => {
+                    fields.push(sent);
                     self.health.ok(&target.id);
                     sources.push(target.id.clone());
                     raw
@@ -201,7 +203,8 @@ impl Gateway {
                 |name: &str| decide(&caller.snapshot.view.policies, &caller.user, &target.id, spec.kind, name).allowed;
             merge_items(spec, target, raw, aggregate, allowed, &mut items, &mut offered);
         }
-        (Merged { items, offered, sources }, complete)
+        let fields = result_fields(fields, aggregate);
+        (Merged { items, offered, sources, fields }, complete)
     }
 
     /// The response carrying one page of a merged list, serialised straight from the shared
@@ -215,10 +218,18 @@ impl Gateway {
         } else {
             String::new()
         };
-        format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{{"{}":{page}{cursor}}}}}"#, spec.field)
+        let mut fields = String::new();
+        for (key, value) in &list.merged.fields {
+            fields.push(',');
+            fields.push_str(&Value::String(key.clone()).to_string());
+            fields.push(':');
+            fields.push_str(&value.to_string());
+        }
+        format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{{"{}":{page}{cursor}{fields}}}}}"#, spec.field)
     }
 
-    /// Every page of one upstream list (empty when the upstream lacks the capability).
+    /// Every page of one upstream list (empty when the upstream lacks the capability), and the
+    /// other fields of its first page's result.
     pub(super) async fn fetch_all(
         self: &Arc<Self>,
         session: &Arc<ClientSession>,
@@ -226,12 +237,13 @@ impl Gateway {
         target: &Target,
         spec: &ListSpec,
         traceparent: Option<&str>,
-    ) -> Result<Vec<Value>, UpstreamError> {
+    ) -> Result<(Vec<Value>, Map<String, Value>), UpstreamError> {
         let upstream = self.upstream(session, caller, target).await;
         let initialized = upstream.initialize_result().await?;
         if initialized.pointer(&format!("/capabilities/{}", spec.capability)).is_none() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Map::new()));
         }
+        let mut fields = Map::new();
         let mut items = Vec::new();
         let mut cursor: Option<String> = None;
         for _ in 0..MAX_UPSTREAM_PAGES {
@@ -247,13 +259,37 @@ impl Gateway {
             if let Some(page) = result.get(spec.field).and_then(Value::as_array) {
                 items.extend(page.iter().cloned());
             }
+            if cursor.is_none() {
+                if let Some(result) = result.as_object() {
+                    let others = result.iter().filter(|(key, _)| !matches!(key.as_str(), "nextCursor" | "resultType"));
+                    fields.extend(others.filter(|(key, _)| *key != spec.field).map(|(k, v)| (k.clone(), v.clone())));
+                }
+            }
             match result.get("nextCursor").and_then(Value::as_str) {
                 Some(next) if !next.is_empty() && Some(next) != cursor.as_deref() => cursor = Some(next.to_string()),
                 _ => break,
             }
         }
-        Ok(items)
+        Ok((items, fields))
     }
+}
+
+/// The fields of a merged list's result besides its items, from what each upstream's result
+/// carried besides them. One target's are kept as they are. Merged over several, only caching
+/// can be said of the whole: fresh for the shortest `ttlMs` any gave (none given counts as 0),
+/// and `public` only if every one said so.
+pub(super) fn result_fields(sent: Vec<Map<String, Value>>, aggregate: bool) -> Map<String, Value> {
+    if !aggregate {
+        return sent.into_iter().next().unwrap_or_default();
+    }
+    let mut fields = Map::new();
+    if sent.iter().any(|f| f.contains_key("ttlMs") || f.contains_key("cacheScope")) {
+        let ttl = sent.iter().map(|f| f.get("ttlMs").and_then(Value::as_u64).unwrap_or(0)).min().unwrap_or(0);
+        let public = sent.iter().all(|f| f.get("cacheScope").and_then(Value::as_str) == Some("public"));
+        fields.insert("ttlMs".into(), json!(ttl));
+        fields.insert("cacheScope".into(), json!(if public { "public" } else { "private" }));
+    }
+    fields
 }
 
 /// Adds what `target` listed to a merge: each item decided as a call on it would be (resources
@@ -373,6 +409,18 @@ mod tests {
         assert_eq!(decided.into_inner(), vec!["file:///secret".to_string(), "file:///public/a.txt".to_string()]);
         assert_eq!(items, vec![json!({"uri": names::map_uri("docs", "file:///public/a.txt"), "name": "a"})]);
         assert_eq!(offered.len(), 2, "an unnormalisable URI is not offered at all");
+    }
+
+    #[test]
+    fn what_upstreams_send_beside_the_items_is_kept_or_combined() {
+        let one = |pairs: Value| pairs.as_object().unwrap().clone();
+        let sent = one(json!({"ttlMs": 5000, "cacheScope": "public", "_meta": {"x": 1}, "newField": true}));
+        assert_eq!(result_fields(vec![sent.clone()], false), sent, "one target's fields, all of them");
+        let merged = result_fields(vec![sent, one(json!({"ttlMs": 200, "cacheScope": "public"}))], true);
+        assert_eq!(Value::Object(merged), json!({"ttlMs": 200, "cacheScope": "public"}));
+        let with_silent = result_fields(vec![one(json!({"ttlMs": 200, "cacheScope": "public"})), Map::new()], true);
+        assert_eq!(Value::Object(with_silent), json!({"ttlMs": 0, "cacheScope": "private"}), "silence shares nothing");
+        assert!(result_fields(vec![Map::new(), Map::new()], true).is_empty());
     }
 
     #[test]

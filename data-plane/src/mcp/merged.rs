@@ -46,6 +46,9 @@ pub struct Merged {
     pub offered: Vec<(String, String, bool)>,
     /// The ids of the targets whose items are in the merge (not those that failed).
     pub sources: Vec<String>,
+    /// The result's other fields the upstreams sent (`ttlMs`, `cacheScope`, `_meta`, anything
+    /// newer), kept on every page: see [`super::lists::result_fields`].
+    pub fields: serde_json::Map<String, Value>,
 }
 
 #[derive(Debug, Default)]
@@ -147,7 +150,12 @@ mod tests {
     }
 
     fn merged(n: usize) -> Arc<Merged> {
-        Arc::new(Merged { items: vec![Value::Null; n], offered: Vec::new(), sources: Vec::new() })
+        Arc::new(Merged {
+            items: vec![Value::Null; n],
+            offered: Vec::new(),
+            sources: Vec::new(),
+            fields: Default::default(),
+        })
     }
 
     #[test]
