@@ -28,6 +28,7 @@ pub mod calls;
 pub mod client;
 pub mod cluster;
 pub mod declare_bench;
+pub mod eras_bench;
 pub mod fast_upstream;
 pub mod fleet_bench;
 pub mod harness;

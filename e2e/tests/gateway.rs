@@ -452,6 +452,23 @@ async fn bad_input_gets_the_status_the_specification_prescribes() {
         .header("accept", "text/html")
         .body(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#);
     expect(McpClient::read(html_only).await.unwrap(), 406, -32600);
+    // A version nobody speaks: -32022, naming those spoken.
+    let unsupported = McpClient::read(
+        client
+            .http
+            .post(&url)
+            .bearer_auth(&client.token)
+            .header("mcp-session-id", &session)
+            .header("accept", "application/json, text/event-stream")
+            .header("content-type", "application/json")
+            .header("mcp-protocol-version", "1999-01-01")
+            .body(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#),
+    )
+    .await
+    .unwrap();
+    assert!(format!("{:?}", unsupported.messages).contains("2025-11-25"), "{:?}", unsupported.messages);
+    expect(unsupported, 400, -32022);
+    // Two versions at once: the headers contradict each other.
     expect(
         McpClient::read(
             client
@@ -463,7 +480,7 @@ async fn bad_input_gets_the_status_the_specification_prescribes() {
         .await
         .unwrap(),
         400,
-        -32022,
+        -32020,
     );
 
     // Methods: ping locally, unknown → -32601.

@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use reflow_data_plane::mcp::McpSettings;
 use reflow_e2e::harness::{
     authorizing_forwarder, everything, python, python_server, run_conformance_of, workspace, Gateway, Mode,
 };
@@ -355,6 +356,23 @@ async fn clients_of_both_eras_reach_an_upstream_of_the_stateless_era_alone() {
         }
     }
 
+    // The MCP Inspector's CLI, a session-era client, lists and calls.
+    let inspector = reflow_e2e::harness::node_package("@modelcontextprotocol/inspector/cli/build/index.js");
+    let header = format!("Authorization: Bearer {token}");
+    let inspect = |args: Vec<&str>| {
+        let mut command = tokio::process::Command::new(reflow_e2e::harness::node());
+        command.arg(&inspector).arg(&url).args(args).args(["--header", &header]);
+        async move { reflow_e2e::harness::run(&mut command, Duration::from_secs(60)).await.unwrap() }
+    };
+    let (code, stdout, stderr) = inspect(vec!["--method", "tools/list"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let listed: Value = serde_json::from_str(&stdout).unwrap();
+    assert!(listed["tools"].as_array().unwrap().iter().any(|t| t["name"] == "test_simple_text"), "{listed}");
+    let (code, stdout, stderr) = inspect(vec!["--method", "tools/call", "--tool-name", "test_simple_text"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let called: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(called["content"][0]["text"], "This is a simple text response for testing.", "{called}");
+
     // What the upstream says of its list beside the items (caching, `_meta`) is kept.
     let (_, alone) = call(&modern.url, "unused", "tools/list", json!({}), None).await;
     let (_, through) = call(&url, &token, "tools/list", json!({}), None).await;
@@ -384,5 +402,54 @@ async fn clients_of_both_eras_reach_an_upstream_of_the_stateless_era_alone() {
     )
     .await;
     assert!(echoed["result"]["content"][0]["text"].as_str().unwrap().contains("both"), "{echoed}");
+    gateway.stop().await;
+}
+
+/// Policy, credentials and the audit trail in the stateless era, to an upstream spoken to in it
+/// (`e2e/peers/headers_server.py` shows what reached it): the user's credential is injected and
+/// the client's token is not; a denied tool is denied; each request has its audit record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_credentials_and_audit_are_those_of_the_session_era() {
+    let gateway = Gateway::start_audited(McpSettings::default()).await.unwrap();
+    let upstream = python_server("headers_server.py", &[]).await.unwrap();
+    let target = gateway.target("hdr", "streamable-http", &upstream.url).await.unwrap();
+    gateway
+        .post(&format!("/api/targets/{target}/env/default"), json!({"key": "AUTH_TOKEN", "value": "upstream-secret"}))
+        .await
+        .unwrap();
+    gateway.allow_everyone().await.unwrap();
+    gateway.deny_tools(&target, "add").await.unwrap();
+    let url = format!("{}/mcp/hdr", gateway.mcp);
+    let token = gateway.admin_token.clone();
+
+    let (status, answered) = call(&url, &token, "tools/call", json!({"name": "headers"}), Some("headers")).await;
+    assert_eq!(status, 200, "{answered}");
+    let seen: Value = serde_json::from_str(answered["result"]["content"][0]["text"].as_str().unwrap()).unwrap();
+    assert_eq!(seen["authorization"], "Bearer upstream-secret", "the user's credential, injected: {seen}");
+    assert!(!seen.to_string().contains(&token), "the client's token never goes upstream: {seen}");
+    assert_eq!(seen["mcp-protocol-version"], "2026-07-28", "spoken to in the stateless era: {seen}");
+    assert_eq!(seen["mcp-name"], "headers", "{seen}");
+    assert!(seen.get("mcp-session-id").is_none(), "{seen}");
+    let (_, denied) =
+        call(&url, &token, "tools/call", json!({"name": "add", "arguments": {"a": 1, "b": 2}}), Some("add")).await;
+    assert_eq!(denied["error"]["code"], -32003, "{denied}");
+
+    let records = gateway.audit_records(2).await;
+    let find = |name: &str| {
+        records
+            .iter()
+            .find(|r| r.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("no record of {name}: {records:?}"))
+    };
+    let allowed = find("headers");
+    assert_eq!((allowed.decision.as_str(), allowed.outcome.as_str(), allowed.status), ("allowed", "answered", 200));
+    assert_eq!(allowed.protocol_version.as_deref(), Some("2026-07-28"));
+    assert_eq!(allowed.client_name.as_deref(), Some("raw"));
+    assert_eq!(allowed.target.as_deref(), Some("hdr"));
+    assert_eq!(allowed.session_id, None, "no session in the stateless era");
+    assert!(allowed.credential_source.is_some(), "{allowed:?}");
+    let refused = find("add");
+    assert_eq!(refused.decision, "denied", "{refused:?}");
+    assert_eq!(refused.protocol_version.as_deref(), Some("2026-07-28"));
     gateway.stop().await;
 }

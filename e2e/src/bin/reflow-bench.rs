@@ -30,8 +30,8 @@ struct Args {
     #[arg(long)]
     database_url: Option<String>,
     /// Run only these scenarios (repeatable): propagation, policy-change, calls, audit,
-    /// telemetry, stdio, lists, sessions, apply, kubernetes, fleet.
-    #[arg(long, value_parser = ["propagation", "policy-change", "calls", "audit", "telemetry", "stdio", "lists", "sessions", "apply", "kubernetes", "fleet"])]
+    /// telemetry, stdio, lists, sessions, apply, kubernetes, fleet, eras.
+    #[arg(long, value_parser = ["propagation", "policy-change", "calls", "audit", "telemetry", "stdio", "lists", "sessions", "apply", "kubernetes", "fleet", "eras"])]
     only: Vec<String>,
 }
 
@@ -343,6 +343,29 @@ async fn run() -> anyhow::Result<()> {
                     f("bytes_per_session")
                 ),
             }
+            results.push(result);
+        }
+    }
+
+    if want("eras") {
+        println!("\ntools/call to the fast upstream by clients of each protocol era, one data plane");
+        println!(
+            "{:>6} {:>12} {:>14} {:>9} {:>12} {:>14} {:>10} {:>12}",
+            "conc", "session/s", "stateless/s", "ratio", "sess us/call", "stateless us/c", "sess p50", "stateless p50"
+        );
+        for result in reflow_e2e::eras_bench::eras(&program, &[1, 8, 32], duration).await? {
+            let f = |key: &str| result[key].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "{:>6} {:>12.0} {:>14.0} {:>9.2} {:>12.1} {:>14.1} {:>10.3} {:>12.3}",
+                result["concurrency"].as_u64().unwrap_or(0),
+                f("session_rps"),
+                f("stateless_rps"),
+                f("stateless_vs_session"),
+                f("session_cpu_us_per_call"),
+                f("stateless_cpu_us_per_call"),
+                f("session_p50_ms"),
+                f("stateless_p50_ms")
+            );
             results.push(result);
         }
     }
