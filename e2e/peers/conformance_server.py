@@ -5,7 +5,7 @@ official conformance suite's server scenarios call. The suite's own reference se
 its repository, not in its npm package; this one lets the suite run here, against this server
 alone and through the gateway.
 
-    python conformance_server.py PORT [--stateless] [--modern-only]   serves http://127.0.0.1:PORT/mcp
+    python conformance_server.py PORT [--stateless] [--modern-only | --session-only]   serves http://127.0.0.1:PORT/mcp
 """
 import json
 import sys
@@ -234,6 +234,26 @@ async def test_trigger_prompt_change(ctx: Context) -> str:
     return "Mutation triggered"
 
 
+CANCELLED = []
+
+
+@mcp.tool()
+async def test_slow_operation() -> str:
+    """Not one of the suite's: waits 30 s, counting the calls cancelled meanwhile"""
+    try:
+        await anyio.sleep(30)
+    except anyio.get_cancelled_exc_class():
+        CANCELLED.append(1)
+        raise
+    return "slow done"
+
+
+@mcp.tool()
+def test_cancelled_count() -> str:
+    """Not one of the suite's: how many test_slow_operation calls were cancelled"""
+    return str(len(CANCELLED))
+
+
 @mcp.resource("test://static-text", mime_type="text/plain", description="A static text resource for testing")
 def static_text() -> str:
     return "This is the content of the static text resource."
@@ -288,6 +308,22 @@ async def complete(ref, argument, context):
     return Completion(values=[], total=0, has_more=False)
 
 
+def session_only(app):
+    """With --session-only the server is one of the session era alone, as most servers today
+    are: a request naming 2026-07-28 gets 400 without a JSON-RPC body."""
+
+    async def guarded(scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope.get("headers") or [])
+            if headers.get(b"mcp-protocol-version") == b"2026-07-28":
+                await send({"type": "http.response.start", "status": 400, "headers": []})
+                await send({"type": "http.response.body", "body": b""})
+                return
+        await app(scope, receive, send)
+
+    return guarded
+
+
 def modern_only(app):
     """The SDK serves both eras on one endpoint; with --modern-only this guard makes the server
     one of the stateless era alone, as servers written for 2026-07-28 only are: a request whose
@@ -315,4 +351,6 @@ if __name__ == "__main__":
     app = mcp.streamable_http_app(stateless_http="--stateless" in sys.argv, host="127.0.0.1")
     if "--modern-only" in sys.argv:
         app = modern_only(app)
+    if "--session-only" in sys.argv:
+        app = session_only(app)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")

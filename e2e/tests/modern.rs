@@ -173,6 +173,30 @@ async fn stateless_requests_are_checked_and_answered_as_the_revision_says() {
     assert_eq!(echoed["id"], 41);
     assert_eq!(echoed["result"]["resultType"], "complete");
     assert!(echoed["result"]["content"][0]["text"].as_str().unwrap().contains("hi"));
+    // Stateless clients choose their ids alone; several at once with the same id, through one
+    // bridge to one upstream session, each get their own answer.
+    let concurrent = (0..8).map(|n| {
+        let (url, token) = (url.clone(), token.clone());
+        async move {
+            let params = json!({"name": "trigger-long-running-operation", "arguments": {"duration": 1, "steps": 2}});
+            let message = format!("m{n}");
+            let (_, echoed) = call(
+                &url,
+                &token,
+                "tools/call",
+                json!({"name": "echo", "arguments": {"message": message}}),
+                Some("echo"),
+            )
+            .await;
+            let (_, slow) = call(&url, &token, "tools/call", params, Some("trigger-long-running-operation")).await;
+            (message, echoed, slow)
+        }
+    });
+    for (message, echoed, slow) in futures::future::join_all(concurrent).await {
+        assert_eq!(echoed["id"], 41);
+        assert!(echoed["result"]["content"][0]["text"].as_str().unwrap().ends_with(&message), "{message}: {echoed}");
+        assert_eq!(slow["result"]["resultType"], "complete", "{slow}");
+    }
     let (_, denied) =
         call(&url, &token, "tools/call", json!({"name": "get-env", "arguments": {}}), Some("get-env")).await;
     assert_eq!(denied["error"]["code"], -32003, "a denied tool is denied in this era too: {denied}");
@@ -451,5 +475,47 @@ async fn policy_credentials_and_audit_are_those_of_the_session_era() {
     let refused = find("add");
     assert_eq!(refused.decision, "denied", "{refused:?}");
     assert_eq!(refused.protocol_version.as_deref(), Some("2026-07-28"));
+    gateway.stop().await;
+}
+
+/// Closing the stream cancels, the stateless era's way: through the gateway, an upstream of that
+/// era sees its request's connection close, and one of the session era gets
+/// `notifications/cancelled`; either stops the work (the fixture counts it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_the_stream_cancels_the_request_upstream_in_either_era() {
+    let modern = python_server("conformance_server.py", &["--modern-only"]).await.unwrap();
+    let session = python_server("conformance_server.py", &["--session-only"]).await.unwrap();
+    let gateway = Gateway::start().await.unwrap();
+    gateway.target("modern", "streamable-http", &modern.url).await.unwrap();
+    gateway.target("session", "streamable-http", &session.url).await.unwrap();
+    gateway.allow_everyone().await.unwrap();
+    let token = gateway.admin_token.clone();
+    for target in ["modern", "session"] {
+        let url = format!("{}/mcp/{target}", gateway.mcp);
+        let mut params = json!({"name": "test_slow_operation", "arguments": {}});
+        params["_meta"] = meta();
+        let slow = reqwest::Client::new()
+            .post(&url)
+            .bearer_auth(&token)
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", "tools/call")
+            .header("mcp-name", "test_slow_operation")
+            .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}))
+            .send();
+        // The client gives up after a second: its connection closes.
+        assert!(tokio::time::timeout(Duration::from_secs(1), slow).await.is_err(), "{target}: the call is slow");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, counted) =
+                call(&url, &token, "tools/call", json!({"name": "test_cancelled_count"}), Some("test_cancelled_count"))
+                    .await;
+            if counted["result"]["content"][0]["text"] == "1" {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{target}: the upstream was not cancelled: {counted}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     gateway.stop().await;
 }

@@ -327,17 +327,22 @@ pub(super) async fn exchange(
                 },
                 None => {
                     let Stateless { id, method, params, capabilities, log_level, name, .. } = request;
+                    // Clients of one bridge choose their ids alone: upstream, each request has
+                    // one of the bridge's, and the client's own comes back in the answer.
+                    let upstream_id = Value::String(bridge.next_id("m"));
                     let reply = gateway
-                        .request(&bridge, &caller, id.clone(), &method, Some(Value::Object(params)), trail)
+                        .request(&bridge, &caller, upstream_id.clone(), &method, Some(Value::Object(params)), trail)
                         .await;
+                    let reply_for = |message: Value| {
+                        let mut message = completed(message, cacheable(&method));
+                        message["id"] = id.clone();
+                        Ok(answer(message))
+                    };
                     let mut forwarding = match reply {
                         Reply::Stream(forwarding) => forwarding,
-                        Reply::Now(message) | Reply::Invalid(message) => {
-                            return Ok(answer(completed(message, cacheable(&method))))
-                        }
+                        Reply::Now(message) | Reply::Invalid(message) => return reply_for(message),
                         Reply::Serialized(text) => {
-                            let message = serde_json::from_str(&text).unwrap_or(Value::Null);
-                            return Ok(answer(completed(message, cacheable(&method))));
+                            return reply_for(serde_json::from_str(&text).unwrap_or(Value::Null))
                         }
                         Reply::Accepted => return Ok(StatusCode::ACCEPTED.into_response()),
                     };
@@ -348,10 +353,12 @@ pub(super) async fn exchange(
                         caller,
                         forwarding,
                         id,
+                        upstream_id,
                         method,
                         name,
                         capabilities,
                         log_level,
+                        done: false,
                     }
                 }
             };
@@ -468,10 +475,31 @@ struct Relay {
     forwarding: Forwarding,
     /// The id of the client's request now being answered (a retry has a new one).
     id: Value,
+    /// The id the request has upstream (the bridge's).
+    upstream_id: Value,
     method: String,
     name: Option<String>,
     capabilities: Value,
     log_level: bool,
+    /// The exchange ended with its response: nothing is left to cancel.
+    done: bool,
+}
+
+impl Drop for Relay {
+    /// A relay let go before the response (the client closed its stream, which is how the
+    /// stateless era cancels, or a parked exchange nobody came back for) cancels the exchange:
+    /// the upstream is told, or its POST closed.
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (gateway, session, caller) = (self.gateway.clone(), self.session.clone(), self.caller.clone());
+        let params = json!({"requestId": self.upstream_id, "reason": "the client closed its stream"});
+        runtime.spawn(async move {
+            gateway.notification(&session, &caller, "notifications/cancelled", Some(params)).await;
+        });
+    }
 }
 
 /// What the relay makes of the next message.
@@ -496,6 +524,7 @@ impl Relay {
         loop {
             let message = self.forwarding.next().await?;
             if jsonrpc::is_response(&message) {
+                self.done = true;
                 let mut message = completed(message, cacheable(&self.method));
                 message["id"] = self.id.clone();
                 return Some((Step::Last(message), None));
