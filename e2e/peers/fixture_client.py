@@ -5,8 +5,9 @@ progress, resources and prompts, printed as one JSON line for the test to check.
     python fixture_client.py URL TOKEN MODE [--input-required]
 
 Prints {"version": ..., "tools": n, "text": ..., "progress": [...], "resource": ...,
-"prompt": ..., "elicited": ...?} or {"error": ...}. With --input-required it also calls a tool
-that asks the client for input the stateless era's way (elicitation answered "Ada").
+"prompt": ..., "elicited": ..., "rounds": ...} or {"error": ...}. With --input-required it also
+calls tools that ask the client for input the stateless era's way, once and in two rounds
+(every elicitation answered "Ada").
 """
 
 import json
@@ -51,6 +52,8 @@ async def main() -> None:
             if "--input-required" in sys.argv:
                 elicited = await client.call_tool("test_input_required_result_elicitation", {})
                 out["elicited"] = elicited.content[0].text
+                rounds = await client.call_tool("test_input_required_result_multi_round", {})
+                out["rounds"] = rounds.content[0].text
     except Exception as error:  # noqa: BLE001 - reported to the test, which decides
         out["error"] = f"{type(error).__name__}: {error}"
     print(json.dumps(out), flush=True)

@@ -352,7 +352,7 @@ async fn conformance_of_both_revisions_through_the_gateway_is_conformance_alone(
 
 /// An upstream of the stateless era alone (the fixture with `--modern-only`, which refuses
 /// `initialize`): clients of both eras reach it, the session-era ones through a session the
-/// gateway plays for them; and `/mcp` merges it with a session-era upstream for a stateless
+/// gateway plays for them (its questions asked as server→client requests); and `/mcp` merges it with a session-era upstream for a stateless
 /// client, each spoken to in its own era.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_of_both_eras_reach_an_upstream_of_the_stateless_era_alone() {
@@ -364,7 +364,9 @@ async fn clients_of_both_eras_reach_an_upstream_of_the_stateless_era_alone() {
     gateway.allow_everyone().await.unwrap();
     let token = gateway.admin_token.clone();
     let url = format!("{}/mcp/modern", gateway.mcp);
-    for (mode, args) in [("legacy", vec![]), ("2026-07-28", vec!["--input-required"]), ("auto", vec![])] {
+    for (mode, args) in
+        [("legacy", vec!["--input-required"]), ("2026-07-28", vec!["--input-required"]), ("auto", vec![])]
+    {
         let mut all = vec![url.as_str(), token.as_str(), mode];
         all.extend(args);
         let report = peer_client("fixture_client.py", &all).await;
@@ -374,9 +376,12 @@ async fn clients_of_both_eras_reach_an_upstream_of_the_stateless_era_alone() {
         assert_eq!(report["progress"], json!([0.0, 50.0, 100.0]), "{mode}: progress reaches the client: {report}");
         assert_eq!(report["resource"], "This is the content of the static text resource.", "{mode}");
         assert_eq!(report["prompt"], "This is a simple prompt for testing.", "{mode}");
-        if mode == "2026-07-28" {
-            // The upstream's own input_required result and requestState, passed through.
-            assert_eq!(report["elicited"], "Hello, Ada!", "{report}");
+        if mode != "auto" {
+            // The upstream's own input_required results: passed through to a stateless client,
+            // asked as elicitation requests of a session-era one (the upstream asked again with
+            // its answers and its requestState), over two rounds too.
+            assert_eq!(report["elicited"], "Hello, Ada!", "{mode}: {report}");
+            assert_eq!(report["rounds"], "Multi-round complete", "{mode}: {report}");
         }
     }
 

@@ -19,6 +19,30 @@ use crate::audit::{ClientGone, Trail};
 use crate::jsonrpc;
 use crate::upstream::{Relayed, Upstream, UpstreamError};
 
+/// How many times one request is asked again with a session-era client's answers, at most (as
+/// many rounds as the Python SDK's stateless client allows itself).
+const MAX_INPUT_ROUNDS: usize = 10;
+
+/// The result of an upstream's `input_required` answer.
+fn input_required(reply: &Value) -> Option<Value> {
+    let result = reply.get("result")?;
+    (result.get("resultType").and_then(Value::as_str) == Some("input_required")).then(|| result.clone())
+}
+
+/// The request asked again: a new id, the client's answers as `inputResponses`, and the
+/// upstream's `requestState` echoed as it was given (left out when it gave none).
+fn asked_again(session: &ClientSession, mut message: Value, asked: &Value, answers: Map<String, Value>) -> Value {
+    message["id"] = Value::String(session.next_id("again"));
+    if let Some(params) = message.get_mut("params").and_then(Value::as_object_mut) {
+        params.insert("inputResponses".into(), Value::Object(answers));
+        match asked.get("requestState") {
+            Some(state) => params.insert("requestState".into(), state.clone()),
+            None => params.remove("requestState"),
+        };
+    }
+    message
+}
+
 /// A request on its way to an upstream: the exchange itself, and the messages it produces for
 /// the client (relayed notifications and requests, then the response).
 ///
@@ -152,21 +176,38 @@ impl Gateway {
         session.inflight.lock().unwrap().insert(key.clone(), (target.name.clone(), abort));
         let work = async move {
             let (sink, mut relayed) = crate::upstream::Sink::channel();
-            let result = {
-                let request = upstream.request(&message, Some(&sink));
-                tokio::pin!(request);
-                loop {
-                    tokio::select! {
-                        biased;
-                        Some((message, event)) = relayed.recv() => {
-                            if let Some(message) = gateway.relay(&session, &target_name, message) {
-                                let event = resumable.then(|| event.map(|e| super::resume::event_id(&target_name, &e))).flatten();
-                                // Waits for the reader (who also drives this exchange).
-                                let _ = tx.send((message, event)).await;
+            let mut message = message;
+            let mut rounds = 0;
+            let result = loop {
+                let result = {
+                    let request = upstream.request(&message, Some(&sink));
+                    tokio::pin!(request);
+                    loop {
+                        tokio::select! {
+                            biased;
+                            Some((message, event)) = relayed.recv() => {
+                                if let Some(message) = gateway.relay(&session, &target_name, message) {
+                                    let event = resumable.then(|| event.map(|e| super::resume::event_id(&target_name, &e))).flatten();
+                                    // Waits for the reader (who also drives this exchange).
+                                    let _ = tx.send((message, event)).await;
+                                }
                             }
+                            result = &mut request => break result,
                         }
-                        result = &mut request => break result,
                     }
+                };
+                // An upstream of the stateless era asks for input with an `input_required`
+                // result: a client of the session era is asked the session era's way, and the
+                // upstream asked again with its answers (a stateless client gets the result).
+                let asked = match &result {
+                    Ok(reply) if !session.bridged && rounds < MAX_INPUT_ROUNDS => input_required(reply),
+                    _ => None,
+                };
+                let Some(asked) = asked else { break result };
+                rounds += 1;
+                match gateway.ask_client(&session, &asked, &tx).await {
+                    Some(answers) => message = asked_again(&session, message, &asked, answers),
+                    None => break result,
                 }
             };
             drop(sink);
@@ -218,6 +259,48 @@ impl Gateway {
         };
         let work = futures::FutureExt::map(futures::future::Abortable::new(work, registration), drop);
         Reply::Stream(Forwarding { work: Some(Box::pin(work)), messages: rx, share: None, client_gone })
+    }
+
+    /// Asks a session-era client what a stateless upstream's `input_required` result asks, as
+    /// server→client requests on the exchange's stream: the answers by the result's keys, once
+    /// every one came or timed out (`None` when the client's stream is gone).
+    async fn ask_client(
+        &self,
+        session: &ClientSession,
+        asked: &Value,
+        tx: &mpsc::Sender<crate::upstream::Relayed>,
+    ) -> Option<Map<String, Value>> {
+        let requests = asked.get("inputRequests").and_then(Value::as_object).cloned().unwrap_or_default();
+        let mut waiting = Vec::new();
+        for (key, request) in requests {
+            let gateway_id = session.next_id("srv");
+            let (answer, answered) = tokio::sync::oneshot::channel();
+            self.asked.lock().unwrap().insert(format!("{}/{gateway_id}", session.id), answer);
+            let mut message = json!({"jsonrpc": "2.0", "id": gateway_id, "method": request.get("method")});
+            if let Some(params) = request.get("params") {
+                message["params"] = params.clone();
+            }
+            if tx.send((message, None)).await.is_err() {
+                self.asked.lock().unwrap().remove(&format!("{}/{gateway_id}", session.id));
+                return None;
+            }
+            waiting.push((key, gateway_id, answered));
+        }
+        let mut answers = Map::new();
+        for (key, gateway_id, answered) in waiting {
+            match tokio::time::timeout(self.settings.request_timeout, answered).await {
+                Ok(Ok(body)) => {
+                    // An error answers nothing: the upstream asks again or gives up.
+                    if let Some(result) = body.get("result") {
+                        answers.insert(key, result.clone());
+                    }
+                }
+                _ => {
+                    self.asked.lock().unwrap().remove(&format!("{}/{gateway_id}", session.id));
+                }
+            }
+        }
+        Some(answers)
     }
 
     /// Prepares a message an upstream sent for the client: server→client requests get a
@@ -315,6 +398,14 @@ impl Gateway {
         id: Value,
         mut body: Map<String, Value>,
     ) -> Reply {
+        // The answer to a question the gateway asked for a stateless upstream (see `ask_client`).
+        let asked = id
+            .as_str()
+            .and_then(|gateway_id| self.asked.lock().unwrap().remove(&format!("{}/{gateway_id}", session.id)));
+        if let Some(waiting) = asked {
+            let _ = waiting.send(body);
+            return Reply::Accepted;
+        }
         let entry = id.as_str().and_then(|gateway_id| session.pending.lock().unwrap().remove(gateway_id));
         let entry = entry.map(|(target, upstream_id, _)| (target, upstream_id)).or_else(|| {
             // Asked through another replica: the id names the target and the upstream's id.

@@ -95,6 +95,9 @@ pub struct Gateway {
     /// Exchanges of stateless-era clients waiting for their `inputResponses`, by
     /// `requestState` (see [`super::modern`]).
     pub(super) parked: std::sync::Mutex<HashMap<String, super::modern::Parked>>,
+    /// Questions asked of session-era clients for stateless upstreams, waiting for their
+    /// answers, by session and gateway id (see `Gateway::ask_client`).
+    pub(super) asked: std::sync::Mutex<HashMap<String, tokio::sync::oneshot::Sender<serde_json::Map<String, Value>>>>,
 }
 
 impl Gateway {
@@ -141,6 +144,7 @@ impl Gateway {
             draining: CancellationToken::new(),
             ended: Default::default(),
             parked: Default::default(),
+            asked: Default::default(),
         });
         crate::telemetry::collect_state(&gateway);
         gateway
