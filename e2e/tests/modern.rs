@@ -524,3 +524,44 @@ async fn closing_the_stream_cancels_the_request_upstream_in_either_era() {
     }
     gateway.stop().await;
 }
+
+/// List changes of an upstream of the stateless era, which it tells only `subscriptions/listen`
+/// streams: the gateway listens to it, and its own listeners hear them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_changes_of_a_stateless_upstream_reach_listeners() {
+    let modern = python_server("conformance_server.py", &["--modern-only"]).await.unwrap();
+    let gateway = Gateway::start().await.unwrap();
+    gateway.target("modern", "streamable-http", &modern.url).await.unwrap();
+    gateway.allow_everyone().await.unwrap();
+    let url = format!("{}/mcp/modern", gateway.mcp);
+    let token = gateway.admin_token.clone();
+    let mut params = json!({"notifications": {"toolsListChanged": true}});
+    params["_meta"] = meta();
+    let response = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(&token)
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "subscriptions/listen")
+        .json(&json!({"jsonrpc": "2.0", "id": 7, "method": "subscriptions/listen", "params": params}))
+        .send()
+        .await
+        .unwrap();
+    let mut frames = Frames { stream: Box::pin(response.bytes_stream()), buffer: String::new() };
+    assert_eq!(frames.next().await["method"], "notifications/subscriptions/acknowledged");
+    // The gateway's own subscription upstream may still be starting: trigger until heard.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let trigger = json!({"name": "test_trigger_tool_change"});
+        let (_, triggered) = call(&url, &token, "tools/call", trigger, Some("test_trigger_tool_change")).await;
+        assert_eq!(triggered["result"]["content"][0]["text"], "Mutation triggered", "{triggered}");
+        let heard = tokio::time::timeout(Duration::from_secs(1), frames.next()).await;
+        if let Ok(frame) = heard {
+            assert_eq!(frame["method"], "notifications/tools/list_changed", "{frame}");
+            assert_eq!(frame["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], 7, "{frame}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the upstream's list change never reached the listener");
+    }
+    gateway.stop().await;
+}

@@ -446,7 +446,7 @@ impl Upstream {
                 if let Some((connection, initialize_result)) =
                     connection.clone().discover(&self.initialize_params).await?
                 {
-                    return Ok(Live { transport: Transport::Streamable(connection), initialize_result });
+                    return Ok(self.stateless(connection, initialize_result));
                 }
             }
             match connection.clone().initialize(initialize.clone()).await {
@@ -462,7 +462,7 @@ impl Upstream {
                         if let Some((connection, initialize_result)) =
                             connection.discover(&self.initialize_params).await?
                         {
-                            return Ok(Live { transport: Transport::Streamable(connection), initialize_result });
+                            return Ok(self.stateless(connection, initialize_result));
                         }
                     }
                     if let UpstreamError::Refused(_) = error {
@@ -488,6 +488,12 @@ impl Upstream {
             reply.get("result").cloned().ok_or_else(|| UpstreamError::Refused(streamable::error_text(&reply)))?;
         connection.send(&jsonrpc::notification("notifications/initialized", None)).await?;
         Ok(Live { transport: Transport::Sse(connection), initialize_result })
+    }
+
+    /// A connection to an upstream of the stateless era, listening for its list changes.
+    fn stateless(&self, connection: streamable::Connection, initialize_result: Value) -> Live {
+        tokio::spawn(connection.clone().listen(self.inbox.clone(), self.cancel.child_token()));
+        Live { transport: Transport::Streamable(connection), initialize_result }
     }
 
     async fn forget(&self, stale: &Arc<Live>) {

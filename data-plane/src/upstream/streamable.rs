@@ -307,14 +307,38 @@ impl Connection {
         Ok(None)
     }
 
-    /// Relays messages from the session's GET stream to `out` until `cancel`, reopening it when
-    /// it ends. Returns when the upstream offers no such stream.
+    /// The request for messages unrelated to any request: the session's GET stream, or, of the
+    /// stateless era, a `subscriptions/listen` for every list change.
+    fn listening(&self) -> reqwest::RequestBuilder {
+        let Some(meta) = &self.stateless else {
+            return self
+                .http
+                .get(self.url.clone())
+                .headers(self.headers.clone())
+                .header(header::ACCEPT, "text/event-stream");
+        };
+        let every = serde_json::json!({"notifications": {
+            "toolsListChanged": true, "promptsListChanged": true, "resourcesListChanged": true}});
+        let listen = jsonrpc::request(serde_json::json!("reflow-listen"), "subscriptions/listen", Some(every));
+        let (listen, headers) = stateless_request(&listen, meta);
+        self.http
+            .post(self.url.clone())
+            .headers(self.headers.clone())
+            .headers(headers)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, ACCEPT_BOTH)
+            .body(serde_json::to_vec(&listen).expect("a JSON value serialises"))
+    }
+
+    /// Relays messages from the session's GET stream (or the stateless era's subscription) to
+    /// `out` until `cancel`, reopening it when it ends. Returns when the upstream offers no
+    /// such stream.
     pub async fn listen(self, out: mpsc::Sender<Value>, cancel: CancellationToken) {
         let mut failures = 0u32;
         loop {
             let response = tokio::select! {
                 _ = cancel.cancelled() => return,
-                response = self.http.get(self.url.clone()).headers(self.headers.clone()).header(header::ACCEPT, "text/event-stream").send() => response,
+                response = self.listening().send() => response,
             };
             match response {
                 Ok(response) if response.status().is_success() => {
@@ -332,10 +356,14 @@ impl Connection {
                             break;
                         }
                         for event in events.drain(..) {
-                            if let Some(message) = parse_event_data(&event.data) {
-                                if out.send(message).await.is_err() {
-                                    return;
-                                }
+                            let Some(message) = parse_event_data(&event.data) else { continue };
+                            // A subscription's acknowledgement and its end are for this listener.
+                            let method = message.get("method").and_then(Value::as_str);
+                            if method.is_none() || method == Some("notifications/subscriptions/acknowledged") {
+                                continue;
+                            }
+                            if out.send(message).await.is_err() {
+                                return;
                             }
                         }
                     }
