@@ -267,6 +267,24 @@ struct Frames {
 }
 
 impl Frames {
+    /// A `subscriptions/listen` with id `id` for the notifications `asked`, its stream.
+    async fn listen(url: &str, token: &str, id: Value, asked: Value) -> Frames {
+        let mut params = json!({"notifications": asked});
+        params["_meta"] = meta();
+        let response = reqwest::Client::new()
+            .post(url)
+            .bearer_auth(token)
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", "subscriptions/listen")
+            .json(&json!({"jsonrpc": "2.0", "id": id, "method": "subscriptions/listen", "params": params}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        Frames { stream: Box::pin(response.bytes_stream()), buffer: String::new() }
+    }
+
     async fn next(&mut self) -> Value {
         use futures::StreamExt;
         loop {
@@ -295,20 +313,8 @@ async fn list_changes_reach_subscriptions_listen_streams() {
     let (status, _) = call(&url, &token, "tools/list", json!({}), None).await;
     assert_eq!(status, 200);
 
-    let mut params = json!({"notifications": {"toolsListChanged": true, "promptsListChanged": false}});
-    params["_meta"] = meta();
-    let response = reqwest::Client::new()
-        .post(&url)
-        .bearer_auth(&token)
-        .header("accept", "application/json, text/event-stream")
-        .header("mcp-protocol-version", "2026-07-28")
-        .header("mcp-method", "subscriptions/listen")
-        .json(&json!({"jsonrpc": "2.0", "id": "listen-1", "method": "subscriptions/listen", "params": params}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 200);
-    let mut frames = Frames { stream: Box::pin(response.bytes_stream()), buffer: String::new() };
+    let asked = json!({"toolsListChanged": true, "promptsListChanged": false});
+    let mut frames = Frames::listen(&url, &token, json!("listen-1"), asked).await;
     let ack = frames.next().await;
     assert_eq!(ack["method"], "notifications/subscriptions/acknowledged", "{ack}");
     assert_eq!(ack["params"]["notifications"], json!({"toolsListChanged": true}), "only what was asked and honoured");
@@ -535,19 +541,7 @@ async fn list_changes_of_a_stateless_upstream_reach_listeners() {
     gateway.allow_everyone().await.unwrap();
     let url = format!("{}/mcp/modern", gateway.mcp);
     let token = gateway.admin_token.clone();
-    let mut params = json!({"notifications": {"toolsListChanged": true}});
-    params["_meta"] = meta();
-    let response = reqwest::Client::new()
-        .post(&url)
-        .bearer_auth(&token)
-        .header("accept", "application/json, text/event-stream")
-        .header("mcp-protocol-version", "2026-07-28")
-        .header("mcp-method", "subscriptions/listen")
-        .json(&json!({"jsonrpc": "2.0", "id": 7, "method": "subscriptions/listen", "params": params}))
-        .send()
-        .await
-        .unwrap();
-    let mut frames = Frames { stream: Box::pin(response.bytes_stream()), buffer: String::new() };
+    let mut frames = Frames::listen(&url, &token, json!(7), json!({"toolsListChanged": true})).await;
     assert_eq!(frames.next().await["method"], "notifications/subscriptions/acknowledged");
     // The gateway's own subscription upstream may still be starting: trigger until heard.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
