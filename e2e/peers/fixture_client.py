@@ -4,7 +4,7 @@ progress, resources and prompts, printed as one JSON line for the test to check.
 
     python fixture_client.py URL TOKEN MODE [--input-required]
 
-Prints {"version": ..., "tools": n, "text": ..., "progress": [...], "resource": ...,
+Prints {"version": ..., "tools": n, "text": ..., "progress": [...], "resource": ..., "cancelled": n,
 "prompt": ..., "elicited": ..., "rounds": ...} or {"error": ...}. With --input-required it also
 calls tools that ask the client for input the stateless era's way, once and in two rounds
 (every elicitation answered "Ada").
@@ -49,6 +49,15 @@ async def main() -> None:
             read = await client.read_resource("test://static-text")
             out["resource"] = read.contents[0].text
             out["prompt"] = (await client.get_prompt("test_simple_prompt")).messages[0].content.text
+            # A call the client gives up on is cancelled upstream (the fixture counts them).
+            count = lambda result: int(result.content[0].text)  # noqa: E731
+            before = count(await client.call_tool("test_cancelled_count", {}))
+            with anyio.move_on_after(1):
+                await client.call_tool("test_slow_operation", {})
+            with anyio.move_on_after(10):
+                while count(await client.call_tool("test_cancelled_count", {})) == before:
+                    await anyio.sleep(0.2)
+            out["cancelled"] = count(await client.call_tool("test_cancelled_count", {})) - before
             if "--input-required" in sys.argv:
                 elicited = await client.call_tool("test_input_required_result_elicitation", {})
                 out["elicited"] = elicited.content[0].text

@@ -382,6 +382,7 @@ async fn clients_of_both_eras_reach_an_upstream_of_the_stateless_era_alone() {
         assert_eq!(report["progress"], json!([0.0, 50.0, 100.0]), "{mode}: progress reaches the client: {report}");
         assert_eq!(report["resource"], "This is the content of the static text resource.", "{mode}");
         assert_eq!(report["prompt"], "This is a simple prompt for testing.", "{mode}");
+        assert_eq!(report["cancelled"], 1, "{mode}: the call the client gave up on is cancelled upstream: {report}");
         if mode != "auto" {
             // The upstream's own input_required results: passed through to a stateless client,
             // asked as elicitation requests of a session-era one (the upstream asked again with
