@@ -560,3 +560,32 @@ async fn list_changes_of_a_stateless_upstream_reach_listeners() {
     }
     gateway.stop().await;
 }
+
+/// Stateless clients and an upstream of the stateless era need no stickiness: three data planes
+/// behind a round-robin balancer serve the Python SDK client's whole pass, the upstream's own
+/// `input_required` rounds and cancellation included, wherever each request lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stateless_client_and_upstream_go_through_a_round_robin_fleet() {
+    let modern = python_server("conformance_server.py", &["--modern-only"]).await.unwrap();
+    let gateway = Gateway::start().await.unwrap();
+    gateway.target("modern", "streamable-http", &modern.url).await.unwrap();
+    gateway.allow_everyone().await.unwrap();
+    let mut backends = vec![gateway.mcp.trim_start_matches("http://").to_string()];
+    let mut planes = Vec::new();
+    for n in 1..3 {
+        let (plane, url) = gateway.another_data_plane(&format!("stateless-{n}")).await.unwrap();
+        backends.push(url.trim_start_matches("http://").to_string());
+        planes.push(plane);
+    }
+    let balancer = reflow_e2e::balancer::Balancer::start(backends).await.unwrap();
+    let url = format!("{}/mcp/modern", balancer.url);
+    let report =
+        peer_client("fixture_client.py", &[&url, &gateway.admin_token, "2026-07-28", "--input-required"]).await;
+    assert!(report.get("error").is_none(), "{report}");
+    assert_eq!(report["elicited"], "Hello, Ada!", "{report}");
+    assert_eq!(report["rounds"], "Multi-round complete", "{report}");
+    assert_eq!(report["cancelled"], 1, "{report}");
+    let served: std::collections::BTreeSet<usize> = balancer.routed().iter().map(|r| r.backend).collect();
+    assert_eq!(served.len(), 3, "the client's requests landed on every data plane");
+    gateway.stop().await;
+}
