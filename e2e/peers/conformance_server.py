@@ -249,6 +249,14 @@ async def test_slow_operation() -> str:
 
 
 @mcp.tool()
+def test_many_inputs(ctx: Context) -> str | InputRequiredResult:
+    """Not one of the suite's: asks 17 questions at once"""
+    if ctx.input_responses:
+        return "answered"
+    return InputRequiredResult(input_requests={f"q{n}": elicit(f"Question {n}?", "answer") for n in range(17)})
+
+
+@mcp.tool()
 def test_cancelled_count() -> str:
     """Not one of the suite's: how many test_slow_operation calls were cancelled"""
     return str(len(CANCELLED))

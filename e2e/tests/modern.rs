@@ -589,3 +589,93 @@ async fn a_stateless_client_and_upstream_go_through_a_round_robin_fleet() {
     assert_eq!(served.len(), 3, "the client's requests landed on every data plane");
     gateway.stop().await;
 }
+
+/// What one identity may hold of the stateless era's long-lived state: parked exchanges count
+/// among its requests in flight (`mcp.max_inflight_per_user`, 2 here), listen streams at most
+/// 16 per bridge, and an upstream asking a session-era client more than 16 things at once is
+/// refused rather than passed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_exchanges_listen_streams_and_questions_are_bounded() {
+    let settings = McpSettings { max_inflight_per_user: 2, ..McpSettings::default() };
+    let gateway = Gateway::start_with(settings).await.unwrap();
+    let upstream = everything(Mode::StreamableHttp, None).await.unwrap();
+    let modern = python_server("conformance_server.py", &["--modern-only"]).await.unwrap();
+    gateway.target("everything", "streamable-http", &upstream.url).await.unwrap();
+    gateway.target("modern", "streamable-http", &modern.url).await.unwrap();
+    gateway.allow_everyone().await.unwrap();
+    let token = gateway.admin_token.clone();
+    let url = format!("{}/mcp/everything", gateway.mcp);
+
+    let sample = || {
+        let mut params = json!({"name": "trigger-sampling-request", "arguments": {"prompt": "hi", "maxTokens": 5}});
+        params["_meta"] = meta();
+        params["_meta"]["io.modelcontextprotocol/clientCapabilities"] = json!({"sampling": {}});
+        params
+    };
+    let headers = [
+        ("mcp-protocol-version", "2026-07-28"),
+        ("mcp-method", "tools/call"),
+        ("mcp-name", "trigger-sampling-request"),
+    ];
+    let mut states = Vec::new();
+    for _ in 0..2 {
+        let (status, _, asked) = post(&url, &token, "tools/call", sample(), &headers).await;
+        assert_eq!(status, 200, "{asked}");
+        assert_eq!(asked["result"]["resultType"], "input_required", "{asked}");
+        states.push(asked["result"].clone());
+    }
+    let (status, _, refused) = post(&url, &token, "tools/call", sample(), &headers).await;
+    assert_eq!(status, 429, "two parked exchanges are the user's two requests in flight: {refused}");
+    // One answered: it completes, and its share is free again.
+    let first = &states[0];
+    let key = first["inputRequests"].as_object().unwrap().keys().next().unwrap().clone();
+    let mut retry = sample();
+    retry["requestState"] = first["requestState"].clone();
+    retry["inputResponses"] =
+        json!({key: {"role": "assistant", "content": {"type": "text", "text": "hello"}, "model": "m"}});
+    let (status, _, done) = post(&url, &token, "tools/call", retry, &headers).await;
+    assert_eq!((status, &done["result"]["resultType"]), (200, &json!("complete")), "{done}");
+    let (status, _, again) = post(&url, &token, "tools/call", sample(), &headers).await;
+    assert_eq!(status, 200, "{again}");
+
+    // Listen streams: 16 on one bridge, the 17th refused until one closes.
+    let listening = format!("{}/mcp/modern", gateway.mcp);
+    let mut open = Vec::new();
+    for n in 0..16 {
+        open.push(Frames::listen(&listening, &token, json!(n), json!({"toolsListChanged": true})).await);
+    }
+    let mut params = json!({"notifications": {"toolsListChanged": true}});
+    params["_meta"] = meta();
+    let listen_headers = [("mcp-protocol-version", "2026-07-28"), ("mcp-method", "subscriptions/listen")];
+    let (status, _, refused) = post(&listening, &token, "subscriptions/listen", params.clone(), &listen_headers).await;
+    assert_eq!(status, 429, "{refused}");
+    drop(open.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let response = reqwest::Client::new()
+            .post(&listening)
+            .bearer_auth(&token)
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", "subscriptions/listen")
+            .json(&json!({"jsonrpc": "2.0", "id": 99, "method": "subscriptions/listen", "params": params}))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "a closed stream frees its place");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A session-era client is asked at most 16 things at once (another user: the first still
+    // holds two parked exchanges).
+    let (_, other) = gateway.user("other@example.com").await.unwrap();
+    let mut client = reflow_e2e::client::McpClient::new(&listening, &other);
+    client.initialize().await.unwrap();
+    let refused = client.call("test_many_inputs", json!({})).await.unwrap();
+    let message = refused["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("17 things at once"), "{refused}");
+    gateway.stop().await;
+}

@@ -22,6 +22,9 @@ use crate::upstream::{Relayed, Upstream, UpstreamError};
 /// How many times one request is asked again with a session-era client's answers, at most (as
 /// many rounds as the Python SDK's stateless client allows itself).
 const MAX_INPUT_ROUNDS: usize = 10;
+/// How many questions of one `input_required` result are asked of a session-era client, at
+/// most (each is a server→client request it must answer).
+const MAX_INPUT_REQUESTS: usize = 16;
 
 /// The result of an upstream's `input_required` answer.
 fn input_required(reply: &Value) -> Option<Value> {
@@ -206,8 +209,9 @@ impl Gateway {
                 let Some(asked) = asked else { break result };
                 rounds += 1;
                 match gateway.ask_client(&session, &asked, &tx).await {
-                    Some(answers) => message = asked_again(&session, message, &asked, answers),
-                    None => break result,
+                    Ok(Some(answers)) => message = asked_again(&session, message, &asked, answers),
+                    Ok(None) => break result,
+                    Err(error) => break Err(error),
                 }
             };
             drop(sink);
@@ -263,14 +267,21 @@ impl Gateway {
 
     /// Asks a session-era client what a stateless upstream's `input_required` result asks, as
     /// server→client requests on the exchange's stream: the answers by the result's keys, once
-    /// every one came or timed out (`None` when the client's stream is gone).
+    /// every one came or timed out (`None` when the client's stream is gone). An upstream that
+    /// asks more than [`MAX_INPUT_REQUESTS`] at once is refused.
     async fn ask_client(
         &self,
         session: &ClientSession,
         asked: &Value,
         tx: &mpsc::Sender<crate::upstream::Relayed>,
-    ) -> Option<Map<String, Value>> {
+    ) -> Result<Option<Map<String, Value>>, UpstreamError> {
         let requests = asked.get("inputRequests").and_then(Value::as_object).cloned().unwrap_or_default();
+        if requests.len() > MAX_INPUT_REQUESTS {
+            return Err(UpstreamError::Protocol(format!(
+                "the upstream asks the client {} things at once; at most {MAX_INPUT_REQUESTS} are passed on",
+                requests.len()
+            )));
+        }
         let mut waiting = Vec::new();
         for (key, request) in requests {
             let gateway_id = session.next_id("srv");
@@ -282,7 +293,7 @@ impl Gateway {
             }
             if tx.send((message, None)).await.is_err() {
                 self.asked.lock().unwrap().remove(&format!("{}/{gateway_id}", session.id));
-                return None;
+                return Ok(None);
             }
             waiting.push((key, gateway_id, answered));
         }
@@ -300,7 +311,7 @@ impl Gateway {
                 }
             }
         }
-        Some(answers)
+        Ok(Some(answers))
     }
 
     /// Prepares a message an upstream sent for the client: server→client requests get a

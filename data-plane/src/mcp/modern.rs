@@ -62,7 +62,11 @@ const META_SUBSCRIPTION: &str = "io.modelcontextprotocol/subscriptionId";
 /// How a `requestState` the gateway made begins.
 const STATE_PREFIX: &str = "reflow-rs1.";
 
-/// Exchanges waiting for a client's `inputResponses`, at most (the oldest are let go).
+/// `subscriptions/listen` streams one bridge serves at once, at most.
+pub const MAX_LISTENERS: usize = 16;
+
+/// Exchanges waiting for a client's `inputResponses`, at most (the oldest are let go); each
+/// also holds one of its user's requests in flight (`mcp.max_inflight_per_user`).
 const MAX_PARKED: usize = 10_000;
 
 /// Every version spoken here, stateless era first: what -32022 and `server/discover` name, so
@@ -311,7 +315,6 @@ pub(super) async fn exchange(
         "server/discover" => discover(gateway, &bridge, &caller, request.id).await.map(answer),
         "subscriptions/listen" => listen(gateway, bridge, &caller, request).await,
         _ => {
-            let share = gateway.shares.begin(&caller.user.id).map_err(Refusal::over_share)?;
             // A state the gateway gave names a parked exchange; any other is the upstream's own,
             // passed on as it is with the client's answers.
             let state = request
@@ -326,6 +329,9 @@ pub(super) async fn exchange(
                     Retried::Asked(message) => return Ok(answer(message)),
                 },
                 None => {
+                    // A new request takes one of the user's requests in flight, held until it
+                    // ends (parked ones included); a retry goes on with the share it holds.
+                    let share = gateway.shares.begin(&caller.user.id).map_err(Refusal::over_share)?;
                     let Stateless { id, method, params, capabilities, log_level, name, .. } = request;
                     // Clients of one bridge choose their ids alone: upstream, each request has
                     // one of the bridge's, and the client's own comes back in the answer.
@@ -688,6 +694,16 @@ async fn listen(
     let Some(Value::Object(asked)) = request.params.get("notifications") else {
         return Err(invalid_params("params.notifications is required: name the notifications to deliver"));
     };
+    // Each stream holds a connection and a task: a bridge (one per user, endpoint and set of
+    // capabilities, themselves bounded by the user's session share) has a few at most.
+    if bridge.listeners.get().map_or(0, |l| l.receiver_count()) >= MAX_LISTENERS {
+        return Err(Refusal::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            jsonrpc::SERVER_ERROR,
+            format!("this client already holds {MAX_LISTENERS} subscriptions/listen streams here; close one first"),
+        )
+        .retry_after(5));
+    }
     let mut honoured = Map::new();
     for kind in ["toolsListChanged", "promptsListChanged", "resourcesListChanged"] {
         if asked.get(kind) == Some(&Value::Bool(true)) {
