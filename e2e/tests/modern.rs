@@ -679,3 +679,38 @@ async fn parked_exchanges_listen_streams_and_questions_are_bounded() {
     assert!(message.contains("17 things at once"), "{refused}");
     gateway.stop().await;
 }
+
+/// An account with no grant reaches nothing in the stateless era either: `/mcp/{target}` is a
+/// target that does not exist for it (no bridge, nothing sent upstream), `/mcp` lists nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_with_no_grant_reaches_nothing_in_the_stateless_era() {
+    let gateway = Gateway::start().await.unwrap();
+    let modern = python_server("conformance_server.py", &["--modern-only"]).await.unwrap();
+    gateway.target("modern", "streamable-http", &modern.url).await.unwrap();
+    let admin = gateway.user_id(&gateway.admin_token).await.unwrap();
+    gateway
+        .post(
+            "/api/policies",
+            json!({"name": "admin only", "effect": "allow", "priority": 1,
+                   "subjects": [{"subject_type": "user", "subject_value": admin}]}),
+        )
+        .await
+        .unwrap();
+    let (_, stranger) = gateway.user("stranger@example.com").await.unwrap();
+    let one = format!("{}/mcp/modern", gateway.mcp);
+    for method in ["server/discover", "tools/list"] {
+        let (status, body) = call(&one, &stranger, method, json!({}), None).await;
+        assert_eq!(status, 404, "{method}: {body}");
+        assert_eq!(body["id"], 41, "{body}");
+    }
+    let (status, body) =
+        call(&one, &stranger, "tools/call", json!({"name": "test_simple_text"}), Some("test_simple_text")).await;
+    assert_eq!(status, 404, "{body}");
+    let (status, listed) = call(&format!("{}/mcp", gateway.mcp), &stranger, "tools/list", json!({}), None).await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(listed["result"]["tools"], json!([]), "{listed}");
+    // The admin, granted, is served.
+    let (status, body) = call(&one, &gateway.admin_token, "tools/list", json!({}), None).await;
+    assert_eq!(status, 200, "{body}");
+    gateway.stop().await;
+}
