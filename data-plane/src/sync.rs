@@ -317,8 +317,9 @@ async fn send_status(report: &Report, tx: &mpsc::Sender<SyncRequest>, reported: 
     true
 }
 
-/// Aborts a task when dropped: the status reporter ends with its stream.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Aborts a task when dropped: the status reporter ends with its stream, a listen stream's
+/// producer with its client.
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

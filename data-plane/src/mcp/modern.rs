@@ -808,27 +808,18 @@ async fn listen(
 }
 
 /// The messages `produce` sends, as a stream that ends when it returns (or when the stream is
-/// dropped: the client went away).
+/// dropped: the client went away, and the task is aborted).
 fn async_stream_of<F, Fut>(produce: F) -> impl futures::Stream<Item = Value> + Send + 'static
 where
     F: FnOnce(tokio::sync::mpsc::Sender<Value>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
-    let task = tokio::spawn(produce(tx));
-    let abort = task.abort_handle();
-    futures::stream::unfold((rx, Aborting(abort)), |(mut rx, abort)| async move {
-        rx.recv().await.map(|message| (message, (rx, abort)))
+    let task = crate::sync::AbortOnDrop(tokio::spawn(produce(tx)));
+    futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), move |message| {
+        let _held = &task;
+        message
     })
-}
-
-/// Stops a producing task when its stream is dropped.
-struct Aborting(tokio::task::AbortHandle);
-
-impl Drop for Aborting {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// The refusal of a GET or DELETE of the stateless era, which has neither.
