@@ -73,20 +73,13 @@ fn plausible_nonce(nonce: &str) -> bool {
 /// Sessions ended through another control-plane replica, or before this one started, reach
 /// this replica's data planes too: read from the store, then as the store announces them.
 async fn learn_ended_sessions(hub: Arc<SnapshotHub>, store: DynStore, shutdown: CancellationToken) {
-    let learn = |recorded: Vec<(String, i64)>| {
-        let ended: Vec<EndedSession> =
-            recorded.into_iter().map(|(nonce, until_unix)| EndedSession { nonce, until_unix }).collect();
-        hub.sessions_ended(&ended);
-    };
-    match store.ended_sessions().await {
-        Ok(recorded) => learn(recorded),
-        Err(error) => tracing::warn!(%error, "cannot read the sessions ended before this control plane started"),
-    }
     let (tx, mut rx) = mpsc::channel(64);
     let listening = store.listen_for_ended_sessions(tx, shutdown);
     let learning = async {
         while let Some(recorded) = rx.recv().await {
-            learn(recorded);
+            let ended: Vec<EndedSession> =
+                recorded.into_iter().map(|(nonce, until_unix)| EndedSession { nonce, until_unix }).collect();
+            hub.sessions_ended(&ended);
         }
     };
     tokio::join!(listening, learning);

@@ -166,9 +166,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// which signals itself, so it returns at once.
     async fn listen_for_changes(&self, notify: Arc<tokio::sync::Notify>, shutdown: tokio_util::sync::CancellationToken);
     /// Sends the sessions other replicas record ended (see [`Store::end_sessions`]) to `ended`,
-    /// until `shutdown` is cancelled or `ended` closes; after a lost connection it sends every
-    /// one recorded, since some may have been missed. PostgreSQL: `LISTEN reflow_sessions`.
-    /// SQLite has one process, so it returns at once.
+    /// until `shutdown` is cancelled or `ended` closes, beginning with every one recorded (and
+    /// again after a lost connection, since some may have been missed). PostgreSQL: `LISTEN
+    /// reflow_sessions`. SQLite has one process: it sends those recorded and returns.
     async fn listen_for_ended_sessions(
         &self,
         ended: tokio::sync::mpsc::Sender<Vec<(String, i64)>>,

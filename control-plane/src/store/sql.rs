@@ -1614,11 +1614,18 @@ impl PostgresStore {
 }
 
 impl SqliteStore {
+    /// One process: what was recorded before it started, once.
     async fn ended_listener(
         &self,
-        _ended: tokio::sync::mpsc::Sender<Vec<(String, i64)>>,
+        ended: tokio::sync::mpsc::Sender<Vec<(String, i64)>>,
         _shutdown: tokio_util::sync::CancellationToken,
     ) {
+        match self.ended_sessions().await {
+            Ok(recorded) => {
+                let _ = ended.send(recorded).await;
+            }
+            Err(error) => tracing::warn!(%error, "cannot read the sessions ended before this control plane started"),
+        }
     }
 
     async fn change_listener(&self, _notify: Arc<tokio::sync::Notify>, _shutdown: tokio_util::sync::CancellationToken) {
